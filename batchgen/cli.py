@@ -1,0 +1,588 @@
+"""The `batchgen` command line: run a job in-process, or submit it to the queue and follow it there.
+
+Light commands (submit, status, list, ...) never import torch; only `run` and `worker` load a model. User
+errors end with one line on stderr and a non-zero exit code: 1 for an error or a failed job, 3 for a
+cancelled job, 4 when `wait --timeout` runs out.
+"""
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+
+import click
+from pydantic import ValidationError
+
+import batchgen
+from batchgen.jobs.io import JobInputError, JobOutputError, filesystem, list_parts, load_spec, load_stats, \
+    read_shard_stats
+from batchgen.jobs.spec import DEFAULT_SHARD_SIZE, JobSpec, is_uri, redact_url
+from batchgen.jobs.stats import merge_stats, render_stats
+from batchgen.sampling_params import StructuredOutput
+
+EXIT_FAILED = 1
+EXIT_CANCELLED = 3
+EXIT_TIMEOUT = 4
+_PROGRESS_WIDTH = 24
+
+
+class _Main(click.Group):
+    """Turns the errors a user can cause (a bad file, a bad option, no Redis) into one line and exit code 1."""
+
+    def invoke(self, ctx: click.Context):
+        import kombu.exceptions
+        import redis
+
+        try:
+            return super().invoke(ctx)
+        except (JobInputError, JobOutputError) as exc:
+            raise click.ClickException(str(exc)) from None
+        except ValidationError as exc:
+            raise click.ClickException(_validation_message(exc)) from None
+        except (redis.ConnectionError, redis.TimeoutError, kombu.exceptions.OperationalError) as exc:
+            from batchgen.workers.app import redis_url
+            raise click.ClickException(f"cannot reach Redis at {redact_url(redis_url())}: "
+                                       f"{redact_url(str(exc))}") from None
+
+
+@click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(batchgen.__version__, prog_name="batchgen")
+@click.option("-v", "--verbose", is_flag=True, help="Log progress details on stderr.")
+def main(verbose: bool) -> None:
+    """Offline batch LLM generation: prompt files in, Parquet out.
+
+    \b
+    In-process:  batchgen run prompts.jsonl -o out/
+    On a queue:  batchgen worker --model M --gpu 0        (one per GPU; Redis at $BATCHGEN_REDIS_URL)
+                 batchgen submit prompts.parquet --model M --output out/ --wait
+    """
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, stream=sys.stderr,
+                        format="%(levelname)s %(name)s: %(message)s")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# options shared by run and submit
+
+def _job_options(command):
+    options = [
+        click.option("--model", default="default", show_default=True,
+                     help="Model: 'default' (the embedded SmolLM2-135M-Instruct) or a Hugging Face model directory."),
+        click.option("--input-format", type=click.Choice(["jsonl", "parquet", "openai"]),
+                     help="Input format (default: detected)."),
+        click.option("--prompt-column", default="prompt", show_default=True, help="Column holding prompt text."),
+        click.option("--messages-column", default="messages", show_default=True,
+                     help="Column holding chat messages [{role, content}]."),
+        click.option("--id-column", default="id", show_default=True,
+                     help="Column holding row ids (rows without one get their 0-based index)."),
+        click.option("--template", help="Build prompts from columns, e.g. 'Summarize: {text}'."),
+        click.option("--system-prompt", help="System message for every row (makes every row a chat)."),
+        click.option("--chat", "as_chat", is_flag=True, help="Send prompt text through the chat template."),
+        click.option("--keep-columns", help="Comma-separated input columns to carry into the output."),
+        click.option("--shard-size", type=click.IntRange(1), default=DEFAULT_SHARD_SIZE, show_default=True,
+                     help="Rows per shard (one task each)."),
+        click.option("--max-tokens", type=click.IntRange(1), help="Tokens to generate per row [default: 256]."),
+        click.option("--temperature", type=click.FloatRange(0), help="Sampling temperature; 0 is greedy."),
+        click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), help="Nucleus sampling mass."),
+        click.option("--seed", type=int, help="Per-row sampling seed (reproducible outputs)."),
+        click.option("--n", type=click.IntRange(1), help="Completions per row (text becomes a list)."),
+        click.option("--stop", multiple=True, help="Stop string (repeatable)."),
+        click.option("--output-format", type=click.Choice(["parquet", "openai"]), default="parquet",
+                     show_default=True, help="openai: also write results.jsonl in the OpenAI Batch output shape."),
+        click.option("--schema", "schema_file", type=click.Path(exists=True, dir_okay=False),
+                     help="JSON schema file: every output is JSON that fits it."),
+        click.option("--json", "json_object", is_flag=True, help="Every output is a JSON object."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _engine_options(command):
+    command = click.option("--device", default="auto", show_default=True,
+                           help="cpu, cuda, cuda:N; auto picks the GPU when there is one.")(command)
+    return click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]), default="auto",
+                        show_default=True, help="Weights and activations; auto: fp32 on CPU, bf16/fp16 on GPU.")(command)
+
+
+def _job_spec(file: str, output: str, options: dict) -> JobSpec:
+    sampling = {name: options[name] for name in ("max_tokens", "temperature", "top_p", "seed", "n")
+                if options[name] is not None}
+    if options["stop"]:
+        sampling["stop"] = list(options["stop"])
+    structured = None
+    if options["schema_file"] and options["json_object"]:
+        raise click.UsageError("give --schema or --json, not both")
+    if options["schema_file"]:
+        try:
+            with open(options["schema_file"]) as source:
+                structured = StructuredOutput(json_schema=json.load(source))
+        except (OSError, ValueError) as exc:
+            raise click.BadParameter(f"{options['schema_file']}: {exc}", param_hint="--schema") from None
+    elif options["json_object"]:
+        structured = StructuredOutput(json_object=True)
+    keep = [c.strip() for c in (options["keep_columns"] or "").split(",") if c.strip()]
+    return JobSpec(input=file, output=output, model=options["model"], input_format=options["input_format"],
+                   output_format=options["output_format"], sampling=sampling, structured=structured,
+                   prompt_column=options["prompt_column"], messages_column=options["messages_column"],
+                   id_column=options["id_column"], template=options["template"],
+                   system_prompt=options["system_prompt"], as_chat=options["as_chat"], keep_columns=keep,
+                   shard_size=options["shard_size"])
+
+
+def _validated(spec: JobSpec) -> JobSpec:
+    """Survey the input (raises JobInputError for whole-file problems) and tell the user what was found."""
+    from batchgen.jobs.execute import num_shards
+    from batchgen.jobs.io import validate_input
+
+    spec.input_summary = summary = validate_input(spec)
+    note = f"{spec.input_display}: {summary.num_rows:,} rows ({summary.input_format}), {num_shards(spec):,} shard(s)"
+    if summary.num_invalid_rows or summary.duplicate_rows:
+        note += (f"; {summary.num_invalid_rows:,} invalid and {len(summary.duplicate_rows):,} duplicate-id rows "
+                 "will carry an error")
+    click.echo(note, err=True)
+    for error in summary.first_errors[:3]:
+        click.echo(f"  {error}", err=True)
+    return spec
+
+
+# ---------------------------------------------------------------------------------------------------------
+# in-process
+
+@main.command()
+@click.argument("file")
+@click.option("-o", "--output", required=True, help="Output directory (replaced if it holds an earlier run).")
+@_job_options
+@_engine_options
+def run(file: str, output: str, dtype: str, device: str, **options) -> None:
+    """Run a job in this process (no Redis, no workers).
+
+    The same readers, engine and writers as the queue.
+    FILE is JSONL (prompt or messages per line), Parquet, or OpenAI batch lines; a local path or a pyarrow URI.
+    """
+    from batchgen.jobs.execute import Executor, prepare_output, run_job_locally
+    from batchgen.jobs.io import STATS_FILE, save_spec
+
+    spec = _validated(_job_spec(file, output, options))
+    prepare_output(spec, replace=True)
+    save_spec(spec)
+    click.echo(f"loading model {spec.model} ...", err=True)
+    from batchgen import LLM
+
+    llm = LLM(spec.model, dtype=dtype, device=device)
+    progress = _Progress()
+    record = run_job_locally(spec, Executor.for_llm(llm), progress.update)
+    progress.close()
+    if record.status != "completed":
+        raise click.ClickException(f"job {record.job_id} {record.status}: {record.error}")
+    click.echo(f"{record.rows_done:,} rows ({record.rows_failed:,} failed), "
+               f"{record.completion_tokens:,} tokens generated")
+    click.echo(f"output: {_join(spec.output_display, 'parts/')}")
+    click.echo(f"stats:  {_join(spec.output_display, STATS_FILE)}")
+    if spec.output_format == "openai":
+        click.echo(f"openai: {_join(spec.output_display, 'results.jsonl')}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the queue
+
+@main.command()
+@click.argument("file")
+@click.option("-o", "--output", required=True, help="Output directory or URI (must not hold another job).")
+@_job_options
+@click.option("--wait", "wait_for_it", is_flag=True, help="Follow the job until it ends (as `batchgen wait`).")
+def submit(file: str, output: str, wait_for_it: bool, **options) -> None:
+    """Queue a job for the workers; prints its id.
+
+    FILE is validated, the job registered, and one task per shard queued on the model's queue.
+    Whole-file problems (unreadable, unknown format, no prompt column, bad template, every row invalid) are
+    refused here and nothing is queued; a bad row becomes that row's error in the output.
+    """
+    from batchgen.workers.app import job_store, queue_name
+    from batchgen.workers.submit import JobExistsError, submit_job
+
+    spec = _validated(_job_spec(file, output, options))
+    store = job_store()
+    try:
+        shards = submit_job(spec, store)
+    except JobExistsError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(spec.job_id)
+    click.echo(f"queued {shards:,} shard(s) on {queue_name(spec.model)}; output: {spec.output_display}", err=True)
+    if not any(_serves(w.model, spec.model) for w in store.live_workers()):
+        click.echo(f"note: no worker serves model {spec.model!r} yet; start one: "
+                   f"batchgen worker --model {spec.model}", err=True)
+    if wait_for_it:
+        sys.exit(_follow(store, spec.job_id))
+
+
+@main.command()
+@click.argument("job_id")
+@click.option("--shards", is_flag=True, help="List every started shard.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def status(job_id: str, shards: bool, as_json: bool) -> None:
+    """Show where a job stands.
+
+    Status, shards and rows done, tokens, and whether it is stalled (no live worker serves it, or a
+    running shard's worker stopped sending heartbeats)."""
+    from batchgen.workers.app import job_store
+
+    store = job_store()
+    record = _record(store, job_id)
+    workers = store.live_workers()
+    stall = _stall_note(store, record, workers)
+    if as_json:
+        click.echo(json.dumps({**record.model_dump(mode="json"), "stalled": stall}, indent=2))
+        return
+    serving = [w for w in workers if _serves(w.model, record.model)]
+    lines = [
+        ("job", record.job_id), ("status", record.status + (f"  ({stall})" if stall else "")),
+        ("model", record.model), ("input", record.input), ("output", record.output),
+        ("created", _when(record.created_at)), ("started", _when(record.started_at)),
+        ("finished", _when(record.finished_at)),
+        ("shards", f"{record.shards_done:,}/{record.shards_total:,} done"),
+        ("rows", f"{record.rows_done:,}/{record.rows_total:,} ({record.rows_failed:,} failed)"),
+        ("tokens", f"{record.prompt_tokens:,} prompt, {record.completion_tokens:,} completion"),
+        ("workers", "; ".join(_worker_line(w) for w in serving) or "-"),
+    ]
+    if record.error:
+        lines.append(("error", record.error))
+    click.echo(_aligned(lines))
+    if shards:
+        for shard in store.shard_records(job_id):
+            click.echo(f"  shard {shard.shard_index:>5}  {shard.state:<7}  attempts {shard.attempts}  "
+                       f"{shard.worker or '-'}")
+
+
+@main.command()
+@click.argument("job_id")
+@click.option("--interval", type=click.FloatRange(0.05), default=1.0, show_default=True, help="Seconds between polls.")
+@click.option("--timeout", type=click.FloatRange(0), help="Give up after this many seconds (exit code 4).")
+def wait(job_id: str, interval: float, timeout: float | None) -> None:
+    """Follow a job to its end with a progress bar.
+
+    The bar shows rows/s, tokens/s and the ETA. Exit code 0 when the job completed, 1 when it failed, 3 when
+    it was cancelled, 4 on --timeout."""
+    from batchgen.workers.app import job_store
+
+    sys.exit(_follow(job_store(), job_id, interval, timeout))
+
+
+@main.command()
+@click.argument("job_id")
+def cancel(job_id: str) -> None:
+    """Cancel a job; finished parts stay.
+
+    Queued shards are dropped, running shards stop at their next engine step, parts already written stay."""
+    from batchgen.workers.app import job_store
+
+    store = job_store()
+    if not store.cancel_job(job_id):
+        record = _record(store, job_id)
+        raise click.ClickException(f"job {job_id} already {record.status}")
+    record = store.get_job(job_id)
+    click.echo(f"cancelled {job_id}: {record.shards_done:,} of {record.shards_total:,} shards had finished; "
+               f"their parts stay in {record.output}")
+
+
+@main.command()
+@click.argument("job_id")
+def resume(job_id: str) -> None:
+    """Queue a failed or cancelled job again.
+
+    Shards already done are not redone."""
+    from batchgen.workers.app import job_store
+    from batchgen.workers.submit import resume_job
+
+    try:
+        queued = resume_job(job_id, job_store())
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"resumed {job_id}: {queued:,} shard(s) queued")
+
+
+@main.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def list_jobs(as_json: bool) -> None:
+    """List jobs, oldest first."""
+    from batchgen.workers.app import job_store
+
+    records = job_store().list_jobs()
+    if as_json:
+        click.echo(json.dumps([r.model_dump(mode="json") for r in records], indent=2))
+        return
+    rows = [("JOB", "STATUS", "MODEL", "SHARDS", "ROWS", "FAILED", "CREATED", "OUTPUT")]
+    rows += [(r.job_id, r.status, r.model, f"{r.shards_done}/{r.shards_total}", f"{r.rows_done}/{r.rows_total}",
+              str(r.rows_failed), _when(r.created_at), r.output) for r in records]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    for row in rows:
+        click.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[-1])
+
+
+@main.command()
+@click.argument("job")
+@click.option("--show", type=click.IntRange(0), default=0, help="Print the first N output rows.")
+@click.option("--shards", is_flag=True, help="Add the per-shard table.")
+def results(job: str, show: int, shards: bool) -> None:
+    """Show a job's statistics and first rows.
+
+    JOB is a job id or the job's output directory (which needs no Redis)."""
+    output = _output_of(job)
+    try:
+        stats, partial = load_stats(output), False
+    except JobOutputError:
+        spec = load_spec(output)
+        stats = merge_stats(read_shard_stats(output), job_id=spec.job_id, model=spec.model, sampling=spec.sampling)
+        partial = True
+    click.echo(render_stats(stats, per_shard=shards))
+    parts = list_parts(output)
+    click.echo(f"{'output':<17}  {_join(redact_url(output), 'parts/')} ({len(parts)} part(s))")
+    if partial:
+        click.echo("(the job has not finished: figures cover the parts written so far)")
+    for record in _first_rows(output, parts, show):
+        click.echo("")
+        click.echo(_row_text(record))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# processes
+
+@main.command()
+@click.option("--model", default="default", show_default=True, help="The model this worker serves (its queue).")
+@click.option("--gpu", help="GPU index, or a comma-separated list: one worker process per GPU.")
+@click.option("--concurrency", type=click.IntRange(1), default=2, show_default=True,
+              help="Shard tasks in flight per process (they share one engine).")
+@_engine_options
+@click.option("--loglevel", default="INFO", show_default=True)
+def worker(model: str, gpu: str | None, concurrency: int, dtype: str, device: str, loglevel: str) -> None:
+    """Serve one model's shards from the queue.
+
+    The model is loaded once per process and reused for every shard; --gpu 0,1 starts one process per GPU."""
+    gpus = [g.strip() for g in (gpu or "").split(",") if g.strip()]
+    if len(gpus) > 1:
+        sys.exit(_worker_per_gpu(gpus, [sys.executable, "-m", "batchgen.cli", "worker", "--model", model,
+                                        "--concurrency", str(concurrency), "--dtype", dtype, "--device", device,
+                                        "--loglevel", loglevel]))
+    if gpus:
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpus[0]
+    os.environ.update(BATCHGEN_MODEL=model, BATCHGEN_DTYPE=dtype, BATCHGEN_DEVICE=device)
+    from batchgen.workers import tasks
+    from batchgen.workers.app import app, queue_name
+
+    click.echo(f"loading model {model} ...", err=True)
+    tasks.load_executor()   # before taking tasks: a bad model fails here, once
+    app.worker_main(["worker", "--queues", queue_name(model), "--pool", "threads",
+                     "--concurrency", str(concurrency), "--hostname", f"batchgen-{os.getpid()}@%h",
+                     "--loglevel", loglevel, "--without-gossip", "--without-mingle"])
+
+
+@main.command()
+@click.option("--definitions", required=True, type=click.Path(exists=True, file_okay=False),
+              help="Directory of scheduled job definitions (*.yaml, *.yml, *.json).")
+@click.option("--schedule-file", help="Where beat records last run times [default: in the batchgen cache].")
+@click.option("--loglevel", default="INFO", show_default=True)
+def beat(definitions: str, schedule_file: str | None, loglevel: str) -> None:
+    """Fire scheduled job definitions (Celery beat).
+
+    Each firing submits a job for every input file the definition has not processed before."""
+    from batchgen.default_model import cache_dir
+    from batchgen.workers.app import app, key_prefix
+    from batchgen.workers.schedules import beat_schedule, load_definitions
+
+    try:
+        found = load_definitions(definitions)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
+    if not found:
+        raise click.ClickException(f"{definitions}: no definition files (*.yaml, *.yml, *.json)")
+    for definition in found:
+        click.echo(f"schedule {definition.name}: {definition.cron or f'every {definition.every_seconds:g} s'}, "
+                   f"{definition.input} -> {definition.output}", err=True)
+    app.conf.beat_schedule = beat_schedule(found)
+    if schedule_file is None:
+        schedule_file = str(cache_dir() / f"beat-{key_prefix()}.schedule")
+    os.makedirs(os.path.dirname(os.path.abspath(schedule_file)), exist_ok=True)
+    app.Beat(schedule=schedule_file, loglevel=loglevel).run()
+
+
+def _worker_per_gpu(gpus: list[str], command: list[str]) -> int:
+    """One child worker per GPU; signals are passed on so a stop stops them all (each finishes its shards)."""
+    children = [subprocess.Popen([*command, "--gpu", gpu]) for gpu in gpus]
+
+    def forward(signum, _frame):
+        for child in children:
+            child.send_signal(signum)
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, forward)
+    return max(child.wait() for child in children)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# helpers
+
+def _record(store, job_id: str):
+    record = store.get_job(job_id)
+    if record is None:
+        raise click.ClickException(f"no job {job_id}")
+    return record
+
+
+def _follow(store, job_id: str, interval: float = 1.0, timeout: float | None = None) -> int:
+    """Poll until the job ends, drawing the progress bar; the exit code for how it ended."""
+    progress = _Progress()
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        record = _record(store, job_id)
+        progress.update(record)
+        if record.finished:
+            break
+        if deadline is not None and time.monotonic() >= deadline:
+            progress.close()
+            click.echo(f"job {job_id} still {record.status} after {timeout:g} s", err=True)
+            return EXIT_TIMEOUT
+        time.sleep(interval)
+    progress.close()
+    if record.status == "completed":
+        click.echo(f"job {job_id} completed: {record.rows_done:,} rows ({record.rows_failed:,} failed); "
+                   f"output: {record.output}", err=True)
+        return 0
+    click.echo(f"job {job_id} {record.status}" + (f": {record.error}" if record.error else ""), err=True)
+    return EXIT_CANCELLED if record.status == "cancelled" else EXIT_FAILED
+
+
+class _Progress:
+    """A progress bar on stderr: redrawn in place on a terminal, a new line per change otherwise."""
+
+    def __init__(self):
+        self.tty = sys.stderr.isatty()
+        self.last = None
+
+    def update(self, record) -> None:
+        line = _progress_line(record)
+        if line == self.last:
+            return
+        self.last = line
+        if self.tty:
+            click.echo("\r" + line.ljust(100), nl=False, err=True)
+        else:
+            click.echo(line, err=True)
+
+    def close(self) -> None:
+        if self.tty and self.last is not None:
+            click.echo("", err=True)
+
+
+def _progress_line(record) -> str:
+    done, total = record.rows_done, record.rows_total
+    filled = _PROGRESS_WIDTH * done // total if total else 0
+    line = f"[{'#' * filled}{'.' * (_PROGRESS_WIDTH - filled)}] {done:,}/{total:,} rows"
+    if record.started_at is not None:
+        end = record.finished_at or datetime.now(timezone.utc)
+        elapsed = max((end - record.started_at).total_seconds(), 1e-9)
+        rows_per_s = done / elapsed
+        line += f"  {rows_per_s:,.1f} rows/s  {record.completion_tokens / elapsed:,.1f} tok/s"
+        if not record.finished and rows_per_s > 0:
+            line += f"  ETA {_duration((total - done) / rows_per_s)}"
+    return f"{line}  {record.status}"
+
+
+def _stall_note(store, record, workers) -> str | None:
+    """Why an unfinished job isn't moving, if it can be told: no live worker serves its model, or a shard's
+    worker stopped sending heartbeats (its shard is handed on when the broker's visibility timeout passes)."""
+    if record.finished:
+        return None
+    if not any(_serves(w.model, record.model) for w in workers):
+        return f"stalled: no live worker serves model {record.model!r}"
+    alive = {w.worker_id for w in workers}
+    lost = [s for s in store.shard_records(record.job_id) if s.state == "running" and s.worker not in alive]
+    if lost:
+        return (f"shard(s) {', '.join(str(s.shard_index) for s in lost[:5])} lost their worker "
+                f"({lost[0].worker}); they will be run again")
+    return None
+
+
+def _serves(worker_model: str | None, model: str) -> bool:
+    from batchgen.workers.app import queue_name
+
+    return worker_model is not None and queue_name(worker_model) == queue_name(model)
+
+
+def _worker_line(worker) -> str:
+    doing = f" on {worker.job_id}/{worker.shard_index}" if worker.job_id else ""
+    return f"{worker.worker_id} ({worker.gpu or '?'}){doing}"
+
+
+def _output_of(job: str) -> str:
+    """The output location of a job id, or the argument itself when it is a directory or URI."""
+    if is_uri(job) or os.path.isdir(job):
+        return job
+    from batchgen.workers.app import job_store
+
+    spec = job_store().get_spec(job)
+    if spec is None:
+        raise click.ClickException(f"no job or output directory {job}")
+    return spec.output
+
+
+def _first_rows(output: str, parts: list[tuple[int, str]], count: int):
+    import pyarrow.parquet as pq
+
+    fs, _ = filesystem(output)
+    for _, path in parts:
+        if count <= 0:
+            return
+        with fs.open_input_file(path) as source:
+            for batch in pq.ParquetFile(source).iter_batches(batch_size=count):
+                for record in batch.to_pylist()[:count]:
+                    yield record
+                    count -= 1
+                if count <= 0:
+                    return
+
+
+def _row_text(record: dict) -> str:
+    if record.get("error"):
+        return f"[{record['id']}] error: {record['error']}"
+    texts, reasons = record["text"], record["finish_reason"]
+    head = f"[{record['id']}] {record['prompt_tokens']} prompt + {record['completion_tokens']} completion tokens"
+    if not isinstance(texts, list):
+        return f"{head}, {reasons}\n{_indent(texts)}"
+    return head + "".join(f"\n  ({i}) {reason}\n{_indent(text, 4)}"
+                          for i, (text, reason) in enumerate(zip(texts, reasons)))
+
+
+def _indent(text: str, width: int = 2) -> str:
+    return "\n".join(" " * width + line for line in (text or "").splitlines() or [""])
+
+
+def _aligned(lines: list[tuple[str, str]]) -> str:
+    width = max(len(name) for name, _ in lines)
+    return "\n".join(f"{name:<{width}}  {value}" for name, value in lines)
+
+
+def _when(value) -> str:
+    return value.isoformat(timespec="seconds") if value else "-"
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+def _join(location: str, name: str) -> str:
+    return location.rstrip("/") + "/" + name
+
+
+def _validation_message(exc: ValidationError) -> str:
+    """A pydantic error as one line: 'field: message; field: message'."""
+    return "; ".join(f"{'.'.join(str(p) for p in error['loc']) or 'value'}: "
+                     f"{error['msg'].removeprefix('Value error, ')}" for error in exc.errors())
+
+
+if __name__ == "__main__":
+    main()

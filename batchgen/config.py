@@ -1,0 +1,48 @@
+"""Engine configuration: every knob has a default sized from the hardware it runs on."""
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+DType = Literal["auto", "float32", "float16", "bfloat16"]
+
+
+class EngineConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str
+    tokenizer: str | None = None           # defaults to the model directory
+    dtype: DType = "auto"                  # auto: fp32 on CPU, the checkpoint's bf16/fp16 on GPU
+    device: str = "auto"                   # auto: cuda if available, else cpu
+    load_format: Literal["safetensors", "dummy"] = "safetensors"   # dummy: random weights (benchmarks)
+    allow_pickle_weights: bool = False
+    seed: int = 0
+
+    block_size: int = Field(16, ge=1)
+    num_kv_blocks: int | None = Field(None, ge=1)           # overrides the sizing below
+    kv_cache_bytes: int | None = Field(None, ge=1)          # CPU budget; default a quarter of free RAM, <= 4 GiB
+    gpu_memory_utilization: float = Field(0.90, gt=0.0, le=1.0)
+    max_model_len: int | None = Field(None, ge=1)           # default: the model's context, capped by the cache
+    max_num_seqs: int | None = Field(None, ge=1)            # default: 256 on GPU, 64 on CPU
+    max_num_batched_tokens: int | None = Field(None, ge=1)  # default: 8192 on GPU, 1024 on CPU
+    enable_prefix_caching: bool = True
+    enable_chunked_prefill: bool = True
+    enforce_eager: bool = False            # no CUDA graphs
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        if value != "auto":
+            torch.device(value)  # raises a clear error for a bad device string
+        return value
+
+    def resolved_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+    def resolved_max_num_seqs(self, device: torch.device) -> int:
+        return self.max_num_seqs or (256 if device.type == "cuda" else 64)
+
+    def resolved_max_num_batched_tokens(self, device: torch.device) -> int:
+        return self.max_num_batched_tokens or (8192 if device.type == "cuda" else 1024)

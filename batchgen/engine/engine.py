@@ -1,0 +1,173 @@
+"""The step loop: schedule -> run the model -> sample -> append tokens, check stops, free finished requests."""
+import logging
+
+import torch
+
+from batchgen.config import EngineConfig
+from batchgen.engine.kv_cache import KVCacheManager
+from batchgen.engine.model_runner import ModelRunner
+from batchgen.engine.request import Request
+from batchgen.engine.sampler import Sampler
+from batchgen.engine.scheduler import Scheduler
+from batchgen.models.config import ModelConfig
+from batchgen.models.loader import load_model, resolve_model_path
+from batchgen.outputs import TokenLogprobs
+from batchgen.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+CPU_KV_CACHE_CAP = 4 << 30
+
+
+def resolve_dtype(name: str, device: torch.device, checkpoint_dtype: torch.dtype | None) -> torch.dtype:
+    """auto: fp32 on CPU (exact and fast enough there); on GPU the checkpoint's half type, else bf16."""
+    if name != "auto":
+        return DTYPES[name]
+    if device.type == "cpu":
+        return torch.float32
+    return checkpoint_dtype if checkpoint_dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
+
+
+def available_ram_bytes() -> int:
+    with open("/proc/meminfo") as meminfo:
+        for line in meminfo:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return 8 << 30
+
+
+class Engine:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        self.device = config.resolved_device()
+        self.model_path = resolve_model_path(config.model)
+        self.dtype = resolve_dtype(config.dtype, self.device, ModelConfig.from_dir(self.model_path).dtype)
+        self.model, self.model_config = load_model(self.model_path, self.dtype, self.device, config.load_format,
+                                                   config.allow_pickle_weights)
+        self.tokenizer = Tokenizer(config.tokenizer or self.model_path)
+        self.eos_token_ids = frozenset(self.model_config.eos_token_ids)
+
+        self.runner = ModelRunner(self.model, self.model_config, config.block_size, self.device, self.dtype)
+        num_blocks = config.num_kv_blocks or self._num_blocks_that_fit()
+        self.runner.allocate_kv_cache(num_blocks)
+        self.max_model_len = min(config.max_model_len or self.model_config.max_model_len,
+                                 self.model_config.max_model_len, num_blocks * config.block_size)
+        max_num_batched_tokens = config.resolved_max_num_batched_tokens(self.device)
+        if not config.enable_chunked_prefill:
+            max_num_batched_tokens = max(max_num_batched_tokens, self.max_model_len)
+        self.kv_cache = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.kv_cache, config.resolved_max_num_seqs(self.device), max_num_batched_tokens,
+                                   config.enable_chunked_prefill)
+        self.sampler = Sampler(config.seed)
+        self.num_computed_prompt_tokens = 0   # prompt tokens run through the model (recomputation counts again)
+        log.info("engine ready: %s on %s (%s), %d KV blocks of %d tokens, max_model_len %d", self.model_path,
+                 self.device, self.dtype, num_blocks, config.block_size, self.max_model_len)
+
+    def _num_blocks_that_fit(self) -> int:
+        per_block = self.runner.kv_bytes_per_block
+        if self.device.type == "cpu":
+            budget = self.config.kv_cache_bytes or min(CPU_KV_CACHE_CAP, available_ram_bytes() // 4)
+            return max(1, budget // per_block)
+        free, total = torch.cuda.mem_get_info(self.device)
+        used_by_others = total - free - torch.cuda.memory_reserved(self.device)
+        activations = self._activation_bytes_estimate()
+        budget = int(total * self.config.gpu_memory_utilization) - used_by_others \
+            - torch.cuda.memory_reserved(self.device) - activations
+        if budget < per_block:
+            raise RuntimeError(f"no GPU memory left for the KV cache (budget {budget} bytes); lower max_num_batched_"
+                               "tokens or raise gpu_memory_utilization")
+        return budget // per_block
+
+    def _activation_bytes_estimate(self) -> int:
+        """Peak transient memory of the largest step: a few hidden-sized and MLP-sized buffers per batched
+        token, plus fp32 logits and sampling workspace for every sequence."""
+        c = self.model_config
+        tokens = self.config.resolved_max_num_batched_tokens(self.device)
+        seqs = self.config.resolved_max_num_seqs(self.device)
+        per_token = (8 * c.hidden_size + 4 * c.intermediate_size + 3 * c.num_attention_heads * c.head_dim)
+        return tokens * per_token * self.dtype.itemsize + seqs * c.vocab_size * 4 * 6 + (512 << 20)
+
+    # -- requests -----------------------------------------------------------------------------------
+    def check_prompt(self, prompt_token_ids: list[int]) -> str | None:
+        """Why this prompt can't run, or None."""
+        if not prompt_token_ids:
+            return "prompt is empty"
+        if len(prompt_token_ids) >= self.max_model_len:
+            return (f"prompt has {len(prompt_token_ids)} tokens; the context holds {self.max_model_len}, "
+                    "so nothing could be generated")
+        vocab = self.model_config.vocab_size
+        if min(prompt_token_ids) < 0 or max(prompt_token_ids) >= vocab:
+            return f"prompt has token ids outside the vocabulary [0, {vocab})"
+        return None
+
+    def add_request(self, request: Request) -> None:
+        request.eos_token_ids = self.eos_token_ids
+        self.scheduler.add(request)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # -- the step -----------------------------------------------------------------------------------
+    def step(self) -> list[Request]:
+        """One forward pass over the scheduled batch; returns the requests that finished in it."""
+        batch = self.scheduler.schedule()
+        if not batch:
+            return []
+        logits, sampling_requests = self.runner.execute(batch)
+        for request, num_new in zip(batch.requests, batch.num_new_tokens):
+            start = request.num_computed_tokens
+            self.num_computed_prompt_tokens += max(0, min(request.num_prompt_tokens, start + num_new) - start)
+            request.num_computed_tokens += num_new
+        if not sampling_requests:
+            return []
+        sampled = self.sampler(logits, sampling_requests)
+        finished = []
+        for i, request in enumerate(sampling_requests):
+            self._append_token(request, sampled.token_ids[i], sampled.logprobs[i], sampled.top_logprobs[i])
+            if request.is_finished:
+                self.scheduler.finish(request)
+                finished.append(request)
+        return finished
+
+    def _append_token(self, request: Request, token_id: int, logprob: float, top: TokenLogprobs | None) -> None:
+        request.output_token_ids.append(token_id)
+        request.cumulative_logprob += logprob
+        if top is not None:
+            if request.logprobs is None:
+                request.logprobs = []
+            request.logprobs.append(top)
+        params = request.params
+        num_output = len(request.output_token_ids)
+        if num_output >= params.min_tokens:   # (the sampler keeps eos and stop ids out until then)
+            if token_id in request.eos_token_ids and not params.ignore_eos:
+                request.finish("stop")
+                return
+            if token_id in params.stop_token_ids:
+                request.finish("stop", token_id)
+                return
+            if params.stop:
+                found = self.tokenizer.find_new_stop(request.output_token_ids, params.stop,
+                                                     self.tokenizer.stop_window(params.stop))
+                if found:
+                    request.finish("stop", found[0])
+                    return
+        if num_output >= params.max_tokens or request.num_tokens >= self.max_model_len:
+            request.finish("length")
+
+    def output_text(self, request: Request) -> str:
+        """The request's completion text; a stop string and what follows it are cut off (unless asked for)."""
+        params = request.params
+        if isinstance(request.stop_reason, str):
+            found = self.tokenizer.find_new_stop(request.output_token_ids, [request.stop_reason],
+                                                 skip_special_tokens=params.skip_special_tokens)
+            if found:
+                return found[1] + (request.stop_reason if params.include_stop_str_in_output else "")
+        return self.tokenizer.decode(request.output_token_ids, skip_special_tokens=params.skip_special_tokens)
+
+    def run(self, requests: list[Request]) -> None:
+        """Add the requests and step until none is unfinished."""
+        for request in requests:
+            self.add_request(request)
+        while self.has_unfinished():
+            self.step()

@@ -1,0 +1,94 @@
+"""Turns a scheduled batch into one flat forward pass and returns the logits of the positions that sample.
+
+The KV cache is one tensor [num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim] allocated once;
+each attention layer gets its two views.
+"""
+import numpy as np
+import torch
+
+from batchgen.engine.request import Request
+from batchgen.engine.scheduler import ScheduledBatch
+from batchgen.models.attention import AttentionMetadata
+from batchgen.models.config import ModelConfig
+
+
+class ModelRunner:
+    def __init__(self, model: torch.nn.Module, model_config: ModelConfig, block_size: int,
+                 device: torch.device, dtype: torch.dtype):
+        self.model = model
+        self.model_config = model_config
+        self.block_size = block_size
+        self.device = device
+        self.dtype = dtype
+        self.kv_cache: torch.Tensor | None = None
+
+    @property
+    def kv_bytes_per_block(self) -> int:
+        c = self.model_config
+        return 2 * c.num_hidden_layers * self.block_size * c.num_key_value_heads * c.head_dim * self.dtype.itemsize
+
+    def allocate_kv_cache(self, num_blocks: int) -> None:
+        c = self.model_config
+        self.kv_cache = torch.zeros(c.num_hidden_layers, 2, num_blocks, self.block_size, c.num_key_value_heads,
+                                    c.head_dim, dtype=self.dtype, device=self.device)
+        for layer, layer_cache in zip(self.model.attention_layers, self.kv_cache):
+            layer.k_cache, layer.v_cache = layer_cache[0], layer_cache[1]
+
+    def prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor,
+                                                      list[Request]]:
+        """Flat inputs for the step, and the rows (last token of each request that reached its end) whose
+        logits are sampled."""
+        size = self.block_size
+        num_seqs = len(batch)
+        input_ids: list[int] = []
+        positions = np.empty(batch.num_tokens, dtype=np.int64)
+        slot_mapping = np.empty(batch.num_tokens, dtype=np.int64)
+        query_start_loc = np.zeros(num_seqs + 1, dtype=np.int32)
+        seq_lens = np.empty(num_seqs, dtype=np.int32)
+        logits_indices: list[int] = []
+        sampling_requests: list[Request] = []
+        offset = 0
+        for i, (request, num_new) in enumerate(zip(batch.requests, batch.num_new_tokens)):
+            start = request.num_computed_tokens
+            end = start + num_new
+            input_ids.extend(request.token_ids_slice(start, end))
+            if num_new == 1:
+                positions[offset] = start
+                slot_mapping[offset] = request.block_ids[start // size] * size + start % size
+            else:
+                pos = np.arange(start, end)
+                positions[offset:offset + num_new] = pos
+                slot_mapping[offset:offset + num_new] = np.asarray(request.block_ids)[pos // size] * size + pos % size
+            offset += num_new
+            query_start_loc[i + 1] = offset
+            seq_lens[i] = end
+            if end == request.num_tokens:
+                logits_indices.append(offset - 1)
+                sampling_requests.append(request)
+        max_blocks = -(-int(seq_lens.max()) // size)
+        block_tables = np.zeros((num_seqs, max_blocks), dtype=np.int32)
+        for i, request in enumerate(batch.requests):
+            num_blocks = -(-int(seq_lens[i]) // size)
+            block_tables[i, :num_blocks] = request.block_ids[:num_blocks]
+
+        meta = AttentionMetadata(
+            query_start_loc=self._to_device(query_start_loc), seq_lens=self._to_device(seq_lens),
+            block_tables=self._to_device(block_tables), slot_mapping=self._to_device(slot_mapping),
+            max_query_len=max(batch.num_new_tokens), max_seq_len=int(seq_lens.max()))
+        return (self._to_device(np.asarray(input_ids, dtype=np.int64)), self._to_device(positions), meta,
+                self._to_device(np.asarray(logits_indices, dtype=np.int64)), sampling_requests)
+
+    def _to_device(self, array: np.ndarray) -> torch.Tensor:
+        tensor = torch.from_numpy(array)
+        if self.device.type == "cpu":
+            return tensor
+        return tensor.pin_memory().to(self.device, non_blocking=True)
+
+    @torch.inference_mode()
+    def execute(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[Request]]:
+        """Run the step; logits [S, V] float32 for the S requests that sample, in batch order."""
+        input_ids, positions, meta, logits_indices, sampling_requests = self.prepare(batch)
+        hidden = self.model(input_ids, positions, meta)
+        if not sampling_requests:
+            return hidden.new_empty(0, 0, dtype=torch.float32), sampling_requests
+        return self.model.compute_logits(hidden[logits_indices]), sampling_requests

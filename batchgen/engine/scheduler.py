@@ -1,0 +1,113 @@
+"""Continuous batching under a per-step token budget.
+
+Each step first gives every running request its next tokens (one for a decode, the rest of its prompt, or
+a chunk of it, for a prefill in progress), then admits waiting requests while budget, sequence cap and KV
+blocks allow. When blocks run out, the most recently admitted running request is preempted: its blocks are
+freed and it goes back to the head of the queue to be recomputed later (its generated tokens are kept, so
+its output doesn't change). The scheduler speaks only in tokens per request; blocks are the KV manager's.
+"""
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from batchgen.engine.kv_cache import KVCacheManager
+from batchgen.engine.request import Request, RequestStatus
+
+
+@dataclass
+class ScheduledBatch:
+    requests: list[Request] = field(default_factory=list)
+    num_new_tokens: list[int] = field(default_factory=list)
+    num_preempted: int = 0
+
+    def __len__(self) -> int:
+        return len(self.requests)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.num_new_tokens)
+
+
+class Scheduler:
+    def __init__(self, kv_cache: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 enable_chunked_prefill: bool = True, is_ready: Callable[[Request], bool] = lambda r: True):
+        self.kv_cache = kv_cache
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.enable_chunked_prefill = enable_chunked_prefill
+        self.is_ready = is_ready     # e.g. its grammar has compiled
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+
+    def add(self, request: Request) -> None:
+        self.waiting.append(request)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> ScheduledBatch:
+        batch = ScheduledBatch()
+        budget = self.max_num_batched_tokens
+
+        index = 0
+        while index < len(self.running) and budget > 0:
+            request = self.running[index]
+            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            while not self.kv_cache.allocate(request, num_new):
+                victim = self.running.pop()
+                self._preempt(victim)
+                batch.num_preempted += 1
+                if victim is request:
+                    break
+            else:
+                batch.requests.append(request)
+                batch.num_new_tokens.append(num_new)
+                budget -= num_new
+                index += 1
+
+        # admitting new work while running requests were just preempted would only thrash
+        if batch.num_preempted:
+            return batch
+        skipped: list[Request] = []
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            request = self.waiting[0]
+            if not self.is_ready(request):
+                skipped.append(self.waiting.popleft())
+                continue
+            first_admission = request.num_preemptions == 0
+            cached_prefix = self.kv_cache.find_cached_prefix(request)
+            num_cached = len(cached_prefix) * self.kv_cache.block_size
+            num_new = request.num_tokens - num_cached
+            if num_new > budget:
+                if not self.enable_chunked_prefill:
+                    break
+                num_new = budget
+            if not self.kv_cache.allocate(request, num_new, cached_prefix):
+                break
+            self.waiting.popleft()
+            request.status = RequestStatus.RUNNING
+            request.num_computed_tokens = num_cached
+            if first_admission:
+                request.num_cached_tokens = num_cached
+                self.kv_cache.record_lookup(request.num_prompt_tokens, num_cached)
+            self.running.append(request)
+            batch.requests.append(request)
+            batch.num_new_tokens.append(num_new)
+            budget -= num_new
+        self.waiting.extendleft(reversed(skipped))
+        return batch
+
+    def _preempt(self, request: Request) -> None:
+        self.kv_cache.free(request)
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        request.status = RequestStatus.WAITING
+        self.waiting.appendleft(request)
+
+    def finish(self, request: Request) -> None:
+        """Drop a finished (or aborted) request and release its blocks."""
+        if request in self.running:
+            self.running.remove(request)
+        elif request in self.waiting:
+            self.waiting.remove(request)
+        self.kv_cache.free(request)

@@ -1,0 +1,112 @@
+"""The offline API: `LLM(model=...).generate(prompts, params)` and `.chat(conversations, params)`.
+
+All prompts are known up front, so they are handed to the engine sorted by token ids (shared prefixes run
+together and hit the prefix cache); results come back in input order. A prompt that can't run (empty, too
+long, bad chat messages) gets an output with `error` set; it never fails the others.
+"""
+from collections.abc import Sequence
+
+from batchgen.config import EngineConfig
+from batchgen.engine.beam_search import BeamGroup, beam_search
+from batchgen.engine.engine import Engine
+from batchgen.engine.request import Request
+from batchgen.outputs import CompletionOutput, RequestOutput
+from batchgen.sampling_params import SamplingParams
+
+Prompt = str | Sequence[int]
+
+
+class LLM:
+    def __init__(self, model: str = "default", **engine_args):
+        self.engine = Engine(EngineConfig(model=model, **engine_args))
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+    def generate(self, prompts: Prompt | Sequence[Prompt],
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[RequestOutput]:
+        """Complete each prompt (text, or token ids used as given)."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        encoded = [self.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
+        return self.generate_tokens(encoded, sampling_params)
+
+    def chat(self, conversations: list[dict] | Sequence[list[dict]],
+             sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+             add_generation_prompt: bool = True) -> list[RequestOutput]:
+        """Answer each conversation (a list of {"role", "content"} messages) through the chat template."""
+        if conversations and isinstance(conversations[0], dict):
+            conversations = [conversations]
+        encoded: list[list[int] | Exception] = []
+        for messages in conversations:
+            try:
+                encoded.append(self.tokenizer.encode_chat(messages, add_generation_prompt))
+            except Exception as exc:   # a template error belongs to this conversation only
+                encoded.append(exc)
+        return self.generate_tokens(encoded, sampling_params)
+
+    def generate_tokens(self, prompts: Sequence[list[int] | Exception],
+                        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None
+                        ) -> list[RequestOutput]:
+        params = _per_prompt(sampling_params, len(prompts))
+        outputs: list[RequestOutput | None] = [None] * len(prompts)
+        sampled: list[Request] = []
+        beams: list[BeamGroup] = []
+        for index, (prompt, p) in enumerate(zip(prompts, params)):
+            error = f"{type(prompt).__name__}: {prompt}" if isinstance(prompt, Exception) else \
+                self.engine.check_prompt(prompt)
+            if error:
+                outputs[index] = RequestOutput(str(index), [] if isinstance(prompt, Exception) else prompt, [],
+                                               error=error)
+            elif p.beam_width > 1:
+                beams.append(BeamGroup(index, prompt, p, self.engine.eos_token_ids, self.max_model_len))
+            else:
+                sampled += [Request(f"{index}-{j}", prompt, p, group_index=index, sample_index=j)
+                            for j in range(p.n)]
+
+        sampled.sort(key=lambda r: (r.prompt_token_ids, r.sample_index))
+        self.engine.run(sampled)
+        by_group: dict[int, list[Request]] = {}
+        for request in sampled:
+            by_group.setdefault(request.group_index, []).append(request)
+        for index, requests in by_group.items():
+            requests.sort(key=lambda r: r.sample_index)
+            outputs[index] = RequestOutput(
+                str(index), requests[0].prompt_token_ids,
+                [self._completion(r) for r in requests],
+                num_cached_tokens=requests[0].num_cached_tokens,
+                num_preemptions=sum(r.num_preemptions for r in requests))
+
+        beam_search(beams, self.engine.run)
+        for group in beams:
+            outputs[group.group_index] = RequestOutput(
+                str(group.group_index), group.prompt_token_ids,
+                [self._beam_completion(i, group, beam) for i, beam in enumerate(group.best())])
+        return outputs
+
+    def _completion(self, request: Request) -> CompletionOutput:
+        return CompletionOutput(index=request.sample_index, text=self.engine.output_text(request),
+                                token_ids=request.output_token_ids, finish_reason=request.finish_reason,
+                                logprobs=request.logprobs, cumulative_logprob=request.cumulative_logprob,
+                                stop_reason=request.stop_reason)
+
+    def _beam_completion(self, index: int, group: BeamGroup, beam) -> CompletionOutput:
+        ended_by_eos = beam.token_ids[-1] in group.eos_token_ids
+        text = self.tokenizer.decode(beam.token_ids, skip_special_tokens=group.params.skip_special_tokens)
+        return CompletionOutput(index=index, text=text, token_ids=beam.token_ids,
+                                finish_reason="stop" if ended_by_eos else "length", cumulative_logprob=beam.score)
+
+
+def _per_prompt(sampling_params, count: int) -> list[SamplingParams]:
+    if sampling_params is None:
+        return [SamplingParams()] * count
+    if isinstance(sampling_params, SamplingParams):
+        return [sampling_params] * count
+    if len(sampling_params) != count:
+        raise ValueError(f"got {len(sampling_params)} sampling params for {count} prompts")
+    return list(sampling_params)

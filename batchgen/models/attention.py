@@ -1,0 +1,46 @@
+"""The attention interface every model layer calls: store this step's K/V, then attend over the paged cache.
+
+The model runner builds one `AttentionMetadata` per step and hands it down through the model; each
+`Attention` layer owns its slice of the KV cache (set by the runner after allocation).
+"""
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from batchgen.kernels import ops
+
+
+@dataclass
+class AttentionMetadata:
+    """A step's flat batch of T query tokens from B sequences."""
+    query_start_loc: torch.Tensor  # int32 [B + 1]: sequence b's query rows are [qsl[b], qsl[b+1])
+    seq_lens: torch.Tensor         # int32 [B]: context length after this step (cached + new tokens)
+    block_tables: torch.Tensor     # int32 [B, max_blocks]: physical blocks of each sequence, in order
+    slot_mapping: torch.Tensor     # int64 [T]: cache slot of each new token's K/V, -1 for padding
+    max_query_len: int
+    max_seq_len: int
+
+    @property
+    def decode_only(self) -> bool:
+        return self.max_query_len == 1
+
+
+class Attention(nn.Module):
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim, self.scale = num_heads, num_kv_heads, head_dim, scale
+        # [num_blocks, block_size, num_kv_heads, head_dim] each; views into the runner's cache tensor
+        self.k_cache = torch.empty(0)
+        self.v_cache = torch.empty(0)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """q [T, Hq, D], k/v [T, Hkv, D] (rotary already applied) -> [T, Hq * D]."""
+        ops.store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
+        if meta.decode_only:
+            out = ops.paged_decode_attention(q, self.k_cache, self.v_cache, meta.seq_lens, meta.block_tables,
+                                             self.scale)
+        else:
+            out = ops.paged_prefill_attention(q, self.k_cache, self.v_cache, meta.query_start_loc, meta.seq_lens,
+                                              meta.block_tables, self.scale, meta.max_query_len)
+        return out.reshape(q.shape[0], self.num_heads * self.head_dim)

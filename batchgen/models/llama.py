@@ -1,0 +1,191 @@
+"""One decoder for the Llama family: Llama 2/3.x, Mistral, Qwen2/2.5, Qwen3 and tied-embedding variants
+(SmolLM2), told apart by `ModelConfig` flags.
+
+Module names follow the Hugging Face checkpoints, except that q/k/v and gate/up projections are fused;
+`load_weights` maps the checkpoint's separate tensors into the fused ones.
+"""
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from batchgen.kernels import ops
+from batchgen.models.attention import Attention, AttentionMetadata
+from batchgen.models.config import ModelConfig
+from batchgen.models.layers import FusedLinear, RMSNorm, RotaryEmbedding
+
+# checkpoint projection name -> (fused module name, part)
+_FUSED_PROJECTIONS = {
+    "q_proj": ("qkv_proj", "q"), "k_proj": ("qkv_proj", "k"), "v_proj": ("qkv_proj", "v"),
+    "gate_proj": ("gate_up_proj", "gate"), "up_proj": ("gate_up_proj", "up"),
+}
+_MAX_NAMES_IN_ERROR = 20
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, config: ModelConfig, rotary_emb: RotaryEmbedding):
+        super().__init__()
+        self.num_heads, self.num_kv_heads = config.num_attention_heads, config.num_key_value_heads
+        self.head_dim = config.head_dim
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        self.split_sizes = [q_size, kv_size, kv_size]
+        self.qkv_proj = FusedLinear(config.hidden_size, {"q": q_size, "k": kv_size, "v": kv_size},
+                                    bias=config.attention_bias)
+        self.o_proj = nn.Linear(q_size, config.hidden_size, bias=config.o_proj_bias)
+        if config.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+        self.qk_norm = config.qk_norm
+        self.rotary_emb = rotary_emb  # shared by all layers: one table per model
+        self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, scale=self.head_dim ** -0.5)
+
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        num_tokens = hidden.shape[0]
+        q, k, v = self.qkv_proj(hidden).split(self.split_sizes, dim=-1)
+        q = q.view(num_tokens, self.num_heads, self.head_dim)
+        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
+        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
+        if self.qk_norm:
+            q = self.q_norm(q.reshape(-1, self.head_dim)).view(q.shape)
+            k = self.k_norm(k.reshape(-1, self.head_dim)).view(k.shape)
+        q, k = self.rotary_emb(positions, q, k)
+        return self.o_proj(self.attn(q, k, v, meta))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        size = config.intermediate_size
+        self.gate_up_proj = FusedLinear(config.hidden_size, {"gate": size, "up": size}, bias=config.mlp_bias)
+        self.down_proj = nn.Linear(size, config.hidden_size, bias=config.mlp_bias)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(ops.silu_and_mul(self.gate_up_proj(hidden)))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, rotary_emb: RotaryEmbedding):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = LlamaAttention(config, rotary_emb)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = LlamaMLP(config)
+
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None,
+                meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (this layer's MLP output, the residual stream before it); the next norm adds them."""
+        if residual is None:
+            residual, hidden = hidden, self.input_layernorm(hidden)
+        else:
+            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(positions, hidden, meta)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden), residual
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.rotary_emb = RotaryEmbedding(config)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, self.rotary_emb)
+                                    for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        hidden, residual = self.embed_tokens(input_ids), None
+        for layer in self.layers:
+            hidden, residual = layer(positions, hidden, residual, meta)
+        hidden, _ = self.norm(hidden, residual)
+        return hidden
+
+
+class LlamaForCausalLM(nn.Module):
+    """The model runner's view of a model: forward over a flat token batch, logits for chosen rows, and the
+    attention layers whose `k_cache`/`v_cache` it assigns."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.model = LlamaModel(config)
+        # tied models reuse the embedding matrix in compute_logits rather than sharing a Parameter object,
+        # which the loader's meta-device build would split in two
+        self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size,
+                                                                         bias=False)
+
+    @property
+    def attention_layers(self) -> list[Attention]:
+        return [layer.self_attn.attn for layer in self.model.layers]
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """input_ids, positions: [T] -> final-normed hidden states [T, hidden_size]."""
+        return self.model(input_ids, positions, meta)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [S, hidden_size] (only the rows that sample) -> float32 logits [S, vocab_size]."""
+        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(hidden, weight).float()
+
+    @torch.no_grad()
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy checkpoint tensors (Hugging Face names) into this model, casting to its dtype and device.
+
+        Raises ValueError listing every missing, unexpected and wrongly shaped tensor, after reading them all.
+        """
+        params = dict(self.named_parameters())
+        modules = dict(self.named_modules())
+        expected = set()
+        for name in params:
+            module = modules[name.rpartition(".")[0]]
+            parts = module.part_rows if isinstance(module, FusedLinear) else {None: None}
+            expected.update((name, part) for part in parts)
+
+        found, unexpected, mismatched = set(), [], []
+        for checkpoint_name, tensor in weights:
+            if checkpoint_name.endswith("rotary_emb.inv_freq"):
+                continue  # old checkpoints saved rope buffers; ours are computed from the config
+            if checkpoint_name == "lm_head.weight" and self.config.tie_word_embeddings:
+                continue  # some tied checkpoints store the shared matrix twice
+            name, part = _model_name(checkpoint_name)
+            if (name, part) not in expected:
+                unexpected.append(checkpoint_name)
+                continue
+            target = params[name].data
+            if part is not None:
+                start, size = modules[name.rpartition(".")[0]].part_rows[part]
+                target = target.narrow(0, start, size)
+            found.add((name, part))
+            if target.shape != tensor.shape:
+                mismatched.append(f"{checkpoint_name}: checkpoint {tuple(tensor.shape)}, "
+                                  f"model expects {tuple(target.shape)}")
+                continue
+            target.copy_(tensor)
+
+        missing = sorted(_checkpoint_name(name, part) for name, part in expected - found)
+        problems = [f"{label} ({len(names)}): {', '.join(names[:_MAX_NAMES_IN_ERROR])}"
+                    + (", ..." if len(names) > _MAX_NAMES_IN_ERROR else "")
+                    for label, names in (("missing tensors", missing), ("unexpected tensors", unexpected),
+                                         ("shape mismatches", mismatched)) if names]
+        if problems:
+            raise ValueError(f"checkpoint does not fit {self.config.architecture} "
+                             f"(hidden {self.config.hidden_size}, {self.config.num_hidden_layers} layers): "
+                             + "; ".join(problems))
+
+
+def _model_name(checkpoint_name: str) -> tuple[str, str | None]:
+    """'model.layers.0.self_attn.k_proj.weight' -> ('model.layers.0.self_attn.qkv_proj.weight', 'k')."""
+    path = checkpoint_name.split(".")
+    if len(path) < 2 or path[-2] not in _FUSED_PROJECTIONS:
+        return checkpoint_name, None
+    fused, part = _FUSED_PROJECTIONS[path[-2]]
+    return ".".join([*path[:-2], fused, path[-1]]), part
+
+
+def _checkpoint_name(name: str, part: str | None) -> str:
+    """The inverse of `_model_name`, for error messages."""
+    if part is None:
+        return name
+    module_path, _, attribute = name.rpartition(".")
+    prefix = module_path.rpartition(".")[0]
+    return f"{prefix}.{part}_proj.{attribute}"

@@ -1,0 +1,46 @@
+"""Hugging Face fast tokenizer behind the few calls the engine and jobs make: encode, chat template, decode,
+stop strings."""
+from pathlib import Path
+
+from transformers import AutoTokenizer
+
+
+class Tokenizer:
+    def __init__(self, path: str | Path):
+        self.hf = AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
+
+    def __len__(self) -> int:
+        return len(self.hf)
+
+    def encode(self, text: str) -> list[int]:
+        """Plain prompt text; the tokenizer adds its special tokens (e.g. BOS) as the model expects."""
+        return self.hf.encode(text)
+
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        """Messages through the model's chat template; the template writes every special token itself."""
+        if not self.hf.chat_template:
+            raise ValueError("this model's tokenizer has no chat template; send 'prompt' text instead of 'messages'")
+        text = self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        return self.hf.encode(text, add_special_tokens=False)
+
+    def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self.hf.decode(token_ids, skip_special_tokens=skip_special_tokens)
+
+    def find_new_stop(self, token_ids: list[int], stops: list[str], window: int | None = None,
+                      skip_special_tokens: bool = False) -> tuple[str, str] | None:
+        """The stop string completed by the last token, if any, with the decoded text of
+        `token_ids[-window:]` (all of them when window is None) cut just before it. Matches lying wholly
+        before the last token were seen (or deliberately passed over) at earlier steps."""
+        tail = token_ids if window is None else token_ids[-window:]
+        text = self.hf.decode(tail, skip_special_tokens=skip_special_tokens)
+        before = len(self.hf.decode(tail[:-1], skip_special_tokens=skip_special_tokens))
+        for stop in stops:
+            start = text.find(stop, max(0, before - len(stop) + 1))
+            if start >= 0:
+                return stop, text[:start]
+        return None
+
+    def stop_window(self, stops: list[str]) -> int:
+        """Tokens to decode to see any stop string whole: a token spells at least one character, plus slack
+        for a character split over byte tokens."""
+        return max(len(s) for s in stops) + 4

@@ -1,0 +1,376 @@
+"""Check and time batchgen's Triton kernels at real shapes on one GPU (H100 ceilings), in one process.
+
+For every kernel: relative L2 error against its torch reference run in fp32 on the same inputs, in bf16 and
+fp16 (NaN never passes), then the median time (triton.testing.do_bench) with achieved GB/s or TFLOP/s next to
+the H100 ceilings, and torch alternatives where there are some. One JSON line per result, a table at the end;
+the exit status is 1 when a check failed.
+
+    python benchmarks/kernels_gpu.py                 # GPU, Llama-3.1-8B shapes, well under 3 minutes
+    python benchmarks/kernels_gpu.py --sweep         # also time other launch configs of the attention kernels
+    python benchmarks/kernels_gpu.py --dry-run       # CPU under TRITON_INTERPRET=1, tiny shapes: finds bugs
+"""
+import argparse
+import importlib.util
+import json
+import os
+import sys
+import time
+import types
+from pathlib import Path
+
+ARGS = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+ARGS.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes, Triton interpreter")
+ARGS.add_argument("--sweep", action="store_true", help="time alternative attention launch configs too")
+ARGS.add_argument("--dtypes", help="comma-separated (default: bfloat16,float16; float16,float32 on --dry-run, "
+                  "the interpreter gets bf16 arithmetic wrong)")
+OPTS = ARGS.parse_args()
+if OPTS.dry_run:
+    os.environ["TRITON_INTERPRET"] = "1"  # must be set before triton is imported
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
+import triton  # noqa: E402
+
+
+def _import_kernels():
+    """batchgen.kernels, also from a bare checkout whose python lacks batchgen's own dependencies (the GPU box):
+    then the kernels/ folder is loaded as batchgen.kernels without running batchgen/__init__.py."""
+    try:
+        import batchgen.kernels  # noqa: F401
+        return
+    except ImportError:
+        pass
+    root = Path(__file__).resolve().parents[1]
+    package = types.ModuleType("batchgen")
+    package.__path__ = [str(root / "batchgen")]
+    sys.modules["batchgen"] = package
+    spec = importlib.util.spec_from_file_location("batchgen.kernels", root / "kernels" / "__init__.py",
+                                                  submodule_search_locations=[str(root / "kernels")])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["batchgen.kernels"] = module
+    spec.loader.exec_module(module)
+
+
+_import_kernels()
+from batchgen.kernels import activation, paged_attention as pa, rms_norm, rotary, store_kv  # noqa: E402
+from batchgen.kernels.testing import TOLERANCE, random_paged_batch, relative_l2  # noqa: E402
+
+DRY = OPTS.dry_run
+DEVICE = torch.device("cpu" if DRY else "cuda")
+PEAK_GBPS = 3000.0     # H100 SXM device-to-device copy, bytes read + written
+PEAK_TFLOPS = 790.0    # H100 SXM dense bf16/fp16 matmul, measured
+RESULTS: list[dict] = []
+FAILED: list[str] = []
+STARTED = time.perf_counter()
+
+# Llama-3.1-8B: 32 query heads over 8 KV heads, head_dim 128, hidden 4096, intermediate 14336; block 16.
+if DRY:
+    HEADS, KV_HEADS, HEAD_DIM, HIDDEN, INTERMEDIATE, BLOCK, TOKENS = 8, 2, 32, 96, 80, 16, 40
+else:
+    HEADS, KV_HEADS, HEAD_DIM, HIDDEN, INTERMEDIATE, BLOCK, TOKENS = 32, 8, 128, 4096, 14336, 16, 8192
+
+
+def emit(record: dict) -> None:
+    record["elapsed_s"] = round(time.perf_counter() - STARTED, 1)
+    RESULTS.append(record)
+    print(json.dumps(record), flush=True)
+
+
+def check(kernel: str, case: str, dtype: torch.dtype, out: torch.Tensor, ref: torch.Tensor) -> None:
+    error = relative_l2(out, ref)
+    ok = error < TOLERANCE[dtype]
+    if not ok:
+        FAILED.append(f"{kernel}/{case}/{dtype}")
+    emit(dict(type="check", kernel=kernel, case=case, dtype=str(dtype).removeprefix("torch."), rel_l2=error,
+              tolerance=TOLERANCE[dtype], ok=ok))
+
+
+def bench_ms(fn) -> float:
+    if DRY:  # the interpreter: one run, only to exercise the code path
+        start = time.perf_counter()
+        fn()
+        return (time.perf_counter() - start) * 1e3
+    return triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median")
+
+
+def timing(kernel: str, case: str, dtype: torch.dtype, impl: str, fn, nbytes: float = 0.0, flops: float = 0.0,
+           **extra) -> float:
+    ms = bench_ms(fn)
+    record = dict(type="time", kernel=kernel, case=case, dtype=str(dtype).removeprefix("torch."), impl=impl,
+                  ms=round(ms, 4))
+    if nbytes:
+        record.update(gbps=round(nbytes / ms / 1e6, 1), pct_peak=round(100 * nbytes / ms / 1e6 / PEAK_GBPS, 1))
+    if flops:
+        record.update(tflops=round(flops / ms / 1e9, 1), pct_peak=round(100 * flops / ms / 1e9 / PEAK_TFLOPS, 1))
+    emit(record | extra)
+    return ms
+
+
+def captured(fn):
+    """fn recorded in a CUDA graph, and what it returned during the capture (its output, on replay)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()  # compile outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        result = fn()
+    return graph, result
+
+
+def time_triton(kernel: str, case: str, dtype: torch.dtype, fn, impl: str = "triton", **metrics) -> None:
+    """Device time from CUDA-graph replays (how the runner runs decode), and eager time, which adds Python
+    launch overhead (how prefill runs); the interpreter only runs it eagerly."""
+    if DRY:
+        timing(kernel, case, dtype, impl, fn, **metrics)
+        return
+    graph, _ = captured(fn)
+    timing(kernel, case, dtype, impl, graph.replay, **metrics)
+    if impl == "triton":
+        timing(kernel, case, dtype, "triton_eager", fn, **metrics)
+
+
+def warm_up_gpu() -> None:
+    """Bring the clocks up before the first timing."""
+    a = torch.randn(8192, 8192, device=DEVICE, dtype=torch.bfloat16)
+    end = time.perf_counter() + 1.0
+    while time.perf_counter() < end:
+        a @ a
+        torch.cuda.synchronize()
+
+
+# --------------------------------------------------------------------------------------------- attention
+# (query heads, kv heads, head_dim, block size): the main model, then other head dims and block sizes
+LLAMA_8B = (HEADS, KV_HEADS, HEAD_DIM, BLOCK)
+OTHER_ATTENTION_SHAPES = [(8, 2, 64, 32), (4, 2, 128, 64)] if DRY else [(32, 8, 64, 32), (16, 8, 256, 64)]
+
+
+def _attention_flops(chunks, heads: int, head_dim: int) -> float:
+    """QK^T and PV: 4 * D flops per (query, visible key) pair and query head."""
+    pairs = sum(new * cached + new * (new + 1) // 2 for cached, new in chunks)
+    return 4.0 * head_dim * heads * pairs
+
+
+def _prefill_ref32(batch):
+    k_cache, v_cache = batch.clean_caches()
+    return pa.paged_prefill_attention_ref(batch.q.float(), k_cache.float(), v_cache.float(), batch.query_start_loc,
+                                          batch.seq_lens, batch.block_tables, batch.scale, batch.max_query_len)
+
+
+def prefill_cases():
+    g = torch.Generator().manual_seed(0)
+    if DRY:
+        return {"mix_cached": [(0, 24), (17, 9), (40, 7)], "pure_2x32": [(0, 32)] * 2,
+                "decodes+chunk": [(int(n), 1) for n in torch.randint(10, 60, (6,), generator=g)] + [(20, 16)]}
+    mix = [(0, 2048), (0, 1024), (2048, 1024), (4096, 1024), (0, 512), (512, 512), (1536, 512),
+           (0, 256), (256, 256), (3000, 256), (7000, 256), (8000, 512)]
+    assert sum(new for _, new in mix) == TOKENS
+    decodes = [(int(n), 1) for n in torch.randint(511, 2048, (256,), generator=g)]
+    return {"mix8192_cached": mix, "pure_4x2048": [(0, 2048)] * 4, "256dec+2048chunk": decodes + [(1024, 2048)]}
+
+
+PREFILL_SWEEP = [(64, 64, 4, 3), (64, 64, 4, 4), (64, 32, 4, 4), (64, 64, 8, 3), (128, 64, 4, 3), (128, 32, 4, 4),
+                 (128, 64, 8, 3), (32, 64, 4, 3)]  # BLOCK_M, BLOCK_N, num_warps, num_stages
+
+
+def bench_prefill(dtype: torch.dtype, shape=LLAMA_8B, first_case_only: bool = False) -> None:
+    heads, kv_heads, head_dim, block = shape
+    suffix = "" if shape == LLAMA_8B else f"/d{head_dim}b{block}"
+    for case, chunks in list(prefill_cases().items())[:1 if first_case_only else None]:
+        batch = random_paged_batch(chunks, heads, kv_heads, head_dim, block, dtype, DEVICE, seed=len(chunks))
+        args = (batch.q, batch.k_cache, batch.v_cache, batch.query_start_loc, batch.seq_lens, batch.block_tables,
+                batch.scale, batch.max_query_len)
+        ref = _prefill_ref32(batch)
+        check("prefill", case + suffix, dtype, pa.paged_prefill_attention(*args), ref)
+        flops = _attention_flops(chunks, heads, head_dim)
+        config = pa.prefill_launch_config(head_dim, heads // kv_heads, batch.max_query_len, dtype)
+        time_triton("prefill", case + suffix, dtype, lambda: pa.paged_prefill_attention(*args), flops=flops,
+                    **config)
+        if case.startswith("pure") and shape == LLAMA_8B and dtype != torch.float32:  # flash: 16-bit only
+            _bench_sdpa_yardstick(case, chunks, dtype, flops)
+        if OPTS.sweep and shape == LLAMA_8B:
+            out = torch.empty_like(batch.q)
+            for block_m, block_n, warps, stages in PREFILL_SWEEP:
+                sweep = dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
+                check("prefill_sweep", f"{case}/{block_m}x{block_n}/w{warps}s{stages}", dtype,
+                      pa._paged_prefill(*args, out.fill_(float("nan")), sweep), ref)
+                time_triton("prefill", case, dtype, lambda: pa._paged_prefill(*args, out, sweep), "triton_sweep",
+                            flops=flops, **sweep)
+        del batch, args, ref
+
+
+def _bench_sdpa_yardstick(case, chunks, dtype, flops) -> None:
+    """torch's fused causal attention on contiguous, padded-free K/V of equal-length sequences."""
+    seqs, length = len(chunks), chunks[0][1]
+    q = torch.randn(seqs, HEADS, length, HEAD_DIM, device=DEVICE, dtype=dtype)
+    k = torch.randn(seqs, HEADS, length, HEAD_DIM, device=DEVICE, dtype=dtype)  # GQA heads already expanded
+    v = torch.randn_like(k)
+    with sdpa_kernel(SDPBackend.MATH if DRY else SDPBackend.FLASH_ATTENTION):
+        timing("prefill", case, dtype, "torch_sdpa_flash",
+               lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), flops=flops)
+
+
+def decode_cases():
+    g = torch.Generator().manual_seed(1)
+    if DRY:
+        return {"6x20-60": [int(n) for n in torch.randint(20, 60, (6,), generator=g)], "2x300": [300, 287]}
+    return {"256x512-2048": [int(n) for n in torch.randint(512, 2049, (256,), generator=g)],
+            "64x4096": [4096] * 64, "8x8192": [8192] * 8, "1x32768": [32768]}
+
+
+DECODE_SWEEP = [(64, 4, 3), (128, 4, 2), (128, 4, 3), (128, 8, 3), (256, 4, 3)]  # BLOCK_N, num_warps, num_stages
+
+
+def bench_decode(dtype: torch.dtype, shape=LLAMA_8B, first_case_only: bool = False) -> None:
+    heads, kv_heads, head_dim, block = shape
+    suffix = "" if shape == LLAMA_8B else f"/d{head_dim}b{block}"
+    for case, lengths in list(decode_cases().items())[:1 if first_case_only else None]:
+        case += suffix
+        batch = random_paged_batch([(n - 1, 1) for n in lengths], heads, kv_heads, head_dim, block, dtype, DEVICE,
+                                   seed=len(lengths))
+        args = (batch.q, batch.k_cache, batch.v_cache, batch.seq_lens, batch.block_tables, batch.scale)
+        out = pa.paged_decode_attention(*args)
+        k_cache, v_cache = batch.clean_caches()
+        ref = pa.paged_decode_attention_ref(batch.q.float(), k_cache.float(), v_cache.float(), batch.seq_lens,
+                                            batch.block_tables, batch.scale)
+        check("decode", case, dtype, out, ref)
+        nbytes = 2.0 * sum(lengths) * kv_heads * head_dim * dtype.itemsize + 2 * batch.q.numel() * dtype.itemsize
+        max_keys = batch.block_tables.shape[1] * block
+        config = pa.decode_launch_config(len(lengths), kv_heads, head_dim, max_keys, DEVICE, dtype)
+        if not DRY:  # the runner replays decode in CUDA graphs: capture must work (no host sync), replay be right
+            graph, graph_out = captured(lambda: pa.paged_decode_attention(*args))
+            graph_out.fill_(float("nan"))
+            graph.replay()
+            check("decode_cuda_graph", case, dtype, graph_out, ref)
+        time_triton("decode", case, dtype, lambda: pa.paged_decode_attention(*args), nbytes=nbytes, **config)
+        timing("decode", case, dtype, "torch_ref",
+               lambda: pa.paged_decode_attention_ref(batch.q, k_cache, v_cache, *args[3:]), nbytes=nbytes)
+        del k_cache, v_cache
+        if OPTS.sweep and shape == LLAMA_8B:
+            out = torch.empty_like(batch.q)
+            for splits in sorted({1, config["num_splits"] // 2, config["num_splits"], config["num_splits"] * 2} - {0}):
+                for block_n, warps, stages in DECODE_SWEEP:
+                    sweep = pa.decode_launch_config(len(lengths), kv_heads, head_dim, max_keys, DEVICE, dtype, splits)
+                    sweep.update(BLOCK_N=block_n, num_warps=warps, num_stages=stages)
+                    sweep["keys_per_split"] = triton.cdiv(sweep["keys_per_split"], block_n) * block_n
+                    sweep["num_splits"] = triton.cdiv(max_keys, sweep["keys_per_split"])
+                    check("decode_sweep", f"{case}/s{sweep['num_splits']}n{block_n}w{warps}s{stages}", dtype,
+                          pa._paged_decode(*args, out.fill_(float("nan")), sweep), ref)
+                    time_triton("decode", case, dtype, lambda: pa._paged_decode(*args, out, sweep), "triton_sweep",
+                                nbytes=nbytes, **sweep)
+        del batch, args, out, ref
+
+
+# --------------------------------------------------------------------------------------------- small ops
+def bench_store_kv(dtype: torch.dtype) -> None:
+    num_slots = 2 * TOKENS  # a cache twice the batch: scattered slots
+    qkv = torch.randn(TOKENS, (HEADS + 2 * KV_HEADS) * HEAD_DIM, device=DEVICE, dtype=dtype)
+    key = qkv[:, HEADS * HEAD_DIM:(HEADS + KV_HEADS) * HEAD_DIM].view(TOKENS, KV_HEADS, HEAD_DIM)
+    value = qkv[:, (HEADS + KV_HEADS) * HEAD_DIM:].view(TOKENS, KV_HEADS, HEAD_DIM)
+    slot_mapping = torch.randperm(num_slots, device=DEVICE)[:TOKENS]
+    slot_mapping[-TOKENS // 64:] = -1  # padding tail
+    k_cache = torch.randn(num_slots // BLOCK, BLOCK, KV_HEADS, HEAD_DIM, device=DEVICE, dtype=dtype)
+    v_cache = torch.randn_like(k_cache)
+    k_ref, v_ref = k_cache.clone(), v_cache.clone()
+    store_kv.store_kv_ref(key, value, k_ref, v_ref, slot_mapping)
+    store_kv.store_kv(key, value, k_cache, v_cache, slot_mapping)
+    ok = torch.equal(k_cache, k_ref) and torch.equal(v_cache, v_ref)
+    if not ok:
+        FAILED.append(f"store_kv/{dtype}")
+    emit(dict(type="check", kernel="store_kv", case=f"{TOKENS}tok", dtype=str(dtype).removeprefix("torch."),
+              exact=ok, ok=ok))
+    nbytes = 2 * 2 * key.numel() * dtype.itemsize
+    time_triton("store_kv", f"{TOKENS}tok", dtype,
+                lambda: store_kv.store_kv(key, value, k_cache, v_cache, slot_mapping), nbytes=nbytes)
+    timing("store_kv", f"{TOKENS}tok", dtype, "torch_ref",
+           lambda: store_kv.store_kv_ref(key, value, k_cache, v_cache, slot_mapping), nbytes=nbytes)
+
+
+def bench_rms_norm(dtype: torch.dtype) -> None:
+    x = torch.randn(TOKENS, HIDDEN, device=DEVICE, dtype=dtype)
+    residual = torch.randn_like(x)
+    weight = (1 + 0.1 * torch.randn(HIDDEN, device=DEVICE)).to(dtype)
+    for case, res in (("plain", None), ("fused_residual", residual)):
+        out = rms_norm.rms_norm(x, weight, 1e-5, res)
+        ref = rms_norm.rms_norm_ref(x.float(), weight.float(), 1e-5, None if res is None else res.float())
+        if res is None:
+            check("rms_norm", case, dtype, out, ref)
+        else:
+            check("rms_norm", case, dtype, torch.cat(out), torch.cat(ref))
+        nbytes = (2 if res is None else 4) * x.numel() * dtype.itemsize
+        time_triton("rms_norm", case, dtype, lambda: rms_norm.rms_norm(x, weight, 1e-5, res), nbytes=nbytes)
+        timing("rms_norm", case, dtype, "torch_ref", lambda: rms_norm.rms_norm_ref(x, weight, 1e-5, res),
+               nbytes=nbytes)
+
+
+def bench_rotary(dtype: torch.dtype) -> None:
+    qkv = torch.randn(TOKENS, (HEADS + 2 * KV_HEADS) * HEAD_DIM, device=DEVICE, dtype=dtype)
+    q = qkv[:, :HEADS * HEAD_DIM].view(TOKENS, HEADS, HEAD_DIM)
+    k = qkv[:, HEADS * HEAD_DIM:(HEADS + KV_HEADS) * HEAD_DIM].view(TOKENS, KV_HEADS, HEAD_DIM)
+    max_positions = 8 * TOKENS
+    inv_freq = 1.0 / (500000.0 ** (torch.arange(0, HEAD_DIM, 2, device=DEVICE).float() / HEAD_DIM))
+    angles = torch.arange(max_positions, device=DEVICE).float()[:, None] * inv_freq[None, :]
+    cos_sin_cache = torch.cat([angles.cos(), angles.sin()], dim=-1)
+    positions = torch.randint(0, max_positions, (TOKENS,), device=DEVICE)
+    out = rotary.rotary_embedding(positions, q, k, cos_sin_cache)
+    ref = rotary.rotary_embedding_ref(positions, q.float(), k.float(), cos_sin_cache)
+    check("rotary", f"{TOKENS}tok", dtype, torch.cat([t.flatten() for t in out]), torch.cat([t.flatten() for t in ref]))
+    nbytes = 2 * (q.numel() + k.numel()) * dtype.itemsize + TOKENS * HEAD_DIM * 4
+    time_triton("rotary", f"{TOKENS}tok", dtype, lambda: rotary.rotary_embedding(positions, q, k, cos_sin_cache),
+                nbytes=nbytes)
+    timing("rotary", f"{TOKENS}tok", dtype, "torch_ref",
+           lambda: rotary.rotary_embedding_ref(positions, q, k, cos_sin_cache), nbytes=nbytes)
+
+
+def bench_silu_and_mul(dtype: torch.dtype) -> None:
+    x = torch.randn(TOKENS, 2 * INTERMEDIATE, device=DEVICE, dtype=dtype)
+    check("silu_and_mul", f"{TOKENS}tok", dtype, activation.silu_and_mul(x), activation.silu_and_mul_ref(x.float()))
+    nbytes = 1.5 * x.numel() * dtype.itemsize
+    time_triton("silu_and_mul", f"{TOKENS}tok", dtype, lambda: activation.silu_and_mul(x), nbytes=nbytes)
+    timing("silu_and_mul", f"{TOKENS}tok", dtype, "torch_ref", lambda: activation.silu_and_mul_ref(x),
+           nbytes=nbytes)
+
+
+def print_table() -> None:
+    print(f"\n{'kernel':<14}{'case':<24}{'dtype':<10}{'impl':<19}{'ms':>9}{'GB/s':>8}{'TFLOP/s':>9}{'%peak':>7}")
+    for r in RESULTS:
+        if r["type"] == "time" and r["impl"] != "triton_sweep":
+            print(f"{r['kernel']:<14}{r['case']:<24}{r['dtype']:<10}{r['impl']:<19}{r['ms']:>9.4f}"
+                  f"{r.get('gbps', ''):>8}{r.get('tflops', ''):>9}{r.get('pct_peak', ''):>7}")
+    sweeps = [r for r in RESULTS if r.get("impl") == "triton_sweep"]
+    for kernel, case, dtype in dict.fromkeys((r["kernel"], r["case"], r["dtype"]) for r in sweeps):
+        best = min((r for r in sweeps if (r["kernel"], r["case"], r["dtype"]) == (kernel, case, dtype)),
+                   key=lambda r: r["ms"])
+        config = {k: v for k, v in best.items() if k[0].isupper() or k.startswith("num_") or k == "keys_per_split"}
+        print(f"best sweep {kernel}/{case}/{dtype}: {best['ms']:.4f} ms {config}")
+    checks = [r for r in RESULTS if r["type"] == "check"]
+    print(f"\n{len(checks) - len(FAILED)}/{len(checks)} checks passed"
+          + (f"; FAILED: {', '.join(FAILED)}" if FAILED else "")
+          + f"; {time.perf_counter() - STARTED:.0f} s")
+
+
+def main() -> int:
+    device_name = "cpu (TRITON_INTERPRET=1)" if DRY else torch.cuda.get_device_name()
+    sms = pa._num_sms(DEVICE)
+    emit(dict(type="env", device=device_name, sms=sms, torch=torch.__version__, triton=triton.__version__,
+              shapes=dict(heads=HEADS, kv_heads=KV_HEADS, head_dim=HEAD_DIM, block=BLOCK, tokens=TOKENS)))
+    if not DRY:
+        warm_up_gpu()
+    dtypes = OPTS.dtypes or ("float16,float32" if DRY else "bfloat16,float16")
+    dtypes = [getattr(torch, name) for name in dtypes.split(",")]
+    for dtype in dtypes:
+        for bench in (bench_store_kv, bench_rms_norm, bench_rotary, bench_silu_and_mul, bench_decode, bench_prefill):
+            bench(dtype)
+            if not DRY:
+                torch.cuda.empty_cache()
+    for shape in OTHER_ATTENTION_SHAPES:  # other head dims and block sizes: one case each, first dtype only
+        bench_decode(dtypes[0], shape, first_case_only=True)
+        bench_prefill(dtypes[0], shape, first_case_only=True)
+    print_table()
+    return 1 if FAILED else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,327 @@
+"""Running a job's shards: the one execution path shared by `batchgen run` (in-process, MemoryJobStore) and
+the Celery task (`batchgen.workers.tasks.run_shard`, RedisJobStore).
+
+A shard: rows [a, b) -> token ids -> engine.generate_tokens -> output rows -> parts/shard-NNNNN.parquet
+(atomic) -> store counters. Every step may be repeated safely: a redelivered shard whose part exists is only
+counted (once), and exactly one caller finalizes the job (stats.json, results.jsonl, status completed).
+"""
+import logging
+import os
+import posixpath
+import socket
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any, Literal, Protocol
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from batchgen.jobs.io import (OPENAI_OUTPUT_FILE, PARTS_DIR, SHARD_STATS_KEY, SPEC_FILE, STATS_FILE, JobInputError,
+                              JobOutputError, filesystem, output_row, output_schema, part_exists, part_path,
+                              plan_shards, read_rows, read_shard_stats, remove_temp_files, save_stats,
+                              write_openai_output, write_part)
+from batchgen.jobs.spec import JobSpec, PromptRow
+from batchgen.jobs.stats import JobStats, ShardStats, merge_stats
+from batchgen.jobs.store import JobRecord, JobStore, MemoryJobStore
+from batchgen.outputs import RequestOutput
+from batchgen.sampling_params import SamplingParams
+
+log = logging.getLogger("batchgen.jobs")
+
+CANCEL_CHECK_INTERVAL_S = 0.5   # a cancel is seen within this; the engine asks every step
+ShardStatus = Literal["done", "skipped", "cancelled", "failed"]
+
+
+class Generator(Protocol):
+    """What runs the rows: `batchgen.LLM` (local run) or `batchgen.engine.loop.EngineLoop` (worker: thread-safe,
+    shared by the worker's shard threads, and the only one that takes `should_stop`)."""
+
+    def generate_tokens(self, prompts: Sequence[list[int] | Exception], sampling_params: Sequence[SamplingParams],
+                        **kwargs: Any) -> list[RequestOutput]: ...
+
+
+class Tokenizer(Protocol):
+    def encode(self, text: str) -> list[int]: ...
+
+    def encode_chat(self, messages: list[dict]) -> list[int]: ...
+
+
+@dataclass(frozen=True)
+class Executor:
+    """An engine and who runs it: the worker and GPU named in each shard's stats."""
+    engine: Generator
+    tokenizer: Tokenizer
+    worker: str                      # "host:pid"
+    gpu: str | None = None           # "cpu", or "cuda:0 NVIDIA H100 80GB HBM3" (physical index)
+    dtype: str | None = None
+
+    @classmethod
+    def for_llm(cls, llm, engine: Generator | None = None) -> "Executor":
+        """An executor for a loaded `batchgen.LLM`; `engine` replaces it as the generator (an EngineLoop
+        around it)."""
+        return cls(engine=engine or llm, tokenizer=llm.tokenizer, worker=worker_name(),
+                   gpu=device_label(llm.engine.device), dtype=str(llm.engine.dtype).removeprefix("torch."))
+
+
+@dataclass(frozen=True)
+class ShardOutcome:
+    shard_index: int
+    status: ShardStatus
+    stats: ShardStats | None = None  # the shard's stats when it ran (or its existing part's)
+    finalized: bool = False          # this call finished the job
+    error: str | None = None         # a whole-job error (status "failed")
+
+
+def worker_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def device_label(device) -> str:
+    """'cpu', or 'cuda:N <name>' with N the physical GPU (CUDA_VISIBLE_DEVICES maps the process's cuda:0)."""
+    if device.type != "cuda":
+        return device.type
+    import torch
+
+    index = device.index or 0
+    visible = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    physical = visible[index].strip() if index < len(visible) else str(index)
+    return f"cuda:{physical} {torch.cuda.get_device_name(index)}"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# a job's lifecycle around its shards
+
+def prepare_output(spec: JobSpec, replace: bool = False) -> None:
+    """Make sure the job's output directory holds no other job's files, since an existing part would be
+    taken for one of this job's finished shards. `replace` deletes batchgen's own files left by an earlier
+    run (job.json, stats.json, results.jsonl, parts/); otherwise their presence is an error."""
+    fs, base = filesystem(spec.output)
+    ours = [posixpath.join(base, name) for name in (SPEC_FILE, STATS_FILE, OPENAI_OUTPUT_FILE)]
+    parts = posixpath.join(base, PARTS_DIR)
+    found = [info for info in fs.get_file_info([*ours, parts]) if info.type != pafs.FileType.NotFound]
+    if not found:
+        return
+    if not replace:
+        raise JobOutputError(f"{spec.output_display}: already holds a job's output ({found[0].base_name}); "
+                             "choose another output directory or remove it")
+    for info in found:
+        if info.type == pafs.FileType.Directory:
+            fs.delete_dir(info.path)
+        else:
+            fs.delete_file(info.path)
+
+
+def num_shards(spec: JobSpec) -> int:
+    return len(plan_shards(_summary(spec).num_rows, spec.shard_size))
+
+
+def run_job_locally(spec: JobSpec, executor: Executor,
+                    progress: Callable[[JobRecord], None] | None = None) -> JobRecord:
+    """The whole job in this process, shard after shard, on an in-memory store; returns the final record.
+    `progress` gets the record after each shard."""
+    store = MemoryJobStore()
+    store.create_job(spec)
+    for shard_index in range(num_shards(spec)):
+        outcome = run_shard(spec, shard_index, executor, store)
+        if progress is not None:
+            progress(store.get_job(spec.job_id))
+        if outcome.status == "failed":
+            break
+    return store.get_job(spec.job_id)
+
+
+def run_shard(spec: JobSpec, shard_index: int, executor: Executor, store: JobStore,
+              should_stop: Callable[[], bool] | None = None) -> ShardOutcome:
+    """Run one shard unless its part exists or the store says not to, then finalize the job if this was the
+    last one. Whole-job problems (the input changed, the output can't be written) fail the job and come back
+    as status "failed"; a row's problems are that row's error. `should_stop` (see `cancel_check`) is handed
+    to the engine, which raises `batchgen.engine.loop.Cancelled` when it turns true mid-shard."""
+    job_id = spec.job_id
+    if part_exists(spec.output, shard_index):
+        # Redelivered after its part was written, perhaps before it was counted: count it (once) now.
+        stats = part_stats(spec.output, shard_index)
+        if stats is not None:
+            store.complete_shard(job_id, shard_index, stats)
+        return _maybe_finalize(spec, store, executor, ShardOutcome(shard_index, "skipped", stats))
+    if store.start_shard(job_id, shard_index, executor.worker) is None:
+        return ShardOutcome(shard_index, "skipped")
+
+    started_at, clock = datetime.now(timezone.utc), time.perf_counter()
+    start, end = plan_shards(_summary(spec).num_rows, spec.shard_size)[shard_index]
+    try:
+        rows = list(read_rows(spec, start, end))
+    except JobInputError as exc:
+        return _fail(spec, store, shard_index, str(exc))
+    try:
+        results = _generate_rows(rows, executor, should_stop)
+    except _cancelled_error() as exc:
+        log.info("job %s shard %d stopped: %s", job_id, shard_index, exc or "job cancelled")
+        return ShardOutcome(shard_index, "cancelled")
+    output_rows = [output_row(row, result) for row, result in zip(rows, results)]
+    stats = ShardStats.from_rows(shard_index, output_rows, wall_seconds=time.perf_counter() - clock,
+                                 worker=executor.worker, gpu=executor.gpu, started_at=started_at,
+                                 finished_at=datetime.now(timezone.utc))
+    try:
+        write_part(output_rows, spec.output, shard_index, output_schema(spec), stats)
+    except JobOutputError as exc:
+        return _fail(spec, store, shard_index, str(exc))
+    store.complete_shard(job_id, shard_index, stats)
+    return _maybe_finalize(spec, store, executor, ShardOutcome(shard_index, "done", stats))
+
+
+def finalize_job(spec: JobSpec, store: JobStore, dtype: str | None = None) -> JobStats:
+    """Write stats.json (and results.jsonl for output_format "openai") from the parts, then mark the job
+    completed. Call it once, after `store.claim_finalize` said so. Raises JobOutputError when the parts don't
+    hold every input row (someone removed one) or can't be written; the job is then failed."""
+    try:
+        remove_temp_files(spec.output)
+        record = store.get_job(spec.job_id)
+        stats = merge_stats(read_shard_stats(spec.output), job_id=spec.job_id, model=spec.model, dtype=dtype,
+                            sampling=spec.sampling, started_at=record.started_at if record else None,
+                            finished_at=datetime.now(timezone.utc))
+        expected = _summary(spec).num_rows
+        if stats.rows_total != expected:
+            raise JobOutputError(f"{spec.output_display}: the parts hold {stats.rows_total} rows, the input "
+                                 f"{expected}; a part is missing")
+        save_stats(spec.output, stats)
+        if spec.output_format == "openai":
+            write_openai_output(spec)
+    except (JobOutputError, OSError, pa.ArrowException) as exc:
+        store.finish_job(spec.job_id, "failed", error=f"finalizing: {exc}")
+        raise JobOutputError(f"finalizing job {spec.job_id}: {exc}") from None
+    store.finish_job(spec.job_id, "completed")
+    return stats
+
+
+def cancel_check(store: JobStore, job_id: str, interval_s: float = CANCEL_CHECK_INTERVAL_S) -> Callable[[], bool]:
+    """`should_stop` for a shard: true once the job is cancelled. The engine calls it every step, so the
+    store is asked at most every `interval_s`."""
+    lock = threading.Lock()
+    state = {"checked": 0.0, "cancelled": False}
+
+    def should_stop() -> bool:
+        with lock:
+            now = time.monotonic()
+            if not state["cancelled"] and now - state["checked"] >= interval_s:
+                state["checked"] = now
+                state["cancelled"] = store.is_cancelled(job_id)
+            return state["cancelled"]
+    return should_stop
+
+
+def part_stats(output: str, shard_index: int) -> ShardStats | None:
+    """The ShardStats in one part's footer (None for a part written without them)."""
+    fs, _ = filesystem(output)
+    with fs.open_input_file(part_path(output, shard_index)) as source:
+        metadata = pq.read_schema(source).metadata or {}
+    raw = metadata.get(SHARD_STATS_KEY)
+    return ShardStats.model_validate_json(raw) if raw else None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# rows through the engine
+
+def encode_row(row: PromptRow, tokenizer: Tokenizer) -> list[int] | Exception:
+    """Token ids of a valid row's prompt; a failure (no chat template, a template error) is returned, so the
+    engine reports it as this row's error."""
+    try:
+        return tokenizer.encode_chat(row.messages) if row.is_chat else tokenizer.encode(row.prompt)
+    except Exception as exc:  # the tokenizer's failure belongs to this row only
+        return exc
+
+
+def _generate_rows(rows: list[PromptRow], executor: Executor,
+                   should_stop: Callable[[], bool] | None) -> list[RequestOutput | None]:
+    """Engine results for the valid rows, None for rows that were invalid from the start."""
+    valid = [row for row in rows if row.error is None]
+    prompts = [encode_row(row, executor.tokenizer) for row in valid]
+    generated = generate_isolating(executor.engine, prompts, [row.params for row in valid], should_stop) \
+        if valid else []
+    by_index = {row.index: result for row, result in zip(valid, generated)}
+    return [by_index.get(row.index) for row in rows]
+
+
+def generate_isolating(engine: Generator, prompts: list[list[int] | Exception], params: list[SamplingParams],
+                       should_stop: Callable[[], bool] | None = None) -> list[RequestOutput]:
+    """`engine.generate_tokens`, except that an engine exception (a poison row) doesn't cost the shard: the
+    batch is split in halves and each retried, so only the rows that fail on their own become errors (each
+    row is retried at most log2(batch) + 1 times). When every row fails alone too, the fault is the engine's,
+    not the rows': the original exception is raised so the shard runs again elsewhere."""
+    try:
+        return _call_engine(engine, prompts, params, should_stop)
+    except _cancelled_error():
+        raise
+    except Exception as exc:
+        if len(prompts) == 1:
+            raise
+        log.warning("engine failed on a batch of %d rows (%s: %s); retrying it in halves to isolate the row",
+                    len(prompts), type(exc).__name__, exc)
+        results = _bisect(engine, prompts, params, should_stop)
+        if all(result.error is not None and result.error.startswith(_ENGINE_ERROR) for result in results):
+            raise
+        return results
+
+
+_ENGINE_ERROR = "engine error: "
+
+
+def _bisect(engine: Generator, prompts: list, params: list, should_stop) -> list[RequestOutput]:
+    try:
+        return _call_engine(engine, prompts, params, should_stop)
+    except _cancelled_error():
+        raise
+    except Exception as exc:
+        if len(prompts) == 1:
+            prompt = prompts[0]
+            return [RequestOutput("0", [] if isinstance(prompt, Exception) else prompt, [],
+                                  error=f"{_ENGINE_ERROR}{type(exc).__name__}: {exc}")]
+        middle = len(prompts) // 2
+        return (_bisect(engine, prompts[:middle], params[:middle], should_stop)
+                + _bisect(engine, prompts[middle:], params[middle:], should_stop))
+
+
+def _call_engine(engine: Generator, prompts: list, params: list, should_stop) -> list[RequestOutput]:
+    if should_stop is None:
+        return engine.generate_tokens(prompts, params)
+    return engine.generate_tokens(prompts, params, should_stop=should_stop)
+
+
+def _cancelled_error() -> type[BaseException]:
+    try:
+        from batchgen.engine.loop import Cancelled
+    except ImportError:   # TRANSITIONAL until the engine loop lands
+        return _NotRaised
+    return Cancelled
+
+
+class _NotRaised(Exception):
+    pass
+
+
+# ---------------------------------------------------------------------------------------------------------
+
+def _maybe_finalize(spec: JobSpec, store: JobStore, executor: Executor, outcome: ShardOutcome) -> ShardOutcome:
+    if not store.claim_finalize(spec.job_id):
+        return outcome
+    try:
+        finalize_job(spec, store, executor.dtype)
+    except JobOutputError as exc:
+        return ShardOutcome(outcome.shard_index, "failed", outcome.stats, error=str(exc))
+    return ShardOutcome(outcome.shard_index, outcome.status, outcome.stats, finalized=True)
+
+
+def _fail(spec: JobSpec, store: JobStore, shard_index: int, error: str) -> ShardOutcome:
+    error = error.replace(spec.output, spec.output_display).replace(spec.input, spec.input_display)
+    log.error("job %s failed at shard %d: %s", spec.job_id, shard_index, error)
+    store.finish_job(spec.job_id, "failed", error=error)
+    return ShardOutcome(shard_index, "failed", error=error)
+
+
+def _summary(spec: JobSpec):
+    if spec.input_summary is None:
+        raise ValueError("spec.input_summary is not set: run validate_input at submit time")
+    return spec.input_summary

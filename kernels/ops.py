@@ -1,0 +1,43 @@
+"""The one place that picks a kernel: Triton on CUDA tensors, the torch reference elsewhere.
+
+`BATCHGEN_KERNELS=ref` forces the references on the GPU too (debugging, A/B checks).
+"""
+import os
+
+import torch
+
+from batchgen.kernels import activation, paged_attention, rms_norm as _rms_norm, rotary, store_kv as _store_kv
+
+
+def _triton(x: torch.Tensor) -> bool:
+    return x.is_cuda and os.environ.get("BATCHGEN_KERNELS", "triton") != "ref"
+
+
+def store_kv(key, value, k_cache, v_cache, slot_mapping) -> None:
+    fn = _store_kv.store_kv if _triton(key) else _store_kv.store_kv_ref
+    fn(key, value, k_cache, v_cache, slot_mapping)
+
+
+def paged_prefill_attention(q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale, max_query_len):
+    fn = paged_attention.paged_prefill_attention if _triton(q) else paged_attention.paged_prefill_attention_ref
+    return fn(q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale, max_query_len)
+
+
+def paged_decode_attention(q, k_cache, v_cache, seq_lens, block_tables, scale):
+    fn = paged_attention.paged_decode_attention if _triton(q) else paged_attention.paged_decode_attention_ref
+    return fn(q, k_cache, v_cache, seq_lens, block_tables, scale)
+
+
+def rms_norm(x, weight, eps, residual=None):
+    fn = _rms_norm.rms_norm if _triton(x) else _rms_norm.rms_norm_ref
+    return fn(x, weight, eps, residual)
+
+
+def rotary_embedding(positions, q, k, cos_sin_cache):
+    fn = rotary.rotary_embedding if _triton(q) else rotary.rotary_embedding_ref
+    return fn(positions, q, k, cos_sin_cache)
+
+
+def silu_and_mul(x):
+    fn = activation.silu_and_mul if _triton(x) else activation.silu_and_mul_ref
+    return fn(x)

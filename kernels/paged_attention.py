@@ -1,0 +1,375 @@
+"""Attention over the paged KV cache.
+
+Layout: caches are [num_blocks, block_size, num_kv_heads, head_dim]; `block_tables[b]` lists sequence b's
+blocks in order. Queries of a step form one flat batch: sequence b owns query rows
+`query_start_loc[b]:query_start_loc[b+1]`, which are its last tokens, so query row j of a chunk of length
+q sits at position `seq_lens[b] - q + j` and sees keys at positions up to and including its own (causal).
+That one rule covers prefill, chunked prefill on top of cached context (prefix hits) and decode.
+"""
+import functools
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+
+def _gather_context(cache: torch.Tensor, block_table: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """[seq_len, Hkv, D] keys (or values) of one sequence, in position order."""
+    block_size = cache.shape[1]
+    num_blocks = (seq_len + block_size - 1) // block_size
+    return cache[block_table[:num_blocks]].flatten(0, 1)[:seq_len]
+
+
+def paged_prefill_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                                query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
+                                block_tables: torch.Tensor, scale: float, max_query_len: int) -> torch.Tensor:
+    """q [T, Hq, D] -> out [T, Hq, D]; varlen causal attention of query chunks to their paged context."""
+    out = torch.empty_like(q)
+    starts = query_start_loc.tolist()
+    for b, seq_len in enumerate(seq_lens.tolist()):
+        start, end = starts[b], starts[b + 1]
+        if end == start:
+            continue
+        keys = _gather_context(k_cache, block_tables[b], seq_len).transpose(0, 1)
+        values = _gather_context(v_cache, block_tables[b], seq_len).transpose(0, 1)
+        query = q[start:end].transpose(0, 1)
+        query_pos = torch.arange(seq_len - (end - start), seq_len, device=q.device)
+        mask = torch.arange(seq_len, device=q.device)[None, :] <= query_pos[:, None]
+        attended = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scale,
+                                                  enable_gqa=True)
+        out[start:end] = attended.transpose(0, 1)
+    return out
+
+
+def paged_decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                               seq_lens: torch.Tensor, block_tables: torch.Tensor, scale: float) -> torch.Tensor:
+    """q [B, Hq, D], one query token per sequence at position seq_lens[b] - 1 -> out [B, Hq, D]."""
+    batch, num_heads, head_dim = q.shape
+    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    num_blocks = (int(seq_lens.max()) + block_size - 1) // block_size
+    tables = block_tables[:, :num_blocks]
+    keys = k_cache[tables].view(batch, -1, num_kv_heads, head_dim).transpose(1, 2)
+    values = v_cache[tables].view(batch, -1, num_kv_heads, head_dim).transpose(1, 2)
+    mask = torch.arange(keys.shape[2], device=q.device)[None, :] < seq_lens[:, None].to(q.device)
+    attended = F.scaled_dot_product_attention(q.unsqueeze(2), keys, values, attn_mask=mask[:, None, None, :],
+                                              scale=scale, enable_gqa=True)
+    return attended.squeeze(2)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Triton kernels. Both attention kernels run one program per (query tile or split, KV head) and pack the query
+# heads that share that KV head into the rows of one tile, so each K/V tile is loaded once per group.
+# Softmax runs in base 2 with the scale folded into qk_scale = scale * log2(e); accumulation is fp32.
+# ---------------------------------------------------------------------------------------------------------------
+_LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _attend_key_tile(acc, m_i, l_i, q, q_pos, key_start, block_table_row, k_cache_ptr, v_cache_ptr, kv_head,
+                     seq_len, qk_scale, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+                     PAGE: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr,
+                     DOT_PRECISION: tl.constexpr):
+    """One online-softmax step: fold keys [key_start, key_start + BLOCK_N) into (acc, m_i, l_i).
+    MASKED tiles apply the causal rule key_pos <= q_pos and the end of the context; the others need neither."""
+    key_pos = key_start + tl.arange(0, BLOCK_N)
+    dims = tl.arange(0, HEAD_DIM)
+    in_context = key_pos < seq_len
+    if MASKED:
+        block = tl.load(block_table_row + key_pos // PAGE, mask=in_context, other=0).to(tl.int64)
+    else:
+        block = tl.load(block_table_row + key_pos // PAGE).to(tl.int64)
+    slot_in_block = key_pos % PAGE
+    k_rows = block * stride_kb + slot_in_block * stride_ks + kv_head * stride_kh
+    v_rows = block * stride_vb + slot_in_block * stride_vs + kv_head * stride_vh
+    if MASKED:
+        k_t = tl.load(k_cache_ptr + k_rows[None, :] + dims[:, None], mask=in_context[None, :], other=0.0)
+    else:
+        k_t = tl.load(k_cache_ptr + k_rows[None, :] + dims[:, None])
+    qk = tl.dot(q, k_t, input_precision=DOT_PRECISION) * qk_scale
+    if MASKED:
+        visible = (key_pos[None, :] <= q_pos[:, None]) & in_context[None, :]
+        qk = tl.where(visible, qk, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(qk - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if MASKED:
+        v = tl.load(v_cache_ptr + v_rows[:, None] + dims[None, :], mask=in_context[:, None], other=0.0)
+    else:
+        v = tl.load(v_cache_ptr + v_rows[:, None] + dims[None, :])
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _prefill_tile(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, block_table_row, q_start, q_len, seq_len, first_token,
+                  kv_head, qk_scale, stride_qt, stride_qh, stride_ot, stride_oh, stride_kb, stride_ks, stride_kh,
+                  stride_vb, stride_vs, stride_vh, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
+                  ROWS: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Attention of ROWS // GROUP query tokens from first_token on, x the GROUP heads of kv_head (row r: token
+    r // GROUP, head r % GROUP of the group), over their causal context."""
+    TOKENS: tl.constexpr = ROWS // GROUP
+    cached_len = seq_len - q_len
+    rows = tl.arange(0, ROWS)
+    row_token = first_token + rows // GROUP
+    row_head = kv_head * GROUP + rows % GROUP
+    row_valid = (rows < TOKENS * GROUP) & (row_token < q_len)
+    q_pos = cached_len + row_token
+    dims = tl.arange(0, HEAD_DIM)
+    q_offsets = (q_start + row_token)[:, None] * stride_qt + row_head[:, None] * stride_qh + dims[None, :]
+    q = tl.load(q_ptr + q_offsets, mask=row_valid[:, None], other=0.0)
+
+    m_i = tl.full([ROWS], float("-inf"), tl.float32)
+    l_i = tl.zeros([ROWS], tl.float32)
+    acc = tl.zeros([ROWS, HEAD_DIM], tl.float32)
+    # keys every row of the tile sees need no mask; key tiles past the tile's last query position are skipped
+    last_token = tl.minimum(first_token + TOKENS, q_len) - 1
+    unmasked_end = (cached_len + first_token + 1) // BLOCK_N * BLOCK_N
+    causal_end = cached_len + last_token + 1
+    for key_start in range(0, unmasked_end, BLOCK_N):
+        acc, m_i, l_i = _attend_key_tile(acc, m_i, l_i, q, q_pos, key_start, block_table_row, k_cache_ptr,
+                                         v_cache_ptr, kv_head, seq_len, qk_scale, stride_kb, stride_ks, stride_kh,
+                                         stride_vb, stride_vs, stride_vh, PAGE, BLOCK_N, HEAD_DIM, False,
+                                         DOT_PRECISION)
+    for key_start in range(unmasked_end, causal_end, BLOCK_N):
+        acc, m_i, l_i = _attend_key_tile(acc, m_i, l_i, q, q_pos, key_start, block_table_row, k_cache_ptr,
+                                         v_cache_ptr, kv_head, seq_len, qk_scale, stride_kb, stride_ks, stride_kh,
+                                         stride_vb, stride_vs, stride_vh, PAGE, BLOCK_N, HEAD_DIM, True,
+                                         DOT_PRECISION)
+    out = acc / l_i[:, None]
+    out_offsets = (q_start + row_token)[:, None] * stride_ot + row_head[:, None] * stride_oh + dims[None, :]
+    tl.store(out_ptr + out_offsets, out.to(out_ptr.dtype.element_ty), mask=row_valid[:, None])
+
+
+@triton.jit
+def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, query_start_loc_ptr, seq_lens_ptr,
+                    block_tables_ptr, qk_scale, num_seqs,
+                    stride_qt, stride_qh, stride_ot, stride_oh, stride_kb, stride_ks, stride_kh,
+                    stride_vb, stride_vs, stride_vh, stride_bt,
+                    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, BLOCK_M: tl.constexpr,
+                    SHORT_ROWS: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    TOKENS: tl.constexpr = BLOCK_M // GROUP
+    # the last tiles (latest positions, longest contexts) start first, so the short ones fill the tail
+    tile = tl.num_programs(0) - 1 - tl.program_id(0)
+    kv_head = tl.program_id(1)
+
+    # Sequence b owns tiles [qsl[b] // TOKENS + b, qsl[b+1] // TOKENS + b + 1): at least cdiv(q_len, TOKENS) of
+    # them, so a grid of T // TOKENS + B tiles covers every chunk without a prefix sum. Binary search for b.
+    lo = tl.program_id(0) * 0
+    hi = lo + num_seqs - 1  # (lo + ...: num_seqs == 1 arrives as a constant, the loop needs a tensor)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        starts_before = tl.load(query_start_loc_ptr + mid) // TOKENS + mid <= tile
+        lo = tl.where(starts_before, mid, lo)
+        hi = tl.where(starts_before, hi, mid - 1)
+    seq = lo
+    q_start = tl.load(query_start_loc_ptr + seq)
+    q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
+    first_token = (tile - (q_start // TOKENS + seq)) * TOKENS
+    if first_token >= q_len:
+        return
+    seq_len = tl.load(seq_lens_ptr + seq)
+    block_table_row = block_tables_ptr + seq * stride_bt
+    if q_len * GROUP <= SHORT_ROWS:
+        # decode rows (and other tiny chunks) of a mixed batch: a 16-row tile instead of BLOCK_M mostly-empty rows
+        _prefill_tile(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, block_table_row, q_start, q_len, seq_len,
+                      first_token, kv_head, qk_scale, stride_qt, stride_qh, stride_ot, stride_oh, stride_kb,
+                      stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, GROUP, HEAD_DIM, PAGE, SHORT_ROWS,
+                      BLOCK_N, DOT_PRECISION)
+    else:
+        _prefill_tile(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, block_table_row, q_start, q_len, seq_len,
+                      first_token, kv_head, qk_scale, stride_qt, stride_qh, stride_ot, stride_oh, stride_kb,
+                      stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, GROUP, HEAD_DIM, PAGE, BLOCK_M,
+                      BLOCK_N, DOT_PRECISION)
+
+
+@triton.jit
+def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, partial_out_ptr, partial_lse_ptr, seq_lens_ptr,
+                         block_tables_ptr, qk_scale, keys_per_split, num_heads,
+                         stride_qb, stride_qh, stride_ob, stride_oh, stride_kb, stride_ks, stride_kh,
+                         stride_vb, stride_vs, stride_vh, stride_bt,
+                         GROUP: tl.constexpr, GROUP_ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
+                         BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    seq = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    seq_len = tl.load(seq_lens_ptr + seq)
+    split_start = split * keys_per_split
+    if NUM_SPLITS > 1:
+        if split_start >= seq_len:
+            return  # the reduction reads only splits that hold keys
+    split_end = tl.minimum(split_start + keys_per_split, seq_len)
+
+    # rows past GROUP pad the tile up to the 16 rows tl.dot needs; they read zeros and are never stored
+    rows = tl.arange(0, GROUP_ROWS)
+    head = kv_head * GROUP + rows
+    row_valid = rows < GROUP
+    dims = tl.arange(0, HEAD_DIM)
+    q = tl.load(q_ptr + seq * stride_qb + head[:, None] * stride_qh + dims[None, :], mask=row_valid[:, None],
+                other=0.0)
+    q_pos = tl.zeros([GROUP_ROWS], tl.int32) + seq_len - 1
+
+    m_i = tl.full([GROUP_ROWS], float("-inf"), tl.float32)
+    l_i = tl.zeros([GROUP_ROWS], tl.float32)
+    acc = tl.zeros([GROUP_ROWS, HEAD_DIM], tl.float32)
+    block_table_row = block_tables_ptr + seq * stride_bt
+    for key_start in range(split_start, split_end, BLOCK_N):
+        acc, m_i, l_i = _attend_key_tile(acc, m_i, l_i, q, q_pos, key_start, block_table_row, k_cache_ptr,
+                                         v_cache_ptr, kv_head, seq_len, qk_scale, stride_kb, stride_ks, stride_kh,
+                                         stride_vb, stride_vs, stride_vh, PAGE, BLOCK_N, HEAD_DIM, True,
+                                         DOT_PRECISION)
+    if NUM_SPLITS == 1:
+        # an empty context (padding rows of a graph batch) yields zeros, not NaN
+        out = acc / tl.maximum(l_i, 1e-30)[:, None]
+        tl.store(out_ptr + seq * stride_ob + head[:, None] * stride_oh + dims[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=row_valid[:, None])
+    else:
+        partial_row = (seq * num_heads + head) * NUM_SPLITS + split
+        tl.store(partial_out_ptr + partial_row[:, None] * HEAD_DIM + dims[None, :], acc / l_i[:, None],
+                 mask=row_valid[:, None])
+        tl.store(partial_lse_ptr + partial_row, m_i + tl.log2(l_i), mask=row_valid)
+
+
+@triton.jit
+def _decode_reduce_kernel(partial_out_ptr, partial_lse_ptr, out_ptr, seq_lens_ptr, keys_per_split, num_heads,
+                          stride_ob, stride_oh, HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr,
+                          SPLITS_POW2: tl.constexpr):
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    seq_len = tl.load(seq_lens_ptr + seq)
+    num_used = tl.minimum(tl.cdiv(seq_len, keys_per_split), NUM_SPLITS)
+    splits = tl.arange(0, SPLITS_POW2)
+    used = splits < num_used
+    partial_row = (seq * num_heads + head) * NUM_SPLITS + splits
+    lse = tl.load(partial_lse_ptr + partial_row, mask=used, other=float("-inf"))
+    lse_max = tl.where(num_used > 0, tl.max(lse, 0), 0.0)
+    weight = tl.exp2(lse - lse_max)
+    dims = tl.arange(0, HEAD_DIM)
+    partial = tl.load(partial_out_ptr + partial_row[:, None] * HEAD_DIM + dims[None, :], mask=used[:, None],
+                      other=0.0)
+    out = tl.sum(partial * weight[:, None], 0) / tl.maximum(tl.sum(weight, 0), 1e-30)
+    tl.store(out_ptr + seq * stride_ob + head * stride_oh + dims, out.to(out_ptr.dtype.element_ty))
+
+
+def _check_attention_shapes(q: torch.Tensor, k_cache: torch.Tensor) -> int:
+    """Returns the GQA group size."""
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    num_kv_heads = k_cache.shape[2]
+    if head_dim < 16 or head_dim & (head_dim - 1):
+        raise ValueError(f"Triton paged attention needs a power-of-two head_dim >= 16, got {head_dim}")
+    if num_heads % num_kv_heads:
+        raise ValueError(f"num_heads {num_heads} is not a multiple of num_kv_heads {num_kv_heads}")
+    if q.stride(2) != 1 or k_cache.stride(3) != 1:
+        raise ValueError("q and the KV cache need a contiguous head_dim")
+    return num_heads // num_kv_heads
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # fp32 models get true fp32 products (Triton's default would be tf32); fp16/bf16 ignore this
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 132  # interpreter runs: pretend to be an H100 so CPU tests take the same code paths
+
+
+def _short_rows(group: int) -> int:
+    """Rows of the smallest tile tl.dot takes that holds at least one token's group of heads."""
+    return max(16, triton.next_power_of_2(group))
+
+
+def prefill_launch_config(head_dim: int, group: int, max_query_len: int, dtype: torch.dtype) -> dict:
+    """BLOCK_M (query rows = tokens x group heads), BLOCK_N (keys per step), warps and pipeline stages, as swept
+    on an H100 with benchmarks/kernels_gpu.py. Short chunks get a short tile so few rows are wasted."""
+    wide = head_dim > 128 or dtype == torch.float32
+    block_m = max(_short_rows(group), min(64, triton.next_power_of_2(max_query_len * group)))
+    return dict(BLOCK_M=block_m, BLOCK_N=32 if wide else 64, num_warps=4, num_stages=2 if wide else 3)
+
+
+def _paged_prefill(q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale, max_query_len, out,
+                   config: dict) -> torch.Tensor:
+    group = _check_attention_shapes(q, k_cache)
+    num_tokens, num_seqs = q.shape[0], seq_lens.shape[0]
+    if num_tokens == 0:
+        return out
+    tokens_per_tile = config["BLOCK_M"] // group
+    assert tokens_per_tile >= 1, "BLOCK_M must hold a whole group of query heads"
+    grid = (num_tokens // tokens_per_tile + num_seqs, k_cache.shape[2])
+    _prefill_kernel[grid](
+        q, k_cache, v_cache, out, query_start_loc, seq_lens, block_tables, scale * _LOG2E, num_seqs,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3],
+        block_tables.stride(0), GROUP=group, HEAD_DIM=q.shape[2], PAGE=k_cache.shape[1],
+        SHORT_ROWS=min(config["BLOCK_M"], _short_rows(group)), DOT_PRECISION=_dot_precision(q.dtype), **config)
+    return out
+
+
+def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                            query_start_loc: torch.Tensor, seq_lens: torch.Tensor, block_tables: torch.Tensor,
+                            scale: float, max_query_len: int) -> torch.Tensor:
+    """Triton twin of `paged_prefill_attention_ref` (power-of-two head_dim >= 16)."""
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    config = prefill_launch_config(q.shape[2], q.shape[1] // k_cache.shape[2], max_query_len, q.dtype)
+    return _paged_prefill(q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale, max_query_len, out,
+                          config)
+
+
+_DECODE_MAX_SPLITS = 64
+_DECODE_MIN_KEYS_PER_SPLIT = 256
+
+
+def decode_launch_config(batch: int, num_kv_heads: int, head_dim: int, max_keys: int, device: torch.device,
+                         dtype: torch.dtype, num_splits: int | None = None) -> dict:
+    """Split the context so that batch x kv heads x splits is about 2 programs per SM, but no split holds fewer
+    than 256 keys (swept on an H100: more splits only add partials to write and reduce). Only shapes go in
+    (max_keys = block_tables.shape[1] * block_size), so the launch can be captured in a CUDA graph."""
+    block_n = 32 if dtype == torch.float32 else 128 if head_dim <= 128 else 64
+    if num_splits is None:
+        wanted = triton.cdiv(2 * _num_sms(device), batch * num_kv_heads)
+        num_splits = min(wanted, triton.cdiv(max_keys, _DECODE_MIN_KEYS_PER_SPLIT), _DECODE_MAX_SPLITS)
+    num_splits = max(1, min(num_splits, triton.cdiv(max_keys, block_n)))
+    keys_per_split = triton.cdiv(triton.cdiv(max_keys, num_splits), block_n) * block_n
+    return dict(num_splits=triton.cdiv(max_keys, keys_per_split), keys_per_split=keys_per_split, BLOCK_N=block_n,
+                num_warps=4, num_stages=2 if dtype == torch.float32 else 3)
+
+
+def _paged_decode(q, k_cache, v_cache, seq_lens, block_tables, scale, out, config: dict) -> torch.Tensor:
+    group = _check_attention_shapes(q, k_cache)
+    batch, num_heads, head_dim = q.shape
+    num_kv_heads = k_cache.shape[2]
+    num_splits, keys_per_split = config["num_splits"], config["keys_per_split"]
+    if batch == 0:
+        return out
+    if num_splits > 1:
+        # one buffer for both partials: [B, Hq, S, D] outputs then [B, Hq, S] log-sum-exps (base 2)
+        partials = torch.empty(batch * num_heads * num_splits * (head_dim + 1), dtype=torch.float32,
+                               device=q.device)
+        partial_out, partial_lse = partials.split([batch * num_heads * num_splits * head_dim,
+                                                   batch * num_heads * num_splits])
+    else:
+        partial_out = partial_lse = out  # unused: the split kernel writes `out` directly
+    _decode_split_kernel[(batch, num_kv_heads, num_splits)](
+        q, k_cache, v_cache, out, partial_out, partial_lse, seq_lens, block_tables, scale * _LOG2E,
+        keys_per_split, num_heads, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        *k_cache.stride()[:3], *v_cache.stride()[:3], block_tables.stride(0),
+        GROUP=group, GROUP_ROWS=_short_rows(group), HEAD_DIM=head_dim, PAGE=k_cache.shape[1],
+        BLOCK_N=config["BLOCK_N"], NUM_SPLITS=num_splits, DOT_PRECISION=_dot_precision(q.dtype),
+        num_warps=config["num_warps"], num_stages=config["num_stages"])
+    if num_splits > 1:
+        _decode_reduce_kernel[(batch, num_heads)](
+            partial_out, partial_lse, out, seq_lens, keys_per_split, num_heads, out.stride(0), out.stride(1),
+            HEAD_DIM=head_dim, NUM_SPLITS=num_splits, SPLITS_POW2=triton.next_power_of_2(num_splits), num_warps=4)
+    return out
+
+
+def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seq_lens: torch.Tensor,
+                           block_tables: torch.Tensor, scale: float) -> torch.Tensor:
+    """Triton twin of `paged_decode_attention_ref` (flash-decoding); never reads device memory on the host, so
+    it can be captured in a CUDA graph. Sequences of length 0 (graph padding) get zeros."""
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    max_keys = block_tables.shape[1] * k_cache.shape[1]
+    config = decode_launch_config(q.shape[0], k_cache.shape[2], q.shape[2], max_keys, q.device, q.dtype)
+    return _paged_decode(q, k_cache, v_cache, seq_lens, block_tables, scale, out, config)

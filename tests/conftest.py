@@ -1,0 +1,75 @@
+"""Shared test set-up. Without a GPU, Triton kernels run in the interpreter (set before triton is imported)."""
+import hashlib
+import json
+import os
+import shutil
+import zlib
+from pathlib import Path
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from batchgen.default_model import ensure_default_model  # noqa: E402  (batchgen may import triton)
+
+# Tiny models share the default model's tokenizer, so their vocabulary is its size.
+TINY_VOCAB_SIZE = 49152
+TINY_CONFIG_CLASSES = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Config",
+                       "qwen3": "Qwen3Config"}
+TINY_FIELDS = dict(vocab_size=TINY_VOCAB_SIZE, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                   num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=2048,
+                   rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2, pad_token_id=2, tie_word_embeddings=False,
+                   # Large weights make attention sharp and logits far apart, so fp32 summation-order noise
+                   # cannot flip a greedy argmax, and greedy output depends on the whole context.
+                   initializer_range=0.3)
+TINY_ARCH_FIELDS = {"qwen3": dict(head_dim=32)}  # head_dim != hidden / heads, as in real Qwen3 checkpoints
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+
+
+@pytest.fixture(scope="session")
+def default_model_dir() -> Path:
+    """The embedded SmolLM2-135M-Instruct as a safetensors directory (converted once per cache)."""
+    return ensure_default_model()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, default_model_dir):
+    """Factory `tiny_model_dir(arch, **overrides) -> Path` for arch in llama / mistral / qwen2 / qwen3: a
+    2-layer random-weight Hugging Face model directory (safetensors, fp32) with the default model's tokenizer.
+    `overrides` are transformers config fields (e.g. tie_word_embeddings=True, rope_parameters={...}).
+    Built once per session for each distinct set of arguments."""
+    root = tmp_path_factory.mktemp("tiny_models")
+    built: dict[str, Path] = {}
+
+    def build(arch: str, **overrides) -> Path:
+        key = json.dumps([arch, overrides], sort_keys=True)
+        if key not in built:
+            out_dir = root / f"{arch}-{hashlib.sha1(key.encode()).hexdigest()[:10]}"
+            save_tiny_model(out_dir, arch, overrides, default_model_dir)
+            built[key] = out_dir
+        return built[key]
+
+    return build
+
+
+def save_tiny_model(out_dir: Path, arch: str, overrides: dict, tokenizer_dir: Path) -> None:
+    import transformers
+
+    fields = {**TINY_FIELDS, **TINY_ARCH_FIELDS.get(arch, {}), **overrides}
+    config = getattr(transformers, TINY_CONFIG_CLASSES[arch])(**fields)
+    torch.manual_seed(zlib.crc32(arch.encode()))
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        # transformers initialises norms to one and biases to zero; randomise them so a tensor mapped to the
+        # wrong place shows up as a logits mismatch
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.uniform_(0.5, 1.5)
+            elif name.endswith(".bias"):
+                param.normal_(0.0, config.initializer_range)
+    model.save_pretrained(out_dir)
+    for name in TOKENIZER_FILES:
+        if (tokenizer_dir / name).is_file():
+            shutil.copy(tokenizer_dir / name, out_dir / name)

@@ -1,0 +1,133 @@
+"""Block accounting, prefix caching and scheduling, driven without a model: a step's sampled token is made
+up, since only token counts and block ownership are under test here."""
+import random
+
+from hypothesis import given, settings, strategies as st
+
+from batchgen.engine.kv_cache import KVCacheManager
+from batchgen.engine.request import Request, RequestStatus
+from batchgen.engine.scheduler import Scheduler
+from batchgen.sampling_params import SamplingParams
+
+
+def make_request(index: int, prompt: list[int], max_tokens: int = 4) -> Request:
+    return Request(str(index), prompt, SamplingParams(max_tokens=max_tokens), group_index=index)
+
+
+def check_block_accounting(kv: KVCacheManager, requests: list[Request]) -> None:
+    owners = [0] * kv.num_blocks
+    for request in requests:
+        assert len(set(request.block_ids)) == len(request.block_ids)
+        for block_id in request.block_ids:
+            owners[block_id] += 1
+    assert owners == kv.ref_counts
+    assert set(kv.free_blocks) == {b for b in range(kv.num_blocks) if owners[b] == 0}
+    for block_hash, block_id in kv.cached_blocks.items():
+        assert kv.block_hash[block_id] == block_hash
+    # a block shared by two requests must be a cached (hashed) full block
+    assert all(kv.block_hash[b] is not None for b in range(kv.num_blocks) if owners[b] > 1)
+
+
+def simulate(scheduler: Scheduler, requests: list[Request], max_steps: int = 10_000) -> int:
+    """Run scheduler steps as the engine would, appending a made-up token when a request reaches its end."""
+    for request in requests:
+        scheduler.add(request)
+    steps = 0
+    while scheduler.has_unfinished():
+        steps += 1
+        assert steps < max_steps, "scheduler made no progress"
+        batch = scheduler.schedule()
+        assert batch.num_tokens <= scheduler.max_num_batched_tokens
+        assert len(scheduler.running) <= scheduler.max_num_seqs
+        for request, num_new in zip(batch.requests, batch.num_new_tokens):
+            assert len(request.block_ids) * scheduler.kv_cache.block_size >= request.num_computed_tokens + num_new
+            request.num_computed_tokens += num_new
+            if request.num_computed_tokens == request.num_tokens:
+                request.output_token_ids.append(7 + len(request.output_token_ids))
+                if len(request.output_token_ids) >= request.params.max_tokens:
+                    request.finish("length")
+                    scheduler.finish(request)
+        check_block_accounting(scheduler.kv_cache, scheduler.running + list(scheduler.waiting))
+    return steps
+
+
+def test_prefix_hit_shares_full_blocks_and_leaves_the_last_token_to_compute():
+    kv = KVCacheManager(num_blocks=16, block_size=4)
+    first = make_request(0, list(range(100, 112)))            # 12 tokens: 3 full blocks
+    assert kv.find_cached_prefix(first) == []
+    assert kv.allocate(first, 12)
+    second = make_request(1, list(range(100, 112)))
+    hits = kv.find_cached_prefix(second)
+    assert hits == first.block_ids[:2]                        # the third block holds the token to compute
+    third = make_request(2, list(range(100, 108)) + [1, 2, 3, 4, 5])
+    assert kv.find_cached_prefix(third) == first.block_ids[:2]
+    assert kv.allocate(second, 4, hits)
+    assert second.block_ids[:2] == first.block_ids[:2]
+    assert kv.ref_counts[first.block_ids[0]] == 2
+    check_block_accounting(kv, [first, second])
+
+
+def test_freed_cached_blocks_are_reused_until_evicted_least_recently_freed_first():
+    kv = KVCacheManager(num_blocks=4, block_size=2)
+    old = make_request(0, [1, 2, 3, 4])
+    kv.allocate(old, 4)
+    kv.free(old)
+    newer = make_request(1, [5, 6, 7, 8])
+    kv.allocate(newer, 4)
+    kv.free(newer)
+    # both prefixes still cached; taking two fresh blocks evicts the older request's first
+    again = make_request(2, [1, 2, 3, 4, 9])
+    assert len(kv.find_cached_prefix(again)) == 2
+    filler = make_request(3, [0, 0, 0])
+    assert kv.allocate(filler, 3)
+    assert kv.find_cached_prefix(make_request(4, [1, 2, 3, 4, 9])) == []
+    assert len(kv.find_cached_prefix(make_request(5, [5, 6, 7, 8, 9]))) == 2
+
+
+def test_allocation_fails_cleanly_when_the_pool_is_short():
+    kv = KVCacheManager(num_blocks=3, block_size=4)
+    request = make_request(0, list(range(20)))
+    assert not kv.allocate(request, 20)
+    assert request.block_ids == [] and kv.num_free_blocks == 3
+
+
+def test_budget_splits_long_prompts_into_chunks_and_decodes_go_first():
+    kv = KVCacheManager(num_blocks=64, block_size=4)
+    scheduler = Scheduler(kv, max_num_seqs=8, max_num_batched_tokens=10)
+    short, long = make_request(0, [1, 2, 3]), make_request(1, list(range(30, 55)))
+    scheduler.add(short)
+    scheduler.add(long)
+    batch = scheduler.schedule()
+    assert batch.num_new_tokens == [3, 7]
+    short.num_computed_tokens, long.num_computed_tokens = 3, 7
+    short.output_token_ids.append(9)
+    batch = scheduler.schedule()
+    assert batch.requests == [short, long] and batch.num_new_tokens == [1, 9]
+
+
+def test_preemption_recomputes_and_every_request_finishes():
+    kv = KVCacheManager(num_blocks=8, block_size=4)           # room for about two requests at a time
+    scheduler = Scheduler(kv, max_num_seqs=8, max_num_batched_tokens=64)
+    requests = [make_request(i, [i + 1] * 7, max_tokens=10) for i in range(5)]
+    simulate(scheduler, requests)
+    assert all(r.status is RequestStatus.FINISHED and len(r.output_token_ids) == 10 for r in requests)
+    assert sum(r.num_preemptions for r in requests) > 0
+    assert kv.num_free_blocks == kv.num_blocks
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 10_000), block_size=st.sampled_from([1, 2, 4, 16]),
+       budget=st.integers(8, 64), max_num_seqs=st.integers(1, 6), prefix_caching=st.booleans())
+def test_random_workloads_keep_block_accounting_exact_and_finish(seed, block_size, budget, max_num_seqs,
+                                                                 prefix_caching):
+    rng = random.Random(seed)
+    shared = [rng.randrange(50) for _ in range(rng.randrange(0, 12))]
+    requests = [make_request(i, shared + [rng.randrange(50) for _ in range(rng.randrange(1, 12))],
+                             max_tokens=rng.randrange(1, 8)) for i in range(rng.randrange(1, 10))]
+    longest = max(r.num_prompt_tokens + r.params.max_tokens for r in requests)
+    num_blocks = -(-longest // block_size) + rng.randrange(0, 8)  # at least one request always fits
+    kv = KVCacheManager(num_blocks, block_size, enable_prefix_caching=prefix_caching)
+    scheduler = Scheduler(kv, max_num_seqs, budget)
+    simulate(scheduler, requests)
+    assert all(len(r.output_token_ids) == r.params.max_tokens for r in requests)
+    assert kv.num_free_blocks == num_blocks

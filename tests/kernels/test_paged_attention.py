@@ -1,0 +1,144 @@
+"""Paged prefill and decode attention (Triton) against the torch references, in fp32 and fp16.
+
+Batches come from `random_paged_batch`: blocks scattered at random, NaN in every cache slot no sequence owns.
+The reference runs in fp32 on the same inputs.
+"""
+import pytest
+import torch
+
+from batchgen.kernels import paged_attention as pa
+from batchgen.kernels.store_kv import store_kv
+from batchgen.kernels.testing import TOLERANCE, random_paged_batch, relative_l2
+
+# (cached_len, query_len) per sequence, block size
+PREFILL_MIXES = {
+    "pure_prefill": ([(0, 17), (0, 32), (0, 5)], 16),
+    "chunks_on_cached_context": ([(14, 16), (40, 9), (3, 30)], 32),
+    "prefill_with_decodes": ([(0, 24), (31, 1), (63, 1), (7, 12)], 64),
+}
+GROUPS = [1, 3, 4]
+DTYPES = [torch.float32, torch.float16]
+
+
+def _prefill_ref(batch):
+    k_cache, v_cache = batch.clean_caches()
+    return pa.paged_prefill_attention_ref(batch.q.float(), k_cache.float(), v_cache.float(), batch.query_start_loc,
+                                          batch.seq_lens, batch.block_tables, batch.scale, batch.max_query_len)
+
+
+def _decode_ref(batch):
+    k_cache, v_cache = batch.clean_caches()
+    return pa.paged_decode_attention_ref(batch.q.float(), k_cache.float(), v_cache.float(), batch.seq_lens,
+                                         batch.block_tables, batch.scale)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("group", GROUPS)
+@pytest.mark.parametrize("mix", PREFILL_MIXES)
+def test_prefill_matches_reference(mix, group, dtype):
+    chunks, block_size = PREFILL_MIXES[mix]
+    batch = random_paged_batch(chunks, num_heads=2 * group, num_kv_heads=2, head_dim=32, block_size=block_size,
+                               dtype=dtype, seed=hash((mix, group)) % 1000)
+    q = batch.q
+    if mix == "chunks_on_cached_context":  # q as a strided view, as a fused qkv projection hands it over
+        q = torch.cat([q, torch.randn_like(q)], dim=-1)[..., :32]
+    out = pa.paged_prefill_attention(q, batch.k_cache, batch.v_cache, batch.query_start_loc, batch.seq_lens,
+                                     batch.block_tables, batch.scale, batch.max_query_len)
+    assert relative_l2(out, _prefill_ref(batch)) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("group", GROUPS)
+@pytest.mark.parametrize("mix", PREFILL_MIXES)
+def test_prefill_small_tiles_match_reference(mix, group):
+    # 16-key tiles put most keys in the unmasked loop and many chunks across several query tiles
+    chunks, block_size = PREFILL_MIXES[mix]
+    batch = random_paged_batch(chunks, num_heads=2 * group, num_kv_heads=2, head_dim=32, block_size=block_size,
+                               dtype=torch.float32, seed=group)
+    config = dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1)
+    out = pa._paged_prefill(batch.q, batch.k_cache, batch.v_cache, batch.query_start_loc, batch.seq_lens,
+                            batch.block_tables, batch.scale, batch.max_query_len, torch.empty_like(batch.q), config)
+    assert relative_l2(out, _prefill_ref(batch)) < TOLERANCE[torch.float32]
+
+
+def test_prefill_head_dim_64_long_chunk():
+    # a chunk longer than one query tile, on a context longer than one key tile
+    batch = random_paged_batch([(70, 45), (0, 3)], num_heads=8, num_kv_heads=2, head_dim=64, block_size=16,
+                               dtype=torch.float16, seed=7)
+    config = pa.prefill_launch_config(64, 4, batch.max_query_len, torch.float16) | dict(BLOCK_M=32, BLOCK_N=16)
+    out = pa._paged_prefill(batch.q, batch.k_cache, batch.v_cache, batch.query_start_loc, batch.seq_lens,
+                            batch.block_tables, batch.scale, batch.max_query_len, torch.empty_like(batch.q), config)
+    assert relative_l2(out, _prefill_ref(batch)) < TOLERANCE[torch.float16]
+
+
+# length 1, exact multiples of the block size, and ragged lengths
+DECODE_LENGTHS = [1, 16, 17, 32, 45, 100]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("group", GROUPS)
+@pytest.mark.parametrize("block_size", [16, 32])
+def test_decode_matches_reference(block_size, group, dtype):
+    batch = random_paged_batch([(n - 1, 1) for n in DECODE_LENGTHS], num_heads=2 * group, num_kv_heads=2,
+                               head_dim=32, block_size=block_size, dtype=dtype, seed=block_size + group)
+    out = pa.paged_decode_attention(batch.q, batch.k_cache, batch.v_cache, batch.seq_lens, batch.block_tables,
+                                    batch.scale)
+    assert relative_l2(out, _decode_ref(batch)) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("num_splits", [1, 2, 4])
+def test_decode_splits_reduce_to_reference(num_splits):
+    # splits past a short sequence's length exit without writing; the reduction must skip them
+    batch = random_paged_batch([(n - 1, 1) for n in DECODE_LENGTHS], num_heads=8, num_kv_heads=2, head_dim=32,
+                               block_size=16, dtype=torch.float32, seed=num_splits)
+    max_keys = batch.block_tables.shape[1] * 16
+    config = pa.decode_launch_config(len(DECODE_LENGTHS), 2, 32, max_keys, batch.q.device, torch.float32, num_splits)
+    assert config["num_splits"] == num_splits
+    out = pa._paged_decode(batch.q, batch.k_cache, batch.v_cache, batch.seq_lens, batch.block_tables, batch.scale,
+                           torch.empty_like(batch.q), config)
+    assert relative_l2(out, _decode_ref(batch)) < TOLERANCE[torch.float32]
+
+
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_decode_empty_sequence_gives_zeros(num_splits):
+    # CUDA-graph batches are padded with sequences of length 0
+    batch = random_paged_batch([(n - 1, 1) for n in (50, 20, 33)], num_heads=4, num_kv_heads=2, head_dim=32,
+                               block_size=16, dtype=torch.float32, seed=3)
+    seq_lens = batch.seq_lens.clone()
+    seq_lens[1] = 0
+    config = pa.decode_launch_config(3, 2, 32, batch.block_tables.shape[1] * 16, batch.q.device, torch.float32,
+                                     num_splits)
+    out = pa._paged_decode(batch.q, batch.k_cache, batch.v_cache, seq_lens, batch.block_tables, batch.scale,
+                           torch.empty_like(batch.q), config)
+    ref = _decode_ref(batch)
+    assert torch.equal(out[1], torch.zeros_like(out[1]))
+    keep = [0, 2]
+    assert relative_l2(out[keep], ref[keep]) < TOLERANCE[torch.float32]
+
+
+def test_launch_configs_fit_the_h100_hot_shapes():
+    # Llama-3.1-8B-like: 32 q heads over 8 kv heads, head_dim 128
+    long_chunk = pa.prefill_launch_config(128, 4, 2048, torch.bfloat16)
+    assert long_chunk["BLOCK_M"] >= 64 and long_chunk["BLOCK_M"] % 4 == 0
+    assert pa.prefill_launch_config(128, 4, 1, torch.bfloat16)["BLOCK_M"] == 16
+    assert pa.prefill_launch_config(128, 32, 1, torch.bfloat16)["BLOCK_M"] == 32  # MQA: one token's heads fit
+    few_long = pa.decode_launch_config(2, 8, 128, 16 * 2048, torch.device("cpu"), torch.bfloat16)
+    assert few_long["num_splits"] * 2 * 8 >= 132 and few_long["keys_per_split"] % few_long["BLOCK_N"] == 0
+    many_short = pa.decode_launch_config(256, 8, 128, 16 * 128, torch.device("cpu"), torch.bfloat16)
+    assert many_short["num_splits"] == 1
+
+
+def test_store_kv_then_prefill_sees_the_new_tokens():
+    # the new tokens' K/V go in through store_kv (with padding rows) and come out through the attention kernel
+    batch = random_paged_batch([(20, 12), (0, 9)], num_heads=4, num_kv_heads=2, head_dim=32, block_size=16,
+                               dtype=torch.float16, seed=11)
+    expected = _prefill_ref(batch)
+    k_cache, v_cache = batch.k_cache.clone(), batch.v_cache.clone()
+    for cache in (k_cache, v_cache):
+        cache.view(-1, 2, 32)[batch.slot_mapping] = float("nan")
+    padding = torch.full((3,), -1, dtype=torch.int64)
+    store_kv(torch.cat([batch.key, torch.full_like(batch.key[:3], float("nan"))]),
+             torch.cat([batch.value, torch.full_like(batch.value[:3], float("nan"))]), k_cache, v_cache,
+             torch.cat([batch.slot_mapping, padding]))
+    out = pa.paged_prefill_attention(batch.q, k_cache, v_cache, batch.query_start_loc, batch.seq_lens,
+                                     batch.block_tables, batch.scale, batch.max_query_len)
+    assert relative_l2(out, expected) < TOLERANCE[torch.float16]

@@ -1,0 +1,90 @@
+"""The Celery app: Redis as broker and result backend, JSON messages only, late acks, one queue per model.
+
+Settings come from the environment, so the CLI, workers, beat and tests agree without passing them around:
+  BATCHGEN_REDIS_URL           redis://[:password@]host:port/db or rediss://... (default redis://127.0.0.1:6379/0)
+  BATCHGEN_PREFIX              namespace of every Redis key (job store and Celery's own) and so of the queues:
+                               two deployments (or test sessions) on one Redis never see each other (default
+                               "batchgen")
+  BATCHGEN_VISIBILITY_TIMEOUT  seconds a shard may run before Redis hands its unacknowledged message to another
+                               worker; keep it above the longest shard (default 6 hours)
+"""
+import hashlib
+import os
+import re
+import ssl
+from functools import lru_cache
+from urllib.parse import parse_qsl, urlsplit
+
+from celery import Celery
+
+from batchgen.jobs.store import DEFAULT_REDIS_URL, RedisJobStore
+
+DEFAULT_PREFIX = "batchgen"
+DEFAULT_VISIBILITY_TIMEOUT_S = 6 * 3600
+SHARD_TASK = "batchgen.run_shard"
+FIRE_SCHEDULE_TASK = "batchgen.fire_schedule"
+_QUEUE_CHARS = re.compile(r"[^a-z0-9_.-]+")
+
+
+def redis_url() -> str:
+    return os.environ.get("BATCHGEN_REDIS_URL") or DEFAULT_REDIS_URL
+
+
+def key_prefix() -> str:
+    return os.environ.get("BATCHGEN_PREFIX") or DEFAULT_PREFIX
+
+
+def job_store() -> RedisJobStore:
+    """The job registry this deployment shares (same Redis and prefix as the queues); one client per process."""
+    return _job_store(redis_url(), key_prefix())
+
+
+@lru_cache(maxsize=4)
+def _job_store(url: str, prefix: str) -> RedisJobStore:
+    return RedisJobStore(url, prefix=f"{prefix}:")
+
+
+def queue_name(model: str) -> str:
+    """The queue a model's shards wait on: workers started with --model M consume only M's queue. The model id
+    (a name or a path) is made safe for a queue name; when that changed it, a hash of the id keeps two ids
+    that clean up alike ("a/b", "a-b") apart."""
+    model_id = model.strip().rstrip("/") or model
+    safe = _QUEUE_CHARS.sub("-", model_id.lower()).strip("-.")[-48:].lstrip("-.") or "model"
+    if safe != model_id:
+        safe += "-" + hashlib.sha256(model_id.encode()).hexdigest()[:8]
+    return f"batchgen.model.{safe}"
+
+
+def make_app(url: str | None = None, prefix: str | None = None, visibility_timeout_s: float | None = None) -> Celery:
+    url = url or redis_url()
+    prefix = prefix or key_prefix()
+    visibility = visibility_timeout_s or float(os.environ.get("BATCHGEN_VISIBILITY_TIMEOUT")
+                                               or DEFAULT_VISIBILITY_TIMEOUT_S)
+    app = Celery("batchgen", broker=url, backend=url, include=["batchgen.workers.tasks"])
+    app.conf.update(
+        # Never pickle: a message that isn't JSON is refused before anything reads it.
+        task_serializer="json", result_serializer="json", accept_content=["json"], result_accept_content=["json"],
+        # A shard's message is acknowledged only after its part is written, and given back if the worker dies;
+        # each worker thread holds one message at a time, so a busy worker doesn't sit on shards others could run.
+        task_acks_late=True, task_reject_on_worker_lost=True, worker_prefetch_multiplier=1,
+        broker_transport_options={"visibility_timeout": visibility, "global_keyprefix": f"{prefix}:"},
+        result_backend_transport_options={"global_keyprefix": f"{prefix}:"},
+        result_expires=24 * 3600,
+        broker_connection_retry_on_startup=True,
+        worker_cancel_long_running_tasks_on_connection_loss=False,
+        enable_utc=True,
+    )
+    if urlsplit(url).scheme == "rediss" and "ssl_cert_reqs" not in dict(parse_qsl(urlsplit(url).query)):
+        # Celery insists on an explicit certificate policy for TLS; verify the server unless the URL says otherwise.
+        app.conf.broker_use_ssl = {"ssl_cert_reqs": ssl.CERT_REQUIRED}
+        app.conf.redis_backend_use_ssl = {"ssl_cert_reqs": ssl.CERT_REQUIRED}
+    return app
+
+
+def queue_length(queue: str) -> int:
+    """Messages waiting on a queue (not those a worker holds)."""
+    with app.connection_for_read() as connection:
+        return connection.default_channel.queue_declare(queue).message_count
+
+
+app = make_app()

@@ -1,0 +1,58 @@
+"""Putting a job on the queue: validate the whole input first (a refused file enqueues nothing), save job.json,
+register the job, then one task per shard on the model's queue."""
+import logging
+from collections.abc import Iterable
+
+from batchgen.jobs.execute import num_shards, prepare_output
+from batchgen.jobs.io import save_spec, validate_input
+from batchgen.jobs.spec import JobSpec
+from batchgen.jobs.store import JobStore
+from batchgen.workers.app import app, queue_name
+
+log = logging.getLogger("batchgen.workers")
+
+
+class JobExistsError(ValueError):
+    """The job id is taken (a resubmitted spec)."""
+
+
+def submit_job(spec: JobSpec, store: JobStore) -> int:
+    """Validate, register and enqueue a job; returns its number of shards. Raises JobInputError (whole-file
+    problem) or JobOutputError (the output directory holds another job) before anything is written or queued."""
+    if spec.input_summary is None:
+        spec.input_summary = validate_input(spec)
+    prepare_output(spec)
+    save_spec(spec)
+    if not store.create_job(spec):
+        raise JobExistsError(f"job {spec.job_id} already exists")
+    shards = num_shards(spec)
+    enqueue_shards(spec, range(shards))
+    log.info("job %s: %d rows in %d shards on queue %s", spec.job_id, spec.input_summary.num_rows, shards,
+             queue_name(spec.model))
+    return shards
+
+
+def resume_job(job_id: str, store: JobStore) -> int:
+    """Put a failed or cancelled job back on the queue: only shards not yet done are enqueued again (a shard
+    whose part exists is counted and skipped by the worker). Returns how many were enqueued; raises ValueError
+    when the job is unknown or can't be resumed."""
+    spec = store.get_spec(job_id)
+    record = store.get_job(job_id)
+    if spec is None or record is None:
+        raise ValueError(f"no job {job_id}")
+    if not store.resume_job(job_id):
+        raise ValueError(f"job {job_id} is {record.status}; only failed or cancelled jobs can be resumed")
+    done = {shard.shard_index for shard in store.shard_records(job_id) if shard.state == "done"}
+    # every shard done but never finalized: shard 0 is skipped, counted, and finalizes the job
+    pending = [i for i in range(num_shards(spec)) if i not in done] or [0]
+    enqueue_shards(spec, pending)
+    return len(pending)
+
+
+def enqueue_shards(spec: JobSpec, shard_indices: Iterable[int]) -> None:
+    from batchgen.workers.tasks import run_shard
+
+    queue = queue_name(spec.model)
+    with app.producer_or_acquire() as producer:
+        for shard_index in shard_indices:
+            run_shard.apply_async((spec.job_id, shard_index), queue=queue, producer=producer)

@@ -1,0 +1,149 @@
+"""The worker side: one engine per worker process, shared by its task threads, and the tasks that use it.
+
+A worker serves one model (BATCHGEN_MODEL, set by `batchgen worker --model M`) on one GPU. Celery's threads
+pool runs two shard tasks at once in this process; both feed the same engine loop, so the next shard's rows
+are already in the batch while the current shard's last rows finish. A heartbeat thread tells the job store
+who this worker is and what it runs, so `batchgen status` can see a stall.
+"""
+import logging
+import os
+import socket
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from celery.signals import worker_ready, worker_shutdown
+
+from batchgen.jobs import execute
+from batchgen.jobs.store import WorkerInfo
+from batchgen.workers.app import FIRE_SCHEDULE_TASK, SHARD_TASK, app, job_store
+
+log = logging.getLogger("batchgen.workers")
+
+MAX_SHARD_RETRIES = 3                # an unexpected error: the shard runs again, then the job fails
+RETRY_DELAY_S = 5.0
+HEARTBEAT_TTL_S = 30.0
+
+_engine_lock = threading.Lock()
+_executor: execute.Executor | None = None
+_running_lock = threading.Lock()
+_running: dict[int, tuple[str, int]] = {}        # task thread -> (job id, shard index) it runs now
+_heartbeat_stop = threading.Event()
+
+
+def worker_model() -> str:
+    return os.environ.get("BATCHGEN_MODEL") or "default"
+
+
+def load_executor() -> execute.Executor:
+    """This process's engine, loaded on first use (the `worker` command loads it before taking tasks) from
+    BATCHGEN_MODEL, BATCHGEN_DTYPE and BATCHGEN_DEVICE."""
+    global _executor
+    with _engine_lock:
+        if _executor is None:
+            from batchgen import LLM
+
+            llm = LLM(worker_model(), dtype=os.environ.get("BATCHGEN_DTYPE") or "auto",
+                      device=os.environ.get("BATCHGEN_DEVICE") or "auto")
+            _executor = execute.Executor.for_llm(llm, _engine_loop(llm))
+            log.info("model %s loaded on %s (%s)", worker_model(), _executor.gpu, _executor.dtype)
+        return _executor
+
+
+def _engine_loop(llm):
+    try:
+        from batchgen.engine.loop import EngineLoop
+    except ImportError:   # TRANSITIONAL until the engine loop lands: one shard at a time, no mid-shard cancel
+        return _OneShardAtATime(llm)
+    return EngineLoop(llm)
+
+
+class _OneShardAtATime:
+    def __init__(self, llm):
+        self.llm, self.lock = llm, threading.Lock()
+
+    def generate_tokens(self, prompts, sampling_params, should_stop=None):
+        with self.lock:
+            return self.llm.generate_tokens(prompts, sampling_params)
+
+
+@app.task(name=SHARD_TASK, bind=True, max_retries=MAX_SHARD_RETRIES)
+def run_shard(self, job_id: str, shard_index: int) -> str:
+    """Run one shard of a job (idempotent: a shard whose part exists, or whose job is cancelled or finished,
+    is skipped). Returns the shard's status: done, skipped, cancelled, failed, or unknown (no such job)."""
+    store = job_store()
+    spec = store.get_spec(job_id)
+    if spec is None:
+        log.warning("job %s is not registered (deleted?); shard %d dropped", job_id, shard_index)
+        return "unknown"
+    executor = load_executor()
+    with _running_shard(job_id, shard_index):
+        try:
+            outcome = execute.run_shard(spec, shard_index, executor, store,
+                                        should_stop=execute.cancel_check(store, job_id))
+        except Exception as exc:
+            attempts = self.request.retries + 1
+            if attempts <= self.max_retries:
+                log.exception("job %s shard %d failed (attempt %d); retrying", job_id, shard_index, attempts)
+                raise self.retry(exc=exc, countdown=RETRY_DELAY_S * 2 ** self.request.retries)
+            store.finish_job(job_id, "failed", error=f"shard {shard_index} failed {attempts} times: "
+                                                     f"{type(exc).__name__}: {exc}")
+            raise
+    return outcome.status
+
+
+@app.task(name=FIRE_SCHEDULE_TASK)
+def fire_schedule(definition: dict) -> list[str]:
+    """One firing of a scheduled definition (sent by beat): submit a job for each input file not seen before.
+    Runs on a worker of the definition's model, which sees the same files its shards will read."""
+    from batchgen.workers.schedules import ScheduleDefinition, fire
+
+    return fire(ScheduleDefinition.model_validate(definition), job_store())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# heartbeats
+
+@contextmanager
+def _running_shard(job_id: str, shard_index: int) -> Iterator[None]:
+    with _running_lock:
+        _running[threading.get_ident()] = (job_id, shard_index)
+    _beat_once()
+    try:
+        yield
+    finally:
+        with _running_lock:
+            _running.pop(threading.get_ident(), None)
+
+
+def _worker_info() -> WorkerInfo:
+    with _running_lock:
+        current = next(reversed(_running.values()), (None, None))
+    gpu = _executor.gpu if _executor else None
+    return WorkerInfo(worker_id=execute.worker_name(), host=socket.gethostname(), pid=os.getpid(), gpu=gpu,
+                      model=worker_model(), job_id=current[0], shard_index=current[1])
+
+
+def _beat_once(ttl_s: float = HEARTBEAT_TTL_S) -> None:
+    try:
+        job_store().heartbeat(_worker_info(), ttl_s)
+    except Exception as exc:  # a heartbeat lost to a Redis hiccup must not stop the worker
+        log.warning("heartbeat failed: %s", exc)
+
+
+def _heartbeats() -> None:
+    while not _heartbeat_stop.wait(HEARTBEAT_TTL_S / 3):
+        _beat_once()
+
+
+@worker_ready.connect
+def _start_heartbeats(**_) -> None:
+    _heartbeat_stop.clear()
+    _beat_once()
+    threading.Thread(target=_heartbeats, name="batchgen-heartbeat", daemon=True).start()
+
+
+@worker_shutdown.connect
+def _stop_heartbeats(**_) -> None:
+    _heartbeat_stop.set()
+    _beat_once(ttl_s=0.001)   # gone from `status` at once rather than after the TTL
