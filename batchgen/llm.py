@@ -22,6 +22,8 @@ class LLM:
 
     @property
     def tokenizer(self):
+        if self.engine.tokenizer is None:
+            raise ValueError(f"{self.engine.model_path} has no tokenizer: pass token ids, not text")
         return self.engine.tokenizer
 
     @property
@@ -33,7 +35,7 @@ class LLM:
         """Complete each prompt (text, or token ids used as given)."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
-        encoded = [self.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
+        encoded = [list(p) if not isinstance(p, str) else self.tokenizer.encode(p) for p in prompts]
         return self.generate_tokens(encoded, sampling_params)
 
     def chat(self, conversations: list[dict] | Sequence[list[dict]],
@@ -59,7 +61,7 @@ class LLM:
         beams: list[BeamGroup] = []
         for index, (prompt, p) in enumerate(zip(prompts, params)):
             error = f"{type(prompt).__name__}: {prompt}" if isinstance(prompt, Exception) else \
-                self.engine.check_prompt(prompt)
+                self.engine.check_request(prompt, p)
             if error:
                 outputs[index] = RequestOutput(str(index), [] if isinstance(prompt, Exception) else prompt, [],
                                                error=error)
@@ -97,7 +99,7 @@ class LLM:
 
     def _beam_completion(self, index: int, group: BeamGroup, beam) -> CompletionOutput:
         ended_by_eos = beam.token_ids[-1] in group.eos_token_ids
-        text = self.tokenizer.decode(beam.token_ids, skip_special_tokens=group.params.skip_special_tokens)
+        text = self.engine.decode(beam.token_ids, group.params.skip_special_tokens)
         return CompletionOutput(index=index, text=text, token_ids=beam.token_ids,
                                 finish_reason="stop" if ended_by_eos else "length", cumulative_logprob=beam.score)
 

@@ -5,6 +5,17 @@ from pathlib import Path
 from transformers import AutoTokenizer
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
+def load_tokenizer(path: str | Path) -> "Tokenizer | None":
+    """None for a model directory without tokenizer files (dummy-weight benchmark models): such a model
+    takes token-id prompts only and returns no text."""
+    if Path(path).is_dir() and not any((Path(path) / name).exists() for name in TOKENIZER_FILES):
+        return None
+    return Tokenizer(path)
+
+
 class Tokenizer:
     def __init__(self, path: str | Path):
         self.hf = AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)

@@ -201,7 +201,7 @@ def cancel_check(store: JobStore, job_id: str, interval_s: float = CANCEL_CHECK_
     """`should_stop` for a shard: true once the job is cancelled. The engine calls it every step, so the
     store is asked at most every `interval_s`."""
     lock = threading.Lock()
-    state = {"checked": 0.0, "cancelled": False}
+    state = {"checked": float("-inf"), "cancelled": False}
 
     def should_stop() -> bool:
         with lock:
@@ -260,7 +260,9 @@ def generate_isolating(engine: Generator, prompts: list[list[int] | Exception], 
             raise
         log.warning("engine failed on a batch of %d rows (%s: %s); retrying it in halves to isolate the row",
                     len(prompts), type(exc).__name__, exc)
-        results = _bisect(engine, prompts, params, should_stop)
+        middle = len(prompts) // 2
+        results = (_bisect(engine, prompts[:middle], params[:middle], should_stop)
+                   + _bisect(engine, prompts[middle:], params[middle:], should_stop))
         if all(result.error is not None and result.error.startswith(_ENGINE_ERROR) for result in results):
             raise
         return results

@@ -74,10 +74,12 @@ def make_app(url: str | None = None, prefix: str | None = None, visibility_timeo
         worker_cancel_long_running_tasks_on_connection_loss=False,
         enable_utc=True,
     )
-    if urlsplit(url).scheme == "rediss" and "ssl_cert_reqs" not in dict(parse_qsl(urlsplit(url).query)):
-        # Celery insists on an explicit certificate policy for TLS; verify the server unless the URL says otherwise.
-        app.conf.broker_use_ssl = {"ssl_cert_reqs": ssl.CERT_REQUIRED}
-        app.conf.redis_backend_use_ssl = {"ssl_cert_reqs": ssl.CERT_REQUIRED}
+    if urlsplit(url).scheme == "rediss":
+        # The broker ignores the URL's TLS options and Celery insists on an explicit certificate policy:
+        # verify the server unless the URL's ssl_cert_reqs says otherwise.
+        asked = dict(parse_qsl(urlsplit(url).query)).get("ssl_cert_reqs", "required").upper()
+        policy = getattr(ssl, asked if asked.startswith("CERT_") else f"CERT_{asked}", ssl.CERT_REQUIRED)
+        app.conf.broker_use_ssl = app.conf.redis_backend_use_ssl = {"ssl_cert_reqs": policy}
     return app
 
 

@@ -24,7 +24,7 @@ from typing import Any
 
 import yaml
 from celery.schedules import crontab
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from batchgen.jobs.io import JobInputError, JobOutputError
 from batchgen.jobs.spec import JobSpec, new_job_id
@@ -99,10 +99,11 @@ def load_definition(path: str | Path) -> ScheduleDefinition:
         base = path.parent.resolve()
         for name in ("input", "output", "schema"):
             if isinstance(raw.get(name), str) and "://" not in raw[name]:
-                raw[name] = str(base / os.path.expanduser(raw[name]))
+                raw[name] = os.path.normpath(base / os.path.expanduser(raw[name]))
         schema_file = raw.pop("schema", None)
         if schema_file is not None:
-            raw["job"] = {**(raw.get("job") or {}), "structured": {"json_schema": json.loads(Path(schema_file).read_text())}}
+            schema = json.loads(Path(schema_file).read_text())
+            raw["job"] = {**(raw.get("job") or {}), "structured": {"json_schema": schema}}
         return ScheduleDefinition.model_validate(raw)
     except (OSError, ValueError, yaml.YAMLError) as exc:
         raise ValueError(f"{path}: {_one_line(exc)}") from None
@@ -155,4 +156,7 @@ def fire(definition: ScheduleDefinition, store: JobStore) -> list[str]:
 
 
 def _one_line(exc: Exception) -> str:
+    if isinstance(exc, ValidationError):
+        return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'definition'}: {e['msg'].removeprefix('Value error, ')}"
+                         for e in exc.errors())
     return " ".join(str(exc).split())

@@ -12,7 +12,8 @@ from batchgen.engine.scheduler import Scheduler
 from batchgen.models.config import ModelConfig
 from batchgen.models.loader import load_model, resolve_model_path
 from batchgen.outputs import TokenLogprobs
-from batchgen.tokenizer import Tokenizer
+from batchgen.sampling_params import SamplingParams
+from batchgen.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ class Engine:
         self.dtype = resolve_dtype(config.dtype, self.device, ModelConfig.from_dir(self.model_path).dtype)
         self.model, self.model_config = load_model(self.model_path, self.dtype, self.device, config.load_format,
                                                    config.allow_pickle_weights)
-        self.tokenizer = Tokenizer(config.tokenizer or self.model_path)
+        self.tokenizer = load_tokenizer(config.tokenizer or self.model_path)
         self.eos_token_ids = frozenset(self.model_config.eos_token_ids)
 
         self.runner = ModelRunner(self.model, self.model_config, config.block_size, self.device, self.dtype)
@@ -60,6 +61,12 @@ class Engine:
         self.scheduler = Scheduler(self.kv_cache, config.resolved_max_num_seqs(self.device), max_num_batched_tokens,
                                    config.enable_chunked_prefill)
         self.sampler = Sampler(config.seed)
+        if self.device.type == "cuda" and not config.enforce_eager:
+            try:
+                self.runner.capture_decode_graphs(self.scheduler.max_num_seqs, self.max_model_len)
+            except RuntimeError as exc:   # the engine still works eagerly; say why it is slower
+                log.warning("CUDA graph capture failed, running decode eagerly: %s", exc)
+                self.runner.decode_graphs = None
         self.num_computed_prompt_tokens = 0   # prompt tokens run through the model (recomputation counts again)
         log.info("engine ready: %s on %s (%s), %d KV blocks of %d tokens, max_model_len %d", self.model_path,
                  self.device, self.dtype, num_blocks, config.block_size, self.max_model_len)
@@ -89,8 +96,10 @@ class Engine:
         return tokens * per_token * self.dtype.itemsize + seqs * c.vocab_size * 4 * 6 + (512 << 20)
 
     # -- requests -----------------------------------------------------------------------------------
-    def check_prompt(self, prompt_token_ids: list[int]) -> str | None:
-        """Why this prompt can't run, or None."""
+    def check_request(self, prompt_token_ids: list[int], params: SamplingParams) -> str | None:
+        """Why this request can't run, or None."""
+        if params.stop and self.tokenizer is None:
+            return "stop strings need a tokenizer, and this model directory has none"
         if not prompt_token_ids:
             return "prompt is empty"
         if len(prompt_token_ids) >= self.max_model_len:
@@ -163,7 +172,13 @@ class Engine:
                                                  skip_special_tokens=params.skip_special_tokens)
             if found:
                 return found[1] + (request.stop_reason if params.include_stop_str_in_output else "")
-        return self.tokenizer.decode(request.output_token_ids, skip_special_tokens=params.skip_special_tokens)
+        return self.decode(request.output_token_ids, params.skip_special_tokens)
+
+    def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
+        """Text of the tokens; empty for a model without a tokenizer."""
+        if self.tokenizer is None:
+            return ""
+        return self.tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens)
 
     def run(self, requests: list[Request]) -> None:
         """Add the requests and step until none is unfinished."""

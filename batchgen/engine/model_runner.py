@@ -1,7 +1,8 @@
 """Turns a scheduled batch into one flat forward pass and returns the logits of the positions that sample.
 
 The KV cache is one tensor [num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim] allocated once;
-each attention layer gets its two views.
+each attention layer gets its two views. On CUDA, decode-only steps replay CUDA graphs captured for
+padded batch sizes, which removes the per-kernel launch cost that dominates small models and small batches.
 """
 import numpy as np
 import torch
@@ -21,6 +22,7 @@ class ModelRunner:
         self.device = device
         self.dtype = dtype
         self.kv_cache: torch.Tensor | None = None
+        self.decode_graphs: DecodeGraphs | None = None
 
     @property
     def kv_bytes_per_block(self) -> int:
@@ -33,6 +35,9 @@ class ModelRunner:
                                     c.head_dim, dtype=self.dtype, device=self.device)
         for layer, layer_cache in zip(self.model.attention_layers, self.kv_cache):
             layer.k_cache, layer.v_cache = layer_cache[0], layer_cache[1]
+
+    def capture_decode_graphs(self, max_batch: int, max_model_len: int) -> None:
+        self.decode_graphs = DecodeGraphs(self.model, max_batch, -(-max_model_len // self.block_size), self.device)
 
     def prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor,
                                                       list[Request]]:
@@ -78,6 +83,12 @@ class ModelRunner:
         return (self._to_device(np.asarray(input_ids, dtype=np.int64)), self._to_device(positions), meta,
                 self._to_device(np.asarray(logits_indices, dtype=np.int64)), sampling_requests)
 
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """Hidden states of every token: a captured graph for decode-only steps that fit one, else eager."""
+        if self.decode_graphs and meta.decode_only and input_ids.shape[0] <= self.decode_graphs.max_batch:
+            return self.decode_graphs.run(input_ids, positions, meta)
+        return self.model(input_ids, positions, meta)
+
     def _to_device(self, array: np.ndarray) -> torch.Tensor:
         tensor = torch.from_numpy(array)
         if self.device.type == "cpu":
@@ -88,7 +99,59 @@ class ModelRunner:
     def execute(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[Request]]:
         """Run the step; logits [S, V] float32 for the S requests that sample, in batch order."""
         input_ids, positions, meta, logits_indices, sampling_requests = self.prepare(batch)
-        hidden = self.model(input_ids, positions, meta)
+        hidden = self.forward(input_ids, positions, meta)
         if not sampling_requests:
             return hidden.new_empty(0, 0, dtype=torch.float32), sampling_requests
         return self.model.compute_logits(hidden[logits_indices]), sampling_requests
+
+
+class DecodeGraphs:
+    """CUDA graphs of the decode-only forward, one per padded batch size, sharing one memory pool.
+
+    Inputs are copied into static buffers; padding rows get slot -1 (nothing stored) and length 0 (the
+    decode kernel writes zeros for them). Block tables are as wide as the longest allowed context, so the
+    decode kernel's split grid is fixed per graph.
+    """
+
+    def __init__(self, model: torch.nn.Module, max_batch: int, max_blocks_per_seq: int, device: torch.device):
+        self.model = model
+        self.buckets = sorted({1, 2, 4, 8, *range(16, max_batch + 1, 16), max_batch})
+        self.max_batch = self.buckets[-1]
+        n = self.max_batch
+        self.input_ids = torch.zeros(n, dtype=torch.long, device=device)
+        self.positions = torch.zeros(n, dtype=torch.long, device=device)
+        self.slot_mapping = torch.full((n,), -1, dtype=torch.long, device=device)
+        self.seq_lens = torch.zeros(n, dtype=torch.int32, device=device)
+        self.block_tables = torch.zeros(n, max_blocks_per_seq, dtype=torch.int32, device=device)
+        self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=device)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[int, torch.Tensor] = {}
+        pool = None
+        with torch.inference_mode():
+            for size in reversed(self.buckets):
+                meta = self._meta(size)
+                self.model(self.input_ids[:size], self.positions[:size], meta)   # compiles kernels for this shape
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    self.outputs[size] = self.model(self.input_ids[:size], self.positions[:size], meta)
+                pool = graph.pool()
+                self.graphs[size] = graph
+        torch.cuda.synchronize(device)
+
+    def _meta(self, size: int) -> AttentionMetadata:
+        return AttentionMetadata(query_start_loc=self.query_start_loc[:size + 1], seq_lens=self.seq_lens[:size],
+                                 block_tables=self.block_tables[:size], slot_mapping=self.slot_mapping[:size],
+                                 max_query_len=1, max_seq_len=self.block_tables.shape[1])
+
+    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        batch = input_ids.shape[0]
+        size = next(b for b in self.buckets if b >= batch)
+        self.input_ids[:batch].copy_(input_ids)
+        self.positions[:batch].copy_(positions)
+        self.slot_mapping[:batch].copy_(meta.slot_mapping)
+        self.slot_mapping[batch:size].fill_(-1)
+        self.seq_lens[:batch].copy_(meta.seq_lens)
+        self.seq_lens[batch:size].zero_()
+        self.block_tables[:batch, :meta.block_tables.shape[1]].copy_(meta.block_tables)
+        self.graphs[size].replay()
+        return self.outputs[size][:batch]

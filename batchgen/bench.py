@@ -1,0 +1,200 @@
+"""`batchgen bench`: throughput on a synthetic workload, with Hugging Face transformers measured in the same
+run on the same prompts (static batched `generate`, and continuous batching `generate_batch`).
+
+Prompts are random token ids (optionally behind one shared prefix), outputs are forced to their full length
+(ignore_eos), so every system does the same work. One JSON line per system goes to stdout.
+"""
+import gc
+import json
+import platform
+import random
+import time
+from dataclasses import dataclass
+
+import click
+import torch
+
+from batchgen.sampling_params import SamplingParams
+
+
+@dataclass
+class Workload:
+    name: str
+    prompts: list[list[int]]
+    output_lens: list[int]
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return sum(len(p) for p in self.prompts)
+
+    def sample(self, count: int) -> "Workload":
+        return Workload(self.name, self.prompts[:count], self.output_lens[:count])
+
+
+def make_workload(name: str, num_requests: int, input_len: int, output_len: int, vocab_size: int, *,
+                  prefix_len: int = 0, input_len_max: int | None = None, output_len_max: int | None = None,
+                  seed: int = 0) -> Workload:
+    """Input/output lengths fixed, or uniform in [len, len_max]; every prompt starts with the same
+    `prefix_len` tokens."""
+    rng = random.Random(seed)
+    prefix = [rng.randrange(vocab_size) for _ in range(prefix_len)]
+    prompts, output_lens = [], []
+    for _ in range(num_requests):
+        length = rng.randint(input_len, input_len_max or input_len)
+        prompts.append(prefix + [rng.randrange(vocab_size) for _ in range(length)])
+        output_lens.append(rng.randint(output_len, output_len_max or output_len))
+    return Workload(name, prompts, output_lens)
+
+
+def card_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _figures(system: str, workload: Workload, elapsed: float, output_tokens: int, prompt_tokens: int,
+             device: torch.device, **extra) -> dict:
+    return {"system": system, "workload": workload.name, "requests": len(workload.prompts),
+            "prompt_tokens": prompt_tokens, "output_tokens": output_tokens, "elapsed_s": round(elapsed, 3),
+            "requests_per_s": round(len(workload.prompts) / elapsed, 3),
+            "output_tok_per_s": round(output_tokens / elapsed, 1),
+            "total_tok_per_s": round((output_tokens + prompt_tokens) / elapsed, 1),
+            "card": card_name(device), **extra}
+
+
+def run_batchgen(llm, workload: Workload) -> dict:
+    params = [SamplingParams(temperature=1.0, max_tokens=n, ignore_eos=True, seed=i)
+              for i, n in enumerate(workload.output_lens)]
+    llm.generate(workload.prompts[:4], params[:4])    # warm up kernels outside the timed run
+    device = llm.engine.device
+    _synchronize(device)
+    start = time.perf_counter()
+    outputs = llm.generate(workload.prompts, params)
+    _synchronize(device)
+    elapsed = time.perf_counter() - start
+    errors = [o.error for o in outputs if o.error]
+    if errors:
+        raise RuntimeError(f"{len(errors)} benchmark requests failed, first: {errors[0]}")
+    engine = llm.engine
+    return _figures("batchgen", workload, elapsed, sum(o.completion_tokens for o in outputs),
+                    workload.num_prompt_tokens, device, dtype=str(engine.dtype).removeprefix("torch."),
+                    kv_blocks=engine.kv_cache.num_blocks, block_size=engine.kv_cache.block_size,
+                    max_num_seqs=engine.scheduler.max_num_seqs,
+                    max_num_batched_tokens=engine.scheduler.max_num_batched_tokens,
+                    cuda_graphs=engine.runner.decode_graphs is not None,
+                    prefix_cache_hit_tokens=engine.kv_cache.num_hit_tokens)
+
+
+def load_hf_model(model_dir, dtype: torch.dtype, device: torch.device, dummy: bool):
+    from transformers import AutoConfig, AutoModelForCausalLM
+    if dummy:
+        config = AutoConfig.from_pretrained(model_dir)
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device)
+    return model.eval()
+
+
+def _hf_sampling(max_new_tokens: int, **extra):
+    from transformers import GenerationConfig
+    return GenerationConfig(max_new_tokens=max_new_tokens, do_sample=True, temperature=1.0, top_p=1.0, top_k=0,
+                            **extra)
+
+
+@torch.inference_mode()
+def run_hf_static(model, workload: Workload, batch_size: int) -> dict:
+    """Batches of `batch_size` left-padded prompts through `generate`; each batch runs to its longest output,
+    and only the tokens each request asked for count."""
+    device = model.device
+    pad = 0
+    start = time.perf_counter()
+    for first in range(0, len(workload.prompts), batch_size):
+        prompts = workload.prompts[first:first + batch_size]
+        longest = max(len(p) for p in prompts)
+        ids = torch.tensor([[pad] * (longest - len(p)) + p for p in prompts], device=device)
+        mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in prompts], device=device)
+        new_tokens = max(workload.output_lens[first:first + batch_size])
+        model.generate(ids, attention_mask=mask, generation_config=_hf_sampling(
+            new_tokens, min_new_tokens=new_tokens, pad_token_id=pad))
+    _synchronize(device)
+    elapsed = time.perf_counter() - start
+    return _figures("hf-static", workload, elapsed, sum(workload.output_lens), workload.num_prompt_tokens, device,
+                    batch_size=batch_size, attn_implementation=model.config._attn_implementation)
+
+
+@torch.inference_mode()
+def run_hf_continuous(model, workload: Workload) -> dict:
+    """transformers' own continuous batching (`generate_batch`); it stops a request at eos, so the tokens it
+    actually produced are counted."""
+    device = model.device
+    start = time.perf_counter()
+    results = model.generate_batch(inputs=workload.prompts,
+                                   generation_config=_hf_sampling(max(workload.output_lens)), progress_bar=False)
+    _synchronize(device)
+    elapsed = time.perf_counter() - start
+    produced = sum(len(r.generated_tokens) for r in results.values())
+    return _figures("hf-generate_batch", workload, elapsed, produced, workload.num_prompt_tokens, device)
+
+
+def _release_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+@click.command("bench")
+@click.option("--model", default="default", show_default=True, help="Model directory, hub id or 'default'.")
+@click.option("--load-format", type=click.Choice(["safetensors", "dummy"]), default="safetensors",
+              show_default=True, help="dummy: random weights of the config's shape (no weight files needed).")
+@click.option("--name", default="custom", show_default=True, help="Workload name in the JSON lines.")
+@click.option("--num-requests", type=int, default=64, show_default=True)
+@click.option("--input-len", type=int, default=128, show_default=True)
+@click.option("--input-len-max", type=int, default=None, help="Draw input lengths uniformly up to this.")
+@click.option("--output-len", type=int, default=64, show_default=True)
+@click.option("--output-len-max", type=int, default=None, help="Draw output lengths uniformly up to this.")
+@click.option("--prefix-len", type=int, default=0, show_default=True, help="Shared prefix before every prompt.")
+@click.option("--dtype", default="auto", show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--max-num-seqs", type=int, default=None)
+@click.option("--max-num-batched-tokens", type=int, default=None)
+@click.option("--max-model-len", type=int, default=None)
+@click.option("--enforce-eager", is_flag=True, help="No CUDA graphs.")
+@click.option("--hf-static-batch", type=int, default=0, help="Also run HF generate in batches of this size.")
+@click.option("--hf-continuous", is_flag=True, help="Also run HF generate_batch (continuous batching).")
+@click.option("--hf-sample", type=int, default=None, help="Run the HF systems on the first N requests only.")
+@click.option("--seed", type=int, default=0, show_default=True)
+def bench_command(model, load_format, name, num_requests, input_len, input_len_max, output_len, output_len_max,
+                  prefix_len, dtype, device, max_num_seqs, max_num_batched_tokens, max_model_len, enforce_eager,
+                  hf_static_batch, hf_continuous, hf_sample, seed):
+    """Throughput benchmark; prints one JSON line per system (batchgen, then the HF peers)."""
+    from batchgen.llm import LLM
+
+    engine_args = {k: v for k, v in dict(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+                                         max_model_len=max_model_len).items() if v is not None}
+    llm = LLM(model, load_format=load_format, dtype=dtype, device=device, enforce_eager=enforce_eager, seed=seed,
+              **engine_args)
+    workload = make_workload(name, num_requests, input_len, output_len, llm.engine.model_config.vocab_size,
+                             prefix_len=prefix_len, input_len_max=input_len_max, output_len_max=output_len_max,
+                             seed=seed)
+    model_dir, torch_dtype, torch_device = llm.engine.model_path, llm.engine.dtype, llm.engine.device
+    print(json.dumps(run_batchgen(llm, workload) | {"model": str(model)}), flush=True)
+    if not (hf_static_batch or hf_continuous):
+        return
+    del llm
+    _release_memory()
+    hf_model = load_hf_model(model_dir, torch_dtype, torch_device, dummy=load_format == "dummy")
+    hf_workload = workload.sample(hf_sample) if hf_sample else workload
+    if hf_static_batch:
+        print(json.dumps(run_hf_static(hf_model, hf_workload, hf_static_batch) | {"model": str(model)}), flush=True)
+    if hf_continuous:
+        try:
+            figures = run_hf_continuous(hf_model, hf_workload)
+        except Exception as exc:   # report a peer that can't run instead of losing the batchgen figures
+            figures = {"system": "hf-generate_batch", "workload": name, "error": f"{type(exc).__name__}: {exc}"}
+        print(json.dumps(figures | {"model": str(model)}), flush=True)
