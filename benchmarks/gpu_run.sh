@@ -7,7 +7,10 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-out/gpu}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
-python3 -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1 || { cat "$OUT/install.log"; exit 1; }
+# batchgen without pip: a package folder linking batchgen/'s files plus kernels/ jobs/ workers/ as subpackages
+site=$(mktemp -d) && mkdir "$site/batchgen" && ln -s "$PWD"/batchgen/* "$site/batchgen/" \
+  && for sub in kernels jobs workers; do ln -s "$PWD/$sub" "$site/batchgen/$sub"; done
+export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
 
