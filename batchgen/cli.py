@@ -4,6 +4,7 @@ Light commands (submit, status, list, ...) never import torch; only `run` and `w
 errors end with one line on stderr and a non-zero exit code: 1 for an error or a failed job, 3 for a
 cancelled job, 4 when `wait --timeout` runs out.
 """
+import importlib
 import json
 import logging
 import os
@@ -30,7 +31,19 @@ _PROGRESS_WIDTH = 24
 
 
 class _Main(click.Group):
-    """Turns the errors a user can cause (a bad file, a bad option, no Redis) into one line and exit code 1."""
+    """Turns the errors a user can cause (a bad file, a bad option, no Redis) into one line and exit code 1;
+    imports the commands that need torch only when they run."""
+
+    lazy_commands = {"bench": ("batchgen.bench", "bench_command")}
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted([*super().list_commands(ctx), *self.lazy_commands])
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name in self.lazy_commands:
+            module, attribute = self.lazy_commands[name]
+            return getattr(importlib.import_module(module), attribute)
+        return super().get_command(ctx, name)
 
     def invoke(self, ctx: click.Context):
         import kombu.exceptions
@@ -101,10 +114,29 @@ def _job_options(command):
 
 
 def _engine_options(command):
+    command = click.option("--engine-arg", "engine_args", multiple=True, callback=_parse_engine_args,
+                           metavar="NAME=VALUE",
+                           help="Any other engine setting (batchgen.config.EngineConfig), e.g. max_num_seqs=128 "
+                                "or kv_cache_bytes=1000000000; repeatable.")(command)
     command = click.option("--device", default="auto", show_default=True,
                            help="cpu, cuda, cuda:N; auto picks the GPU when there is one.")(command)
     return click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]), default="auto",
-                        show_default=True, help="Weights and activations; auto: fp32 on CPU, bf16/fp16 on GPU.")(command)
+                        show_default=True,
+                        help="Weights and activations; auto: fp32 on CPU, bf16/fp16 on GPU.")(command)
+
+
+def _parse_engine_args(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> dict:
+    """NAME=VALUE pairs; a VALUE that reads as JSON (numbers, true, null) is taken as such."""
+    parsed = {}
+    for item in values:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise click.BadParameter(f"{item!r} is not NAME=VALUE", ctx=ctx, param=param)
+        try:
+            parsed[name.strip()] = json.loads(value)
+        except ValueError:
+            parsed[name.strip()] = value
+    return parsed
 
 
 def _job_spec(file: str, output: str, options: dict) -> JobSpec:
@@ -156,7 +188,7 @@ def _validated(spec: JobSpec) -> JobSpec:
 @click.option("-o", "--output", required=True, help="Output directory (replaced if it holds an earlier run).")
 @_job_options
 @_engine_options
-def run(file: str, output: str, dtype: str, device: str, **options) -> None:
+def run(file: str, output: str, dtype: str, device: str, engine_args: dict, **options) -> None:
     """Run a job in this process (no Redis, no workers).
 
     The same readers, engine and writers as the queue.
@@ -166,12 +198,14 @@ def run(file: str, output: str, dtype: str, device: str, **options) -> None:
     from batchgen.jobs.io import STATS_FILE, save_spec
 
     spec = _validated(_job_spec(file, output, options))
+
+    def load():
+        from batchgen import LLM
+        return LLM(spec.model, **{"dtype": dtype, "device": device, **engine_args})
+
+    llm = _load_model(spec.model, load)
     prepare_output(spec, replace=True)
     save_spec(spec)
-    click.echo(f"loading model {spec.model} ...", err=True)
-    from batchgen import LLM
-
-    llm = LLM(spec.model, dtype=dtype, device=device)
     progress = _Progress()
     record = run_job_locally(spec, Executor.for_llm(llm), progress.update)
     progress.close()
@@ -356,7 +390,8 @@ def results(job: str, show: int, shards: bool) -> None:
               help="Shard tasks in flight per process (they share one engine).")
 @_engine_options
 @click.option("--loglevel", default="INFO", show_default=True)
-def worker(model: str, gpu: str | None, concurrency: int, dtype: str, device: str, loglevel: str) -> None:
+def worker(model: str, gpu: str | None, concurrency: int, dtype: str, device: str, engine_args: dict,
+           loglevel: str) -> None:
     """Serve one model's shards from the queue.
 
     The model is loaded once per process and reused for every shard; --gpu 0,1 starts one process per GPU."""
@@ -364,15 +399,16 @@ def worker(model: str, gpu: str | None, concurrency: int, dtype: str, device: st
     if len(gpus) > 1:
         sys.exit(_worker_per_gpu(gpus, [sys.executable, "-m", "batchgen.cli", "worker", "--model", model,
                                         "--concurrency", str(concurrency), "--dtype", dtype, "--device", device,
-                                        "--loglevel", loglevel]))
+                                        "--loglevel", loglevel, *(f"--engine-arg={name}={json.dumps(value)}"
+                                                                  for name, value in engine_args.items())]))
     if gpus:
         os.environ["CUDA_VISIBLE_DEVICES"] = gpus[0]
-    os.environ.update(BATCHGEN_MODEL=model, BATCHGEN_DTYPE=dtype, BATCHGEN_DEVICE=device)
+    os.environ.update(BATCHGEN_MODEL=model, BATCHGEN_ENGINE_ARGS=json.dumps({"dtype": dtype, "device": device,
+                                                                           **engine_args}))
     from batchgen.workers import tasks
     from batchgen.workers.app import app, queue_name
 
-    click.echo(f"loading model {model} ...", err=True)
-    tasks.load_executor()   # before taking tasks: a bad model fails here, once
+    _load_model(model, tasks.load_executor)   # before taking tasks: a bad model fails here, once
     app.worker_main(["worker", "--queues", queue_name(model), "--pool", "threads",
                      "--concurrency", str(concurrency), "--hostname", f"batchgen-{os.getpid()}@%h",
                      "--loglevel", loglevel, "--without-gossip", "--without-mingle"])
@@ -422,6 +458,15 @@ def _worker_per_gpu(gpus: list[str], command: list[str]) -> int:
 
 # ---------------------------------------------------------------------------------------------------------
 # helpers
+
+def _load_model(model: str, load):
+    """`load()`, with a model that isn't there or can't be read reported as one line."""
+    click.echo(f"loading model {model} ...", err=True)
+    try:
+        return load()
+    except (OSError, ValueError) as exc:
+        raise click.ClickException(f"cannot load model {model!r}: {exc}") from None
+
 
 def _record(store, job_id: str):
     record = store.get_job(job_id)

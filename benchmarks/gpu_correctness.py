@@ -138,15 +138,16 @@ def main() -> int:
         device = torch.device("cuda")
         args.overrides = {}
         args.min_len, args.max_len, args.decode_steps, args.token_budget, args.greedy_tokens = 16, 700, 24, 512, 32
-    args.engine_args = {"gpu_memory_utilization": 0.5} if device.type == "cuda" else {}
+    args.engine_args = {"gpu_memory_utilization": 0.5, "max_num_seqs": 32} if device.type == "cuda" else {}
     args.config_dir = CONFIGS / args.model
     if args.dry_run:   # a directory holding just the shrunk config (dummy weights need no weight files)
         args.config_dir = Path(tempfile.mkdtemp()) / args.model
         AutoConfig.from_pretrained(CONFIGS / args.model, **args.overrides).save_pretrained(args.config_dir)
         args.overrides = {}
-    results = [check_logits(args, device), check_greedy(args, device)]
-    for result in results:
-        print(json.dumps(result), flush=True)
+    results = []
+    for check in (check_logits, check_greedy):
+        results.append(check(args, device))
+        print(json.dumps(results[-1]), flush=True)
     return 0 if all(r["passed"] for r in results) else 1
 
 

@@ -14,13 +14,16 @@ export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
 
-bench() { timeout "$1" python3 -c "from batchgen.bench import bench_command; bench_command()" "${@:2}" 2>>"$OUT/stderr.log" | tee -a "$OUT/gpu.jsonl"; }
+repo=$PWD
+# from $site, so that the repo's own batchgen/ folder (which lacks the linked subpackages) isn't imported
+bench() { (cd "$site" && timeout "$1" python3 -c "from batchgen.bench import bench_command; bench_command()" "${@:2}") \
+  2>>"$OUT/stderr.log" | tee -a "$OUT/gpu.jsonl"; }
 
 timeout "${T_CHECK:-90}" python3 benchmarks/gpu_correctness.py 2>>"$OUT/stderr.log" | tee -a "$OUT/gpu.jsonl"
-bench "${T_W1:-210}" --model benchmarks/configs/llama-3.1-8b --load-format dummy --name W1 --num-requests 1000 \
+bench "${T_W1:-210}" --model "$repo"/benchmarks/configs/llama-3.1-8b --load-format dummy --name W1 --num-requests 1000 \
   --input-len 512 --output-len 256 --max-model-len 1024 --hf-static-batch 64 --hf-sample 64
-bench "${T_W3:-90}" --model benchmarks/configs/llama-3.1-8b --load-format dummy --name W3 --num-requests 1000 \
+bench "${T_W3:-90}" --model "$repo"/benchmarks/configs/llama-3.1-8b --load-format dummy --name W3 --num-requests 1000 \
   --prefix-len 1024 --input-len 256 --output-len 128 --max-model-len 1536
-bench "${T_W2:-70}" --model benchmarks/configs/qwen3-0.6b --load-format dummy --name W2 --num-requests 256 \
+bench "${T_W2:-70}" --model "$repo"/benchmarks/configs/qwen3-0.6b --load-format dummy --name W2 --num-requests 256 \
   --input-len 100 --input-len-max 1024 --output-len 100 --output-len-max 1024 --max-model-len 2048
 tail -n 30 "$OUT/stderr.log"

@@ -158,8 +158,8 @@ def run_shard(spec: JobSpec, shard_index: int, executor: Executor, store: JobSto
         return _fail(spec, store, shard_index, str(exc))
     try:
         results = _generate_rows(rows, executor, should_stop)
-    except _cancelled_error() as exc:
-        log.info("job %s shard %d stopped: %s", job_id, shard_index, exc or "job cancelled")
+    except _cancelled_error():
+        log.info("job %s shard %d stopped: the job was cancelled", job_id, shard_index)
         return ShardOutcome(shard_index, "cancelled")
     output_rows = [output_row(row, result) for row, result in zip(rows, results)]
     stats = ShardStats.from_rows(shard_index, output_rows, wall_seconds=time.perf_counter() - clock,

@@ -5,6 +5,7 @@ pool runs two shard tasks at once in this process; both feed the same engine loo
 are already in the batch while the current shard's last rows finish. A heartbeat thread tells the job store
 who this worker is and what it runs, so `batchgen status` can see a stall.
 """
+import json
 import logging
 import os
 import socket
@@ -37,14 +38,13 @@ def worker_model() -> str:
 
 def load_executor() -> execute.Executor:
     """This process's engine, loaded on first use (the `worker` command loads it before taking tasks) from
-    BATCHGEN_MODEL, BATCHGEN_DTYPE and BATCHGEN_DEVICE."""
+    BATCHGEN_MODEL and BATCHGEN_ENGINE_ARGS (JSON: EngineConfig fields such as dtype and device)."""
     global _executor
     with _engine_lock:
         if _executor is None:
             from batchgen import LLM
 
-            llm = LLM(worker_model(), dtype=os.environ.get("BATCHGEN_DTYPE") or "auto",
-                      device=os.environ.get("BATCHGEN_DEVICE") or "auto")
+            llm = LLM(worker_model(), **json.loads(os.environ.get("BATCHGEN_ENGINE_ARGS") or "{}"))
             _executor = execute.Executor.for_llm(llm, _engine_loop(llm))
             log.info("model %s loaded on %s (%s)", worker_model(), _executor.gpu, _executor.dtype)
         return _executor

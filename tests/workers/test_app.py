@@ -120,7 +120,7 @@ def test_dockerfile_installs_batchgen_and_the_default_model():
 
 
 @pytest.mark.parametrize("command", ["run", "submit", "status", "wait", "cancel", "resume", "list", "results",
-                                     "worker", "beat"])
+                                     "worker", "beat", "bench"])
 def test_every_command_has_help(command):
     from click.testing import CliRunner
 

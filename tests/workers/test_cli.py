@@ -28,11 +28,13 @@ def prompts_file(path: Path, count: int) -> Path:
 
 def bad_input(directory: Path, kind: str) -> Path:
     """An input that can't be a job as a whole."""
-    path = directory / {"no-prompt-column": "in.parquet", "binary": "in.bin", "missing": "gone.jsonl"}.get(kind, "in.jsonl")
+    names = {"no-prompt-column": "in.parquet", "binary": "in.bin", "missing": "gone.jsonl"}
+    contents = {"empty": b"", "binary": b"\x00\x01 binary", "every-row-invalid": b'{"prompt": 5}\n[1]\n'}
+    path = directory / names.get(kind, "in.jsonl")
     if kind == "no-prompt-column":
         pq.write_table(pa.table({"body": ["no prompt column here"]}), path)
     elif kind != "missing":
-        path.write_bytes({"empty": b"", "binary": b"\x00\x01 binary", "every-row-invalid": b'{"prompt": 5}\n[1]\n'}[kind])
+        path.write_bytes(contents[kind])
     return path
 
 
