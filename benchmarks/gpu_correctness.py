@@ -11,6 +11,7 @@ Runs on CPU too (tiny shapes) as a dry run: `python benchmarks/gpu_correctness.p
 Prints one JSON line per check and exits 1 if any fails.
 """
 import argparse
+import gc
 import json
 import random
 import sys
@@ -148,6 +149,9 @@ def main() -> int:
     for check in (check_logits, check_greedy):
         results.append(check(args, device))
         print(json.dumps(results[-1]), flush=True)
+        gc.collect()   # the check's engine and HF model, before the next one sizes its KV cache
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     return 0 if all(r["passed"] for r in results) else 1
 
 
