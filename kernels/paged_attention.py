@@ -31,14 +31,19 @@ def paged_prefill_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache:
         start, end = starts[b], starts[b + 1]
         if end == start:
             continue
-        keys = _gather_context(k_cache, block_tables[b], seq_len).transpose(0, 1)
-        values = _gather_context(v_cache, block_tables[b], seq_len).transpose(0, 1)
-        query = q[start:end].transpose(0, 1)
-        query_pos = torch.arange(seq_len - (end - start), seq_len, device=q.device)
-        mask = torch.arange(seq_len, device=q.device)[None, :] <= query_pos[:, None]
-        attended = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scale,
-                                                  enable_gqa=True)
-        out[start:end] = attended.transpose(0, 1)
+        # [1, heads, tokens, head_dim]: the batched layout takes torch's fused CPU kernels
+        keys = _gather_context(k_cache, block_tables[b], seq_len).transpose(0, 1)[None]
+        values = _gather_context(v_cache, block_tables[b], seq_len).transpose(0, 1)[None]
+        query = q[start:end].transpose(0, 1)[None]
+        if end - start == seq_len:   # no cached context: plain causal attention, torch's fast path
+            attended = F.scaled_dot_product_attention(query, keys, values, is_causal=True, scale=scale,
+                                                      enable_gqa=True)
+        else:
+            query_pos = torch.arange(seq_len - (end - start), seq_len, device=q.device)
+            mask = torch.arange(seq_len, device=q.device)[None, :] <= query_pos[:, None]
+            attended = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scale,
+                                                      enable_gqa=True)
+        out[start:end] = attended[0].transpose(0, 1)
     return out
 
 

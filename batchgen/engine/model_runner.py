@@ -41,9 +41,12 @@ class ModelRunner:
 
     def prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor,
                                                       list[Request]]:
-        """Flat inputs for the step, and the rows (last token of each request that reached its end) whose
-        logits are sampled."""
+        """Flat inputs for the step, single-token sequences (decodes) first, and the rows (last token of each
+        request that reached its end) whose logits are sampled."""
         size = self.block_size
+        order = sorted(range(len(batch)), key=lambda i: batch.num_new_tokens[i] != 1)
+        requests = [batch.requests[i] for i in order]
+        num_new_tokens = [batch.num_new_tokens[i] for i in order]
         num_seqs = len(batch)
         input_ids: list[int] = []
         positions = np.empty(batch.num_tokens, dtype=np.int64)
@@ -53,7 +56,7 @@ class ModelRunner:
         logits_indices: list[int] = []
         sampling_requests: list[Request] = []
         offset = 0
-        for i, (request, num_new) in enumerate(zip(batch.requests, batch.num_new_tokens)):
+        for i, (request, num_new) in enumerate(zip(requests, num_new_tokens)):
             start = request.num_computed_tokens
             end = start + num_new
             input_ids.extend(request.token_ids_slice(start, end))
@@ -72,14 +75,15 @@ class ModelRunner:
                 sampling_requests.append(request)
         max_blocks = -(-int(seq_lens.max()) // size)
         block_tables = np.zeros((num_seqs, max_blocks), dtype=np.int32)
-        for i, request in enumerate(batch.requests):
+        for i, request in enumerate(requests):
             num_blocks = -(-int(seq_lens[i]) // size)
             block_tables[i, :num_blocks] = request.block_ids[:num_blocks]
 
         meta = AttentionMetadata(
             query_start_loc=self._to_device(query_start_loc), seq_lens=self._to_device(seq_lens),
             block_tables=self._to_device(block_tables), slot_mapping=self._to_device(slot_mapping),
-            max_query_len=max(batch.num_new_tokens), max_seq_len=int(seq_lens.max()))
+            max_query_len=max(num_new_tokens), max_seq_len=int(seq_lens.max()),
+            num_decodes=num_new_tokens.count(1))
         return (self._to_device(np.asarray(input_ids, dtype=np.int64)), self._to_device(positions), meta,
                 self._to_device(np.asarray(logits_indices, dtype=np.int64)), sampling_requests)
 
@@ -141,7 +145,7 @@ class DecodeGraphs:
     def _meta(self, size: int) -> AttentionMetadata:
         return AttentionMetadata(query_start_loc=self.query_start_loc[:size + 1], seq_lens=self.seq_lens[:size],
                                  block_tables=self.block_tables[:size], slot_mapping=self.slot_mapping[:size],
-                                 max_query_len=1, max_seq_len=self.block_tables.shape[1])
+                                 max_query_len=1, max_seq_len=self.block_tables.shape[1], num_decodes=size)
 
     def run(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         batch = input_ids.shape[0]

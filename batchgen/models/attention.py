@@ -4,6 +4,7 @@ The model runner builds one `AttentionMetadata` per step and hands it down throu
 `Attention` layer owns its slice of the KV cache (set by the runner after allocation).
 """
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from torch import nn
@@ -20,10 +21,20 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor     # int64 [T]: cache slot of each new token's K/V, -1 for padding
     max_query_len: int
     max_seq_len: int
+    # the first num_decodes sequences have one query token each: the decode kernel (split along the context)
+    # serves them, the prefill kernel the rest
+    num_decodes: int = 0
 
     @property
     def decode_only(self) -> bool:
         return self.max_query_len == 1
+
+    @cached_property
+    def prefills(self) -> "AttentionMetadata":
+        """The sequences after the decodes, with query offsets of their own."""
+        d = self.num_decodes
+        return AttentionMetadata(self.query_start_loc[d:] - d, self.seq_lens[d:], self.block_tables[d:],
+                                 self.slot_mapping[d:], self.max_query_len, self.max_seq_len)
 
 
 class Attention(nn.Module):
@@ -38,9 +49,18 @@ class Attention(nn.Module):
         """q [T, Hq, D], k/v [T, Hkv, D] (rotary already applied) -> [T, Hq * D]."""
         ops.store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
         if meta.decode_only:
-            out = ops.paged_decode_attention(q, self.k_cache, self.v_cache, meta.seq_lens, meta.block_tables,
-                                             self.scale)
+            out = self._decode(q, meta.seq_lens, meta.block_tables)
+        elif meta.num_decodes == 0:
+            out = self._prefill(q, meta)
         else:
-            out = ops.paged_prefill_attention(q, self.k_cache, self.v_cache, meta.query_start_loc, meta.seq_lens,
-                                              meta.block_tables, self.scale, meta.max_query_len)
+            d = meta.num_decodes
+            out = torch.cat([self._decode(q[:d], meta.seq_lens[:d], meta.block_tables[:d]),
+                             self._prefill(q[d:], meta.prefills)])
         return out.reshape(q.shape[0], self.num_heads * self.head_dim)
+
+    def _decode(self, q, seq_lens, block_tables):
+        return ops.paged_decode_attention(q, self.k_cache, self.v_cache, seq_lens, block_tables, self.scale)
+
+    def _prefill(self, q, meta: AttentionMetadata):
+        return ops.paged_prefill_attention(q, self.k_cache, self.v_cache, meta.query_start_loc, meta.seq_lens,
+                                           meta.block_tables, self.scale, meta.max_query_len)

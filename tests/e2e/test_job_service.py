@@ -108,6 +108,9 @@ def test_jsonl_job_matches_a_local_run(workers, tmp_path):
     assert all(r["text"] and r["completion_tokens"] == 4 for r in queued)
     check_stats_agree(str(tmp_path / "queued"), queued)
     check_stats_agree(str(tmp_path / "local"), expected)
+    shown = cli("results", tmp_path / "local", "--show", "4")                # what `make demo` prints
+    assert shown.exit_code == 0 and "rows               8 (8 ok, 0 failed)" in shown.output
+    assert [f"[{r['id']}] " in shown.output for r in expected] == [True] * 4 + [False] * 4
 
 
 def test_parquet_job_with_template_ids_and_kept_columns(workers, default_model_dir, tmp_path):
