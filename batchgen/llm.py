@@ -4,7 +4,7 @@ All prompts are known up front, so they are handed to the engine sorted by token
 together and hit the prefix cache); results come back in input order. A prompt that can't run (empty, too
 long, bad chat messages) gets an output with `error` set; it never fails the others.
 """
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from batchgen.config import EngineConfig
 from batchgen.engine.beam_search import BeamGroup, beam_search
@@ -53,8 +53,18 @@ class LLM:
         return self.generate_tokens(encoded, sampling_params)
 
     def generate_tokens(self, prompts: Sequence[list[int] | Exception],
-                        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None
-                        ) -> list[RequestOutput]:
+                        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+                        should_stop: Callable[[], bool] | None = None) -> list[RequestOutput]:
+        """Complete prompts given as token ids; an Exception in place of a prompt (e.g. a chat template
+        failure while encoding it) comes back as that prompt's error. Raises
+        `batchgen.engine.errors.Cancelled` once `should_stop()` turns true."""
+        return self.run_requests(prompts, sampling_params, lambda requests: self.engine.run(requests, should_stop))
+
+    def run_requests(self, prompts: Sequence[list[int] | Exception],
+                     sampling_params: SamplingParams | Sequence[SamplingParams] | None,
+                     run: Callable[[list[Request]], None]) -> list[RequestOutput]:
+        """Turn prompts into engine requests, have `run` take them to completion (the engine's own loop, or
+        an EngineLoop shared by threads), and assemble the outputs in input order."""
         params = _per_prompt(sampling_params, len(prompts))
         outputs: list[RequestOutput | None] = [None] * len(prompts)
         sampled: list[Request] = []
@@ -72,7 +82,7 @@ class LLM:
                             for j in range(p.n)]
 
         sampled.sort(key=lambda r: (r.prompt_token_ids, r.sample_index))
-        self.engine.run(sampled)
+        run(sampled)
         by_group: dict[int, list[Request]] = {}
         for request in sampled:
             by_group.setdefault(request.group_index, []).append(request)
@@ -82,9 +92,10 @@ class LLM:
                 str(index), requests[0].prompt_token_ids,
                 [self._completion(r) for r in requests],
                 num_cached_tokens=requests[0].num_cached_tokens,
-                num_preemptions=sum(r.num_preemptions for r in requests))
+                num_preemptions=sum(r.num_preemptions for r in requests),
+                error=next((r.error for r in requests if r.error), None))
 
-        beam_search(beams, self.engine.run)
+        beam_search(beams, run)
         for group in beams:
             outputs[group.group_index] = RequestOutput(
                 str(group.group_index), group.prompt_token_ids,

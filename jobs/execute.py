@@ -27,6 +27,7 @@ from batchgen.jobs.io import (OPENAI_OUTPUT_FILE, PARTS_DIR, SHARD_STATS_KEY, SP
 from batchgen.jobs.spec import JobSpec, PromptRow
 from batchgen.jobs.stats import JobStats, ShardStats, merge_stats
 from batchgen.jobs.store import JobRecord, JobStore, MemoryJobStore
+from batchgen.engine.errors import Cancelled
 from batchgen.outputs import RequestOutput
 from batchgen.sampling_params import SamplingParams
 
@@ -139,7 +140,7 @@ def run_shard(spec: JobSpec, shard_index: int, executor: Executor, store: JobSto
     """Run one shard unless its part exists or the store says not to, then finalize the job if this was the
     last one. Whole-job problems (the input changed, the output can't be written) fail the job and come back
     as status "failed"; a row's problems are that row's error. `should_stop` (see `cancel_check`) is handed
-    to the engine, which raises `batchgen.engine.loop.Cancelled` when it turns true mid-shard."""
+    to the engine, which raises `batchgen.engine.errors.Cancelled` when it turns true mid-shard."""
     job_id = spec.job_id
     if part_exists(spec.output, shard_index):
         # Redelivered after its part was written, perhaps before it was counted: count it (once) now.
@@ -158,7 +159,7 @@ def run_shard(spec: JobSpec, shard_index: int, executor: Executor, store: JobSto
         return _fail(spec, store, shard_index, str(exc))
     try:
         results = _generate_rows(rows, executor, should_stop)
-    except _cancelled_error():
+    except Cancelled:
         log.info("job %s shard %d stopped: the job was cancelled", job_id, shard_index)
         return ShardOutcome(shard_index, "cancelled")
     output_rows = [output_row(row, result) for row, result in zip(rows, results)]
@@ -239,69 +240,10 @@ def _generate_rows(rows: list[PromptRow], executor: Executor,
     """Engine results for the valid rows, None for rows that were invalid from the start."""
     valid = [row for row in rows if row.error is None]
     prompts = [encode_row(row, executor.tokenizer) for row in valid]
-    generated = generate_isolating(executor.engine, prompts, [row.params for row in valid], should_stop) \
+    generated = executor.engine.generate_tokens(prompts, [row.params for row in valid], should_stop=should_stop) \
         if valid else []
     by_index = {row.index: result for row, result in zip(valid, generated)}
     return [by_index.get(row.index) for row in rows]
-
-
-def generate_isolating(engine: Generator, prompts: list[list[int] | Exception], params: list[SamplingParams],
-                       should_stop: Callable[[], bool] | None = None) -> list[RequestOutput]:
-    """`engine.generate_tokens`, except that an engine exception (a poison row) doesn't cost the shard: the
-    batch is split in halves and each retried, so only the rows that fail on their own become errors (each
-    row is retried at most log2(batch) + 1 times). When every row fails alone too, the fault is the engine's,
-    not the rows': the original exception is raised so the shard runs again elsewhere."""
-    try:
-        return _call_engine(engine, prompts, params, should_stop)
-    except _cancelled_error():
-        raise
-    except Exception as exc:
-        if len(prompts) == 1:
-            raise
-        log.warning("engine failed on a batch of %d rows (%s: %s); retrying it in halves to isolate the row",
-                    len(prompts), type(exc).__name__, exc)
-        middle = len(prompts) // 2
-        results = (_bisect(engine, prompts[:middle], params[:middle], should_stop)
-                   + _bisect(engine, prompts[middle:], params[middle:], should_stop))
-        if all(result.error is not None and result.error.startswith(_ENGINE_ERROR) for result in results):
-            raise
-        return results
-
-
-_ENGINE_ERROR = "engine error: "
-
-
-def _bisect(engine: Generator, prompts: list, params: list, should_stop) -> list[RequestOutput]:
-    try:
-        return _call_engine(engine, prompts, params, should_stop)
-    except _cancelled_error():
-        raise
-    except Exception as exc:
-        if len(prompts) == 1:
-            prompt = prompts[0]
-            return [RequestOutput("0", [] if isinstance(prompt, Exception) else prompt, [],
-                                  error=f"{_ENGINE_ERROR}{type(exc).__name__}: {exc}")]
-        middle = len(prompts) // 2
-        return (_bisect(engine, prompts[:middle], params[:middle], should_stop)
-                + _bisect(engine, prompts[middle:], params[middle:], should_stop))
-
-
-def _call_engine(engine: Generator, prompts: list, params: list, should_stop) -> list[RequestOutput]:
-    if should_stop is None:
-        return engine.generate_tokens(prompts, params)
-    return engine.generate_tokens(prompts, params, should_stop=should_stop)
-
-
-def _cancelled_error() -> type[BaseException]:
-    try:
-        from batchgen.engine.loop import Cancelled
-    except ImportError:   # TRANSITIONAL until the engine loop lands
-        return _NotRaised
-    return Cancelled
-
-
-class _NotRaised(Exception):
-    pass
 
 
 # ---------------------------------------------------------------------------------------------------------

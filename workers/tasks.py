@@ -43,28 +43,12 @@ def load_executor() -> execute.Executor:
     with _engine_lock:
         if _executor is None:
             from batchgen import LLM
+            from batchgen.engine.loop import EngineLoop
 
             llm = LLM(worker_model(), **json.loads(os.environ.get("BATCHGEN_ENGINE_ARGS") or "{}"))
-            _executor = execute.Executor.for_llm(llm, _engine_loop(llm))
+            _executor = execute.Executor.for_llm(llm, EngineLoop(llm))
             log.info("model %s loaded on %s (%s)", worker_model(), _executor.gpu, _executor.dtype)
         return _executor
-
-
-def _engine_loop(llm):
-    try:
-        from batchgen.engine.loop import EngineLoop
-    except ImportError:   # TRANSITIONAL until the engine loop lands: one shard at a time, no mid-shard cancel
-        return _OneShardAtATime(llm)
-    return EngineLoop(llm)
-
-
-class _OneShardAtATime:
-    def __init__(self, llm):
-        self.llm, self.lock = llm, threading.Lock()
-
-    def generate_tokens(self, prompts, sampling_params, should_stop=None):
-        with self.lock:
-            return self.llm.generate_tokens(prompts, sampling_params)
 
 
 @app.task(name=SHARD_TASK, bind=True, max_retries=MAX_SHARD_RETRIES)

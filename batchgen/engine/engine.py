@@ -1,14 +1,18 @@
 """The step loop: schedule -> run the model -> sample -> append tokens, check stops, free finished requests."""
 import logging
+import time
+from collections.abc import Callable
 
 import torch
 
 from batchgen.config import EngineConfig
+from batchgen.engine.errors import Cancelled, EngineBroken
 from batchgen.engine.kv_cache import KVCacheManager
 from batchgen.engine.model_runner import ModelRunner
 from batchgen.engine.request import Request
 from batchgen.engine.sampler import Sampler
-from batchgen.engine.scheduler import Scheduler
+from batchgen.engine.scheduler import ScheduledBatch, Scheduler
+from batchgen.engine.structured import GrammarEngine, StructuredOutputError, apply_bitmask
 from batchgen.models.config import ModelConfig
 from batchgen.models.loader import load_model, resolve_model_path
 from batchgen.outputs import TokenLogprobs
@@ -19,6 +23,11 @@ log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 CPU_KV_CACHE_CAP = 4 << 30
+MAX_SOLO_FAILURES = 3
+# a poison request costs 1 + MAX_SOLO_FAILURES failed steps in a row, two adjacent ones a step less than this:
+# more means the engine itself is broken
+MAX_CONSECUTIVE_FAILED_STEPS = 2 * (1 + MAX_SOLO_FAILURES)
+GRAMMAR_POLL_S = 0.002
 
 
 def resolve_dtype(name: str, device: torch.device, checkpoint_dtype: torch.dtype | None) -> torch.dtype:
@@ -59,8 +68,12 @@ class Engine:
             max_num_batched_tokens = max(max_num_batched_tokens, self.max_model_len)
         self.kv_cache = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.kv_cache, config.resolved_max_num_seqs(self.device), max_num_batched_tokens,
-                                   config.enable_chunked_prefill)
+                                   config.enable_chunked_prefill,
+                                   is_ready=lambda r: r.params.structured is None or r.grammar is not None)
         self.sampler = Sampler(config.seed)
+        self.grammars: GrammarEngine | None = None     # created with the first structured request
+        self.consecutive_failed_steps = 0
+        self.awaiting_grammar: list[Request] = []
         if self.device.type == "cuda" and not config.enforce_eager:
             try:
                 self.runner.capture_decode_graphs(self.scheduler.max_num_seqs, self.max_model_len)
@@ -98,8 +111,8 @@ class Engine:
     # -- requests -----------------------------------------------------------------------------------
     def check_request(self, prompt_token_ids: list[int], params: SamplingParams) -> str | None:
         """Why this request can't run, or None."""
-        if params.stop and self.tokenizer is None:
-            return "stop strings need a tokenizer, and this model directory has none"
+        if (params.stop or params.structured) and self.tokenizer is None:
+            return "stop strings and structured output need a tokenizer, and this model directory has none"
         if not prompt_token_ids:
             return "prompt is empty"
         if len(prompt_token_ids) >= self.max_model_len:
@@ -112,24 +125,65 @@ class Engine:
 
     def add_request(self, request: Request) -> None:
         request.eos_token_ids = self.eos_token_ids
+        constraint = request.params.structured
+        if constraint is not None:
+            self._grammar_engine().start(constraint)
+            self.awaiting_grammar.append(request)
         self.scheduler.add(request)
+
+    def _grammar_engine(self) -> GrammarEngine:
+        if self.grammars is None:
+            if self.tokenizer is None:
+                raise ValueError("structured output needs a tokenizer, and this model directory has none")
+            self.grammars = GrammarEngine(self.tokenizer.hf, self.eos_token_ids, self.model_config.vocab_size)
+        return self.grammars
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
+    def abort(self, requests: list[Request]) -> None:
+        """Stop these requests and release their blocks (cancelled work)."""
+        for request in requests:
+            if not request.is_finished:
+                request.finish("abort")
+                self.scheduler.finish(request)
+
     # -- the step -----------------------------------------------------------------------------------
     def step(self) -> list[Request]:
-        """One forward pass over the scheduled batch; returns the requests that finished in it."""
+        """One forward pass over the scheduled batch; returns the requests that finished in it. Never raises
+        for a request's sake: see `_recover`."""
+        finished = self._attach_grammars()
         batch = self.scheduler.schedule()
         if not batch:
-            return []
+            if self.awaiting_grammar:   # all that is left waits for grammar compiles: let them have the CPU
+                time.sleep(GRAMMAR_POLL_S)
+            return finished
+        try:
+            finished += self._run_batch(batch)
+        except Exception as exc:
+            self.consecutive_failed_steps += 1
+            if self.consecutive_failed_steps >= MAX_CONSECUTIVE_FAILED_STEPS:
+                raise EngineBroken(f"{self.consecutive_failed_steps} steps failed in a row, the last with "
+                                   f"{type(exc).__name__}: {exc}") from exc
+            finished += self._recover(batch, exc)
+        else:
+            self.consecutive_failed_steps = 0
+        return finished
+
+    def _run_batch(self, batch: ScheduledBatch) -> list[Request]:
         logits, sampling_requests = self.runner.execute(batch)
         for request, num_new in zip(batch.requests, batch.num_new_tokens):
             start = request.num_computed_tokens
             self.num_computed_prompt_tokens += max(0, min(request.num_prompt_tokens, start + num_new) - start)
             request.num_computed_tokens += num_new
+            request.suspect = False
         if not sampling_requests:
             return []
+        if self.grammars is not None:
+            # built on the CPU while the GPU still runs the forward pass
+            bitmask = self.grammars.fill_bitmask([r.grammar for r in sampling_requests])
+            if bitmask is not None:
+                apply_bitmask(logits, bitmask)
         sampled = self.sampler(logits, sampling_requests)
         finished = []
         for i, request in enumerate(sampling_requests):
@@ -138,6 +192,50 @@ class Engine:
                 self.scheduler.finish(request)
                 finished.append(request)
         return finished
+
+    def _recover(self, batch: ScheduledBatch, exc: Exception) -> list[Request]:
+        """A step raised. Its K/V writes can't be trusted, so cached prefixes are forgotten and its requests
+        are recomputed, each first by itself: a request that fails alone MAX_SOLO_FAILURES times ends with an
+        error, and the rest of the work never notices."""
+        log.warning("step of %d requests failed (%s: %s); isolating them", len(batch), type(exc).__name__, exc)
+        self.kv_cache.forget_cached_prefixes()
+        finished = []
+        for request in batch.requests:
+            if request.is_finished:          # finished earlier in the failed step
+                finished.append(request)
+                continue
+            if len(batch) == 1:
+                request.num_failures += 1
+            if request.num_failures >= MAX_SOLO_FAILURES:
+                request.error = f"the engine failed on this request {request.num_failures} times: " \
+                                f"{type(exc).__name__}: {exc}"
+                request.finish("error")
+                self.scheduler.finish(request)
+                finished.append(request)
+            else:
+                request.suspect = True
+                self.scheduler.preempt(request)
+        return finished
+
+    def _attach_grammars(self) -> list[Request]:
+        """Give each constrained request its matcher once its grammar has compiled (compiles run in
+        threads, off this loop); a grammar that fails to compile ends its request with the reason."""
+        failed, still_waiting = [], []
+        for request in self.awaiting_grammar:
+            if request.is_finished:
+                continue
+            if not self.grammars.ready(request.params.structured):
+                still_waiting.append(request)
+                continue
+            try:
+                request.grammar = self.grammars.matcher(request.params.structured)
+            except StructuredOutputError as exc:
+                request.error = f"structured output: {exc}"
+                request.finish("error")
+                self.scheduler.finish(request)
+                failed.append(request)
+        self.awaiting_grammar = still_waiting
+        return failed
 
     def _append_token(self, request: Request, token_id: int, logprob: float, top: TokenLogprobs | None) -> None:
         request.output_token_ids.append(token_id)
@@ -148,6 +246,14 @@ class Engine:
             request.logprobs.append(top)
         params = request.params
         num_output = len(request.output_token_ids)
+        if request.grammar is not None:
+            if not request.grammar.accept_token(token_id):
+                request.error = f"structured output: {request.grammar.error}"
+                request.finish("error")
+                return
+            if request.grammar.is_terminated():
+                request.finish("stop")
+                return
         if num_output >= params.min_tokens:   # (the sampler keeps eos and stop ids out until then)
             if token_id in request.eos_token_ids and not params.ignore_eos:
                 request.finish("stop")
@@ -163,6 +269,8 @@ class Engine:
                     return
         if num_output >= params.max_tokens or request.num_tokens >= self.max_model_len:
             request.finish("length")
+            if request.grammar is not None and not request.grammar.is_complete():
+                request.error = "output cut off by the length limit before the structured output was complete"
 
     def output_text(self, request: Request) -> str:
         """The request's completion text; a stop string and what follows it are cut off (unless asked for)."""
@@ -180,9 +288,16 @@ class Engine:
             return ""
         return self.tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens)
 
-    def run(self, requests: list[Request]) -> None:
-        """Add the requests and step until none is unfinished."""
+    def run(self, requests: list[Request], should_stop: Callable[[], bool] | None = None) -> None:
+        """Add the requests and step until none is unfinished; when `should_stop()` turns true (it is asked
+        every step), drop them and raise Cancelled. On any exception the requests leave the engine."""
         for request in requests:
             self.add_request(request)
-        while self.has_unfinished():
-            self.step()
+        try:
+            while self.has_unfinished():
+                if should_stop is not None and should_stop():
+                    raise Cancelled()
+                self.step()
+        except BaseException:
+            self.abort(requests)
+            raise

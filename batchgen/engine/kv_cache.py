@@ -105,6 +105,12 @@ class KVCacheManager:
                     self.free_blocks.move_to_end(block_id, last=False)
         request.block_ids = []
 
+    def forget_cached_prefixes(self) -> None:
+        """Drop every prefix-cache entry: after a failed step, blocks registered for it may never have been
+        written."""
+        self.cached_blocks.clear()
+        self.block_hash = [None] * self.num_blocks
+
     def record_lookup(self, num_prompt_tokens: int, num_hit_tokens: int) -> None:
         self.num_queried_tokens += num_prompt_tokens
         self.num_hit_tokens += num_hit_tokens

@@ -30,6 +30,8 @@ class Request:
     num_computed_tokens: int = 0     # tokens whose K/V are in the cache
     num_cached_tokens: int = 0       # prompt tokens served by the prefix cache at first admission
     num_preemptions: int = 0
+    suspect: bool = False            # was in a step that raised: runs alone next, to see if it is the cause
+    num_failures: int = 0            # steps that raised while it ran alone
     block_ids: list[int] = field(default_factory=list)
     block_hashes: list[int] = field(default_factory=list)   # chained hashes of this sequence's full blocks
     generator: torch.Generator | None = None

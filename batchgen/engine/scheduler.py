@@ -46,6 +46,9 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def schedule(self) -> ScheduledBatch:
+        suspect = next((r for r in self.waiting if r.suspect), None)
+        if suspect is not None:
+            return self._schedule_alone(suspect)
         batch = ScheduledBatch()
         budget = self.max_num_batched_tokens
 
@@ -96,6 +99,26 @@ class Scheduler:
             budget -= num_new
         self.waiting.extendleft(reversed(skipped))
         return batch
+
+    def _schedule_alone(self, request: Request) -> ScheduledBatch:
+        """After a step raised, each of its requests runs once by itself, so the one that breaks the engine
+        is found and the others are cleared."""
+        batch = ScheduledBatch()
+        num_new = min(request.num_tokens, self.max_num_batched_tokens)
+        while not self.kv_cache.allocate(request, num_new):
+            self.preempt(self.running[-1])
+            batch.num_preempted += 1
+        self.waiting.remove(request)
+        request.status = RequestStatus.RUNNING
+        self.running.append(request)
+        batch.requests.append(request)
+        batch.num_new_tokens.append(num_new)
+        return batch
+
+    def preempt(self, request: Request) -> None:
+        """Send a running request back to the queue to be recomputed."""
+        self.running.remove(request)
+        self._preempt(request)
 
     def _preempt(self, request: Request) -> None:
         self.kv_cache.free(request)

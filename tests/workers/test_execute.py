@@ -15,9 +15,6 @@ from batchgen.jobs.spec import JobSpec
 from batchgen.jobs.store import MemoryJobStore
 from batchgen.outputs import CompletionOutput, RequestOutput
 
-POISON = "poison"
-
-
 class FakeTokenizer:
     """One token per character; chats join their contents; 'no template' fails like a model without one."""
 
@@ -35,8 +32,8 @@ def fake_text(prompt: list[int], max_tokens: int) -> str:
 
 
 class FakeEngine:
-    """Answers a prompt with its text reversed, cut to max_tokens characters; raises on a poison prompt (or on
-    everything, with `broken`). Records each call's batch size."""
+    """Answers a prompt with its text reversed, cut to max_tokens characters; raises on every call when
+    `broken`. Records each call's batch size."""
 
     def __init__(self, broken: bool = False):
         self.broken = broken
@@ -46,7 +43,7 @@ class FakeEngine:
     def generate_tokens(self, prompts, sampling_params, should_stop=None):
         with self.lock:
             self.calls.append(len(prompts))
-        if self.broken or any(not isinstance(p, Exception) and POISON in "".join(map(chr, p)) for p in prompts):
+        if self.broken:
             raise RuntimeError("device-side assert triggered")
         outputs = []
         for i, (prompt, params) in enumerate(zip(prompts, sampling_params)):
@@ -134,20 +131,6 @@ def test_shards_of_a_finished_or_cancelled_job_do_not_run(job):
     engine = FakeEngine()
     assert execute.run_shard(spec, 0, executor(engine), store).status == "skipped"
     assert engine.calls == [] and not execute.part_exists(spec.output, 0)
-
-
-def test_poison_row_is_isolated_and_the_shard_completes(job):
-    rows = prompts(8)
-    rows[5]["prompt"] = f"a {POISON} row"
-    spec = job(rows, shard_size=8)
-    engine = FakeEngine()
-    execute.run_job_locally(spec, executor(engine))
-    table = read_output(spec.output).to_pylist()
-    assert [r["error"] is None for r in table] == [i != 5 for i in range(8)]
-    assert "RuntimeError: device-side assert" in table[5]["error"]
-    assert [r["text"] for r in table if r["error"] is None] == [
-        fake_text([ord(c) for c in r["prompt"]], 256) for i, r in enumerate(rows) if i != 5]
-    assert sum(engine.calls) < 8 * 4     # halving: each row retried about log2(8) times, not once per row pair
 
 
 def test_an_engine_that_fails_on_every_row_fails_the_shard(job):
