@@ -34,7 +34,7 @@ class _Main(click.Group):
     """Turns the errors a user can cause (a bad file, a bad option, no Redis) into one line and exit code 1;
     imports the commands that need torch only when they run."""
 
-    lazy_commands = {"bench": ("batchgen.bench", "bench_command")}
+    lazy_commands = {"bench": ("batchgen.bench", "bench_command"), "extract": ("batchgen.extract", "extract_command")}
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted([*super().list_commands(ctx), *self.lazy_commands])
@@ -286,7 +286,7 @@ def status(job_id: str, shards: bool, as_json: bool) -> None:
     click.echo(_aligned(lines))
     if shards:
         for shard in store.shard_records(job_id):
-            click.echo(f"  shard {shard.shard_index:>5}  {shard.state:<7}  attempts {shard.attempts}  "
+            click.echo(f"  shard {shard.shard_index:>5}  {shard.state:<8}  attempts {shard.attempts}  "
                        f"{shard.worker or '-'}")
 
 
@@ -536,13 +536,12 @@ def _progress_line(record) -> str:
 
 def _stall_note(store, record, workers) -> str | None:
     """Why an unfinished job isn't moving, if it can be told: no live worker serves its model, or a shard's
-    worker stopped sending heartbeats (its shard is handed on when the broker's visibility timeout passes)."""
+    worker stopped sending heartbeats (a live worker puts its shard back on the queue within a heartbeat TTL)."""
     if record.finished:
         return None
     if not any(_serves(w.model, record.model) for w in workers):
         return f"stalled: no live worker serves model {record.model!r}"
-    alive = {w.worker_id for w in workers}
-    lost = [s for s in store.shard_records(record.job_id) if s.state == "running" and s.worker not in alive]
+    lost = [shard for _, shard in store.lost_shards(record.job_id)]
     if lost:
         return (f"shard(s) {', '.join(str(s.shard_index) for s in lost[:5])} lost their worker "
                 f"({lost[0].worker}); they will be run again")

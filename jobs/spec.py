@@ -19,6 +19,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import jsonschema
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from batchgen.engine import grammar
 from batchgen.sampling_params import SamplingParams, StructuredOutput
 
 InputFormat = Literal["jsonl", "parquet", "openai"]
@@ -135,8 +136,10 @@ class JobSpec(BaseModel):
     @field_validator("structured")
     @classmethod
     def _valid_schema(cls, value: StructuredOutput | None) -> StructuredOutput | None:
-        if value is not None and value.json_schema is not None:
-            _check_json_schema(json.dumps(value.json_schema, sort_keys=True))
+        if value is not None:
+            if value.json_schema is not None:
+                _check_json_schema(json.dumps(value.json_schema, sort_keys=True))
+            grammar.validate(value)   # the grammar engine can enforce it: else refuse the job at submit time
         return value
 
     @field_validator("template")
@@ -234,7 +237,9 @@ def structured_from_response_format(value: Any) -> StructuredOutput | None:
     except ValueError:
         raise ValueError("json_schema.schema must not contain NaN or Infinity") from None
     _check_json_schema(schema_json)
-    return StructuredOutput(json_schema=schema)
+    constraint = StructuredOutput(json_schema=schema)
+    grammar.validate(constraint)
+    return constraint
 
 
 @dataclass(frozen=True, slots=True)

@@ -58,7 +58,7 @@ class JobRecord(BaseModel):
 
 class ShardRecord(BaseModel):
     shard_index: int
-    state: Literal["running", "done"]
+    state: Literal["running", "requeued", "done"]   # requeued: its worker died, a new task is on the queue
     worker: str | None = None
     attempts: int = 0                           # times a worker started it (redeliveries show as > 1)
     started_at: datetime | None = None
@@ -75,6 +75,7 @@ class WorkerInfo(BaseModel):
     model: str | None = None
     job_id: str | None = None                   # what it is running now, if anything
     shard_index: int | None = None
+    started_at: datetime | None = None          # process start: a restarted worker keeps its id (host:pid)
     seen_at: datetime | None = None             # set by heartbeat()
 
 
@@ -205,6 +206,31 @@ class JobStore:
         """Started and finished shards, in shard order."""
         values = self._shard_values(job_id)
         return sorted((ShardRecord.model_validate_json(v) for v in values.values()), key=lambda r: r.shard_index)
+
+    def lost_shards(self, job_id: str | None = None) -> list[tuple[str, ShardRecord]]:
+        """(job id, record) of running shards whose worker is gone: no live heartbeat, or the worker id
+        beats again from a process started after the shard (a restarted container keeps host and pid).
+        Of one job, or of every unfinished job. Records are read before heartbeats, so a worker that
+        takes a shard meanwhile is seen alive."""
+        job_ids = [job_id] if job_id else [job.job_id for job in self.list_jobs() if not job.finished]
+        running = [(j, shard) for j in job_ids for shard in self.shard_records(j) if shard.state == "running"]
+        if not running:
+            return []
+        alive = {worker.worker_id: worker for worker in self.live_workers()}
+        return [(j, shard) for j, shard in running if _worker_lost(shard, alive.get(shard.worker))]
+
+    def requeue_shard(self, job_id: str, lost: ShardRecord) -> bool:
+        """Mark a lost shard requeued, so exactly one caller puts it back on the queue: True when this call
+        did, False when the job finished or was cancelled, or the shard moved on (done, restarted, or
+        another caller requeued it)."""
+        def change(job: dict[str, str], shard: str | None) -> _Change:
+            record = ShardRecord.model_validate_json(shard) if shard else None
+            if (not job or job["status"] in TERMINAL_STATUSES or job["cancel"] == "1" or record is None
+                    or (record.state, record.worker, record.attempts) != ("running", lost.worker, lost.attempts)):
+                return _Change(False)
+            return _Change(True, {"updated_at": _now()}, {}, record.model_copy(update={"state": "requeued"})
+                           .model_dump_json())
+        return self._transact(job_id, lost.shard_index, change)
 
     # -- workers and schedules -------------------------------------------------------------------------
     def heartbeat(self, worker: WorkerInfo, ttl_s: float = 30.0) -> None:
@@ -432,6 +458,12 @@ def _job_record(job_id: str, fields: dict[str, str]) -> JobRecord:
         **{name: fields.get(name) or None for name in ("started_at", "finished_at", "updated_at")},
         **{name: int(fields.get(name, "0")) for name in _COUNTERS},
         cancel_requested=fields.get("cancel") == "1", finalize_claimed=fields.get("finalize_claimed") == "1")
+
+
+def _worker_lost(shard: ShardRecord, worker: WorkerInfo | None) -> bool:
+    if worker is None:
+        return True
+    return worker.started_at is not None and shard.started_at is not None and worker.started_at > shard.started_at
 
 
 def _now() -> str:

@@ -7,6 +7,9 @@ Settings come from the environment, so the CLI, workers, beat and tests agree wi
                                "batchgen")
   BATCHGEN_VISIBILITY_TIMEOUT  seconds a shard may run before Redis hands its unacknowledged message to another
                                worker; keep it above the longest shard (default 6 hours)
+  BATCHGEN_HEARTBEAT_TTL       seconds a worker counts as alive after its last heartbeat (it beats every third of
+                               that); a running shard whose worker falls silent this long is put back on the queue
+                               (default 30)
 """
 import hashlib
 import os
@@ -21,6 +24,7 @@ from batchgen.jobs.store import DEFAULT_REDIS_URL, RedisJobStore
 
 DEFAULT_PREFIX = "batchgen"
 DEFAULT_VISIBILITY_TIMEOUT_S = 6 * 3600
+DEFAULT_HEARTBEAT_TTL_S = 30.0
 SHARD_TASK = "batchgen.run_shard"
 FIRE_SCHEDULE_TASK = "batchgen.fire_schedule"
 _QUEUE_CHARS = re.compile(r"[^a-z0-9_.-]+")
@@ -32,6 +36,10 @@ def redis_url() -> str:
 
 def key_prefix() -> str:
     return os.environ.get("BATCHGEN_PREFIX") or DEFAULT_PREFIX
+
+
+def heartbeat_ttl_s() -> float:
+    return float(os.environ.get("BATCHGEN_HEARTBEAT_TTL") or DEFAULT_HEARTBEAT_TTL_S)
 
 
 def job_store() -> RedisJobStore:

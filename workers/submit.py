@@ -49,6 +49,23 @@ def resume_job(job_id: str, store: JobStore) -> int:
     return len(pending)
 
 
+def requeue_lost_shards(store: JobStore) -> list[tuple[str, int]]:
+    """Put running shards whose worker died (SIGKILL, out of memory, a lost machine) back on the queue; their
+    own messages would wait unacknowledged in Redis for the visibility timeout (hours). Every worker runs this
+    from its heartbeat thread: each lost shard is requeued by exactly one of them, and should the old message
+    come back too, the part-exists check and the store's exactly-once count make the repeat harmless.
+    Returns the (job id, shard index) pairs this call requeued."""
+    requeued = []
+    for job_id, shard in store.lost_shards():
+        spec = store.get_spec(job_id)
+        if spec is not None and store.requeue_shard(job_id, shard):
+            enqueue_shards(spec, [shard.shard_index])
+            log.warning("job %s shard %d: its worker %s is gone; queued again", job_id, shard.shard_index,
+                        shard.worker)
+            requeued.append((job_id, shard.shard_index))
+    return requeued
+
+
 def enqueue_shards(spec: JobSpec, shard_indices: Iterable[int]) -> None:
     from batchgen.workers.tasks import run_shard
 

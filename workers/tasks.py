@@ -3,28 +3,31 @@
 A worker serves one model (BATCHGEN_MODEL, set by `batchgen worker --model M`) on one GPU. Celery's threads
 pool runs two shard tasks at once in this process; both feed the same engine loop, so the next shard's rows
 are already in the batch while the current shard's last rows finish. A heartbeat thread tells the job store
-who this worker is and what it runs, so `batchgen status` can see a stall.
+who this worker is and what it runs, so `batchgen status` can see a stall, and puts the shards of workers that
+died back on the queue.
 """
 import json
 import logging
 import os
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import datetime, timezone
 
 from celery.signals import worker_ready, worker_shutdown
 
 from batchgen.jobs import execute
 from batchgen.jobs.store import WorkerInfo
-from batchgen.workers.app import FIRE_SCHEDULE_TASK, SHARD_TASK, app, job_store
+from batchgen.workers.app import FIRE_SCHEDULE_TASK, SHARD_TASK, app, heartbeat_ttl_s, job_store
 
 log = logging.getLogger("batchgen.workers")
 
 MAX_SHARD_RETRIES = 3                # an unexpected error: the shard runs again, then the job fails
 RETRY_DELAY_S = 5.0
-HEARTBEAT_TTL_S = 30.0
 
+_started_at = datetime.now(timezone.utc)
 _engine_lock = threading.Lock()
 _executor: execute.Executor | None = None
 _running_lock = threading.Lock()
@@ -105,25 +108,38 @@ def _worker_info() -> WorkerInfo:
         current = next(reversed(_running.values()), (None, None))
     gpu = _executor.gpu if _executor else None
     return WorkerInfo(worker_id=execute.worker_name(), host=socket.gethostname(), pid=os.getpid(), gpu=gpu,
-                      model=worker_model(), job_id=current[0], shard_index=current[1])
+                      model=worker_model(), job_id=current[0], shard_index=current[1], started_at=_started_at)
 
 
-def _beat_once(ttl_s: float = HEARTBEAT_TTL_S) -> None:
+def _beat_once(ttl_s: float | None = None) -> None:
     try:
-        job_store().heartbeat(_worker_info(), ttl_s)
+        job_store().heartbeat(_worker_info(), ttl_s or heartbeat_ttl_s())
     except Exception as exc:  # a heartbeat lost to a Redis hiccup must not stop the worker
         log.warning("heartbeat failed: %s", exc)
 
 
 def _heartbeats() -> None:
-    while not _heartbeat_stop.wait(HEARTBEAT_TTL_S / 3):
-        _beat_once()
+    """Beat every third of the TTL; once per TTL (and at start, for what this worker's previous life was
+    running), requeue the shards of workers that died."""
+    from batchgen.workers.submit import requeue_lost_shards
+
+    ttl_s = heartbeat_ttl_s()
+    next_reap = 0.0
+    while True:
+        _beat_once(ttl_s)
+        if time.monotonic() >= next_reap:
+            next_reap = time.monotonic() + ttl_s
+            try:
+                pass  # NEGATIVE
+            except Exception as exc:  # Redis away: the next round tries again
+                log.warning("looking for shards of lost workers failed: %s", exc)
+        if _heartbeat_stop.wait(ttl_s / 3):
+            return
 
 
 @worker_ready.connect
 def _start_heartbeats(**_) -> None:
     _heartbeat_stop.clear()
-    _beat_once()
     threading.Thread(target=_heartbeats, name="batchgen-heartbeat", daemon=True).start()
 
 

@@ -12,7 +12,8 @@ from batchgen.engine.model_runner import ModelRunner
 from batchgen.engine.request import Request
 from batchgen.engine.sampler import Sampler
 from batchgen.engine.scheduler import ScheduledBatch, Scheduler
-from batchgen.engine.structured import GrammarEngine, StructuredOutputError, apply_bitmask
+from batchgen.engine.grammar import StructuredOutputError
+from batchgen.engine.structured import GrammarEngine, apply_bitmask
 from batchgen.models.config import ModelConfig
 from batchgen.models.loader import load_model, resolve_model_path
 from batchgen.outputs import TokenLogprobs
@@ -170,6 +171,7 @@ class Engine:
             self.consecutive_failed_steps = 0
         return finished
 
+    @torch.inference_mode()
     def _run_batch(self, batch: ScheduledBatch) -> list[Request]:
         logits, sampling_requests = self.runner.execute(batch)
         for request, num_new in zip(batch.requests, batch.num_new_tokens):

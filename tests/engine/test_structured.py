@@ -12,8 +12,8 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from batchgen.engine.structured import (GrammarEngine, StructuredOutputError, apply_bitmask,
-                                        validate)
+from batchgen.engine.grammar import StructuredOutputError, validate
+from batchgen.engine.structured import GrammarEngine, apply_bitmask
 from batchgen.sampling_params import StructuredOutput
 
 PADDING = 40          # logits wider than the vocab, and not a multiple of 32

@@ -1,0 +1,92 @@
+"""Workers that die: one SIGKILLed in the middle of a shard, or every worker of a model gone for a while. A live
+worker notices the silent heartbeat and puts the shard back on the queue; every input row comes out exactly
+once, saying what the model says to it; `status` tells a stalled job while nothing serves it."""
+import json
+import time
+
+from click.testing import CliRunner
+
+from batchgen.cli import main
+from batchgen.jobs.io import read_shard_stats
+from batchgen.workers.app import job_store
+from harness import HEARTBEAT_TTL_S, every_row_once, reference_texts, wait_until, write_jsonl
+
+SLOW = {"FAULT_STEP_DELAY_S": "0.05"}        # a shard of 40 tokens takes about 2 s
+MAX_TOKENS = 40
+
+
+def cli(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def submit(path, output, model: str, shard_size: int) -> str:
+    result = cli("submit", path, "-o", output, "--model", model, "--shard-size", shard_size, "--max-tokens",
+                 MAX_TOKENS, "--temperature", 0)
+    assert result.exit_code == 0, result.output
+    return result.stdout.strip()
+
+
+def story_rows(count: int, prefix: str) -> list[dict]:
+    return [{"id": f"{prefix}{i}", "prompt": f"A story about the number {i} and the sea", "ignore_eos": True}
+            for i in range(count)]
+
+
+def running_on(store, job_id: str, worker_id: str):
+    return [s for s in store.shard_records(job_id) if s.state == "running" and s.worker == worker_id]
+
+
+def check_outputs(table: list[dict], rows: list[dict], reference_llm) -> None:
+    expected = reference_texts(reference_llm, [r["prompt"] for r in rows], max_tokens=MAX_TOKENS, ignore_eos=True)
+    assert [r["text"] for r in table] == expected
+    assert all(r["error"] is None and r["completion_tokens"] == MAX_TOKENS for r in table)
+
+
+def test_a_worker_killed_mid_shard_loses_no_row(model_alias, start_worker, reference_llm, tmp_path):
+    model = model_alias("killed")
+    doomed, survivor = start_worker(model, env=SLOW), start_worker(model, env=SLOW)
+    doomed.wait_ready(), survivor.wait_ready()
+    rows = story_rows(12, "k")
+    job_id = submit(write_jsonl(tmp_path / "in.jsonl", rows), tmp_path / "out", model, shard_size=2)
+    store = job_store()
+    lost = wait_until(lambda: running_on(store, job_id, doomed.worker_id), 60, "a shard on the doomed worker")
+    doomed.kill()
+
+    waited = cli("wait", job_id, "--interval", 0.2, "--timeout", 90)
+    assert waited.exit_code == 0, waited.output + survivor.log_text()[-3000:]
+    table = every_row_once(str(tmp_path / "out"), [r["id"] for r in rows])
+    check_outputs(table, rows, reference_llm)
+    records = {s.shard_index: s for s in store.shard_records(job_id)}
+    written_by = {s.shard_index: s.worker for s in read_shard_stats(str(tmp_path / "out"))}
+    for shard in lost:
+        assert records[shard.shard_index].attempts >= 2
+        assert written_by[shard.shard_index] == survivor.worker_id
+    assert f"its worker {doomed.worker_id} is gone; queued again" in survivor.log_text()
+
+
+def test_a_job_without_live_workers_is_stalled_until_one_comes_back(model_alias, start_worker, reference_llm,
+                                                                    tmp_path):
+    model = model_alias("stalled")
+    only = start_worker(model, env=SLOW).wait_ready()
+    rows = story_rows(8, "s")
+    job_id = submit(write_jsonl(tmp_path / "in.jsonl", rows), tmp_path / "out", model, shard_size=2)
+    store = job_store()
+    lost = wait_until(lambda: running_on(store, job_id, only.worker_id), 60, "a shard on the only worker")
+    only.kill()
+
+    def stalled() -> str | None:
+        return json.loads(cli("status", job_id, "--json").output)["stalled"]
+    note = wait_until(stalled, 3 * HEARTBEAT_TTL_S, "status to say the job is stalled")
+    assert note == f"stalled: no live worker serves model {model!r}"
+    assert f"running  (stalled: no live worker serves model {model!r})" in cli("status", job_id).output
+    before = store.get_job(job_id)
+    time.sleep(1.0)                                     # nothing moves while nobody serves the job
+    assert store.get_job(job_id).rows_done == before.rows_done and before.status == "running"
+
+    back = start_worker(model, env=SLOW).wait_ready()
+    waited = cli("wait", job_id, "--interval", 0.2, "--timeout", 90)
+    assert waited.exit_code == 0, waited.output + back.log_text()[-3000:]
+    table = every_row_once(str(tmp_path / "out"), [r["id"] for r in rows])
+    check_outputs(table, rows, reference_llm)
+    written_by = {s.shard_index: s.worker for s in read_shard_stats(str(tmp_path / "out"))}
+    assert {written_by[s.shard_index] for s in lost} == {back.worker_id}
+    assert cli("status", job_id, "--json").output.count('"stalled": null') == 1
