@@ -22,13 +22,14 @@ class Workload:
     name: str
     prompts: list[list[int]]
     output_lens: list[int]
+    ignore_eos: bool = True     # False: outputs end at EOS (real prompts); the tokens generated are counted
 
     @property
     def num_prompt_tokens(self) -> int:
         return sum(len(p) for p in self.prompts)
 
     def sample(self, count: int) -> "Workload":
-        return Workload(self.name, self.prompts[:count], self.output_lens[:count])
+        return Workload(self.name, self.prompts[:count], self.output_lens[:count], self.ignore_eos)
 
 
 def make_workload(name: str, num_requests: int, input_len: int, output_len: int, vocab_size: int, *,
@@ -44,6 +45,17 @@ def make_workload(name: str, num_requests: int, input_len: int, output_len: int,
         prompts.append(prefix + [rng.randrange(vocab_size) for _ in range(length)])
         output_lens.append(rng.randint(output_len, output_len_max or output_len))
     return Workload(name, prompts, output_lens)
+
+
+def dataset_workload(name: str, path: str, tokenizer, num_requests: int, output_len: int) -> Workload:
+    """Real prompts: rows of a JSONL file with `prompt` text or chat `messages`, cycled to `num_requests`;
+    generation ends at EOS (or output_len)."""
+    with open(path) as rows:
+        records = [json.loads(line) for line in rows if line.strip()]
+    encoded = [tokenizer.encode_chat(r["messages"]) if "messages" in r else tokenizer.encode(r["prompt"])
+               for r in records]
+    prompts = [encoded[i % len(encoded)] for i in range(num_requests)]
+    return Workload(name, prompts, [output_len] * num_requests, ignore_eos=False)
 
 
 def card_name(device: torch.device) -> str:
@@ -68,7 +80,8 @@ def _figures(system: str, workload: Workload, elapsed: float, output_tokens: int
 
 
 def run_batchgen(llm, workload: Workload) -> dict:
-    params = [SamplingParams(temperature=1.0, max_tokens=n, ignore_eos=True) for n in workload.output_lens]
+    params = [SamplingParams(temperature=1.0, max_tokens=n, ignore_eos=workload.ignore_eos)
+              for n in workload.output_lens]
     llm.generate(workload.prompts[:4], params[:4])    # warm up kernels outside the timed run
     device = llm.engine.device
     _synchronize(device)
@@ -112,6 +125,8 @@ def run_hf_static(model, workload: Workload, batch_size: int) -> dict:
     and only the tokens each request asked for count."""
     device = model.device
     pad = 0
+    eos = set(_eos_ids(model))
+    produced = 0
     start = time.perf_counter()
     for first in range(0, len(workload.prompts), batch_size):
         prompts = workload.prompts[first:first + batch_size]
@@ -119,12 +134,25 @@ def run_hf_static(model, workload: Workload, batch_size: int) -> dict:
         ids = torch.tensor([[pad] * (longest - len(p)) + p for p in prompts], device=device)
         mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in prompts], device=device)
         new_tokens = max(workload.output_lens[first:first + batch_size])
-        model.generate(ids, attention_mask=mask, generation_config=_hf_sampling(
-            new_tokens, min_new_tokens=new_tokens, pad_token_id=pad))
+        extra = {"min_new_tokens": new_tokens} if workload.ignore_eos else {}
+        generated = model.generate(ids, attention_mask=mask, generation_config=_hf_sampling(
+            new_tokens, pad_token_id=pad, **extra))[:, longest:].tolist()
+        for row, wanted in zip(generated, workload.output_lens[first:first + batch_size]):
+            produced += wanted if workload.ignore_eos else _until_eos(row, eos)
     _synchronize(device)
     elapsed = time.perf_counter() - start
-    return _figures("hf-static", workload, elapsed, sum(workload.output_lens), workload.num_prompt_tokens, device,
+    return _figures("hf-static", workload, elapsed, produced, workload.num_prompt_tokens, device,
                     batch_size=batch_size, attn_implementation=model.config._attn_implementation)
+
+
+def _eos_ids(model) -> list[int]:
+    eos = model.generation_config.eos_token_id
+    return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+
+
+def _until_eos(token_ids: list[int], eos: set[int]) -> int:
+    """Tokens generated up to and including the first EOS (the rest of a static batch's row is padding)."""
+    return next((i + 1 for i, t in enumerate(token_ids) if t in eos), len(token_ids))
 
 
 @torch.inference_mode()
@@ -158,6 +186,9 @@ def _release_memory() -> None:
 @click.option("--output-len", type=int, default=64, show_default=True)
 @click.option("--output-len-max", type=int, default=None, help="Draw output lengths uniformly up to this.")
 @click.option("--prefix-len", type=int, default=0, show_default=True, help="Shared prefix before every prompt.")
+@click.option("--dataset", type=click.Path(exists=True, dir_okay=False),
+              help="Real prompts instead of random tokens: JSONL rows with 'prompt' or 'messages', cycled to "
+                   "--num-requests; outputs end at EOS or --output-len, for every system.")
 @click.option("--dtype", default="auto", show_default=True)
 @click.option("--device", default="auto", show_default=True)
 @click.option("--max-num-seqs", type=int, default=None)
@@ -169,7 +200,7 @@ def _release_memory() -> None:
 @click.option("--hf-sample", type=int, default=None, help="Run the HF systems on the first N requests only.")
 @click.option("--seed", type=int, default=0, show_default=True)
 def bench_command(model, load_format, name, num_requests, input_len, input_len_max, output_len, output_len_max,
-                  prefix_len, dtype, device, max_num_seqs, max_num_batched_tokens, max_model_len, enforce_eager,
+                  prefix_len, dataset, dtype, device, max_num_seqs, max_num_batched_tokens, max_model_len, enforce_eager,
                   hf_static_batch, hf_continuous, hf_sample, seed):
     """Throughput benchmark; prints one JSON line per system (batchgen, then the HF peers)."""
     from batchgen.llm import LLM
@@ -178,9 +209,12 @@ def bench_command(model, load_format, name, num_requests, input_len, input_len_m
                                          max_model_len=max_model_len).items() if v is not None}
     llm = LLM(model, load_format=load_format, dtype=dtype, device=device, enforce_eager=enforce_eager, seed=seed,
               **engine_args)
-    workload = make_workload(name, num_requests, input_len, output_len, llm.engine.model_config.vocab_size,
-                             prefix_len=prefix_len, input_len_max=input_len_max, output_len_max=output_len_max,
-                             seed=seed)
+    if dataset:
+        workload = dataset_workload(name, dataset, llm.tokenizer, num_requests, output_len)
+    else:
+        workload = make_workload(name, num_requests, input_len, output_len, llm.engine.model_config.vocab_size,
+                                 prefix_len=prefix_len, input_len_max=input_len_max, output_len_max=output_len_max,
+                                 seed=seed)
     model_dir, torch_dtype, torch_device = llm.engine.model_path, llm.engine.dtype, llm.engine.device
     print(json.dumps(run_batchgen(llm, workload) | {"model": str(model)}), flush=True)
     if not (hf_static_batch or hf_continuous):

@@ -118,11 +118,20 @@ def _engine_options(command):
                            metavar="NAME=VALUE",
                            help="Any other engine setting (batchgen.config.EngineConfig), e.g. max_num_seqs=128 "
                                 "or kv_cache_bytes=1000000000; repeatable.")(command)
+    command = click.option("--allow-pickle-weights", is_flag=True,
+                           help="Also load pickled weights (.bin, .pt) of a model without safetensors. Unpickling "
+                                "a file can run code: only for models you trust.")(command)
     command = click.option("--device", default="auto", show_default=True,
                            help="cpu, cuda, cuda:N; auto picks the GPU when there is one.")(command)
     return click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]), default="auto",
                         show_default=True,
                         help="Weights and activations; auto: fp32 on CPU, bf16/fp16 on GPU.")(command)
+
+
+def _engine_settings(dtype: str, device: str, engine_args: dict, allow_pickle_weights: bool) -> dict:
+    """EngineConfig fields from the engine options."""
+    return {"dtype": dtype, "device": device, **engine_args, **({"allow_pickle_weights": True}
+                                                                if allow_pickle_weights else {})}
 
 
 def _parse_engine_args(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> dict:
@@ -156,12 +165,17 @@ def _job_spec(file: str, output: str, options: dict) -> JobSpec:
     elif options["json_object"]:
         structured = StructuredOutput(json_object=True)
     keep = [c.strip() for c in (options["keep_columns"] or "").split(",") if c.strip()]
-    return JobSpec(input=file, output=output, model=options["model"], input_format=options["input_format"],
-                   output_format=options["output_format"], sampling=sampling, structured=structured,
-                   prompt_column=options["prompt_column"], messages_column=options["messages_column"],
-                   id_column=options["id_column"], template=options["template"],
-                   system_prompt=options["system_prompt"], as_chat=options["as_chat"], keep_columns=keep,
-                   shard_size=options["shard_size"])
+    try:
+        return JobSpec(input=file, output=output, model=options["model"], input_format=options["input_format"],
+                       output_format=options["output_format"], sampling=sampling, structured=structured,
+                       prompt_column=options["prompt_column"], messages_column=options["messages_column"],
+                       id_column=options["id_column"], template=options["template"],
+                       system_prompt=options["system_prompt"], as_chat=options["as_chat"], keep_columns=keep,
+                       shard_size=options["shard_size"])
+    except ValidationError as exc:
+        if options["schema_file"] and exc.errors()[0]["loc"][:1] == ("structured",):   # name the file at fault
+            raise click.ClickException(f"{options['schema_file']}: {_validation_message(exc)}") from None
+        raise
 
 
 def _validated(spec: JobSpec) -> JobSpec:
@@ -188,7 +202,8 @@ def _validated(spec: JobSpec) -> JobSpec:
 @click.option("-o", "--output", required=True, help="Output directory (replaced if it holds an earlier run).")
 @_job_options
 @_engine_options
-def run(file: str, output: str, dtype: str, device: str, engine_args: dict, **options) -> None:
+def run(file: str, output: str, dtype: str, device: str, engine_args: dict, allow_pickle_weights: bool,
+        **options) -> None:
     """Run a job in this process (no Redis, no workers).
 
     The same readers, engine and writers as the queue.
@@ -201,7 +216,7 @@ def run(file: str, output: str, dtype: str, device: str, engine_args: dict, **op
 
     def load():
         from batchgen import LLM
-        return LLM(spec.model, **{"dtype": dtype, "device": device, **engine_args})
+        return LLM(spec.model, **_engine_settings(dtype, device, engine_args, allow_pickle_weights))
 
     llm = _load_model(spec.model, load)
     prepare_output(spec, replace=True)
@@ -322,16 +337,19 @@ def cancel(job_id: str) -> None:
 
 
 @main.command()
-@click.argument("job_id")
-def resume(job_id: str) -> None:
+@click.argument("job")
+def resume(job: str) -> None:
     """Queue a failed or cancelled job again.
 
-    Shards already done are not redone."""
+    JOB is a job id, or the job's output directory: that also brings back a job Redis lost (restarted
+    without persistence), from the directory's job.json. Shards already done are not redone."""
     from batchgen.workers.app import job_store
     from batchgen.workers.submit import resume_job
 
+    saved_spec = load_spec(job) if is_uri(job) or os.path.isdir(job) else None
+    job_id = saved_spec.job_id if saved_spec else job
     try:
-        queued = resume_job(job_id, job_store())
+        queued = resume_job(job_id, job_store(), saved_spec)
     except ValueError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(f"resumed {job_id}: {queued:,} shard(s) queued")
@@ -391,7 +409,7 @@ def results(job: str, show: int, shards: bool) -> None:
 @_engine_options
 @click.option("--loglevel", default="INFO", show_default=True)
 def worker(model: str, gpu: str | None, concurrency: int, dtype: str, device: str, engine_args: dict,
-           loglevel: str) -> None:
+           allow_pickle_weights: bool, loglevel: str) -> None:
     """Serve one model's shards from the queue.
 
     The model is loaded once per process and reused for every shard; --gpu 0,1 starts one process per GPU."""
@@ -400,11 +418,12 @@ def worker(model: str, gpu: str | None, concurrency: int, dtype: str, device: st
         sys.exit(_worker_per_gpu(gpus, [sys.executable, "-m", "batchgen.cli", "worker", "--model", model,
                                         "--concurrency", str(concurrency), "--dtype", dtype, "--device", device,
                                         "--loglevel", loglevel, *(f"--engine-arg={name}={json.dumps(value)}"
-                                                                  for name, value in engine_args.items())]))
+                                                                  for name, value in engine_args.items()),
+                                        *(["--allow-pickle-weights"] if allow_pickle_weights else [])]))
     if gpus:
         os.environ["CUDA_VISIBLE_DEVICES"] = gpus[0]
-    os.environ.update(BATCHGEN_MODEL=model, BATCHGEN_ENGINE_ARGS=json.dumps({"dtype": dtype, "device": device,
-                                                                           **engine_args}))
+    os.environ.update(BATCHGEN_MODEL=model, BATCHGEN_ENGINE_ARGS=json.dumps(
+        _engine_settings(dtype, device, engine_args, allow_pickle_weights)))
     from batchgen.workers import tasks
     from batchgen.workers.app import app, queue_name
 

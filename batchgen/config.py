@@ -23,7 +23,7 @@ class EngineConfig(BaseModel):
     kv_cache_bytes: int | None = Field(None, ge=1)          # CPU budget; default a quarter of free RAM, <= 4 GiB
     gpu_memory_utilization: float = Field(0.90, gt=0.0, le=1.0)
     max_model_len: int | None = Field(None, ge=1)           # default: the model's context, capped by the cache
-    max_num_seqs: int | None = Field(None, ge=1)            # default: 256 on GPU, 64 on CPU
+    max_num_seqs: int | None = Field(None, ge=1)            # default: 256 on GPU, 128 on CPU
     max_num_batched_tokens: int | None = Field(None, ge=1)  # default: 8192 on GPU, 1024 on CPU
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
@@ -42,7 +42,7 @@ class EngineConfig(BaseModel):
         return torch.device(self.device)
 
     def resolved_max_num_seqs(self, device: torch.device) -> int:
-        return self.max_num_seqs or (256 if device.type == "cuda" else 64)
+        return self.max_num_seqs or (256 if device.type == "cuda" else 128)
 
     def resolved_max_num_batched_tokens(self, device: torch.device) -> int:
         return self.max_num_batched_tokens or (8192 if device.type == "cuda" else 1024)

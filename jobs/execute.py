@@ -21,8 +21,8 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from batchgen.jobs.io import (OPENAI_OUTPUT_FILE, PARTS_DIR, SHARD_STATS_KEY, SPEC_FILE, STATS_FILE, JobInputError,
-                              JobOutputError, filesystem, output_row, output_schema, part_exists, part_path,
-                              plan_shards, read_rows, read_shard_stats, remove_temp_files, save_stats,
+                              JobOutputError, check_roots, filesystem, output_row, output_schema, part_exists,
+                              part_path, plan_shards, read_rows, read_shard_stats, remove_temp_files, save_stats,
                               write_openai_output, write_part)
 from batchgen.jobs.spec import JobSpec, PromptRow
 from batchgen.jobs.stats import JobStats, ShardStats, merge_stats
@@ -99,7 +99,9 @@ def device_label(device) -> str:
 def prepare_output(spec: JobSpec, replace: bool = False) -> None:
     """Make sure the job's output directory holds no other job's files, since an existing part would be
     taken for one of this job's finished shards. `replace` deletes batchgen's own files left by an earlier
-    run (job.json, stats.json, results.jsonl, parts/); otherwise their presence is an error."""
+    run (job.json, stats.json, results.jsonl, parts/); otherwise their presence is an error. An output
+    outside BATCHGEN_OUTPUT_ROOT is refused (see `check_roots`)."""
+    check_roots(spec)
     fs, base = filesystem(spec.output)
     ours = [posixpath.join(base, name) for name in (SPEC_FILE, STATS_FILE, OPENAI_OUTPUT_FILE)]
     parts = posixpath.join(base, PARTS_DIR)
@@ -142,6 +144,10 @@ def run_shard(spec: JobSpec, shard_index: int, executor: Executor, store: JobSto
     as status "failed"; a row's problems are that row's error. `should_stop` (see `cancel_check`) is handed
     to the engine, which raises `batchgen.engine.errors.Cancelled` when it turns true mid-shard."""
     job_id = spec.job_id
+    try:
+        check_roots(spec)         # a worker enforces its roots whoever registered the job
+    except (JobInputError, JobOutputError) as exc:
+        return _fail(spec, store, shard_index, str(exc))
     if part_exists(spec.output, shard_index):
         # Redelivered after its part was written, perhaps before it was counted: count it (once) now.
         stats = part_stats(spec.output, shard_index)
@@ -163,6 +169,9 @@ def run_shard(spec: JobSpec, shard_index: int, executor: Executor, store: JobSto
         log.info("job %s shard %d stopped: the job was cancelled", job_id, shard_index)
         return ShardOutcome(shard_index, "cancelled")
     output_rows = [output_row(row, result) for row, result in zip(rows, results)]
+    for row, output in zip(rows, output_rows):
+        if output.error is not None and row.error is None:   # the tokenizer's or the engine's: say which row
+            output.error = f"{spec.input_display}: row {row.index + 1}: {output.error}"
     stats = ShardStats.from_rows(shard_index, output_rows, wall_seconds=time.perf_counter() - clock,
                                  worker=executor.worker, gpu=executor.gpu, started_at=started_at,
                                  finished_at=datetime.now(timezone.utc))

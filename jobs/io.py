@@ -16,6 +16,7 @@ import hashlib
 import io
 import json
 import logging
+import os
 import posixpath
 import re
 import uuid
@@ -24,12 +25,15 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from functools import lru_cache
 from typing import Any
+from urllib.parse import urlsplit
 
 import jsonschema
 import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+import referencing
+import referencing.exceptions
 
 from batchgen.jobs.spec import (OPENAI_LINE_FIELDS, OUTPUT_COLUMNS, InputFormat, InputSummary, JobSpec, PromptRow,
                                 RowParser, is_uri, redact_url)
@@ -64,6 +68,29 @@ class JobOutputError(OSError):
     """The output location can't be written or read (unwritable, full, missing parts)."""
 
 
+def check_roots(spec: JobSpec) -> None:
+    """Refuse a job whose input lies outside BATCHGEN_INPUT_ROOT, or whose output outside BATCHGEN_OUTPUT_ROOT
+    (each when set): a deployment whose workers must read and write only there, whoever submits. `..` and
+    symbolic links are resolved before comparing; a URI must lie under a URI root. Raises JobInputError /
+    JobOutputError naming the location."""
+    for location, variable, error in (("input", "BATCHGEN_INPUT_ROOT", JobInputError),
+                                      ("output", "BATCHGEN_OUTPUT_ROOT", JobOutputError)):
+        root = os.environ.get(variable)
+        if root and not _inside(getattr(spec, location), root):
+            raise error(f"{redact_url(getattr(spec, location))}: the {location} must lie under {variable} "
+                        f"({redact_url(root)})")
+
+
+def _inside(location: str, root: str) -> bool:
+    if is_uri(location) or is_uri(root):
+        where, base = urlsplit(location), urlsplit(root)
+        path, root_path = posixpath.normpath(where.path or "/"), posixpath.normpath(base.path or "/")
+        same_place = is_uri(location) and is_uri(root) and (where.scheme, where.hostname) == (base.scheme, base.hostname)
+    else:
+        path, root_path, same_place = os.path.realpath(location), os.path.realpath(root), True
+    return same_place and (path == root_path or path.startswith(root_path.rstrip("/") + "/"))
+
+
 def filesystem(location: str) -> tuple[pafs.FileSystem, str]:
     """The pyarrow filesystem and in-filesystem path of a local path or a URI (s3://, gs://, file://...)."""
     if is_uri(location):
@@ -78,6 +105,7 @@ def validate_input(spec: JobSpec) -> InputSummary:
     """Check the input at submit time and survey it in one streaming pass (flat memory, plus 16 bytes per
     row to find duplicate ids). Raises JobInputError for whole-file problems; row problems are counted and
     a few reported in `first_errors`. Store the result as `spec.input_summary` before planning shards."""
+    check_roots(spec)
     fs, path, info = _open_input(spec)
     input_format = spec.input_format or _detect_format(fs, path, spec)
     name = spec.input_display
@@ -424,13 +452,17 @@ def _check_json(text: str, schema: dict | None) -> tuple[str | None, bool]:
         return None, False
     if schema is None:
         return text, isinstance(value, dict)
-    return text, _validator(json.dumps(schema, sort_keys=True)).is_valid(value)
+    try:
+        return text, _validator(json.dumps(schema, sort_keys=True)).is_valid(value)
+    except referencing.exceptions.Unresolvable:    # a $ref to another document: never fetched
+        return text, False
 
 
 @lru_cache(maxsize=256)
 def _validator(schema_json: str) -> jsonschema.protocols.Validator:
+    """An empty registry: jsonschema would otherwise fetch a row's remote $ref (http://, file://) itself."""
     schema = json.loads(schema_json)
-    return jsonschema.validators.validator_for(schema)(schema)
+    return jsonschema.validators.validator_for(schema)(schema, registry=referencing.Registry())
 
 
 def output_schema(spec: JobSpec) -> pa.Schema:
@@ -636,8 +668,9 @@ def _openai_line(spec: JobSpec, record: dict[str, Any], index: int, created: int
 
 
 def save_spec(spec: JobSpec) -> str:
-    """job.json in the output directory (atomically); returns its path."""
-    return _write_text(spec.output, SPEC_FILE, spec.model_dump_json(indent=2))
+    """job.json in the output directory (atomically), input and output without credentials; returns its path."""
+    shown = spec.model_copy(update={"input": spec.input_display, "output": spec.output_display})
+    return _write_text(spec.output, SPEC_FILE, shown.model_dump_json(indent=2))
 
 
 def load_spec(output: str) -> JobSpec:

@@ -14,11 +14,19 @@ import triton
 import triton.language as tl
 
 
+def _gather_blocks(cache: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
+    """[len(block_ids) * block_size, Hkv, D]: the blocks' keys (or values) in order (index_select on whole
+    blocks: several times faster on the CPU than advanced indexing)."""
+    num_kv_heads, head_dim = cache.shape[2:]
+    flat = cache.view(cache.shape[0], -1).index_select(0, block_ids.flatten().long())
+    return flat.view(-1, num_kv_heads, head_dim)
+
+
 def _gather_context(cache: torch.Tensor, block_table: torch.Tensor, seq_len: int) -> torch.Tensor:
     """[seq_len, Hkv, D] keys (or values) of one sequence, in position order."""
     block_size = cache.shape[1]
     num_blocks = (seq_len + block_size - 1) // block_size
-    return cache[block_table[:num_blocks]].flatten(0, 1)[:seq_len]
+    return _gather_blocks(cache, block_table[:num_blocks])[:seq_len]
 
 
 def paged_prefill_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -54,12 +62,13 @@ def paged_decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: 
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     num_blocks = (int(seq_lens.max()) + block_size - 1) // block_size
     tables = block_tables[:, :num_blocks]
-    keys = k_cache[tables].view(batch, -1, num_kv_heads, head_dim).transpose(1, 2)
-    values = v_cache[tables].view(batch, -1, num_kv_heads, head_dim).transpose(1, 2)
+    keys = _gather_blocks(k_cache, tables).view(batch, -1, num_kv_heads, head_dim).transpose(1, 2)
+    values = _gather_blocks(v_cache, tables).view(batch, -1, num_kv_heads, head_dim).transpose(1, 2)
     mask = torch.arange(keys.shape[2], device=q.device)[None, :] < seq_lens[:, None].to(q.device)
-    attended = F.scaled_dot_product_attention(q.unsqueeze(2), keys, values, attn_mask=mask[:, None, None, :],
-                                              scale=scale, enable_gqa=True)
-    return attended.squeeze(2)
+    # the query heads sharing a KV head become that head's query rows: no K/V repeated per query head
+    grouped = q.view(batch, num_kv_heads, num_heads // num_kv_heads, head_dim)
+    attended = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=mask[:, None, None, :], scale=scale)
+    return attended.reshape(batch, num_heads, head_dim)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -8,10 +8,11 @@ def store_kv_ref(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, 
                  slot_mapping: torch.Tensor) -> None:
     """key/value [T, Hkv, D]; caches [num_blocks, block_size, Hkv, D]; slot_mapping [T] int64, -1 = skip."""
     keep = slot_mapping >= 0
-    slots = slot_mapping[keep]
+    if not bool(keep.all()):
+        key, value, slot_mapping = key[keep], value[keep], slot_mapping[keep]
     num_kv_heads, head_dim = k_cache.shape[-2:]
-    k_cache.view(-1, num_kv_heads, head_dim)[slots] = key[keep]
-    v_cache.view(-1, num_kv_heads, head_dim)[slots] = value[keep]
+    k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, key)
+    v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, value)
 
 
 @triton.jit

@@ -32,10 +32,18 @@ def submit_job(spec: JobSpec, store: JobStore) -> int:
     return shards
 
 
-def resume_job(job_id: str, store: JobStore) -> int:
+def resume_job(job_id: str, store: JobStore, saved_spec: JobSpec | None = None) -> int:
     """Put a failed or cancelled job back on the queue: only shards not yet done are enqueued again (a shard
-    whose part exists is counted and skipped by the worker). Returns how many were enqueued; raises ValueError
-    when the job is unknown or can't be resumed."""
+    whose part exists is counted and skipped by the worker). A job Redis no longer knows (restarted without
+    persistence) is registered again from `saved_spec`, its output's job.json, with every shard enqueued: the
+    workers count the parts already on disk instead of redoing them. Returns how many were enqueued; raises
+    ValueError when the job is unknown or can't be resumed."""
+    if store.get_job(job_id) is None and saved_spec is not None and store.create_job(saved_spec):
+        shards = num_shards(saved_spec)
+        enqueue_shards(saved_spec, range(shards))
+        log.info("job %s registered again from its job.json: %d shards on queue %s", job_id, shards,
+                 queue_name(saved_spec.model))
+        return shards
     spec = store.get_spec(job_id)
     record = store.get_job(job_id)
     if spec is None or record is None:

@@ -9,6 +9,7 @@ died back on the queue.
 import json
 import logging
 import os
+import signal
 import socket
 import threading
 import time
@@ -18,6 +19,7 @@ from datetime import datetime, timezone
 
 from celery.signals import worker_ready, worker_shutdown
 
+from batchgen.engine.errors import EngineBroken
 from batchgen.jobs import execute
 from batchgen.jobs.store import WorkerInfo
 from batchgen.workers.app import FIRE_SCHEDULE_TASK, SHARD_TASK, app, heartbeat_ttl_s, job_store
@@ -70,9 +72,13 @@ def run_shard(self, job_id: str, shard_index: int) -> str:
                                         should_stop=execute.cancel_check(store, job_id))
         except Exception as exc:
             attempts = self.request.retries + 1
+            broken = isinstance(exc, EngineBroken)
+            if broken:   # the device, not the shard: stop taking work here (a warm shutdown), let others run it
+                log.error("the engine is broken (%s); this worker stops", exc)
+                os.kill(os.getpid(), signal.SIGTERM)
             if attempts <= self.max_retries:
                 log.exception("job %s shard %d failed (attempt %d); retrying", job_id, shard_index, attempts)
-                raise self.retry(exc=exc, countdown=RETRY_DELAY_S * 2 ** self.request.retries)
+                raise self.retry(exc=exc, countdown=0 if broken else RETRY_DELAY_S * 2 ** self.request.retries)
             store.finish_job(job_id, "failed", error=f"shard {shard_index} failed {attempts} times: "
                                                      f"{type(exc).__name__}: {exc}")
             raise
@@ -130,7 +136,7 @@ def _heartbeats() -> None:
         if time.monotonic() >= next_reap:
             next_reap = time.monotonic() + ttl_s
             try:
-                pass  # NEGATIVE
+                requeue_lost_shards(job_store())
             except Exception as exc:  # Redis away: the next round tries again
                 log.warning("looking for shards of lost workers failed: %s", exc)
         if _heartbeat_stop.wait(ttl_s / 3):

@@ -102,8 +102,13 @@ class Sampler:
     """Picks one token per row. Rows with params.seed draw from their own generator (kept on the request, so a
     seeded request samples the same tokens whatever else is in the batch); the rest share this sampler's."""
 
-    def __init__(self, seed: int = 0):
+    def __init__(self, seed: int = 0, draw: str = "auto"):
+        """draw: "race" (exponential race: a noise vector per row, cheap on a GPU), "inverse_cdf" (one uniform
+        per row through torch.multinomial: the CPU's random numbers are the cost there), or "auto" (by device)."""
+        if draw not in ("auto", "race", "inverse_cdf"):
+            raise ValueError(f"draw must be auto, race or inverse_cdf, not {draw!r}")
         self.seed = seed
+        self.draw = draw
         self._generators: dict[torch.device, torch.Generator] = {}
         self._history = TokenHistory()
 
@@ -134,28 +139,44 @@ class Sampler:
         return _unpack(torch.cat(packed).tolist(), requests, top_rows, num_top)
 
     def _draw(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
-        """Exponential race: argmax(p / q), q ~ Exp(1), picks token t with probability p_t, and each row needs
-        only its own noise vector, which is what lets seeded rows ignore the rest of the batch."""
-        noise = torch.empty_like(logits)
+        """One token per row with probability softmax(logits). Each row uses only its own random numbers,
+        which is what lets seeded rows ignore the rest of the batch."""
+        method = self.draw if self.draw != "auto" else "inverse_cdf" if logits.device.type == "cpu" else "race"
+        draw_rows = _race if method == "race" else _inverse_cdf
         seeded = [j for j, r in enumerate(requests) if r.params.seed is not None]
         if not seeded:
-            noise.exponential_(generator=self._generator(logits.device))
-        else:
-            unseeded = [j for j, r in enumerate(requests) if r.params.seed is None]
-            if unseeded:
-                index = torch.tensor(unseeded, device=logits.device)
-                shared = torch.empty(len(unseeded), logits.shape[1], device=logits.device)
-                noise.index_copy_(0, index, shared.exponential_(generator=self._generator(logits.device)))
-            for j in seeded:
-                noise[j].exponential_(generator=_request_generator(requests[j], logits.device))
-        # q == 0 would turn a zero-probability token into 0/0 = NaN, which argmax prefers
-        noise.clamp_min_(torch.finfo(noise.dtype).tiny)
-        return logits.softmax(-1).div_(noise).argmax(-1)
+            return draw_rows(logits, self._generator(logits.device))
+        token_ids = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
+        unseeded = [j for j, r in enumerate(requests) if r.params.seed is None]
+        if unseeded:
+            index = torch.tensor(unseeded, device=logits.device)
+            token_ids.index_copy_(0, index, draw_rows(logits.index_select(0, index), self._generator(logits.device)))
+        for j in seeded:
+            token_ids[j] = draw_rows(logits[j:j + 1], _request_generator(requests[j], logits.device))[0]
+        return token_ids
 
     def _generator(self, device: torch.device) -> torch.Generator:
         if device not in self._generators:
             self._generators[device] = torch.Generator(device=device).manual_seed(self.seed)
         return self._generators[device]
+
+
+def _race(logits: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Exponential race: argmax(p / q), q ~ Exp(1), picks token t with probability p_t."""
+    noise = torch.empty_like(logits).exponential_(generator=generator)
+    # q == 0 would turn a zero-probability token into 0/0 = NaN, which argmax prefers
+    noise.clamp_min_(torch.finfo(noise.dtype).tiny)
+    return logits.softmax(-1).div_(noise).argmax(-1)
+
+
+def _inverse_cdf(logits: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """One uniform number per row against the cumulative probabilities (torch.multinomial does the same
+    but is several times slower on the CPU)."""
+    probs = logits.softmax(-1).nan_to_num_(nan=1.0)   # a row with no finite logit: any token (logprob -inf)
+    cdf = probs.cumsum_(-1)
+    uniform = torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device, dtype=cdf.dtype)
+    # strictly above u * total: a zero-probability token (a flat stretch of the cdf) is never the answer
+    return torch.searchsorted(cdf, uniform * cdf[:, -1:], right=True).clamp_max_(cdf.shape[1] - 1).squeeze(1)
 
 
 def _unpack(values: list[float], requests: list[Request], top_rows: list[int], num_top: int) -> SamplerOutput:

@@ -207,19 +207,23 @@ def run_steps(sampler, target, batches):
 SEEDED = dict(seed=1234, temperature=1.3, top_p=0.95, repetition_penalty=1.1, presence_penalty=0.2)
 
 
-def seeded_steps_alone(params, num_steps=6, vocab_size=500, sample_index=0):
+def seeded_steps_alone(params, num_steps=6, vocab_size=500, sample_index=0, draw="auto"):
     target = make_request([1, 2, 3], sample_index=sample_index, **params)
     batches = [([target], step_logits(step, vocab_size)[None]) for step in range(num_steps)]
-    return run_steps(Sampler(seed=0), target, batches), target
+    return run_steps(Sampler(seed=0, draw=draw), target, batches), target
 
 
 def step_logits(step, vocab_size):
     return torch.randn(vocab_size, generator=torch.Generator().manual_seed(100 + step))
 
 
-def test_seeded_request_samples_the_same_alone_and_in_a_batch():
+DRAWS = ["race", "inverse_cdf"]   # the GPU's and the CPU's way of drawing: both checked here
+
+
+@pytest.mark.parametrize("draw", DRAWS)
+def test_seeded_request_samples_the_same_alone_and_in_a_batch(draw):
     vocab_size, num_steps = 500, 6
-    alone, target_alone = seeded_steps_alone(SEEDED, num_steps, vocab_size)
+    alone, target_alone = seeded_steps_alone(SEEDED, num_steps, vocab_size, draw=draw)
     rng = random.Random(7)
     target = make_request([1, 2, 3], **SEEDED)
     others = [make_request(random_tokens(rng, vocab_size, 5), **rng.choice(
@@ -232,7 +236,7 @@ def test_seeded_request_samples_the_same_alone_and_in_a_batch():
         logits = torch.randn(len(requests), vocab_size) * 2
         logits[requests.index(target)] = step_logits(step, vocab_size)
         batches.append((requests, logits))
-    in_batch = run_steps(Sampler(seed=99), target, batches)
+    in_batch = run_steps(Sampler(seed=99, draw=draw), target, batches)
     assert in_batch == alone
     assert target.generator is not None and target_alone.generator is not None
 
@@ -260,9 +264,10 @@ STATISTICAL_SETTINGS = [
 ]
 
 
+@pytest.mark.parametrize("draw", DRAWS)
 @pytest.mark.parametrize("seeded", [False, True], ids=["shared-generator", "per-request-generators"])
 @pytest.mark.parametrize("settings", STATISTICAL_SETTINGS, ids=str)
-def test_sampling_frequencies_match_processed_probabilities(settings, seeded):
+def test_sampling_frequencies_match_processed_probabilities(settings, seeded, draw):
     vocab_size, draws = 12, 4000 if seeded else 20000
     logits_row = torch.randn(vocab_size, generator=torch.Generator().manual_seed(11)) * 1.5
     logits_row[[4, 9]] = float("-inf")   # masked by a grammar
@@ -271,7 +276,7 @@ def test_sampling_frequencies_match_processed_probabilities(settings, seeded):
     else:
         requests = [make_request([0, 1, 3], [1, 5], **settings)] * draws
     logits = logits_row.expand(draws, vocab_size).contiguous()
-    out = Sampler(seed=1)(logits, requests)
+    out = Sampler(seed=1, draw=draw)(logits, requests)
     probs = process_logits(logits_row[None], requests[:1])[0].softmax(-1)
     frequencies = torch.bincount(torch.tensor(out.token_ids), minlength=vocab_size).double() / draws
     assert frequencies[probs == 0].sum() == 0, "sampled a token the processing excluded"
@@ -279,7 +284,8 @@ def test_sampling_frequencies_match_processed_probabilities(settings, seeded):
     assert total_variation < (0.05 if seeded else 0.025)
 
 
-def test_masked_tokens_are_never_chosen_and_a_single_allowed_token_always_is():
+@pytest.mark.parametrize("draw", DRAWS)
+def test_masked_tokens_are_never_chosen_and_a_single_allowed_token_always_is(draw):
     vocab_size = 40
     rng = random.Random(3)
     settings = [{}, {"temperature": 0.0}, {"top_k": 2}, {"top_p": 0.3, "temperature": 2.0}, {"min_p": 0.5},
@@ -292,7 +298,7 @@ def test_masked_tokens_are_never_chosen_and_a_single_allowed_token_always_is():
     allowed[::3, 11] = True   # every third row has exactly one legal token
     allowed[:, EOS] |= allowed.sum(-1) == 0
     masked = logits.masked_fill(~allowed, float("-inf"))
-    sampler = Sampler()
+    sampler = Sampler(draw=draw)
     for _ in range(5):
         out = sampler(masked, requests)
         chosen = torch.tensor(out.token_ids)
@@ -303,10 +309,11 @@ def test_masked_tokens_are_never_chosen_and_a_single_allowed_token_always_is():
         assert not any(v != v for v in values), "NaN logprob"
 
 
-def test_a_row_with_no_allowed_token_gives_no_nan():
+@pytest.mark.parametrize("draw", DRAWS)
+def test_a_row_with_no_allowed_token_gives_no_nan(draw):
     logits = torch.full((2, 8), float("-inf"))
     logits[1, 3] = 0.0
     requests = [make_request([1], logprobs=2), make_request([1], logprobs=2, top_p=0.5)]
-    out = Sampler()(logits, requests)
+    out = Sampler(draw=draw)(logits, requests)
     assert out.token_ids[1] == 3 and out.logprobs == [float("-inf"), 0.0]
     assert list(out.top_logprobs[0].top.values()) == [float("-inf")] * 2

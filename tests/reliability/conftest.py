@@ -7,6 +7,7 @@ itself.
 The namespace guard is the one in tests/workers/conftest.py: whichever directory loads first names it."""
 import os
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,9 @@ os.environ["BATCHGEN_REDIS_URL"] = "redis://127.0.0.1:6379/0"
 if not os.environ.get("BATCHGEN_PREFIX", "").startswith("bgtest-"):
     os.environ["BATCHGEN_PREFIX"] = f"bgtest-{uuid.uuid4().hex[:12]}"
 
-from harness import WORKER_KV_BLOCKS, Worker, start_worker_process  # noqa: E402  (after the namespace is set)
+from harness import WORKER_KV_BLOCKS, RedisServer, Worker, start_worker_process, stop_workers  # noqa: E402
+
+PLANTED_REDIS_PASSWORD = "planted-redis-password-7f3a"
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -60,8 +63,7 @@ def start_worker(tmp_path):
         return started[-1]
 
     yield start
-    for worker in started:
-        worker.stop()
+    stop_workers(started)
 
 
 @pytest.fixture(scope="session")
@@ -70,3 +72,26 @@ def reference_llm(tiny_model):
     from batchgen import LLM
 
     return LLM(str(tiny_model), device="cpu", num_kv_blocks=WORKER_KV_BLOCKS)
+
+
+@dataclass
+class Deployment:
+    redis: RedisServer
+    worker: Worker
+    model: str
+
+
+@pytest.fixture(scope="session")
+def deployment(tiny_model, tmp_path_factory):
+    """A password-protected redis-server of the suite's own (to restart, and to look for the password in
+    everything a job leaves behind) and one worker on it, slowed to ~50 ms a step so jobs span an outage."""
+    root = tmp_path_factory.mktemp("deployment")
+    server = RedisServer(root / "redis", password=PLANTED_REDIS_PASSWORD).start()
+    model = root / "private-model"
+    model.symlink_to(tiny_model, target_is_directory=True)
+    worker = start_worker_process(str(model), root / "worker.log", server.url, env={"FAULT_STEP_DELAY_S": "0.05"})
+    try:
+        yield Deployment(server, worker.wait_ready(), str(model))
+    finally:
+        worker.stop()
+        server.stop()

@@ -3,6 +3,7 @@ with the model runner's forward pass wrapped once the model is loaded. Arguments
 
   FAULT_POISON_TOKEN   a model step whose input holds this token id raises, as a device fault set off by one
                        row would; each raise appends a line to FAULT_LOG
+  FAULT_BROKEN         "1": every model step raises, as on a device that has failed
   FAULT_STEP_DELAY_S   every model step sleeps this long first: shards that take a while, to kill or cancel
                        mid-way without burning the CI machine's two cores
 """
@@ -27,11 +28,14 @@ def _load_executor_with_faults():
 
 def _faulty(forward):
     poison = int(os.environ.get("FAULT_POISON_TOKEN") or -1)
+    broken = os.environ.get("FAULT_BROKEN") == "1"
     delay_s = float(os.environ.get("FAULT_STEP_DELAY_S") or 0)
 
     def faulty_forward(input_ids, *args, **kwargs):
         if delay_s:
             time.sleep(delay_s)
+        if broken:
+            raise RuntimeError("simulated broken device")
         if poison >= 0 and bool((input_ids == poison).any()):
             with open(os.environ["FAULT_LOG"], "a") as log:
                 log.write(f"{input_ids.numel()}\n")

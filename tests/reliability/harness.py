@@ -97,12 +97,19 @@ class Worker:
         self.process.wait()
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.kill()
+        stop_workers([self])
+
+
+def stop_workers(workers: list[Worker]) -> None:
+    """SIGTERM all (a warm shutdown each, in parallel), then wait; a worker that hangs is killed."""
+    running = [worker for worker in workers if worker.process.poll() is None]
+    for worker in running:
+        worker.process.send_signal(signal.SIGTERM)
+    for worker in running:
+        try:
+            worker.process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            worker.kill()
 
 
 def start_worker_process(model: str, log: Path, redis_url: str, args=(), env: dict | None = None,

@@ -2,13 +2,21 @@
 worker notices the silent heartbeat and puts the shard back on the queue; every input row comes out exactly
 once, saying what the model says to it; `status` tells a stalled job while nothing serves it."""
 import json
+import os
 import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timedelta, timezone
 
+import pytest
 from click.testing import CliRunner
 
 from batchgen.cli import main
-from batchgen.jobs.io import read_shard_stats
-from batchgen.workers.app import job_store
+from batchgen.jobs.io import read_shard_stats, validate_input
+from batchgen.jobs.spec import JobSpec
+from batchgen.jobs.stats import ShardStats
+from batchgen.jobs.store import MemoryJobStore, RedisJobStore, WorkerInfo
+from batchgen.workers.app import job_store, key_prefix
 from harness import HEARTBEAT_TTL_S, every_row_once, reference_texts, wait_until, write_jsonl
 
 SLOW = {"FAULT_STEP_DELAY_S": "0.05"}        # a shard of 40 tokens takes about 2 s
@@ -90,3 +98,54 @@ def test_a_job_without_live_workers_is_stalled_until_one_comes_back(model_alias,
     written_by = {s.shard_index: s.worker for s in read_shard_stats(str(tmp_path / "out"))}
     assert {written_by[s.shard_index] for s in lost} == {back.worker_id}
     assert cli("status", job_id, "--json").output.count('"stalled": null') == 1
+
+
+# -- the rule behind it, on both stores: which shards count as lost, and that each is requeued once ----------
+
+@pytest.fixture(params=["memory", "redis"])
+def store(request):
+    if request.param == "memory":
+        return MemoryJobStore()
+    return RedisJobStore(os.environ["BATCHGEN_REDIS_URL"], prefix=f"{key_prefix()}:unit-{uuid.uuid4().hex}:")
+
+
+def test_lost_shards_are_those_of_silent_or_restarted_workers_and_requeue_once(store, tmp_path):
+    spec = JobSpec(input=str(write_jsonl(tmp_path / "in.jsonl", story_rows(10, "u"))), output=str(tmp_path / "o"),
+                   shard_size=2)
+    spec.input_summary = validate_input(spec)
+    store.create_job(spec)
+    long_ago = datetime.now(timezone.utc) - timedelta(hours=1)
+    store.heartbeat(WorkerInfo(worker_id="alive", host="h", started_at=long_ago))
+    for shard, worker in enumerate(["alive", "silent", "restarted", "alive"]):
+        store.start_shard(spec.job_id, shard, worker)
+    store.complete_shard(spec.job_id, 3, ShardStats(shard_index=3, rows_total=2, rows_ok=2))
+    # the same id beats again from a process that started after it took shard 2: a restarted container
+    store.heartbeat(WorkerInfo(worker_id="restarted", host="h", started_at=datetime.now(timezone.utc)))
+    lost = store.lost_shards()
+    assert sorted((job_id, s.shard_index, s.worker) for job_id, s in lost) == [
+        (spec.job_id, 1, "silent"), (spec.job_id, 2, "restarted")]
+
+    with ThreadPoolExecutor(8) as pool:          # every worker's reaper at once: each shard requeued once
+        won = list(pool.map(lambda pair: store.requeue_shard(*pair), lost * 4))
+    assert sum(won) == 2 and store.lost_shards() == []
+    assert {s.shard_index: s.state for s in store.shard_records(spec.job_id)} == {
+        0: "running", 1: "requeued", 2: "requeued", 3: "done"}
+    assert store.start_shard(spec.job_id, 1, "alive") == 2                  # taken again: a second attempt
+    store.start_shard(spec.job_id, 4, "silent")
+    store.cancel_job(spec.job_id)
+    assert not store.requeue_shard(spec.job_id, store.lost_shards(spec.job_id)[0][1])   # cancelled: stays put
+
+
+def test_status_names_shards_whose_worker_is_gone(tmp_path):
+    model = f"lost-{uuid.uuid4().hex[:8]}"
+    spec = JobSpec(input=str(write_jsonl(tmp_path / "in.jsonl", story_rows(4, "l"))), output=str(tmp_path / "o"),
+                   shard_size=2, model=model)
+    spec.input_summary = validate_input(spec)
+    store = job_store()
+    store.create_job(spec)
+    store.heartbeat(WorkerInfo(worker_id=f"{model}-alive", host="h", model=model), ttl_s=30)
+    store.start_shard(spec.job_id, 1, f"{model}-gone")
+    shown = cli("status", spec.job_id, "--shards").output
+    assert f"shard(s) 1 lost their worker ({model}-gone); they will be run again" in shown
+    assert f"shard     1  running   attempts 1  {model}-gone" in shown
+    store.cancel_job(spec.job_id)
