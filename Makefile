@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/batchgen run samples/chat.jsonl -o out/demo --max-tokens 64
+	$(BIN)/batchgen run samples/chat.jsonl -o out/demo --max-tokens 64 --temperature 0
 	$(BIN)/batchgen results out/demo --show 4
 
 redis:

@@ -85,7 +85,8 @@ def _inside(location: str, root: str) -> bool:
     if is_uri(location) or is_uri(root):
         where, base = urlsplit(location), urlsplit(root)
         path, root_path = posixpath.normpath(where.path or "/"), posixpath.normpath(base.path or "/")
-        same_place = is_uri(location) and is_uri(root) and (where.scheme, where.hostname) == (base.scheme, base.hostname)
+        same_place = (is_uri(location) and is_uri(root)
+                      and (where.scheme, where.hostname) == (base.scheme, base.hostname))
     else:
         path, root_path, same_place = os.path.realpath(location), os.path.realpath(root), True
     return same_place and (path == root_path or path.startswith(root_path.rstrip("/") + "/"))

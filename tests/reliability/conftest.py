@@ -4,7 +4,8 @@ on a tiny random-weight model, which the tests start, kill and restart (harness.
 2 s, so a dead worker is noticed in seconds; each test serves its own alias of the model, so it has a queue to
 itself.
 
-The namespace guard is the one in tests/workers/conftest.py: whichever directory loads first names it."""
+The namespace guard is the same as in tests/workers/ and tests/e2e/: whichever directory loads first names the
+session's namespace."""
 import os
 import uuid
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ if not os.environ.get("BATCHGEN_PREFIX", "").startswith("bgtest-"):
 
 from harness import WORKER_KV_BLOCKS, RedisServer, Worker, start_worker_process, stop_workers  # noqa: E402
 
-PLANTED_REDIS_PASSWORD = "planted-redis-password-7f3a"
+PLANTED_REDIS_PASSWORD = "planted-redis-password-7f3a"     # test_security looks for it everywhere
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -28,6 +28,13 @@ def wait_until(condition, timeout_s: float, what: str, interval_s: float = 0.1):
     return value
 
 
+def free_port() -> int:
+    """A local TCP port nothing listens on (just now)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def store_at(redis_url: str):
     """The job store of the workers on `redis_url` (this session's namespace)."""
     from batchgen.jobs.store import RedisJobStore
@@ -142,9 +149,7 @@ class RedisServer:
     def __init__(self, directory: Path, password: str | None = None):
         self.directory = directory
         self.password = password
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            self.port = probe.getsockname()[1]
+        self.port = free_port()
         self.process: subprocess.Popen | None = None
 
     @property

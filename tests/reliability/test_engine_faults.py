@@ -1,6 +1,7 @@
 """The engine under stress, through the job service with real workers: a poison row that makes every step it
-is in raise, a KV cache far too small for the batch, and a cancel while shards are generating. Every row that
-can be served says exactly what the model says to it in this process (greedy decoding)."""
+is in raise, a device on which every step raises, a KV cache far too small for the batch, and a cancel while
+shards are generating. Every row that can be served says exactly what the model says to it in this process
+(greedy decoding)."""
 import json
 import time
 
@@ -46,6 +47,7 @@ def test_a_poison_row_is_retried_a_bounded_number_of_times_then_fails_alone(mode
 
     table = every_row_once(str(tmp_path / "out"), [r["id"] for r in rows])
     poisoned = table.pop(5)
+    assert poisoned["error"].startswith(f"{tmp_path / 'in.jsonl'}: row 6: ")
     assert f"the engine failed on this request {MAX_SOLO_FAILURES} times" in poisoned["error"]
     assert f"simulated device fault on token {poison}" in poisoned["error"]
     assert [r["text"] for r in table] == [o.outputs[0].text for o in expected]      # the rest of its shard too

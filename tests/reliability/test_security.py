@@ -19,8 +19,7 @@ from batchgen.jobs.io import JobInputError, JobOutputError, check_roots, save_sp
 from batchgen.jobs.spec import JobSpec
 from batchgen.jobs.store import MemoryJobStore
 from batchgen.workers.app import SHARD_TASK, job_store, key_prefix, make_app, queue_length, queue_name
-from conftest import PLANTED_REDIS_PASSWORD
-from harness import cli_process, reference_texts, store_at, write_jsonl
+from harness import cli_process, free_port, reference_texts, store_at, write_jsonl
 
 PLANTED_S3_SECRET = "planted-s3-secret-9c41"
 
@@ -38,7 +37,7 @@ def redis_contents(url: str) -> dict[str, str]:
 
 
 def test_no_credentials_in_anything_a_job_leaves_behind(deployment, tmp_path):
-    url, closed_port = deployment.redis.url, deployment.redis.port + 1
+    url, closed_port = deployment.redis.url, free_port()
     rows = [{"id": "fine", "prompt": "Hello there"}, {"id": "bad", "prompt": "x", "temperature": -1}]
     inputs = write_jsonl(tmp_path / "in.jsonl", rows)
     shown = []                      # everything the CLI printed
@@ -86,7 +85,8 @@ def test_no_credentials_in_anything_a_job_leaves_behind(deployment, tmp_path):
     assert PLANTED_S3_SECRET in stored.pop(spec_key)       # the one place that keeps it: workers read with it
     where.update({f"redis key {key}": value for key, value in stored.items()})
     assert len(where) > 20 and any("job.json" in name for name in where)
-    leaks = [name for name, text in where.items() if PLANTED_REDIS_PASSWORD in text or PLANTED_S3_SECRET in text]
+    password = deployment.redis.password
+    leaks = [name for name, text in where.items() if password in text or PLANTED_S3_SECRET in text]
     assert leaks == []
 
 
