@@ -27,10 +27,6 @@ class KVCacheManager:
     def num_free_blocks(self) -> int:
         return len(self.free_blocks)
 
-    @property
-    def usage(self) -> float:
-        return 1.0 - self.num_free_blocks / self.num_blocks
-
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 

@@ -40,8 +40,6 @@ class Request:
     finish_reason: str | None = None
     stop_reason: str | int | None = None
     error: str | None = None
-    # text cut at a stop string (set when one matched), else None and the text is decoded from the tokens
-    stopped_text: str | None = None
     grammar: Any = None              # per-request grammar matcher when structured output is asked for
 
     @property
