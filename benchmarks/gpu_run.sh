@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# Wheels first: benchmarks/fetch_device_wheels.sh (the image lacks pydantic and llguidance), then carry .whl.
 # Everything the GPU acceptance needs, in one device call: engine-vs-HF correctness, then the W1/W3/W2
 # throughput workloads with HF peers measured in the same run. Each part has its own time limit so one slow
 # part can't lose the others' figures. JSON lines go to stdout and to $OUT/gpu.jsonl.
