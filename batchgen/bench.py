@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import click
 import torch
 
-from batchgen.sampling_params import SamplingParams
+from batchgen.sampling_params import SamplingParams, StructuredOutput
 
 
 @dataclass
@@ -23,13 +23,14 @@ class Workload:
     prompts: list[list[int]]
     output_lens: list[int]
     ignore_eos: bool = True     # False: outputs end at EOS (real prompts); the tokens generated are counted
+    structured: StructuredOutput | None = None   # every output constrained (ends when the value is complete)
 
     @property
     def num_prompt_tokens(self) -> int:
         return sum(len(p) for p in self.prompts)
 
     def sample(self, count: int) -> "Workload":
-        return Workload(self.name, self.prompts[:count], self.output_lens[:count], self.ignore_eos)
+        return Workload(self.name, self.prompts[:count], self.output_lens[:count], self.ignore_eos, self.structured)
 
 
 def make_workload(name: str, num_requests: int, input_len: int, output_len: int, vocab_size: int, *,
@@ -80,8 +81,8 @@ def _figures(system: str, workload: Workload, elapsed: float, output_tokens: int
 
 
 def run_batchgen(llm, workload: Workload) -> dict:
-    params = [SamplingParams(temperature=1.0, max_tokens=n, ignore_eos=workload.ignore_eos)
-              for n in workload.output_lens]
+    params = [SamplingParams(temperature=1.0, max_tokens=n, ignore_eos=workload.ignore_eos,
+                             structured=workload.structured) for n in workload.output_lens]
     llm.generate(workload.prompts[:4], params[:4])    # warm up kernels outside the timed run
     device = llm.engine.device
     _synchronize(device)
@@ -189,6 +190,11 @@ def _release_memory() -> None:
 @click.option("--dataset", type=click.Path(exists=True, dir_okay=False),
               help="Real prompts instead of random tokens: JSONL rows with 'prompt' or 'messages', cycled to "
                    "--num-requests; outputs end at EOS or --output-len, for every system.")
+@click.option("--schema", "schema_file", type=click.Path(exists=True, dir_okay=False),
+              help="Constrain every batchgen output to this JSON schema (an output then ends when its value is "
+                   "complete; output tok/s counts what was generated).")
+@click.option("--tokenizer", help="Tokenizer directory, for a model directory without one (dummy weights); "
+              "needed by --schema and --dataset.")
 @click.option("--dtype", default="auto", show_default=True)
 @click.option("--device", default="auto", show_default=True)
 @click.option("--max-num-seqs", type=int, default=None)
@@ -200,13 +206,15 @@ def _release_memory() -> None:
 @click.option("--hf-sample", type=int, default=None, help="Run the HF systems on the first N requests only.")
 @click.option("--seed", type=int, default=0, show_default=True)
 def bench_command(model, load_format, name, num_requests, input_len, input_len_max, output_len, output_len_max,
-                  prefix_len, dataset, dtype, device, max_num_seqs, max_num_batched_tokens, max_model_len, enforce_eager,
+                  prefix_len, dataset, schema_file, tokenizer, dtype, device, max_num_seqs, max_num_batched_tokens, max_model_len, enforce_eager,
                   hf_static_batch, hf_continuous, hf_sample, seed):
     """Throughput benchmark; prints one JSON line per system (batchgen, then the HF peers)."""
     from batchgen.llm import LLM
 
     engine_args = {k: v for k, v in dict(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                                          max_model_len=max_model_len).items() if v is not None}
+    if tokenizer:
+        engine_args["tokenizer"] = tokenizer
     llm = LLM(model, load_format=load_format, dtype=dtype, device=device, enforce_eager=enforce_eager, seed=seed,
               **engine_args)
     if dataset:
@@ -215,6 +223,9 @@ def bench_command(model, load_format, name, num_requests, input_len, input_len_m
         workload = make_workload(name, num_requests, input_len, output_len, llm.engine.model_config.vocab_size,
                                  prefix_len=prefix_len, input_len_max=input_len_max, output_len_max=output_len_max,
                                  seed=seed)
+    if schema_file:
+        with open(schema_file) as source:
+            workload.structured = StructuredOutput(json_schema=json.load(source))
     model_dir, torch_dtype, torch_device = llm.engine.model_path, llm.engine.dtype, llm.engine.device
     print(json.dumps(run_batchgen(llm, workload) | {"model": str(model)}), flush=True)
     if not (hf_static_batch or hf_continuous):

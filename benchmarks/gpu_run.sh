@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Wheels first: benchmarks/fetch_device_wheels.sh (the image lacks pydantic and llguidance), then carry .whl.
+# First benchmarks/prepare_device.sh here (wheels the image lacks, a tokenizer), then carry .whl.
 # Everything the GPU acceptance needs, in one device call: engine-vs-HF correctness, then the W1/W3/W2
 # throughput workloads with HF peers measured in the same run. Each part has its own time limit so one slow
 # part can't lose the others' figures. JSON lines go to stdout and to $OUT/gpu.jsonl.
@@ -27,4 +27,10 @@ bench "${T_W3:-90}" --model "$repo"/benchmarks/configs/llama-3.1-8b --load-forma
   --prefix-len 1024 --input-len 256 --output-len 128 --max-model-len 1536
 bench "${T_W2:-70}" --model "$repo"/benchmarks/configs/qwen3-0.6b --load-format dummy --name W2 --num-requests 256 \
   --input-len 100 --input-len-max 1024 --output-len 100 --output-len-max 1024 --max-model-len 2048
+# structured output on the W1 shape: 6-field schema vs the same job unconstrained (tokenizer borrowed)
+bench "${T_JSON:-90}" --model "$repo"/benchmarks/configs/llama-3.1-8b --load-format dummy --name W1-json \
+  --num-requests 1000 --input-len 512 --output-len 128 --max-model-len 1024 --tokenizer "$repo"/.whl/tokenizer \
+  --schema "$repo"/benchmarks/schemas/six_fields.json
+bench "${T_JSON:-90}" --model "$repo"/benchmarks/configs/llama-3.1-8b --load-format dummy --name W1-128 \
+  --num-requests 1000 --input-len 512 --output-len 128 --max-model-len 1024
 tail -n 30 "$OUT/stderr.log"

@@ -136,7 +136,9 @@ class Engine:
         if self.grammars is None:
             if self.tokenizer is None:
                 raise ValueError("structured output needs a tokenizer, and this model directory has none")
-            self.grammars = GrammarEngine(self.tokenizer.hf, self.eos_token_ids, self.model_config.vocab_size)
+            # a tokenizer borrowed for a dummy-weight model may not know the model's eos ids: then its own
+            eos = [t for t in self.eos_token_ids if t < len(self.tokenizer)] or [self.tokenizer.hf.eos_token_id]
+            self.grammars = GrammarEngine(self.tokenizer.hf, eos, self.model_config.vocab_size)
         return self.grammars
 
     def has_unfinished(self) -> bool:
