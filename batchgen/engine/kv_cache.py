@@ -71,12 +71,13 @@ class KVCacheManager:
             self.ref_counts[block_id] = 1
             request.block_ids.append(block_id)
         if self.enable_prefix_caching:
-            self._register_full_blocks(request, num_computed + num_new_tokens)
+            self._register_full_blocks(request, num_computed, num_computed + num_new_tokens)
         return True
 
-    def _register_full_blocks(self, request: Request, num_tokens: int) -> None:
+    def _register_full_blocks(self, request: Request, num_computed: int, num_tokens: int) -> None:
+        """Register the blocks that the step's tokens [num_computed, num_tokens) complete."""
         self._extend_hashes(request, num_tokens)
-        for index in range(num_tokens // self.block_size):
+        for index in range(num_computed // self.block_size, num_tokens // self.block_size):
             block_id = request.block_ids[index]
             if self.block_hash[block_id] is None:
                 block_hash = request.block_hashes[index]
