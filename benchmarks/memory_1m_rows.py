@@ -50,6 +50,9 @@ def main() -> None:
 def measure(num_rows: int, kv_cache_bytes: int, workdir: Path) -> dict:
     from batchgen.default_model import ensure_default_model
 
+    commit = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=REPO, capture_output=True,
+                            text=True).stdout.strip()      # the code the worker loads, before anyone commits
+
     model = workdir / "tiny-llama"
     model.mkdir(exist_ok=True)
     (model / "config.json").write_text(json.dumps(TINY_LLAMA))
@@ -95,8 +98,7 @@ def measure(num_rows: int, kv_cache_bytes: int, workdir: Path) -> dict:
             "worker_peak_rss_bytes": worker_peak, "worker_rss_after_load_bytes": after_load,
             "submit_peak_rss_bytes": submit_peak, "wall_s": round(wall, 1), "rows_per_s": round(num_rows / wall, 1),
             "kv_cache_bytes": kv_cache_bytes or "default", "machine": f"{platform.node()} {os.cpu_count()} cpu",
-            "commit": subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True,
-                                     text=True).stdout.strip()}
+            "commit": commit}
 
 
 def _proc_status(pid: int) -> dict[str, int]:

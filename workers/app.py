@@ -5,8 +5,10 @@ Settings come from the environment, so the CLI, workers, beat and tests agree wi
   BATCHGEN_PREFIX              namespace of every Redis key (job store and Celery's own) and so of the queues:
                                two deployments (or test sessions) on one Redis never see each other (default
                                "batchgen")
-  BATCHGEN_VISIBILITY_TIMEOUT  seconds a shard may run before Redis hands its unacknowledged message to another
-                               worker; keep it above the longest shard (default 6 hours)
+  BATCHGEN_VISIBILITY_TIMEOUT  seconds after which Redis hands a message that a worker took and never acknowledged
+                               to another worker; a live worker renews the messages it holds with every heartbeat,
+                               so this bounds how long a dead worker's shards wait, not how long a shard may run
+                               (default 300)
   BATCHGEN_HEARTBEAT_TTL       seconds a worker counts as alive after its last heartbeat (it beats every third of
                                that); a running shard whose worker falls silent this long is put back on the queue
                                (default 30)
@@ -23,8 +25,9 @@ from celery import Celery
 from batchgen.jobs.store import DEFAULT_REDIS_URL, RedisJobStore
 
 DEFAULT_PREFIX = "batchgen"
-DEFAULT_VISIBILITY_TIMEOUT_S = 6 * 3600
+DEFAULT_VISIBILITY_TIMEOUT_S = 300.0
 DEFAULT_HEARTBEAT_TTL_S = 30.0
+KOMBU_RESTORE_PERIOD_S = 100.0       # kombu's Redis transport looks for expired messages this often by default
 SHARD_TASK = "batchgen.run_shard"
 FIRE_SCHEDULE_TASK = "batchgen.fire_schedule"
 _QUEUE_CHARS = re.compile(r"[^a-z0-9_.-]+")
@@ -75,7 +78,7 @@ def make_app(url: str | None = None, prefix: str | None = None, visibility_timeo
         # A shard's message is acknowledged only after its part is written, and given back if the worker dies;
         # each worker thread holds one message at a time, so a busy worker doesn't sit on shards others could run.
         task_acks_late=True, task_reject_on_worker_lost=True, worker_prefetch_multiplier=1,
-        broker_transport_options={"visibility_timeout": visibility, "global_keyprefix": f"{prefix}:"},
+        broker_transport_options=_transport_options(visibility, prefix),
         result_backend_transport_options={"global_keyprefix": f"{prefix}:"},
         result_expires=24 * 3600,
         broker_connection_retry_on_startup=True,
@@ -89,6 +92,19 @@ def make_app(url: str | None = None, prefix: str | None = None, visibility_timeo
         policy = getattr(ssl, asked if asked.startswith("CERT_") else f"CERT_{asked}", ssl.CERT_REQUIRED)
         app.conf.broker_use_ssl = app.conf.redis_backend_use_ssl = {"ssl_cert_reqs": policy}
     return app
+
+
+def _transport_options(visibility_timeout_s: float, prefix: str) -> dict:
+    options = {"visibility_timeout": visibility_timeout_s, "global_keyprefix": f"{prefix}:"}
+    if visibility_timeout_s < 5 * KOMBU_RESTORE_PERIOD_S:   # look for expired messages at least 5 times per timeout
+        options |= {"unacked_restore_interval": max(1.0, visibility_timeout_s / 5), "unacked_restore_throttle": 1}
+    return options
+
+
+def unacked_index_key() -> str:
+    """Kombu's Redis transport keeps each unacknowledged message's delivery tag here, scored with the time it
+    was taken; once that is older than the visibility timeout, the message goes back to its queue."""
+    return f"{key_prefix()}:unacked_index"
 
 
 def queue_length(queue: str) -> int:

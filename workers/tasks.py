@@ -3,8 +3,8 @@
 A worker serves one model (BATCHGEN_MODEL, set by `batchgen worker --model M`) on one GPU. Celery's threads
 pool runs two shard tasks at once in this process; both feed the same engine loop, so the next shard's rows
 are already in the batch while the current shard's last rows finish. A heartbeat thread tells the job store
-who this worker is and what it runs, so `batchgen status` can see a stall, and puts the shards of workers that
-died back on the queue.
+who this worker is and what it runs, so `batchgen status` can see a stall; it renews the broker's hold on the
+messages this worker took, and puts the shards of workers that died back on the queue.
 """
 import json
 import logging
@@ -22,7 +22,7 @@ from celery.signals import worker_ready, worker_shutdown
 from batchgen.engine.errors import EngineBroken
 from batchgen.jobs import execute
 from batchgen.jobs.store import WorkerInfo
-from batchgen.workers.app import FIRE_SCHEDULE_TASK, SHARD_TASK, app, heartbeat_ttl_s, job_store
+from batchgen.workers.app import FIRE_SCHEDULE_TASK, SHARD_TASK, app, heartbeat_ttl_s, job_store, unacked_index_key
 
 log = logging.getLogger("batchgen.workers")
 
@@ -120,8 +120,20 @@ def _worker_info() -> WorkerInfo:
 def _beat_once(ttl_s: float | None = None) -> None:
     try:
         job_store().heartbeat(_worker_info(), ttl_s or heartbeat_ttl_s())
+        _renew_leases()
     except Exception as exc:  # a heartbeat lost to a Redis hiccup must not stop the worker
         log.warning("heartbeat failed: %s", exc)
+
+
+def _renew_leases() -> None:
+    """Mark every message this worker holds (running, or taken and not yet started) as taken just now, so the
+    broker never hands a live worker's shard to another, however long it runs. A dead worker's messages age
+    and go back to the queue after the visibility timeout, whatever state they were in when it died."""
+    from celery.worker import state
+
+    tags = [request.message.delivery_tag for request in list(state.reserved_requests)]
+    if tags:
+        job_store().redis.zadd(unacked_index_key(), dict.fromkeys(tags, time.time()), xx=True)
 
 
 def _heartbeats() -> None:

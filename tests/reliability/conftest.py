@@ -1,8 +1,8 @@
 """Reliability suite set-up: real Redis (the shared server on 127.0.0.1:6379 in this session's key namespace, or
 a private redis-server that a test starts, restarts and protects with a password) and real worker processes
 on a tiny random-weight model, which the tests start, kill and restart (harness.py). Heartbeats expire after
-2 s, so a dead worker is noticed in seconds; each test serves its own alias of the model, so it has a queue to
-itself.
+2 s and unacknowledged messages after 10 s, so a dead worker's shards come back in seconds; each test serves
+its own alias of the model, so it has a queue to itself.
 
 The namespace guard is the same as in tests/workers/ and tests/e2e/: whichever directory loads first names the
 session's namespace."""

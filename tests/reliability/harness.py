@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 HEARTBEAT_TTL_S = 2.0
+VISIBILITY_TIMEOUT_S = 10.0         # a dead worker's messages that never started come back this soon
 # The CPU default sizes the KV cache to a quarter of free RAM (up to 4 GiB) in every worker process.
 WORKER_KV_BLOCKS = 512
 WORKER_START_TIMEOUT_S = 120
@@ -126,7 +127,8 @@ def start_worker_process(model: str, log: Path, redis_url: str, args=(), env: di
     import resource
 
     environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "BATCHGEN_REDIS_URL": redis_url,
-                   "BATCHGEN_HEARTBEAT_TTL": str(HEARTBEAT_TTL_S), **(env or {})}
+                   "BATCHGEN_HEARTBEAT_TTL": str(HEARTBEAT_TTL_S),
+                   "BATCHGEN_VISIBILITY_TIMEOUT": str(VISIBILITY_TIMEOUT_S), **(env or {})}
 
     def limit_file_size():
         if file_size_limit is not None:

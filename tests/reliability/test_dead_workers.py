@@ -1,6 +1,8 @@
 """Workers that die: one SIGKILLed in the middle of a shard, or every worker of a model gone for a while. A live
-worker notices the silent heartbeat and puts the shard back on the queue; every input row comes out exactly
-once, saying what the model says to it; `status` tells a stalled job while nothing serves it."""
+worker notices the silent heartbeat and puts the running shard back on the queue; a message the dead worker
+took but had not started yet comes back when its lease (the visibility timeout) runs out, since only live
+workers renew theirs. Every input row comes out exactly once, saying what the model says to it; `status`
+tells a stalled job while nothing serves it."""
 import json
 import os
 import time
@@ -60,7 +62,7 @@ def test_a_worker_killed_mid_shard_loses_no_row(model_alias, start_worker, refer
     doomed.kill()
 
     waited = cli("wait", job_id, "--interval", 0.2, "--timeout", 90)
-    assert waited.exit_code == 0, waited.output + survivor.log_text()[-3000:]
+    assert waited.exit_code == 0, f"{store.shard_records(job_id)}\n{survivor.log_text()[-4000:]}"
     table = every_row_once(str(tmp_path / "out"), [r["id"] for r in rows])
     check_outputs(table, rows, reference_llm)
     records = {s.shard_index: s for s in store.shard_records(job_id)}
@@ -81,10 +83,10 @@ def test_a_job_without_live_workers_is_stalled_until_one_comes_back(model_alias,
     lost = wait_until(lambda: running_on(store, job_id, only.worker_id), 60, "a shard on the only worker")
     only.kill()
 
-    def stalled() -> str | None:
-        return json.loads(cli("status", job_id, "--json").output)["stalled"]
-    note = wait_until(stalled, 3 * HEARTBEAT_TTL_S, "status to say the job is stalled")
-    assert note == f"stalled: no live worker serves model {model!r}"
+    def stalled() -> bool:
+        return json.loads(cli("status", job_id, "--json").output)["stalled"] == \
+            f"stalled: no live worker serves model {model!r}"
+    wait_until(stalled, 3 * HEARTBEAT_TTL_S, "status to say no live worker serves the job")
     assert f"running  (stalled: no live worker serves model {model!r})" in cli("status", job_id).output
     before = store.get_job(job_id)
     time.sleep(1.0)                                     # nothing moves while nobody serves the job
@@ -92,7 +94,7 @@ def test_a_job_without_live_workers_is_stalled_until_one_comes_back(model_alias,
 
     back = start_worker(model, env=SLOW).wait_ready()
     waited = cli("wait", job_id, "--interval", 0.2, "--timeout", 90)
-    assert waited.exit_code == 0, waited.output + back.log_text()[-3000:]
+    assert waited.exit_code == 0, f"{store.shard_records(job_id)}\n{back.log_text()[-4000:]}"
     table = every_row_once(str(tmp_path / "out"), [r["id"] for r in rows])
     check_outputs(table, rows, reference_llm)
     written_by = {s.shard_index: s.worker for s in read_shard_stats(str(tmp_path / "out"))}
@@ -149,3 +151,16 @@ def test_status_names_shards_whose_worker_is_gone(tmp_path):
     assert f"shard(s) 1 lost their worker ({model}-gone); they will be run again" in shown
     assert f"shard     1  running   attempts 1  {model}-gone" in shown
     store.cancel_job(spec.job_id)
+
+
+def test_a_live_worker_keeps_a_shard_longer_than_the_visibility_timeout(model_alias, start_worker, tmp_path):
+    """Its heartbeats renew the messages it holds: the broker never hands the shard to its other thread."""
+    model = model_alias("long-shard")
+    worker = start_worker(model, env={**SLOW, "BATCHGEN_VISIBILITY_TIMEOUT": "2"}).wait_ready()
+    rows = [{"id": "long", "prompt": "A very long story", "ignore_eos": True, "max_tokens": 160}]
+    job_id = submit(write_jsonl(tmp_path / "in.jsonl", rows), tmp_path / "out", model, shard_size=1)
+    waited = cli("wait", job_id, "--interval", 0.2, "--timeout", 60)
+    assert waited.exit_code == 0, worker.log_text()[-3000:]
+    [shard] = job_store().shard_records(job_id)
+    assert shard.attempts == 1 and shard.stats.wall_seconds > 4            # twice the timeout, never redelivered
+    assert worker.log_text().count(" received") == 1
