@@ -20,7 +20,7 @@ class EngineConfig(BaseModel):
 
     block_size: int = Field(16, ge=1)
     num_kv_blocks: int | None = Field(None, ge=1)           # overrides the sizing below
-    kv_cache_bytes: int | None = Field(None, ge=1)          # CPU budget; default a quarter of free RAM, <= 4 GiB
+    kv_cache_bytes: int | None = Field(None, ge=1)          # CPU budget; default <= 2 GiB, a quarter of free RAM
     gpu_memory_utilization: float = Field(0.90, gt=0.0, le=1.0)
     max_model_len: int | None = Field(None, ge=1)           # default: the model's context, capped by the cache
     max_num_seqs: int | None = Field(None, ge=1)            # default: 256 on GPU, 128 on CPU

@@ -1,8 +1,11 @@
-"""Shared test set-up. Without a GPU, Triton kernels run in the interpreter (set before triton is imported)."""
+"""Shared test set-up, done before any batchgen module is imported: without a GPU, Triton kernels run in the
+interpreter; the job service's tests use the real Redis on 127.0.0.1:6379 in a key namespace of this session
+(BATCHGEN_PREFIX, which also prefixes Celery's queues), dropped when the session ends."""
 import hashlib
 import json
 import os
 import shutil
+import uuid
 import zlib
 from pathlib import Path
 
@@ -11,6 +14,8 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ["BATCHGEN_REDIS_URL"] = "redis://127.0.0.1:6379/0"
+os.environ["BATCHGEN_PREFIX"] = f"bgtest-{uuid.uuid4().hex[:12]}"
 
 from batchgen.default_model import ensure_default_model  # noqa: E402  (batchgen may import triton)
 
@@ -26,6 +31,18 @@ TINY_FIELDS = dict(vocab_size=TINY_VOCAB_SIZE, hidden_size=64, intermediate_size
                    initializer_range=0.3)
 TINY_ARCH_FIELDS = {"qwen3": dict(head_dim=32)}  # head_dim != hidden / heads, as in real Qwen3 checkpoints
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _clean_redis_namespace():
+    """Drop every key this session wrote on the shared Redis (job store and Celery's) when it ends."""
+    yield
+    import redis
+
+    client = redis.Redis.from_url(os.environ["BATCHGEN_REDIS_URL"])
+    keys = list(client.scan_iter(match=os.environ["BATCHGEN_PREFIX"] + ":*", count=1000))
+    for start in range(0, len(keys), 500):
+        client.delete(*keys[start:start + 500])
 
 
 @pytest.fixture(scope="session")

@@ -23,7 +23,7 @@ from batchgen.tokenizer import load_tokenizer
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-CPU_KV_CACHE_CAP = 4 << 30
+CPU_KV_CACHE_CAP = 2 << 30
 MAX_SOLO_FAILURES = 3
 # a poison request costs 1 + MAX_SOLO_FAILURES failed steps in a row, two adjacent ones a step less than this:
 # more means the engine itself is broken
@@ -88,7 +88,10 @@ class Engine:
     def _num_blocks_that_fit(self) -> int:
         per_block = self.runner.kv_bytes_per_block
         if self.device.type == "cpu":
-            budget = self.config.kv_cache_bytes or min(CPU_KV_CACHE_CAP, available_ram_bytes() // 4)
+            # no more than a full batch of full-length sequences can use: small models get small caches
+            context = min(self.config.max_model_len or self.model_config.max_model_len, self.model_config.max_model_len)
+            usable = self.config.resolved_max_num_seqs(self.device) * context * per_block // self.config.block_size
+            budget = self.config.kv_cache_bytes or min(CPU_KV_CACHE_CAP, available_ram_bytes() // 4, usable)
             return max(1, budget // per_block)
         free, total = torch.cuda.mem_get_info(self.device)
         used_by_others = total - free - torch.cuda.memory_reserved(self.device)

@@ -7,31 +7,16 @@ its own alias of the model, so it has a queue to itself.
 The namespace guard is the same as in tests/workers/ and tests/e2e/: whichever directory loads first names the
 session's namespace."""
 import os
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-os.environ["BATCHGEN_REDIS_URL"] = "redis://127.0.0.1:6379/0"
-if not os.environ.get("BATCHGEN_PREFIX", "").startswith("bgtest-"):
-    os.environ["BATCHGEN_PREFIX"] = f"bgtest-{uuid.uuid4().hex[:12]}"
 
 from harness import WORKER_KV_BLOCKS, RedisServer, Worker, start_worker_process, stop_workers  # noqa: E402
 
 PLANTED_REDIS_PASSWORD = "planted-redis-password-7f3a"     # test_security looks for it everywhere
 
-
-@pytest.fixture(scope="session", autouse=True)
-def _clean_redis_namespace():
-    """Drop every key this session wrote on the shared Redis (job store and Celery's) when it ends."""
-    yield
-    import redis
-
-    client = redis.Redis.from_url(os.environ["BATCHGEN_REDIS_URL"])
-    keys = list(client.scan_iter(match=os.environ["BATCHGEN_PREFIX"] + ":*", count=1000))
-    for start in range(0, len(keys), 500):
-        client.delete(*keys[start:start + 500])
 
 
 @pytest.fixture(scope="session")
