@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import click
 import torch
 
+from batchgen.engine.engine import StepProfile
 from batchgen.sampling_params import SamplingParams, StructuredOutput
 
 
@@ -85,6 +86,7 @@ def run_batchgen(llm, workload: Workload) -> dict:
                              structured=workload.structured) for n in workload.output_lens]
     llm.generate(workload.prompts[:4], params[:4])    # warm up kernels outside the timed run
     device = llm.engine.device
+    llm.engine.profile = StepProfile()
     _synchronize(device)
     start = time.perf_counter()
     outputs = llm.generate(workload.prompts, params)
@@ -100,7 +102,7 @@ def run_batchgen(llm, workload: Workload) -> dict:
                     max_num_seqs=engine.scheduler.max_num_seqs,
                     max_num_batched_tokens=engine.scheduler.max_num_batched_tokens,
                     cuda_graphs=engine.runner.decode_graphs is not None,
-                    prefix_cache_hit_tokens=engine.kv_cache.num_hit_tokens)
+                    prefix_cache_hit_tokens=engine.kv_cache.num_hit_tokens, steps=engine.profile.summary())
 
 
 def load_hf_model(model_dir, dtype: torch.dtype, device: torch.device, dummy: bool):

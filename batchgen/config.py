@@ -23,7 +23,9 @@ class EngineConfig(BaseModel):
     kv_cache_bytes: int | None = Field(None, ge=1)          # CPU budget; default <= 2 GiB, a quarter of free RAM
     gpu_memory_utilization: float = Field(0.90, gt=0.0, le=1.0)
     max_model_len: int | None = Field(None, ge=1)           # default: the model's context, capped by the cache
-    max_num_seqs: int | None = Field(None, ge=1)            # default: 256 on GPU, 128 on CPU
+    # default: 512 on GPU (a decode step reads the weights once for more tokens; H100 W1 8.8k vs 6.1k out
+    # tok/s at 256), 128 on CPU
+    max_num_seqs: int | None = Field(None, ge=1)
     max_num_batched_tokens: int | None = Field(None, ge=1)  # default: 8192 on GPU, 1024 on CPU
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
@@ -42,7 +44,7 @@ class EngineConfig(BaseModel):
         return torch.device(self.device)
 
     def resolved_max_num_seqs(self, device: torch.device) -> int:
-        return self.max_num_seqs or (256 if device.type == "cuda" else 128)
+        return self.max_num_seqs or (512 if device.type == "cuda" else 128)
 
     def resolved_max_num_batched_tokens(self, device: torch.device) -> int:
         return self.max_num_batched_tokens or (8192 if device.type == "cuda" else 1024)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # First benchmarks/prepare_device.sh here (wheels the image lacks, a tokenizer), then carry .whl.
-# Everything the GPU acceptance needs, in one device call: engine-vs-HF correctness, then the W1/W3/W2
+# Everything the GPU acceptance needs, in one device call: kernel checks, engine-vs-HF correctness, then the W1/W3/W2
 # throughput workloads with HF peers measured in the same run. Each part has its own time limit so one slow
 # part can't lose the others' figures. JSON lines go to stdout and to $OUT/gpu.jsonl.
 set -u
@@ -20,9 +20,11 @@ repo=$PWD
 bench() { (cd "$site" && timeout "$1" python3 -c "from batchgen.bench import bench_command; bench_command()" "${@:2}") \
   2>>"$OUT/stderr.log" | tee -a "$OUT/gpu.jsonl"; }
 
+(cd "$site" && timeout "${T_KERNELS:-150}" python3 "$repo"/benchmarks/kernels_gpu.py) 2>>"$OUT/stderr.log" \
+  | tee "$OUT/kernels.txt" | tail -n 40
 timeout "${T_CHECK:-90}" python3 benchmarks/gpu_correctness.py 2>>"$OUT/stderr.log" | tee -a "$OUT/gpu.jsonl"
-bench "${T_W1:-210}" --model "$repo"/benchmarks/configs/llama-3.1-8b --load-format dummy --name W1 --num-requests 1000 \
-  --input-len 512 --output-len 256 --max-model-len 1024 --hf-static-batch 64 --hf-sample 64
+bench "${T_W1:-240}" --model "$repo"/benchmarks/configs/llama-3.1-8b --load-format dummy --name W1 --num-requests 1000 \
+  --input-len 512 --output-len 256 --max-model-len 1024 --hf-static-batch 64 --hf-continuous --hf-sample 64
 bench "${T_W3:-90}" --model "$repo"/benchmarks/configs/llama-3.1-8b --load-format dummy --name W3 --num-requests 1000 \
   --prefix-len 1024 --input-len 256 --output-len 128 --max-model-len 1536
 bench "${T_W2:-70}" --model "$repo"/benchmarks/configs/qwen3-0.6b --load-format dummy --name W2 --num-requests 256 \

@@ -156,7 +156,9 @@ def _prefill_tile(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, block_table_row, q_s
     tl.store(out_ptr + out_offsets, out.to(out_ptr.dtype.element_ty), mask=row_valid[:, None])
 
 
-@triton.jit
+# Arguments that change from step to step are not specialized on (Triton would compile a variant for each
+# value that is 1 or a multiple of 16): a compile in the middle of a job costs seconds.
+@triton.jit(do_not_specialize=["num_seqs", "stride_bt"])
 def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, query_start_loc_ptr, seq_lens_ptr,
                     block_tables_ptr, qk_scale, num_seqs,
                     stride_qt, stride_qh, stride_ot, stride_oh, stride_kb, stride_ks, stride_kh,
@@ -198,19 +200,19 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, query_start_loc_pt
                       BLOCK_N, DOT_PRECISION)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["keys_per_split", "num_splits", "stride_bt"])
 def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, partial_out_ptr, partial_lse_ptr, seq_lens_ptr,
-                         block_tables_ptr, qk_scale, keys_per_split, num_heads,
+                         block_tables_ptr, qk_scale, keys_per_split, num_splits, num_heads,
                          stride_qb, stride_qh, stride_ob, stride_oh, stride_kb, stride_ks, stride_kh,
                          stride_vb, stride_vs, stride_vh, stride_bt,
                          GROUP: tl.constexpr, GROUP_ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
-                         BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                         BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + seq)
     split_start = split * keys_per_split
-    if NUM_SPLITS > 1:
+    if SPLIT:
         if split_start >= seq_len:
             return  # the reduction reads only splits that hold keys
     split_end = tl.minimum(split_start + keys_per_split, seq_len)
@@ -233,29 +235,28 @@ def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, partial_out_p
                                          v_cache_ptr, kv_head, seq_len, qk_scale, stride_kb, stride_ks, stride_kh,
                                          stride_vb, stride_vs, stride_vh, PAGE, BLOCK_N, HEAD_DIM, True,
                                          DOT_PRECISION)
-    if NUM_SPLITS == 1:
+    if not SPLIT:
         # an empty context (padding rows of a graph batch) yields zeros, not NaN
         out = acc / tl.maximum(l_i, 1e-30)[:, None]
         tl.store(out_ptr + seq * stride_ob + head[:, None] * stride_oh + dims[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=row_valid[:, None])
     else:
-        partial_row = (seq * num_heads + head) * NUM_SPLITS + split
+        partial_row = (seq * num_heads + head) * num_splits + split
         tl.store(partial_out_ptr + partial_row[:, None] * HEAD_DIM + dims[None, :], acc / l_i[:, None],
                  mask=row_valid[:, None])
         tl.store(partial_lse_ptr + partial_row, m_i + tl.log2(l_i), mask=row_valid)
 
 
-@triton.jit
-def _decode_reduce_kernel(partial_out_ptr, partial_lse_ptr, out_ptr, seq_lens_ptr, keys_per_split, num_heads,
-                          stride_ob, stride_oh, HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr,
-                          SPLITS_POW2: tl.constexpr):
+@triton.jit(do_not_specialize=["keys_per_split", "num_splits"])
+def _decode_reduce_kernel(partial_out_ptr, partial_lse_ptr, out_ptr, seq_lens_ptr, keys_per_split, num_splits,
+                          num_heads, stride_ob, stride_oh, HEAD_DIM: tl.constexpr, MAX_SPLITS: tl.constexpr):
     seq = tl.program_id(0)
     head = tl.program_id(1)
     seq_len = tl.load(seq_lens_ptr + seq)
-    num_used = tl.minimum(tl.cdiv(seq_len, keys_per_split), NUM_SPLITS)
-    splits = tl.arange(0, SPLITS_POW2)
+    num_used = tl.minimum(tl.cdiv(seq_len, keys_per_split), num_splits)
+    splits = tl.arange(0, MAX_SPLITS)
     used = splits < num_used
-    partial_row = (seq * num_heads + head) * NUM_SPLITS + splits
+    partial_row = (seq * num_heads + head) * num_splits + splits
     lse = tl.load(partial_lse_ptr + partial_row, mask=used, other=float("-inf"))
     lse_max = tl.where(num_used > 0, tl.max(lse, 0), 0.0)
     weight = tl.exp2(lse - lse_max)
@@ -344,7 +345,7 @@ def decode_launch_config(batch: int, num_kv_heads: int, head_dim: int, max_keys:
     if num_splits is None:
         wanted = triton.cdiv(2 * _num_sms(device), batch * num_kv_heads)
         num_splits = min(wanted, triton.cdiv(max_keys, _DECODE_MIN_KEYS_PER_SPLIT), _DECODE_MAX_SPLITS)
-    num_splits = max(1, min(num_splits, triton.cdiv(max_keys, block_n)))
+    num_splits = max(1, min(num_splits, triton.cdiv(max_keys, block_n), _DECODE_MAX_SPLITS))
     keys_per_split = triton.cdiv(triton.cdiv(max_keys, num_splits), block_n) * block_n
     return dict(num_splits=triton.cdiv(max_keys, keys_per_split), keys_per_split=keys_per_split, BLOCK_N=block_n,
                 num_warps=4, num_stages=2 if dtype == torch.float32 else 3)
@@ -367,15 +368,15 @@ def _paged_decode(q, k_cache, v_cache, seq_lens, block_tables, scale, out, confi
         partial_out = partial_lse = out  # unused: the split kernel writes `out` directly
     _decode_split_kernel[(batch, num_kv_heads, num_splits)](
         q, k_cache, v_cache, out, partial_out, partial_lse, seq_lens, block_tables, scale * _LOG2E,
-        keys_per_split, num_heads, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        keys_per_split, num_splits, num_heads, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         *k_cache.stride()[:3], *v_cache.stride()[:3], block_tables.stride(0),
         GROUP=group, GROUP_ROWS=_short_rows(group), HEAD_DIM=head_dim, PAGE=k_cache.shape[1],
-        BLOCK_N=config["BLOCK_N"], NUM_SPLITS=num_splits, DOT_PRECISION=_dot_precision(q.dtype),
+        BLOCK_N=config["BLOCK_N"], SPLIT=num_splits > 1, DOT_PRECISION=_dot_precision(q.dtype),
         num_warps=config["num_warps"], num_stages=config["num_stages"])
     if num_splits > 1:
         _decode_reduce_kernel[(batch, num_heads)](
-            partial_out, partial_lse, out, seq_lens, keys_per_split, num_heads, out.stride(0), out.stride(1),
-            HEAD_DIM=head_dim, NUM_SPLITS=num_splits, SPLITS_POW2=triton.next_power_of_2(num_splits), num_warps=4)
+            partial_out, partial_lse, out, seq_lens, keys_per_split, num_splits, num_heads, out.stride(0),
+            out.stride(1), HEAD_DIM=head_dim, MAX_SPLITS=_DECODE_MAX_SPLITS, num_warps=4)
     return out
 
 

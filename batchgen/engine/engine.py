@@ -2,17 +2,18 @@
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 
 from batchgen.config import EngineConfig
 from batchgen.engine.errors import Cancelled, EngineBroken
-from batchgen.engine.kv_cache import KVCacheManager
-from batchgen.engine.model_runner import ModelRunner
-from batchgen.engine.request import Request
-from batchgen.engine.sampler import Sampler
-from batchgen.engine.scheduler import ScheduledBatch, Scheduler
 from batchgen.engine.grammar import StructuredOutputError
+from batchgen.engine.kv_cache import KVCacheManager
+from batchgen.engine.model_runner import ModelRunner, PendingTokens
+from batchgen.engine.request import Request
+from batchgen.engine.sampler import PendingSample, Sampler
+from batchgen.engine.scheduler import ScheduledBatch, Scheduler
 from batchgen.engine.structured import GrammarEngine, apply_bitmask
 from batchgen.models.config import ModelConfig
 from batchgen.models.loader import load_model, resolve_model_path
@@ -48,6 +49,43 @@ def available_ram_bytes() -> int:
     return 8 << 30
 
 
+@dataclass
+class StepProfile:
+    """Where the engine's time goes, for benchmarks: steps, tokens and wall seconds by kind of batch, "decode"
+    (one token per request) or "mixed" (prefill chunks too). A step call mostly waits for the device to
+    finish the step whose tokens it takes, so its time is booked to that step's kind."""
+    steps: dict[str, int] = field(default_factory=lambda: {"decode": 0, "mixed": 0})
+    tokens: dict[str, int] = field(default_factory=lambda: {"decode": 0, "mixed": 0})
+    seconds: dict[str, float] = field(default_factory=lambda: {"decode": 0.0, "mixed": 0.0})
+    _booking: tuple[str, float] | None = None
+
+    def record(self, launched: ScheduledBatch, taken: ScheduledBatch | None) -> None:
+        now = time.perf_counter()
+        if self._booking is not None:
+            kind, since = self._booking
+            self.seconds[kind] += now - since
+        if launched:
+            self.steps[_kind(launched)] += 1
+            self.tokens[_kind(launched)] += launched.num_tokens
+        self._booking = None if taken is None else (_kind(taken), now)
+
+    def summary(self) -> dict:
+        return {kind: {"steps": self.steps[kind], "tokens": self.tokens[kind],
+                       "seconds": round(self.seconds[kind], 3)} for kind in self.steps}
+
+
+def _kind(batch: ScheduledBatch) -> str:
+    return "decode" if batch.num_tokens == len(batch) else "mixed"
+
+
+@dataclass
+class SampledStep:
+    """A step whose tokens are sampled on the device but not yet appended to their requests."""
+    batch: ScheduledBatch
+    requests: list[Request]
+    sample: PendingSample
+
+
 class Engine:
     def __init__(self, config: EngineConfig):
         self.config = config
@@ -70,9 +108,11 @@ class Engine:
         self.kv_cache = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.kv_cache, config.resolved_max_num_seqs(self.device), max_num_batched_tokens,
                                    config.enable_chunked_prefill,
-                                   is_ready=lambda r: r.params.structured is None or r.grammar is not None)
+                                   is_ready=lambda r: r.params.structured is None or r.grammar is not None,
+                                   max_model_len=self.max_model_len)
         self.sampler = Sampler(config.seed)
         self.grammars: GrammarEngine | None = None     # created with the first structured request
+        self.sampled_step: SampledStep | None = None   # sampling queued on the device, tokens not yet taken
         self.consecutive_failed_steps = 0
         self.awaiting_grammar: list[Request] = []
         if self.device.type == "cuda" and not config.enforce_eager:
@@ -82,6 +122,7 @@ class Engine:
                 log.warning("CUDA graph capture failed, running decode eagerly: %s", exc)
                 self.runner.decode_graphs = None
         self.num_computed_prompt_tokens = 0   # prompt tokens run through the model (recomputation counts again)
+        self.profile = StepProfile()
         log.info("engine ready: %s on %s (%s), %d KV blocks of %d tokens, max_model_len %d", self.model_path,
                  self.device, self.dtype, num_blocks, config.block_size, self.max_model_len)
 
@@ -93,11 +134,9 @@ class Engine:
             usable = self.config.resolved_max_num_seqs(self.device) * context * per_block // self.config.block_size
             budget = self.config.kv_cache_bytes or min(CPU_KV_CACHE_CAP, available_ram_bytes() // 4, usable)
             return max(1, budget // per_block)
+        # what is free now (after the weights) less the share of the card to leave alone and the step's peak
         free, total = torch.cuda.mem_get_info(self.device)
-        used_by_others = total - free - torch.cuda.memory_reserved(self.device)
-        activations = self._activation_bytes_estimate()
-        budget = int(total * self.config.gpu_memory_utilization) - used_by_others \
-            - torch.cuda.memory_reserved(self.device) - activations
+        budget = free - int(total * (1 - self.config.gpu_memory_utilization)) - self._activation_bytes_estimate()
         if budget < per_block:
             raise RuntimeError(f"no GPU memory left for the KV cache (budget {budget} bytes); lower max_num_batched_"
                                "tokens or raise gpu_memory_utilization")
@@ -156,62 +195,102 @@ class Engine:
 
     # -- the step -----------------------------------------------------------------------------------
     def step(self) -> list[Request]:
-        """One forward pass over the scheduled batch; returns the requests that finished in it. Never raises
-        for a request's sake: see `_recover`."""
+        """Queue the next forward pass, take in the previous step's sampled tokens while the device runs it
+        (stop checks, finished requests), then queue this step's sampling. Tokens sampled last step reach the
+        next forward pass on the device, so the host's work overlaps the device's. Returns the requests that
+        finished. Never raises for a request's sake: see `_recover`."""
         finished = self._attach_grammars()
         batch = self.scheduler.schedule()
-        if not batch:
+        previous, self.sampled_step = self.sampled_step, None
+        self.profile.record(batch, previous and previous.batch)
+        if not batch and previous is None:
             if self.awaiting_grammar:   # all that is left waits for grammar compiles: let them have the CPU
                 time.sleep(GRAMMAR_POLL_S)
             return finished
-        try:
-            finished += self._run_batch(batch)
-        except Exception as exc:
-            self.consecutive_failed_steps += 1
-            if self.consecutive_failed_steps >= MAX_CONSECUTIVE_FAILED_STEPS:
-                raise EngineBroken(f"{self.consecutive_failed_steps} steps failed in a row, the last with "
-                                   f"{type(exc).__name__}: {exc}") from exc
-            finished += self._recover(batch, exc)
-        else:
-            self.consecutive_failed_steps = 0
+        with torch.inference_mode():
+            launched = launch_error = None
+            if batch:
+                try:
+                    launched = self._launch(batch, previous)
+                except Exception as exc:
+                    launch_error = exc
+            if previous is not None:
+                try:
+                    finished += self._take_tokens(previous)
+                except Exception as exc:   # this step ran on those tokens too
+                    return finished + self._recover(previous.batch.requests + batch.requests, exc)
+            if launch_error is not None:
+                return finished + self._recover(batch.requests, launch_error)
+            if launched is not None:
+                try:
+                    self.sampled_step = self._sample(batch, *launched)
+                except Exception as exc:
+                    return finished + self._recover(batch.requests, exc)
+        self.consecutive_failed_steps = 0
         return finished
 
-    @torch.inference_mode()
-    def _run_batch(self, batch: ScheduledBatch) -> list[Request]:
-        logits, sampling_requests = self.runner.execute(batch)
+    def _launch(self, batch: ScheduledBatch, previous: SampledStep | None) -> tuple[torch.Tensor, list[Request]]:
+        pending = None if previous is None else PendingTokens(
+            previous.sample.token_ids, {request: row for row, request in enumerate(previous.requests)})
+        logits, sampling_requests = self.runner.execute(batch, pending)
         for request, num_new in zip(batch.requests, batch.num_new_tokens):
             start = request.num_computed_tokens
             self.num_computed_prompt_tokens += max(0, min(request.num_prompt_tokens, start + num_new) - start)
             request.num_computed_tokens += num_new
             request.suspect = False
-        if not sampling_requests:
-            return []
-        if self.grammars is not None:
-            # built on the CPU while the GPU still runs the forward pass
-            bitmask = self.grammars.fill_bitmask([r.grammar for r in sampling_requests])
-            if bitmask is not None:
-                apply_bitmask(logits, bitmask)
-        sampled = self.sampler(logits, sampling_requests)
+        return logits, sampling_requests
+
+    def _take_tokens(self, step: SampledStep) -> list[Request]:
+        """Append a step's sampled tokens (waiting for its sampling only) and apply the stop conditions."""
+        sampled = step.sample.result()
         finished = []
-        for i, request in enumerate(sampling_requests):
+        for i, request in enumerate(step.requests):
+            request.num_pending_tokens = 0
+            if request.is_finished:          # aborted meanwhile
+                continue
             self._append_token(request, sampled.token_ids[i], sampled.logprobs[i], sampled.top_logprobs[i])
             if request.is_finished:
                 self.scheduler.finish(request)
                 finished.append(request)
         return finished
 
-    def _recover(self, batch: ScheduledBatch, exc: Exception) -> list[Request]:
+    def _sample(self, batch: ScheduledBatch, logits: torch.Tensor, requests: list[Request]) -> SampledStep | None:
+        """Queue the sampling of the rows whose request is still alive (some just finished on the previous
+        step's tokens: their row of this step is dropped)."""
+        live = [i for i, request in enumerate(requests) if not request.is_finished]
+        if not live:
+            return None
+        if len(live) < len(requests):
+            logits = logits.index_select(0, torch.tensor(live, device=logits.device))
+            requests = [requests[i] for i in live]
+        if self.grammars is not None:
+            # built on the CPU while the device still runs the forward pass
+            bitmask = self.grammars.fill_bitmask([r.grammar for r in requests])
+            if bitmask is not None:
+                apply_bitmask(logits, bitmask)
+        sample = self.sampler.sample(logits, requests)
+        for request in requests:
+            request.num_pending_tokens = 1
+        return SampledStep(batch, requests, sample)
+
+    def _recover(self, requests: list[Request], exc: Exception) -> list[Request]:
         """A step raised. Its K/V writes can't be trusted, so cached prefixes are forgotten and its requests
         are recomputed, each first by itself: a request that fails alone MAX_SOLO_FAILURES times ends with an
-        error, and the rest of the work never notices."""
-        log.warning("step of %d requests failed (%s: %s); isolating them", len(batch), type(exc).__name__, exc)
+        error, and the rest of the work never notices. Steps that keep failing mean a broken engine."""
+        self.consecutive_failed_steps += 1
+        if self.consecutive_failed_steps >= MAX_CONSECUTIVE_FAILED_STEPS:
+            raise EngineBroken(f"{self.consecutive_failed_steps} steps failed in a row, the last with "
+                               f"{type(exc).__name__}: {exc}") from exc
+        requests = list(dict.fromkeys(requests))
+        log.warning("step of %d requests failed (%s: %s); isolating them", len(requests), type(exc).__name__, exc)
         self.kv_cache.forget_cached_prefixes()
         finished = []
-        for request in batch.requests:
+        for request in requests:
+            request.num_pending_tokens = 0   # a token sampled by a failed step is dropped
             if request.is_finished:          # finished earlier in the failed step
                 finished.append(request)
                 continue
-            if len(batch) == 1:
+            if len(requests) == 1:
                 request.num_failures += 1
             if request.num_failures >= MAX_SOLO_FAILURES:
                 request.error = f"the engine failed on this request {request.num_failures} times: " \

@@ -71,19 +71,22 @@ class KVCacheManager:
             self.ref_counts[block_id] = 1
             request.block_ids.append(block_id)
         if self.enable_prefix_caching:
-            self._register_full_blocks(request, num_computed, num_computed + num_new_tokens)
+            self._register_full_blocks(request, num_computed + num_new_tokens)
         return True
 
-    def _register_full_blocks(self, request: Request, num_computed: int, num_tokens: int) -> None:
-        """Register the blocks that the step's tokens [num_computed, num_tokens) complete."""
-        self._extend_hashes(request, num_tokens)
-        for index in range(num_computed // self.block_size, num_tokens // self.block_size):
+    def _register_full_blocks(self, request: Request, num_tokens: int) -> None:
+        """Register the request's full blocks among its first `num_tokens` tokens not offered yet. A block
+        completed by a token still on the device waits for the next step, when its token id is known."""
+        num_full = min(num_tokens, request.num_tokens) // self.block_size
+        self._extend_hashes(request, num_full * self.block_size)
+        for index in range(request.num_registered_blocks, num_full):
             block_id = request.block_ids[index]
             if self.block_hash[block_id] is None:
                 block_hash = request.block_hashes[index]
                 if block_hash not in self.cached_blocks:
                     self.cached_blocks[block_hash] = block_id
                     self.block_hash[block_id] = block_hash
+        request.num_registered_blocks = max(request.num_registered_blocks, num_full)
 
     def _forget_hash(self, block_id: int) -> None:
         block_hash = self.block_hash[block_id]
@@ -101,6 +104,7 @@ class KVCacheManager:
                 if self.block_hash[block_id] is None:
                     self.free_blocks.move_to_end(block_id, last=False)
         request.block_ids = []
+        request.num_registered_blocks = 0
 
     def forget_cached_prefixes(self) -> None:
         """Drop every prefix-cache entry: after a failed step, blocks registered for it may never have been

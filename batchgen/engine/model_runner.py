@@ -4,6 +4,8 @@ The KV cache is one tensor [num_layers, 2, num_blocks, block_size, num_kv_heads,
 each attention layer gets its two views. On CUDA, decode-only steps replay CUDA graphs captured for
 padded batch sizes, which removes the per-kernel launch cost that dominates small models and small batches.
 """
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
@@ -11,6 +13,13 @@ from batchgen.engine.request import Request
 from batchgen.engine.scheduler import ScheduledBatch
 from batchgen.models.attention import AttentionMetadata
 from batchgen.models.config import ModelConfig
+
+
+@dataclass
+class PendingTokens:
+    """Tokens sampled last step, still on the device: `token_ids[rows[request]]` is the request's."""
+    token_ids: torch.Tensor
+    rows: dict[Request, int]
 
 
 class ModelRunner:
@@ -39,10 +48,11 @@ class ModelRunner:
     def capture_decode_graphs(self, max_batch: int, max_model_len: int) -> None:
         self.decode_graphs = DecodeGraphs(self.model, max_batch, -(-max_model_len // self.block_size), self.device)
 
-    def prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor,
-                                                      list[Request]]:
+    def prepare(self, batch: ScheduledBatch, pending: PendingTokens | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor, list[Request]]:
         """Flat inputs for the step, single-token sequences (decodes) first, and the rows (last token of each
-        request that reached its end) whose logits are sampled."""
+        request that reached its end) whose logits are sampled. A token sampled last step and not yet on the
+        host is taken from `pending` on the device."""
         size = self.block_size
         order = sorted(range(len(batch)), key=lambda i: batch.num_new_tokens[i] != 1)
         requests = [batch.requests[i] for i in order]
@@ -55,11 +65,17 @@ class ModelRunner:
         seq_lens = np.empty(num_seqs, dtype=np.int32)
         logits_indices: list[int] = []
         sampling_requests: list[Request] = []
+        pending_positions: list[int] = []
+        pending_rows: list[int] = []
         offset = 0
         for i, (request, num_new) in enumerate(zip(requests, num_new_tokens)):
             start = request.num_computed_tokens
             end = start + num_new
-            input_ids.extend(request.token_ids_slice(start, end))
+            input_ids.extend(request.token_ids_slice(start, min(end, request.num_tokens)))
+            if end > request.num_tokens:
+                pending_positions.append(offset + num_new - 1)
+                pending_rows.append(pending.rows[request])
+                input_ids.append(0)
             if num_new == 1:
                 positions[offset] = start
                 slot_mapping[offset] = request.block_ids[start // size] * size + start % size
@@ -70,7 +86,7 @@ class ModelRunner:
             offset += num_new
             query_start_loc[i + 1] = offset
             seq_lens[i] = end
-            if end == request.num_tokens:
+            if end == request.num_tokens + request.num_pending_tokens:
                 logits_indices.append(offset - 1)
                 sampling_requests.append(request)
         max_blocks = -(-int(seq_lens.max()) // size)
@@ -84,7 +100,11 @@ class ModelRunner:
             block_tables=self._to_device(block_tables), slot_mapping=self._to_device(slot_mapping),
             max_query_len=max(num_new_tokens), max_seq_len=int(seq_lens.max()),
             num_decodes=num_new_tokens.count(1))
-        return (self._to_device(np.asarray(input_ids, dtype=np.int64)), self._to_device(positions), meta,
+        device_input_ids = self._to_device(np.asarray(input_ids, dtype=np.int64))
+        if pending_positions:
+            rows = self._to_device(np.asarray(pending_rows, dtype=np.int64))
+            device_input_ids[self._to_device(np.asarray(pending_positions, dtype=np.int64))] = pending.token_ids[rows]
+        return (device_input_ids, self._to_device(positions), meta,
                 self._to_device(np.asarray(logits_indices, dtype=np.int64)), sampling_requests)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
@@ -99,10 +119,11 @@ class ModelRunner:
             return tensor
         return tensor.pin_memory().to(self.device, non_blocking=True)
 
-    @torch.inference_mode()
-    def execute(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[Request]]:
-        """Run the step; logits [S, V] float32 for the S requests that sample, in batch order."""
-        input_ids, positions, meta, logits_indices, sampling_requests = self.prepare(batch)
+    def execute(self, batch: ScheduledBatch, pending: PendingTokens | None = None
+                ) -> tuple[torch.Tensor, list[Request]]:
+        """Queue the step (under the caller's inference mode); logits [S, V] float32 of the S requests that
+        sample, row i belonging to the i-th request returned."""
+        input_ids, positions, meta, logits_indices, sampling_requests = self.prepare(batch, pending)
         hidden = self.forward(input_ids, positions, meta)
         if not sampling_requests:
             return hidden.new_empty(0, 0, dtype=torch.float32), sampling_requests

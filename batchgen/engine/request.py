@@ -28,12 +28,16 @@ class Request:
     output_token_ids: list[int] = field(default_factory=list)
     status: RequestStatus = RequestStatus.WAITING
     num_computed_tokens: int = 0     # tokens whose K/V are in the cache
+    # 1 while the token sampled last step is still on the device: the next step already computes it, and the
+    # engine appends it once that step is under way
+    num_pending_tokens: int = 0
     num_cached_tokens: int = 0       # prompt tokens served by the prefix cache at first admission
     num_preemptions: int = 0
     suspect: bool = False            # was in a step that raised: runs alone next, to see if it is the cause
     num_failures: int = 0            # steps that raised while it ran alone
     block_ids: list[int] = field(default_factory=list)
     block_hashes: list[int] = field(default_factory=list)   # chained hashes of this sequence's full blocks
+    num_registered_blocks: int = 0   # leading full blocks already offered to the prefix cache
     generator: torch.Generator | None = None
     logprobs: list[TokenLogprobs] | None = None
     cumulative_logprob: float = 0.0
@@ -49,6 +53,12 @@ class Request:
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    def pending_token_is_last(self, max_model_len: int) -> bool:
+        """The token still on the device surely ends the request (a length limit), so no step needs to
+        compute it."""
+        return self.num_pending_tokens > 0 and (len(self.output_token_ids) + 1 >= self.params.max_tokens
+                                                or self.num_tokens + 1 >= max_model_len)
 
     @property
     def all_token_ids(self) -> list[int]:

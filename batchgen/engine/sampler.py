@@ -113,6 +113,10 @@ class Sampler:
         self._history = TokenHistory()
 
     def __call__(self, logits: torch.Tensor, requests: list[Request]) -> SamplerOutput:
+        return self.sample(logits, requests).result()
+
+    def sample(self, logits: torch.Tensor, requests: list[Request]) -> "PendingSample":
+        """Queue the sampling work on the logits' device and return without waiting for it."""
         num_rows, vocab_size = logits.shape
         processed = process_logits(logits, requests, self._history)
         sampled_rows = [i for i, r in enumerate(requests) if not r.params.greedy]
@@ -135,8 +139,7 @@ class Sampler:
             top_values, top_ids = logits.index_select(0, index).topk(num_top, dim=-1)
             top_logprobs = _nan_to_neg_inf(top_values - log_normalizer.index_select(0, index)[:, None])
             packed += [top_ids.flatten().double(), top_logprobs.flatten().double()]
-        # the call's only device-to-host transfer
-        return _unpack(torch.cat(packed).tolist(), requests, top_rows, num_top)
+        return PendingSample(token_ids, torch.cat(packed), requests, top_rows, num_top)
 
     def _draw(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
         """One token per row with probability softmax(logits). Each row uses only its own random numbers,
@@ -159,6 +162,30 @@ class Sampler:
         if device not in self._generators:
             self._generators[device] = torch.Generator(device=device).manual_seed(self.seed)
         return self._generators[device]
+
+
+class PendingSample:
+    """A step's sampling, queued on the device. `token_ids` stays there for the next step's inputs; `result()`
+    waits for this sampling alone (not for work queued after it) and brings everything to the host in one
+    copy."""
+
+    def __init__(self, token_ids: torch.Tensor, packed: torch.Tensor, requests: list[Request], top_rows: list[int],
+                 num_top: int):
+        self.token_ids = token_ids
+        self._requests, self._top_rows, self._num_top = requests, top_rows, num_top
+        self._copied: torch.cuda.Event | None = None
+        if packed.is_cuda:
+            self._host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
+            self._host.copy_(packed, non_blocking=True)
+            self._copied = torch.cuda.Event()
+            self._copied.record()
+        else:
+            self._host = packed
+
+    def result(self) -> SamplerOutput:
+        if self._copied is not None:
+            self._copied.synchronize()
+        return _unpack(self._host.tolist(), self._requests, self._top_rows, self._num_top)
 
 
 def _race(logits: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

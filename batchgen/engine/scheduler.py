@@ -30,12 +30,14 @@ class ScheduledBatch:
 
 class Scheduler:
     def __init__(self, kv_cache: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 enable_chunked_prefill: bool = True, is_ready: Callable[[Request], bool] = lambda r: True):
+                 enable_chunked_prefill: bool = True, is_ready: Callable[[Request], bool] = lambda r: True,
+                 max_model_len: int = 1 << 62):
         self.kv_cache = kv_cache
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.enable_chunked_prefill = enable_chunked_prefill
         self.is_ready = is_ready     # e.g. its grammar has compiled
+        self.max_model_len = max_model_len
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
 
@@ -55,7 +57,10 @@ class Scheduler:
         index = 0
         while index < len(self.running) and budget > 0:
             request = self.running[index]
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            if request.pending_token_is_last(self.max_model_len):
+                index += 1
+                continue
+            num_new = min(request.num_tokens + request.num_pending_tokens - request.num_computed_tokens, budget)
             while not self.kv_cache.allocate(request, num_new):
                 victim = self.running.pop()
                 self._preempt(victim)
@@ -116,9 +121,10 @@ class Scheduler:
         return batch
 
     def preempt(self, request: Request) -> None:
-        """Send a running request back to the queue to be recomputed."""
-        self.running.remove(request)
-        self._preempt(request)
+        """Send a running request back to the queue to be recomputed (one already back there stays as is)."""
+        if request in self.running:
+            self.running.remove(request)
+            self._preempt(request)
 
     def _preempt(self, request: Request) -> None:
         self.kv_cache.free(request)

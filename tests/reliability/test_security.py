@@ -49,21 +49,28 @@ def test_no_credentials_in_anything_a_job_leaves_behind(deployment, tmp_path):
 
     options = ["--model", deployment.model, "--max-tokens", 3]
     done = run("submit", inputs, "-o", tmp_path / "done", *options, "--wait")
-    failed = run("submit", inputs, "-o", tmp_path / "failed", *options)
-    (tmp_path / "failed" / "parts").write_text("not a directory")
     s3_input = f"s3://AKIAPLANTED:{PLANTED_S3_SECRET}@bucket/in.jsonl?endpoint_override=127.0.0.1:{closed_port}" \
                "&scheme=http&region=us-east-1"
     run("submit", s3_input, "-o", tmp_path / "refused", *options)
     assert "cannot open" in shown[-1] and "AKIAPLANTED:***@bucket" in shown[-1]
-    # A job whose input could be read at submit time and no longer can (credentials revoked, object deleted):
-    # registered here directly, as a submitter with access to Redis may.
-    spec = JobSpec(input=str(inputs), output=str(tmp_path / "s3-job"), model=deployment.model)
-    spec.input_summary = validate_input(spec)
-    spec.input = s3_input
+    # Jobs that fail in the worker, registered here directly (as a submitter with access to Redis may) so that
+    # they are broken before a worker can take them: one whose output can't be written, one whose input could
+    # be read at submit time and no longer can (credentials revoked, object deleted).
     store = store_at(url)
-    store.create_job(spec)
-    save_spec(spec)
-    make_app(url).send_task(SHARD_TASK, (spec.job_id, 0), queue=queue_name(deployment.model))
+
+    def register(output: str, input_now: str) -> JobSpec:
+        spec = JobSpec(input=str(inputs), output=str(tmp_path / output), model=deployment.model)
+        spec.input_summary = validate_input(spec)
+        spec.input = input_now
+        store.create_job(spec)
+        save_spec(spec)
+        return spec
+
+    failed = register("failed", str(inputs)).job_id
+    (tmp_path / "failed" / "parts").write_text("not a directory")
+    spec = register("s3-job", s3_input)
+    for job_id in (failed, spec.job_id):
+        make_app(url).send_task(SHARD_TASK, (job_id, 0), queue=queue_name(deployment.model))
     for job_id in (failed, spec.job_id):
         run("wait", job_id, "--timeout", 60)
     for job_id in (done, failed, spec.job_id):
