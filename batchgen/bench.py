@@ -81,7 +81,8 @@ def _figures(system: str, workload: Workload, elapsed: float, output_tokens: int
             "card": card_name(device), **extra}
 
 
-def run_batchgen(llm, workload: Workload) -> dict:
+def run_batchgen(llm, workload: Workload) -> tuple[dict, list[int]]:
+    """The figures, and each request's number of output tokens."""
     params = [SamplingParams(temperature=1.0, max_tokens=n, ignore_eos=workload.ignore_eos,
                              structured=workload.structured) for n in workload.output_lens]
     llm.generate(workload.prompts[:4], params[:4])    # warm up kernels outside the timed run
@@ -96,13 +97,14 @@ def run_batchgen(llm, workload: Workload) -> dict:
     if errors:
         raise RuntimeError(f"{len(errors)} benchmark requests failed, first: {errors[0]}")
     engine = llm.engine
-    return _figures("batchgen", workload, elapsed, sum(o.completion_tokens for o in outputs),
+    figures = _figures("batchgen", workload, elapsed, sum(o.completion_tokens for o in outputs),
                     workload.num_prompt_tokens, device, dtype=str(engine.dtype).removeprefix("torch."),
                     kv_blocks=engine.kv_cache.num_blocks, block_size=engine.kv_cache.block_size,
                     max_num_seqs=engine.scheduler.max_num_seqs,
                     max_num_batched_tokens=engine.scheduler.max_num_batched_tokens,
                     cuda_graphs=engine.runner.decode_graphs is not None,
                     prefix_cache_hit_tokens=engine.kv_cache.num_hit_tokens, steps=engine.profile.summary())
+    return figures, [o.completion_tokens for o in outputs]
 
 
 def load_hf_model(model_dir, dtype: torch.dtype, device: torch.device, dummy: bool):
@@ -158,7 +160,7 @@ def _until_eos(token_ids: list[int], eos: set[int]) -> int:
     return next((i + 1 for i, t in enumerate(token_ids) if t in eos), len(token_ids))
 
 
-@torch.inference_mode()
+@torch.no_grad()     # not inference_mode: generate_batch updates its buffers in place from its own thread
 def run_hf_continuous(model, workload: Workload) -> dict:
     """transformers' own continuous batching (`generate_batch`); it stops a request at eos, so the tokens it
     actually produced are counted."""
@@ -169,6 +171,8 @@ def run_hf_continuous(model, workload: Workload) -> dict:
     _synchronize(device)
     elapsed = time.perf_counter() - start
     produced = sum(len(r.generated_tokens) for r in results.values())
+    if not produced:
+        raise RuntimeError("generate_batch produced no tokens (its log says why)")
     return _figures("hf-generate_batch", workload, elapsed, produced, workload.num_prompt_tokens, device)
 
 
@@ -229,7 +233,13 @@ def bench_command(model, load_format, name, num_requests, input_len, input_len_m
         with open(schema_file) as source:
             workload.structured = StructuredOutput(json_schema=json.load(source))
     model_dir, torch_dtype, torch_device = llm.engine.model_path, llm.engine.dtype, llm.engine.device
-    print(json.dumps(run_batchgen(llm, workload) | {"model": str(model)}), flush=True)
+    figures, output_lens = run_batchgen(llm, workload)
+    print(json.dumps(figures | {"model": str(model)}), flush=True)
+    if workload.structured is not None:
+        # the cost of the constraint alone: the same prompts unconstrained, each forced to the length its
+        # constrained output had (constrained outputs end when the value closes)
+        matched = Workload(f"{name}-unconstrained", workload.prompts, output_lens)
+        print(json.dumps(run_batchgen(llm, matched)[0] | {"model": str(model)}), flush=True)
     if not (hf_static_batch or hf_continuous):
         return
     del llm

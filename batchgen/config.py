@@ -23,8 +23,7 @@ class EngineConfig(BaseModel):
     kv_cache_bytes: int | None = Field(None, ge=1)          # CPU budget; default <= 2 GiB, a quarter of free RAM
     gpu_memory_utilization: float = Field(0.90, gt=0.0, le=1.0)
     max_model_len: int | None = Field(None, ge=1)           # default: the model's context, capped by the cache
-    # default: 512 on GPU (a decode step reads the weights once for more tokens; H100 W1 8.8k vs 6.1k out
-    # tok/s at 256), 128 on CPU
+    # default: 512 on GPU (a decode step reads the weights once for more tokens: docs/benchmarks.md), 128 on CPU
     max_num_seqs: int | None = Field(None, ge=1)
     max_num_batched_tokens: int | None = Field(None, ge=1)  # default: 8192 on GPU, 1024 on CPU
     enable_prefix_caching: bool = True

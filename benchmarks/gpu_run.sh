@@ -26,13 +26,13 @@ timeout "${T_CHECK:-90}" python3 benchmarks/gpu_correctness.py 2>>"$OUT/stderr.l
 bench "${T_W1:-240}" --model "$repo"/benchmarks/configs/llama-3.1-8b --load-format dummy --name W1 --num-requests 1000 \
   --input-len 512 --output-len 256 --max-model-len 1024 --hf-static-batch 64 --hf-continuous --hf-sample 64
 bench "${T_W3:-90}" --model "$repo"/benchmarks/configs/llama-3.1-8b --load-format dummy --name W3 --num-requests 1000 \
-  --prefix-len 1024 --input-len 256 --output-len 128 --max-model-len 1536
+  --prefix-len 1024 --input-len 256 --output-len 128 --max-model-len 1536 --hf-static-batch 64 --hf-continuous --hf-sample 64
 bench "${T_W2:-70}" --model "$repo"/benchmarks/configs/qwen3-0.6b --load-format dummy --name W2 --num-requests 256 \
-  --input-len 100 --input-len-max 1024 --output-len 100 --output-len-max 1024 --max-model-len 2048
-# structured output on the W1 shape: 6-field schema vs the same job unconstrained (tokenizer borrowed)
-bench "${T_JSON:-90}" --model "$repo"/benchmarks/configs/llama-3.1-8b --load-format dummy --name W1-json \
+  --input-len 100 --input-len-max 1024 --output-len 100 --output-len-max 1024 --max-model-len 2048 \
+  --hf-static-batch 64 --hf-continuous --hf-sample 64
+# structured output on the W1 shape: 6-field schema, then the same job unconstrained with each output forced to
+# its constrained length (tokenizer borrowed)
+bench "${T_JSON:-120}" --model "$repo"/benchmarks/configs/llama-3.1-8b --load-format dummy --name W1-json \
   --num-requests 1000 --input-len 512 --output-len 128 --max-model-len 1024 --tokenizer "$repo"/.whl/tokenizer \
   --schema "$repo"/benchmarks/schemas/six_fields.json
-bench "${T_JSON:-90}" --model "$repo"/benchmarks/configs/llama-3.1-8b --load-format dummy --name W1-128 \
-  --num-requests 1000 --input-len 512 --output-len 128 --max-model-len 1024
 tail -n 30 "$OUT/stderr.log"
