@@ -9,7 +9,7 @@ import json
 import platform
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import click
 import torch
@@ -25,13 +25,15 @@ class Workload:
     output_lens: list[int]
     ignore_eos: bool = True     # False: outputs end at EOS (real prompts); the tokens generated are counted
     structured: StructuredOutput | None = None   # every output constrained (ends when the value is complete)
+    temperature: float = 1.0
+    top_p: float = 1.0
 
     @property
     def num_prompt_tokens(self) -> int:
         return sum(len(p) for p in self.prompts)
 
     def sample(self, count: int) -> "Workload":
-        return Workload(self.name, self.prompts[:count], self.output_lens[:count], self.ignore_eos, self.structured)
+        return replace(self, prompts=self.prompts[:count], output_lens=self.output_lens[:count])
 
 
 def make_workload(name: str, num_requests: int, input_len: int, output_len: int, vocab_size: int, *,
@@ -78,13 +80,15 @@ def _figures(system: str, workload: Workload, elapsed: float, output_tokens: int
             "requests_per_s": round(len(workload.prompts) / elapsed, 3),
             "output_tok_per_s": round(output_tokens / elapsed, 1),
             "total_tok_per_s": round((output_tokens + prompt_tokens) / elapsed, 1),
+            "temperature": workload.temperature, "top_p": workload.top_p,
             "card": card_name(device), **extra}
 
 
 def run_batchgen(llm, workload: Workload) -> tuple[dict, list[int]]:
     """The figures, and each request's number of output tokens."""
-    params = [SamplingParams(temperature=1.0, max_tokens=n, ignore_eos=workload.ignore_eos,
-                             structured=workload.structured) for n in workload.output_lens]
+    params = [SamplingParams(temperature=workload.temperature, top_p=workload.top_p, max_tokens=n,
+                             ignore_eos=workload.ignore_eos, structured=workload.structured)
+              for n in workload.output_lens]
     llm.generate(workload.prompts[:4], params[:4])    # warm up kernels outside the timed run
     device = llm.engine.device
     llm.engine.profile = StepProfile()
@@ -118,10 +122,10 @@ def load_hf_model(model_dir, dtype: torch.dtype, device: torch.device, dummy: bo
     return model.eval()
 
 
-def _hf_sampling(max_new_tokens: int, **extra):
+def _hf_sampling(workload: Workload, max_new_tokens: int, **extra):
     from transformers import GenerationConfig
-    return GenerationConfig(max_new_tokens=max_new_tokens, do_sample=True, temperature=1.0, top_p=1.0, top_k=0,
-                            **extra)
+    return GenerationConfig(max_new_tokens=max_new_tokens, do_sample=True, temperature=workload.temperature,
+                            top_p=workload.top_p, top_k=0, **extra)
 
 
 @torch.inference_mode()
@@ -141,7 +145,7 @@ def run_hf_static(model, workload: Workload, batch_size: int) -> dict:
         new_tokens = max(workload.output_lens[first:first + batch_size])
         extra = {"min_new_tokens": new_tokens} if workload.ignore_eos else {}
         generated = model.generate(ids, attention_mask=mask, generation_config=_hf_sampling(
-            new_tokens, pad_token_id=pad, **extra))[:, longest:].tolist()
+            workload, new_tokens, pad_token_id=pad, **extra))[:, longest:].tolist()
         for row, wanted in zip(generated, workload.output_lens[first:first + batch_size]):
             produced += wanted if workload.ignore_eos else _until_eos(row, eos)
     _synchronize(device)
@@ -166,8 +170,8 @@ def run_hf_continuous(model, workload: Workload) -> dict:
     actually produced are counted."""
     device = model.device
     start = time.perf_counter()
-    results = model.generate_batch(inputs=workload.prompts,
-                                   generation_config=_hf_sampling(max(workload.output_lens)), progress_bar=False)
+    results = model.generate_batch(inputs=workload.prompts, progress_bar=False,
+                                   generation_config=_hf_sampling(workload, max(workload.output_lens)))
     _synchronize(device)
     elapsed = time.perf_counter() - start
     produced = sum(len(r.generated_tokens) for r in results.values())
@@ -210,10 +214,12 @@ def _release_memory() -> None:
 @click.option("--hf-static-batch", type=int, default=0, help="Also run HF generate in batches of this size.")
 @click.option("--hf-continuous", is_flag=True, help="Also run HF generate_batch (continuous batching).")
 @click.option("--hf-sample", type=int, default=None, help="Run the HF systems on the first N requests only.")
+@click.option("--temperature", type=float, default=1.0, show_default=True)
+@click.option("--top-p", type=float, default=1.0, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 def bench_command(model, load_format, name, num_requests, input_len, input_len_max, output_len, output_len_max,
                   prefix_len, dataset, schema_file, tokenizer, dtype, device, max_num_seqs, max_num_batched_tokens, max_model_len, enforce_eager,
-                  hf_static_batch, hf_continuous, hf_sample, seed):
+                  hf_static_batch, hf_continuous, hf_sample, temperature, top_p, seed):
     """Throughput benchmark; prints one JSON line per system (batchgen, then the HF peers)."""
     from batchgen.llm import LLM
 
@@ -229,6 +235,7 @@ def bench_command(model, load_format, name, num_requests, input_len, input_len_m
         workload = make_workload(name, num_requests, input_len, output_len, llm.engine.model_config.vocab_size,
                                  prefix_len=prefix_len, input_len_max=input_len_max, output_len_max=output_len_max,
                                  seed=seed)
+    workload.temperature, workload.top_p = temperature, top_p
     if schema_file:
         with open(schema_file) as source:
             workload.structured = StructuredOutput(json_schema=json.load(source))
@@ -238,7 +245,7 @@ def bench_command(model, load_format, name, num_requests, input_len, input_len_m
     if workload.structured is not None:
         # the cost of the constraint alone: the same prompts unconstrained, each forced to the length its
         # constrained output had (constrained outputs end when the value closes)
-        matched = Workload(f"{name}-unconstrained", workload.prompts, output_lens)
+        matched = replace(workload, name=f"{name}-unconstrained", output_lens=output_lens, structured=None)
         print(json.dumps(run_batchgen(llm, matched)[0] | {"model": str(model)}), flush=True)
     if not (hf_static_batch or hf_continuous):
         return

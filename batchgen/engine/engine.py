@@ -15,6 +15,7 @@ from batchgen.engine.request import Request
 from batchgen.engine.sampler import PendingSample, Sampler
 from batchgen.engine.scheduler import ScheduledBatch, Scheduler
 from batchgen.engine.structured import GrammarEngine, apply_bitmask
+from batchgen.engine.transfer import to_device
 from batchgen.models.config import ModelConfig
 from batchgen.models.loader import load_model, resolve_model_path
 from batchgen.outputs import TokenLogprobs
@@ -261,7 +262,7 @@ class Engine:
         if not live:
             return None
         if len(live) < len(requests):
-            logits = logits.index_select(0, torch.tensor(live, device=logits.device))
+            logits = logits.index_select(0, to_device(live, logits.device))
             requests = [requests[i] for i in live]
         if self.grammars is not None:
             # built on the CPU while the device still runs the forward pass

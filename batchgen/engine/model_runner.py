@@ -11,6 +11,7 @@ import torch
 
 from batchgen.engine.request import Request
 from batchgen.engine.scheduler import ScheduledBatch
+from batchgen.engine.transfer import to_device
 from batchgen.models.attention import AttentionMetadata
 from batchgen.models.config import ModelConfig
 
@@ -114,10 +115,7 @@ class ModelRunner:
         return self.model(input_ids, positions, meta)
 
     def _to_device(self, array: np.ndarray) -> torch.Tensor:
-        tensor = torch.from_numpy(array)
-        if self.device.type == "cpu":
-            return tensor
-        return tensor.pin_memory().to(self.device, non_blocking=True)
+        return to_device(array, self.device)
 
     def execute(self, batch: ScheduledBatch, pending: PendingTokens | None = None
                 ) -> tuple[torch.Tensor, list[Request]]:

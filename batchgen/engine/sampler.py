@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from batchgen.engine.request import Request
+from batchgen.engine.transfer import to_device
 from batchgen.outputs import TokenLogprobs
 
 _NEG_INF = float("-inf")
@@ -67,10 +68,10 @@ def process_logits(logits: torch.Tensor, requests: list[Request], history: Token
         return logits
 
     # Greedy rows carry neutral warper settings so whole-batch steps leave them alone.
-    row_params = torch.tensor(
+    row_params = to_device(
         [[p.repetition_penalty, p.presence_penalty, p.frequency_penalty]
          + ([1.0, 0.0, 1.0, 0.0] if p.greedy else [p.temperature, p.top_k, p.top_p, p.min_p]) for p in params],
-        dtype=torch.float32, device=logits.device)
+        logits.device, torch.float32)
     repetition, presence, frequency, temperature, top_k, top_p, min_p = row_params.unbind(1)
     # below this a temperature is argmax anyway, and logits / 1e-40 would overflow to inf and then NaN
     temperature = temperature.clamp_min(1e-5)
@@ -125,7 +126,7 @@ class Sampler:
         else:
             token_ids = processed.argmax(-1)
             if sampled_rows:
-                index = torch.tensor(sampled_rows, device=logits.device)
+                index = to_device(sampled_rows, logits.device)
                 drawn = self._draw(processed.index_select(0, index), [requests[i] for i in sampled_rows])
                 token_ids.index_copy_(0, index, drawn)
 
@@ -135,7 +136,7 @@ class Sampler:
         top_rows = [i for i, r in enumerate(requests) if r.params.logprobs]
         num_top = min(max((requests[i].params.logprobs for i in top_rows), default=0), vocab_size)
         if top_rows:
-            index = torch.tensor(top_rows, device=logits.device)
+            index = to_device(top_rows, logits.device)
             top_values, top_ids = logits.index_select(0, index).topk(num_top, dim=-1)
             top_logprobs = _nan_to_neg_inf(top_values - log_normalizer.index_select(0, index)[:, None])
             packed += [top_ids.flatten().double(), top_logprobs.flatten().double()]
@@ -152,7 +153,7 @@ class Sampler:
         token_ids = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
         unseeded = [j for j, r in enumerate(requests) if r.params.seed is None]
         if unseeded:
-            index = torch.tensor(unseeded, device=logits.device)
+            index = to_device(unseeded, logits.device)
             token_ids.index_copy_(0, index, draw_rows(logits.index_select(0, index), self._generator(logits.device)))
         for j in seeded:
             token_ids[j] = draw_rows(logits[j:j + 1], _request_generator(requests[j], logits.device))[0]
@@ -250,10 +251,10 @@ def _flat_positions(token_arrays: list[np.ndarray], rows: list[int], vocab_size:
     buffer. The tokens go up as one array; the index arithmetic runs on the device."""
     lengths = [len(tokens) for tokens in token_arrays]
     total = sum(lengths)
-    tokens = torch.from_numpy(np.concatenate(token_arrays)).to(device)
-    local_row = torch.repeat_interleave(torch.arange(len(rows), device=device),
-                                        torch.tensor(lengths, device=device), output_size=total)
-    batch_row = torch.tensor(rows, device=device)[local_row]
+    tokens = to_device(np.concatenate(token_arrays), device)
+    local_row = torch.repeat_interleave(torch.arange(len(rows), device=device), to_device(lengths, device),
+                                        output_size=total)
+    batch_row = to_device(rows, device)[local_row]
     return batch_row * vocab_size + tokens, local_row * vocab_size + tokens
 
 
@@ -289,7 +290,7 @@ def _ban_tokens_keeping_one(logits: torch.Tensor, token_arrays: list[np.ndarray]
     flat = logits.view(-1)
     original = flat[positions]
     flat[positions] = _NEG_INF
-    alive = logits.index_select(0, torch.tensor(rows, device=logits.device)).amax(-1) > _NEG_INF
+    alive = logits.index_select(0, to_device(rows, logits.device)).amax(-1) > _NEG_INF
     flat[positions] = torch.where(alive[local_positions // vocab_size], _NEG_INF, original)
 
 
@@ -298,7 +299,7 @@ def _on_rows(logits: torch.Tensor, rows: list[int], edit, *row_params: torch.Ten
     if len(rows) == logits.shape[0]:
         edit(logits, *row_params)
         return
-    index = torch.tensor(rows, device=logits.device)
+    index = to_device(rows, logits.device)
     selected = logits.index_select(0, index)
     edit(selected, *(p.index_select(0, index) for p in row_params))
     logits.index_copy_(0, index, selected)
