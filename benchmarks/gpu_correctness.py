@@ -54,7 +54,8 @@ def engine_logits(llm: LLM, sequences: list[list[int]], prompt_lens: list[int]) 
         engine.scheduler.add(request)
     while engine.scheduler.has_unfinished():
         batch: ScheduledBatch = engine.scheduler.schedule()
-        input_ids, positions, meta, _, _ = engine.runner.prepare(batch)
+        inputs = engine.runner.prepare(batch)
+        input_ids, positions, meta = inputs.input_ids, inputs.positions, inputs.meta
         with torch.inference_mode():
             logits = engine.model.compute_logits(engine.runner.forward(input_ids, positions, meta)).cpu()
         offset = 0

@@ -2,6 +2,7 @@
 import logging
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import torch
@@ -10,7 +11,7 @@ from batchgen.config import EngineConfig
 from batchgen.engine.errors import Cancelled, EngineBroken
 from batchgen.engine.grammar import StructuredOutputError
 from batchgen.engine.kv_cache import KVCacheManager
-from batchgen.engine.model_runner import ModelRunner, PendingTokens
+from batchgen.engine.model_runner import ModelRunner, PendingTokens, StepInputs
 from batchgen.engine.request import Request
 from batchgen.engine.sampler import PendingSample, Sampler
 from batchgen.engine.scheduler import ScheduledBatch, Scheduler
@@ -81,10 +82,14 @@ def _kind(batch: ScheduledBatch) -> str:
 
 @dataclass
 class SampledStep:
-    """A step whose tokens are sampled on the device but not yet appended to their requests."""
+    """A step's sampling, tokens not yet appended to their requests. With grammars, the step's masks fill on
+    another thread (`masks`) while the engine prepares the next step, and the sampling is queued after that;
+    otherwise at once. `sample` is set once it is queued on the device."""
     batch: ScheduledBatch
     requests: list[Request]
-    sample: PendingSample
+    logits: torch.Tensor | None
+    masks: Future | None = None
+    sample: PendingSample | None = None
 
 
 class Engine:
@@ -113,7 +118,7 @@ class Engine:
                                    max_model_len=self.max_model_len)
         self.sampler = Sampler(config.seed)
         self.grammars: GrammarEngine | None = None     # created with the first structured request
-        self.sampled_step: SampledStep | None = None   # sampling queued on the device, tokens not yet taken
+        self.sampled_step: SampledStep | None = None   # last step's sampling, its tokens not yet taken
         self.consecutive_failed_steps = 0
         self.awaiting_grammar: list[Request] = []
         if self.device.type == "cuda" and not config.enforce_eager:
@@ -196,9 +201,10 @@ class Engine:
 
     # -- the step -----------------------------------------------------------------------------------
     def step(self) -> list[Request]:
-        """Queue the next forward pass, take in the previous step's sampled tokens while the device runs it
-        (stop checks, finished requests), then queue this step's sampling. Tokens sampled last step reach the
-        next forward pass on the device, so the host's work overlaps the device's. Returns the requests that
+        """Prepare this step's inputs, queue the previous step's sampling (if its grammar masks were still
+        filling) and this step's forward pass, take in the previous step's tokens while the device runs it
+        (stop checks, finished requests), then start this step's sampling. Tokens sampled last step reach
+        the forward pass on the device, so the host's work overlaps the device's. Returns the requests that
         finished. Never raises for a request's sake: see `_recover`."""
         finished = self._attach_grammars()
         batch = self.scheduler.schedule()
@@ -209,10 +215,20 @@ class Engine:
                 time.sleep(GRAMMAR_POLL_S)
             return finished
         with torch.inference_mode():
-            launched = launch_error = None
+            logits = launch_error = None
             if batch:
                 try:
-                    launched = self._launch(batch, previous)
+                    inputs = self.runner.prepare(batch)
+                except Exception as exc:
+                    launch_error = exc
+            if previous is not None:
+                try:
+                    self._queue_sampling(previous)
+                except Exception as exc:   # this step was to run on those tokens too
+                    return finished + self._recover(previous.batch.requests + batch.requests, exc)
+            if batch and launch_error is None:
+                try:
+                    logits = self._launch(batch, inputs, previous)
                 except Exception as exc:
                     launch_error = exc
             if previous is not None:
@@ -222,24 +238,24 @@ class Engine:
                     return finished + self._recover(previous.batch.requests + batch.requests, exc)
             if launch_error is not None:
                 return finished + self._recover(batch.requests, launch_error)
-            if launched is not None:
+            if logits is not None:
                 try:
-                    self.sampled_step = self._sample(batch, *launched)
+                    self.sampled_step = self._start_sampling(batch, logits, inputs.sampling_requests)
                 except Exception as exc:
                     return finished + self._recover(batch.requests, exc)
         self.consecutive_failed_steps = 0
         return finished
 
-    def _launch(self, batch: ScheduledBatch, previous: SampledStep | None) -> tuple[torch.Tensor, list[Request]]:
+    def _launch(self, batch: ScheduledBatch, inputs: StepInputs, previous: SampledStep | None) -> torch.Tensor:
         pending = None if previous is None else PendingTokens(
             previous.sample.token_ids, {request: row for row, request in enumerate(previous.requests)})
-        logits, sampling_requests = self.runner.execute(batch, pending)
+        logits = self.runner.execute(inputs, pending)
         for request, num_new in zip(batch.requests, batch.num_new_tokens):
             start = request.num_computed_tokens
             self.num_computed_prompt_tokens += max(0, min(request.num_prompt_tokens, start + num_new) - start)
             request.num_computed_tokens += num_new
             request.suspect = False
-        return logits, sampling_requests
+        return logits
 
     def _take_tokens(self, step: SampledStep) -> list[Request]:
         """Append a step's sampled tokens (waiting for its sampling only) and apply the stop conditions."""
@@ -255,24 +271,34 @@ class Engine:
                 finished.append(request)
         return finished
 
-    def _sample(self, batch: ScheduledBatch, logits: torch.Tensor, requests: list[Request]) -> SampledStep | None:
-        """Queue the sampling of the rows whose request is still alive (some just finished on the previous
-        step's tokens: their row of this step is dropped)."""
+    def _start_sampling(self, batch: ScheduledBatch, logits: torch.Tensor, requests: list[Request]
+                        ) -> SampledStep | None:
+        """Sample the rows whose request is still alive (some just finished on the previous step's tokens:
+        their row of this step is dropped): queued now, or once the grammar masks are filled."""
         live = [i for i, request in enumerate(requests) if not request.is_finished]
         if not live:
             return None
         if len(live) < len(requests):
             logits = logits.index_select(0, to_device(live, logits.device))
             requests = [requests[i] for i in live]
-        if self.grammars is not None:
-            # built on the CPU while the device still runs the forward pass
-            bitmask = self.grammars.fill_bitmask([r.grammar for r in requests])
-            if bitmask is not None:
-                apply_bitmask(logits, bitmask)
-        sample = self.sampler.sample(logits, requests)
         for request in requests:
             request.num_pending_tokens = 1
-        return SampledStep(batch, requests, sample)
+        step = SampledStep(batch, requests, logits)
+        if self.grammars is not None and any(r.grammar is not None for r in requests):
+            step.masks = self.grammars.start_bitmask([r.grammar for r in requests])
+        else:
+            self._queue_sampling(step)
+        return step
+
+    def _queue_sampling(self, step: SampledStep) -> None:
+        if step.sample is not None:
+            return
+        if step.masks is not None:
+            bitmask = step.masks.result()
+            if bitmask is not None:
+                apply_bitmask(step.logits, bitmask)
+        step.sample = self.sampler.sample(step.logits, step.requests)
+        step.logits = step.masks = None
 
     def _recover(self, requests: list[Request], exc: Exception) -> list[Request]:
         """A step raised. Its K/V writes can't be trusted, so cached prefixes are forgotten and its requests

@@ -23,6 +23,19 @@ class PendingTokens:
     rows: dict[Request, int]
 
 
+@dataclass
+class StepInputs:
+    """A step's flat inputs on the device, decodes first. A token sampled last step is not known on the host
+    yet: its slot in `input_ids` holds 0 until `execute` fills it in on the device."""
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    meta: AttentionMetadata
+    logits_indices: torch.Tensor          # rows (last token of each request that reached its end) to sample
+    sampling_requests: list[Request]
+    pending_positions: list[int]          # slots of input_ids taking a token sampled last step ...
+    pending_requests: list[Request]       # ... and whose token it is
+
+
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, model_config: ModelConfig, block_size: int,
                  device: torch.device, dtype: torch.dtype):
@@ -49,11 +62,8 @@ class ModelRunner:
     def capture_decode_graphs(self, max_batch: int, max_model_len: int) -> None:
         self.decode_graphs = DecodeGraphs(self.model, max_batch, -(-max_model_len // self.block_size), self.device)
 
-    def prepare(self, batch: ScheduledBatch, pending: PendingTokens | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor, list[Request]]:
-        """Flat inputs for the step, single-token sequences (decodes) first, and the rows (last token of each
-        request that reached its end) whose logits are sampled. A token sampled last step and not yet on the
-        host is taken from `pending` on the device."""
+    def prepare(self, batch: ScheduledBatch) -> StepInputs:
+        """The step's inputs: all the host work of a step, and copies queued to the device."""
         size = self.block_size
         order = sorted(range(len(batch)), key=lambda i: batch.num_new_tokens[i] != 1)
         requests = [batch.requests[i] for i in order]
@@ -67,7 +77,7 @@ class ModelRunner:
         logits_indices: list[int] = []
         sampling_requests: list[Request] = []
         pending_positions: list[int] = []
-        pending_rows: list[int] = []
+        pending_requests: list[Request] = []
         offset = 0
         for i, (request, num_new) in enumerate(zip(requests, num_new_tokens)):
             start = request.num_computed_tokens
@@ -75,7 +85,7 @@ class ModelRunner:
             input_ids.extend(request.token_ids_slice(start, min(end, request.num_tokens)))
             if end > request.num_tokens:
                 pending_positions.append(offset + num_new - 1)
-                pending_rows.append(pending.rows[request])
+                pending_requests.append(request)
                 input_ids.append(0)
             if num_new == 1:
                 positions[offset] = start
@@ -101,12 +111,9 @@ class ModelRunner:
             block_tables=self._to_device(block_tables), slot_mapping=self._to_device(slot_mapping),
             max_query_len=max(num_new_tokens), max_seq_len=int(seq_lens.max()),
             num_decodes=num_new_tokens.count(1))
-        device_input_ids = self._to_device(np.asarray(input_ids, dtype=np.int64))
-        if pending_positions:
-            rows = self._to_device(np.asarray(pending_rows, dtype=np.int64))
-            device_input_ids[self._to_device(np.asarray(pending_positions, dtype=np.int64))] = pending.token_ids[rows]
-        return (device_input_ids, self._to_device(positions), meta,
-                self._to_device(np.asarray(logits_indices, dtype=np.int64)), sampling_requests)
+        return StepInputs(self._to_device(np.asarray(input_ids, dtype=np.int64)), self._to_device(positions), meta,
+                          self._to_device(np.asarray(logits_indices, dtype=np.int64)), sampling_requests,
+                          pending_positions, pending_requests)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """Hidden states of every token: a captured graph for decode-only steps that fit one, else eager."""
@@ -117,15 +124,17 @@ class ModelRunner:
     def _to_device(self, array: np.ndarray) -> torch.Tensor:
         return to_device(array, self.device)
 
-    def execute(self, batch: ScheduledBatch, pending: PendingTokens | None = None
-                ) -> tuple[torch.Tensor, list[Request]]:
-        """Queue the step (under the caller's inference mode); logits [S, V] float32 of the S requests that
-        sample, row i belonging to the i-th request returned."""
-        input_ids, positions, meta, logits_indices, sampling_requests = self.prepare(batch, pending)
-        hidden = self.forward(input_ids, positions, meta)
-        if not sampling_requests:
-            return hidden.new_empty(0, 0, dtype=torch.float32), sampling_requests
-        return self.model.compute_logits(hidden[logits_indices]), sampling_requests
+    def execute(self, inputs: StepInputs, pending: PendingTokens | None = None) -> torch.Tensor:
+        """Queue the step (under the caller's inference mode), the tokens sampled last step taken from
+        `pending` on the device; logits [S, V] float32, row i for inputs.sampling_requests[i]."""
+        input_ids = inputs.input_ids
+        if inputs.pending_positions:
+            rows = self._to_device(np.array([pending.rows[r] for r in inputs.pending_requests], dtype=np.int64))
+            input_ids[self._to_device(np.array(inputs.pending_positions, dtype=np.int64))] = pending.token_ids[rows]
+        hidden = self.forward(input_ids, inputs.positions, inputs.meta)
+        if not inputs.sampling_requests:
+            return hidden.new_empty(0, 0, dtype=torch.float32)
+        return self.model.compute_logits(hidden[inputs.logits_indices])
 
 
 class DecodeGraphs:

@@ -86,7 +86,9 @@ class GrammarMatcher:
 class GrammarEngine:
     """Compiled grammars for one tokenizer (cached, compiled off the step loop) and the step's token bitmask.
 
-    Not thread-safe: call it from the engine's thread; compilation runs in its own worker threads.
+    Not thread-safe: call it from the engine's thread; compilation runs in its own worker threads, and
+    `start_bitmask` fills the mask on another thread while the engine prepares the next step (the step's
+    matchers must not advance until its future is done).
     """
 
     def __init__(self, tokenizer, eos_token_ids: Iterable[int], vocab_width: int, *,
@@ -104,6 +106,7 @@ class GrammarEngine:
         self._tokenizer = llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab_width, eos_token=eos_token_ids)
         self._compile_pool = ThreadPoolExecutor(compile_threads, thread_name_prefix="grammar-compile")
         self._mask_executor = llguidance.LLExecutor(mask_threads)
+        self._mask_thread = ThreadPoolExecutor(1, thread_name_prefix="grammar-mask")
         self._max_cached = max_cached
         # constraint key -> future of a matcher at the grammar's start; requests get deep copies of it,
         # which are cheap and share its lexer cache
@@ -145,9 +148,14 @@ class GrammarEngine:
         llguidance.torch.fill_next_token_bitmask_par(self._mask_executor, rows, bitmask)
         return bitmask
 
+    def start_bitmask(self, matchers: list[GrammarMatcher | None]) -> Future:
+        """`fill_bitmask` on the mask thread (llguidance releases the GIL while it works)."""
+        return self._mask_thread.submit(self.fill_bitmask, matchers)
+
     def shutdown(self) -> None:
-        """Stop the compile threads (pending compiles are dropped)."""
+        """Stop the compile and mask threads (pending compiles are dropped)."""
         self._compile_pool.shutdown(wait=False, cancel_futures=True)
+        self._mask_thread.shutdown(wait=False, cancel_futures=True)
 
     def _future(self, constraint: StructuredOutput) -> Future:
         key = json.dumps(constraint.model_dump(), sort_keys=True)
