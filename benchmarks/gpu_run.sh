@@ -27,7 +27,7 @@ bench "${T_W1:-240}" --model "$repo"/benchmarks/configs/llama-3.1-8b --load-form
   --input-len 512 --output-len 256 --max-model-len 1024 --hf-static-batch 64 --hf-continuous --hf-sample 64
 bench "${T_W3:-90}" --model "$repo"/benchmarks/configs/llama-3.1-8b --load-format dummy --name W3 --num-requests 1000 \
   --prefix-len 1024 --input-len 256 --output-len 128 --max-model-len 1536 --hf-static-batch 64 --hf-continuous --hf-sample 64
-bench "${T_W2:-70}" --model "$repo"/benchmarks/configs/qwen3-0.6b --load-format dummy --name W2 --num-requests 256 \
+bench "${T_W2:-300}" --model "$repo"/benchmarks/configs/qwen3-0.6b --load-format dummy --name W2 --num-requests 256 \
   --input-len 100 --input-len-max 1024 --output-len 100 --output-len-max 1024 --max-model-len 2048 \
   --hf-static-batch 64 --hf-continuous --hf-sample 64
 # structured output on the W1 shape: 6-field schema, then the same job unconstrained with each output forced to
