@@ -54,6 +54,7 @@ def _import_kernels():
 
 _import_kernels()
 from batchgen.kernels import activation, paged_attention as pa, rms_norm, rotary, store_kv  # noqa: E402
+from batchgen.kernels import top_p_threshold as top_p_kernel  # noqa: E402
 from batchgen.kernels.testing import TOLERANCE, random_paged_batch, relative_l2  # noqa: E402
 
 DRY = OPTS.dry_run
@@ -333,6 +334,26 @@ def bench_silu_and_mul(dtype: torch.dtype) -> None:
            nbytes=nbytes)
 
 
+def bench_top_p() -> None:
+    """The sampler's logits are float32 whatever the model's dtype; rounded through bf16 (as an lm_head's
+    output is) they hold many ties. Thresholds must equal the sort-based reference exactly."""
+    rows, vocab = (6, 3000) if DRY else (512, 128256)
+    generator = torch.Generator(device=DEVICE).manual_seed(0)
+    for case, scale in (("bf16-rounded x3", 3.0), ("flat x0.5", 0.5)):
+        logits = (torch.randn(rows, vocab, device=DEVICE, generator=generator) * scale).bfloat16().float()
+        nucleus = torch.rand(rows, device=DEVICE, generator=generator) * 0.9 + 0.05
+        thresholds = top_p_kernel.top_p_threshold(logits, nucleus)
+        mismatched = int((thresholds != top_p_kernel.top_p_threshold_ref(logits, nucleus)).sum())
+        if mismatched:
+            FAILED.append(f"top_p/{case}")
+        emit(dict(type="check", kernel="top_p", case=case, dtype="float32", mismatched_rows=mismatched,
+                  ok=not mismatched))
+        time_triton("top_p", f"{rows}x{vocab} {case}", torch.float32,
+                    lambda: top_p_kernel.top_p_threshold(logits, nucleus), nbytes=logits.numel() * 4)
+        time_triton("top_p", f"{rows}x{vocab} {case}", torch.float32,
+                    lambda: top_p_kernel.top_p_threshold_ref(logits, nucleus), impl="torch_ref (sort)")
+
+
 def print_table() -> None:
     print(f"\n{'kernel':<14}{'case':<24}{'dtype':<10}{'impl':<19}{'ms':>9}{'GB/s':>8}{'TFLOP/s':>9}{'%peak':>7}")
     for r in RESULTS:
@@ -365,6 +386,7 @@ def main() -> int:
             bench(dtype)
             if not DRY:
                 torch.cuda.empty_cache()
+    bench_top_p()
     for shape in OTHER_ATTENTION_SHAPES:  # other head dims and block sizes: one case each, first dtype only
         bench_decode(dtypes[0], shape, first_case_only=True)
         bench_prefill(dtypes[0], shape, first_case_only=True)

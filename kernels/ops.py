@@ -6,7 +6,8 @@ import os
 
 import torch
 
-from batchgen.kernels import activation, paged_attention, rms_norm as _rms_norm, rotary, store_kv as _store_kv
+from batchgen.kernels import (activation, paged_attention, rms_norm as _rms_norm, rotary, store_kv as _store_kv,
+                              top_p_threshold as _top_p_threshold)
 
 
 def _triton(x: torch.Tensor) -> bool:
@@ -41,3 +42,8 @@ def rotary_embedding(positions, q, k, cos_sin_cache):
 def silu_and_mul(x):
     fn = activation.silu_and_mul if _triton(x) else activation.silu_and_mul_ref
     return fn(x)
+
+
+def top_p_threshold(logits, top_p):
+    fn = _top_p_threshold.top_p_threshold if _triton(logits) else _top_p_threshold.top_p_threshold_ref
+    return fn(logits, top_p)

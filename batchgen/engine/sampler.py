@@ -12,6 +12,7 @@ import torch
 
 from batchgen.engine.request import Request
 from batchgen.engine.transfer import to_device
+from batchgen.kernels import ops
 from batchgen.outputs import TokenLogprobs
 
 _NEG_INF = float("-inf")
@@ -90,10 +91,13 @@ def process_logits(logits: torch.Tensor, requests: list[Request], history: Token
     if tempered:
         out.div_(temperature[:, None])
     if truncated_rows:
-        # with a top-k on every such row only the k_max largest logits can survive: no full-vocab sort
         top_ks = [params[i].top_k if 0 < params[i].top_k < vocab_size else 0 for i in truncated_rows]
-        num_candidates = max(top_ks) if all(top_ks) else vocab_size
-        _on_rows(out, truncated_rows, lambda x, k, p: _keep_top_k_top_p(x, k, p, num_candidates), top_k, top_p)
+        if not any(top_ks):
+            _on_rows(out, truncated_rows, _keep_top_p, top_p)
+        else:
+            # with a top-k on every such row only the k_max largest logits can survive: no full-vocab sort
+            num_candidates = max(top_ks) if all(top_ks) else vocab_size
+            _on_rows(out, truncated_rows, lambda x, k, p: _keep_top_k_top_p(x, k, p, num_candidates), top_k, top_p)
     if min_p_rows:
         _on_rows(out, min_p_rows, _keep_min_p, min_p)
     return out
@@ -321,6 +325,11 @@ def _keep_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Te
     dropped[:, -1] = False
     first_kept = candidates.gather(1, dropped.sum(-1, keepdim=True))
     logits.masked_fill_(logits < torch.maximum(kth, first_kept), _NEG_INF)
+
+
+def _keep_top_p(logits: torch.Tensor, top_p: torch.Tensor) -> None:
+    """HF TopP alone, as a threshold per row (sort-free on the GPU: `batchgen.kernels.top_p_threshold`)."""
+    logits.masked_fill_(logits < ops.top_p_threshold(logits, top_p)[:, None], _NEG_INF)
 
 
 def _keep_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> None:
