@@ -31,10 +31,12 @@ class AttentionMetadata:
 
     @cached_property
     def prefills(self) -> "AttentionMetadata":
-        """The sequences after the decodes, with query offsets of their own."""
+        """The sequences after the decodes, with query offsets of their own. Copies, not views: a view starting
+        mid-tensor may be unaligned, and Triton compiles a kernel variant per pointer alignment, which would
+        stall a job's steps while it compiles."""
         d = self.num_decodes
-        return AttentionMetadata(self.query_start_loc[d:] - d, self.seq_lens[d:], self.block_tables[d:],
-                                 self.slot_mapping[d:], self.max_query_len, self.max_seq_len)
+        return AttentionMetadata(self.query_start_loc[d:] - d, self.seq_lens[d:].clone(), self.block_tables[d:].clone(),
+                                 self.slot_mapping[d:].clone(), self.max_query_len, self.max_seq_len)
 
 
 class Attention(nn.Module):
