@@ -53,7 +53,10 @@ def check_outputs(table: list[dict], rows: list[dict], reference_llm) -> None:
 
 def test_a_worker_killed_mid_shard_loses_no_row(model_alias, start_worker, reference_llm, tmp_path):
     model = model_alias("killed")
-    doomed, survivor = start_worker(model, env=SLOW), start_worker(model, env=SLOW)
+    # The killed worker's running message also comes back once the visibility timeout passes; a long one here
+    # lets the heartbeat requeue (TTL 2 s) be the path under test even on a loaded machine.
+    env = {**SLOW, "BATCHGEN_VISIBILITY_TIMEOUT": "30"}
+    doomed, survivor = start_worker(model, env=env), start_worker(model, env=env)
     doomed.wait_ready(), survivor.wait_ready()
     rows = story_rows(12, "k")
     job_id = submit(write_jsonl(tmp_path / "in.jsonl", rows), tmp_path / "out", model, shard_size=2)
