@@ -67,8 +67,9 @@ class StepProfile:
             kind, since = self._booking
             self.seconds[kind] += now - since
         if launched:
-            self.steps[_kind(launched)] += 1
-            self.tokens[_kind(launched)] += launched.num_tokens
+            kind = _kind(launched)
+            self.steps[kind] += 1
+            self.tokens[kind] += launched.num_tokens
         self._booking = None if taken is None else (_kind(taken), now)
 
     def summary(self) -> dict:
