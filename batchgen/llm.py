@@ -11,6 +11,7 @@ from batchgen.engine.beam_search import BeamGroup, beam_search
 from batchgen.engine.engine import Engine
 from batchgen.engine.request import Request
 from batchgen.outputs import CompletionOutput, RequestOutput
+from batchgen.preflight import check_triton_can_build
 from batchgen.sampling_params import SamplingParams
 
 Prompt = str | Sequence[int]
@@ -18,7 +19,9 @@ Prompt = str | Sequence[int]
 
 class LLM:
     def __init__(self, model: str = "default", **engine_args):
-        self.engine = Engine(EngineConfig(model=model, **engine_args))
+        config = EngineConfig(model=model, **engine_args)
+        check_triton_can_build(config.resolved_device())   # fail here, not at the first kernel launch
+        self.engine = Engine(config)
 
     @property
     def tokenizer(self):
