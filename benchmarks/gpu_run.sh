@@ -8,31 +8,28 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-out/gpu}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
-# batchgen without pip: a package folder linking batchgen/'s files plus kernels/ jobs/ workers/ as subpackages
-site=$(mktemp -d) && mkdir "$site/batchgen" && ln -s "$PWD"/batchgen/* "$site/batchgen/" \
-  && for sub in kernels jobs workers; do ln -s "$PWD/$sub" "$site/batchgen/$sub"; done
-export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
+# batchgen installed as a user installs it, offline: the carried wheels, then the project itself (the image has
+# setuptools, torch, triton, transformers). PIP_BREAK_SYSTEM_PACKAGES: the image's python may be Debian's.
+export PIP_BREAK_SYSTEM_PACKAGES=1
+python3 -m pip install -q --no-index --no-deps .whl/*.whl && python3 -m pip install -q --no-deps --no-build-isolation . \
+  || exit 1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
 
-repo=$PWD
-# from $site, so that the repo's own batchgen/ folder (which lacks the linked subpackages) isn't imported
-bench() { (cd "$site" && timeout "$1" python3 -c "from batchgen.bench import bench_command; bench_command()" "${@:2}") \
-  2>>"$OUT/stderr.log" | tee -a "$OUT/gpu.jsonl"; }
+bench() { timeout "$1" batchgen bench "${@:2}" 2>>"$OUT/stderr.log" | tee -a "$OUT/gpu.jsonl"; }
 
-(cd "$site" && timeout "${T_KERNELS:-150}" python3 "$repo"/benchmarks/kernels_gpu.py) 2>>"$OUT/stderr.log" \
-  | tee "$OUT/kernels.txt" | tail -n 40
+timeout "${T_KERNELS:-150}" python3 benchmarks/kernels_gpu.py 2>>"$OUT/stderr.log" | tee "$OUT/kernels.txt" | tail -n 40
 timeout "${T_CHECK:-90}" python3 benchmarks/gpu_correctness.py 2>>"$OUT/stderr.log" | tee -a "$OUT/gpu.jsonl"
-bench "${T_W1:-240}" --model "$repo"/benchmarks/configs/llama-3.1-8b --load-format dummy --name W1 --num-requests 1000 \
+bench "${T_W1:-240}" --model benchmarks/configs/llama-3.1-8b --load-format dummy --name W1 --num-requests 1000 \
   --input-len 512 --output-len 256 --max-model-len 1024 --hf-static-batch 64 --hf-continuous --hf-sample 64
-bench "${T_W3:-90}" --model "$repo"/benchmarks/configs/llama-3.1-8b --load-format dummy --name W3 --num-requests 1000 \
+bench "${T_W3:-90}" --model benchmarks/configs/llama-3.1-8b --load-format dummy --name W3 --num-requests 1000 \
   --prefix-len 1024 --input-len 256 --output-len 128 --max-model-len 1536 --hf-static-batch 64 --hf-continuous --hf-sample 64
-bench "${T_W2:-300}" --model "$repo"/benchmarks/configs/qwen3-0.6b --load-format dummy --name W2 --num-requests 256 \
+bench "${T_W2:-300}" --model benchmarks/configs/qwen3-0.6b --load-format dummy --name W2 --num-requests 256 \
   --input-len 100 --input-len-max 1024 --output-len 100 --output-len-max 1024 --max-model-len 2048 \
   --hf-static-batch 64 --hf-continuous --hf-sample 64
 # structured output on the W1 shape: 6-field schema, then the same job unconstrained with each output forced to
 # its constrained length (tokenizer borrowed)
-bench "${T_JSON:-120}" --model "$repo"/benchmarks/configs/llama-3.1-8b --load-format dummy --name W1-json \
-  --num-requests 1000 --input-len 512 --output-len 128 --max-model-len 1024 --tokenizer "$repo"/.whl/tokenizer \
-  --schema "$repo"/benchmarks/schemas/six_fields.json
+bench "${T_JSON:-120}" --model benchmarks/configs/llama-3.1-8b --load-format dummy --name W1-json \
+  --num-requests 1000 --input-len 512 --output-len 128 --max-model-len 1024 --tokenizer .whl/tokenizer \
+  --schema benchmarks/schemas/six_fields.json
 tail -n 30 "$OUT/stderr.log"

@@ -1,4 +1,5 @@
-"""Check and time batchgen's Triton kernels at real shapes on one GPU (H100 ceilings), in one process.
+"""Check and time batchgen's Triton kernels at real shapes on one GPU (H100 ceilings), in one process, with
+batchgen installed (`pip install .`).
 
 For every kernel: relative L2 error against its torch reference run in fp32 on the same inputs, in bf16 and
 fp16 (NaN never passes), then the median time (triton.testing.do_bench) with achieved GB/s or TFLOP/s next to
@@ -10,13 +11,10 @@ the exit status is 1 when a check failed.
     python benchmarks/kernels_gpu.py --dry-run       # CPU under TRITON_INTERPRET=1, tiny shapes: finds bugs
 """
 import argparse
-import importlib.util
 import json
 import os
 import sys
 import time
-import types
-from pathlib import Path
 
 ARGS = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 ARGS.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes, Triton interpreter")
@@ -32,27 +30,6 @@ import torch.nn.functional as F  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 import triton  # noqa: E402
 
-
-def _import_kernels():
-    """batchgen.kernels, also from a bare checkout whose python lacks batchgen's own dependencies (the GPU box):
-    then the kernels/ folder is loaded as batchgen.kernels without running batchgen/__init__.py."""
-    try:
-        import batchgen.kernels  # noqa: F401
-        return
-    except ImportError:
-        pass
-    root = Path(__file__).resolve().parents[1]
-    package = types.ModuleType("batchgen")
-    package.__path__ = [str(root / "batchgen")]
-    sys.modules["batchgen"] = package
-    spec = importlib.util.spec_from_file_location("batchgen.kernels", root / "kernels" / "__init__.py",
-                                                  submodule_search_locations=[str(root / "kernels")])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["batchgen.kernels"] = module
-    spec.loader.exec_module(module)
-
-
-_import_kernels()
 from batchgen.kernels import activation, paged_attention as pa, rms_norm, rotary, store_kv  # noqa: E402
 from batchgen.kernels import top_p_threshold as top_p_kernel  # noqa: E402
 from batchgen.kernels.testing import TOLERANCE, random_paged_batch, relative_l2  # noqa: E402
