@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import jsonschema
+import pytest
 from click.testing import CliRunner
 
 from batchgen.cli import main
@@ -13,6 +14,8 @@ from batchgen.jobs.io import read_output
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "engine"))
 from test_structured_generation import NESTED, orders, reviews  # noqa: E402  (shared document generators)
+
+pytestmark = pytest.mark.slow   # the default model, on the queue with real workers
 
 SAMPLE_SCHEMA = Path(__file__).parents[2] / "samples" / "extraction" / "schema.json"
 

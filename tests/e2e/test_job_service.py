@@ -19,6 +19,8 @@ from batchgen.cli import EXIT_CANCELLED, main
 from batchgen.jobs.io import list_parts, load_stats, read_output, read_shard_stats
 from batchgen.workers.app import app, job_store, queue_length, queue_name
 
+pytestmark = pytest.mark.slow   # two real worker processes on the default model
+
 REPO = Path(__file__).resolve().parents[2]
 SAMPLES = REPO / "samples"
 GREEDY = ["--temperature", "0"]

@@ -85,6 +85,7 @@ def test_n_samples_share_prompt_blocks_and_greedy_samples_match_hf(tiny_arch):
                                                      for o in long_prompts)
 
 
+@pytest.mark.slow   # the 135M default model, HF generate beside it
 def test_default_model_greedy_matches_hf(default_model_dir):
     llm = LLM(str(default_model_dir), dtype="float32", device="cpu", max_num_batched_tokens=64)
     questions = ["What is the capital of France?", "Write a haiku about the sea.", "2+2=", "Name three colors.",

@@ -267,11 +267,26 @@ def test_uncompilable_constraint_gives_a_clear_error(grammars, constraint, reaso
     assert grammars.ready(constraint)       # a failed compile is finished too: the row gets its error
 
 
-def test_validate_accepts_supported_constraints():
-    for constraint in [StructuredOutput(json_schema=NESTED), StructuredOutput(json_schema=DEFS),
-                       StructuredOutput(json_object=True), StructuredOutput(regex=r"\d+"),
-                       StructuredOutput(choice=["a", "b"])]:
-        validate(constraint)
+@pytest.mark.parametrize("constraint, valid, invalid", [
+    (StructuredOutput(json_schema=NESTED),
+     '{"title": "T", "status": "draft", "rating": 5, "authors": [{"name": "A", "role": "lead"}], "meta": {"pages": 3}}',
+     '{"title": "T", "status": "draft", "rating": 6, "authors": [{"name": "A", "role": "lead"}], "meta": {"pages": 3}}'),
+    (StructuredOutput(json_schema=DEFS), '{"tree": {"value": 1, "children": [{"value": 2}]}, "label": "none"}',
+     '{"tree": {"children": []}, "label": "none"}'),
+    (StructuredOutput(json_object=True), '{"a": [1, 2]}', '[1, 2]'),
+    (StructuredOutput(regex=r"\d+"), "2024", "20x4"),
+    (StructuredOutput(choice=["a", "b"]), "b", "c"),
+])
+def test_validate_accepts_supported_constraints_that_then_enforce_them(grammars, tokenizer, constraint, valid,
+                                                                        invalid):
+    validate(constraint)                      # raises on a constraint it would refuse
+    if constraint.json_schema is not None:    # the examples themselves, judged by jsonschema
+        jsonschema.validate(json.loads(valid), constraint.json_schema)
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(json.loads(invalid), constraint.json_schema)
+    grammars.start(constraint)
+    assert accepts(grammars, tokenizer, constraint, valid)
+    assert not accepts(grammars, tokenizer, constraint, invalid)
 
 
 def test_equal_constraints_compile_once(grammars, tokenizer, monkeypatch):

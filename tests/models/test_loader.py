@@ -83,8 +83,11 @@ def test_tied_checkpoint_that_also_stores_lm_head_loads(tiny_model_dir):
     model_dir = tiny_model_dir("llama", tie_word_embeddings=True)
     model, config = load_model(model_dir, torch.float32, CPU)
     weights = load_file(model_dir / "model.safetensors")
-    weights["lm_head.weight"] = weights["model.embed_tokens.weight"].clone()
+    weights["lm_head.weight"] = torch.randn_like(weights["model.embed_tokens.weight"])   # stale: must be ignored
     model.load_weights(weights.items())
+    assert model.lm_head is None
+    hidden = torch.randn(3, config.hidden_size)
+    assert torch.equal(model.compute_logits(hidden), hidden @ weights["model.embed_tokens.weight"].T)
 
 
 def config_only_copy(model_dir, destination):

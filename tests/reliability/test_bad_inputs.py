@@ -86,6 +86,7 @@ def test_whole_file_problems_refuse_the_job_before_anything_is_queued(corpus, tm
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow   # a real worker process
 def test_row_problems_cost_only_their_rows(corpus, model_alias, start_worker, reference_llm, tmp_path, caplog):
     model = model_alias("corpus")
     worker = start_worker(model)

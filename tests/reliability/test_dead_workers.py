@@ -21,6 +21,8 @@ from batchgen.jobs.store import MemoryJobStore, RedisJobStore, WorkerInfo
 from batchgen.workers.app import job_store, key_prefix
 from harness import HEARTBEAT_TTL_S, every_row_once, reference_texts, wait_until, write_jsonl
 
+pytestmark = pytest.mark.slow   # real worker processes, killed and restarted
+
 SLOW = {"FAULT_STEP_DELAY_S": "0.05"}        # a shard of 40 tokens takes about 2 s
 MAX_TOKENS = 40
 

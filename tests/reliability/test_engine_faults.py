@@ -5,6 +5,7 @@ shards are generating. Every row that can be served says exactly what the model 
 import json
 import time
 
+import pytest
 from click.testing import CliRunner
 
 from batchgen import SamplingParams
@@ -13,6 +14,8 @@ from batchgen.engine.engine import MAX_SOLO_FAILURES
 from batchgen.jobs.io import list_parts, load_stats, read_output
 from batchgen.workers.app import job_store, queue_length, queue_name
 from harness import every_row_once, reference_texts, wait_until, write_jsonl
+
+pytestmark = pytest.mark.slow   # real worker processes
 
 
 def cli(*args):

@@ -6,12 +6,15 @@ naming the file, no part is left behind that could pass for a finished one, and 
 import base64
 import os
 
+import pytest
 from click.testing import CliRunner
 
 from batchgen.cli import main
 from batchgen.jobs.io import part_exists
 from batchgen.workers.app import job_store
 from harness import every_row_once, reference_texts, write_jsonl
+
+pytestmark = pytest.mark.slow   # a real worker process
 
 FILE_SIZE_LIMIT = 256 * 1024
 

@@ -7,8 +7,12 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from batchgen.jobs.io import read_shard_stats
 from harness import cli_process, every_row_once, reference_texts, store_at, wait_until, write_jsonl
+
+pytestmark = pytest.mark.slow   # real worker processes and a redis-server restarted
 
 MAX_TOKENS = 30
 NUM_ROWS = 12                   # 6 shards of 2 rows, about 1.7 s each on the slowed worker

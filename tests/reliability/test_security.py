@@ -36,6 +36,7 @@ def redis_contents(url: str) -> dict[str, str]:
     return {key.decode(): repr(read[client.type(key)](key)) for key in client.scan_iter(count=1000)}
 
 
+@pytest.mark.slow   # a real worker process and its own redis-server
 def test_no_credentials_in_anything_a_job_leaves_behind(deployment, tmp_path):
     url, closed_port = deployment.redis.url, free_port()
     rows = [{"id": "fine", "prompt": "Hello there"}, {"id": "bad", "prompt": "x", "temperature": -1}]
