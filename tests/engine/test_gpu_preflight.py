@@ -1,6 +1,8 @@
 """The engine-start check for what Triton needs to build its kernel launchers, judged against Triton's own build
 function on this machine: where Triton's build fails, the check fails with a message that names the fix, and
 where Triton builds, the check passes. Runs without a GPU: only the device type decides whether it checks."""
+import inspect
+import subprocess
 import textwrap
 
 import pytest
@@ -23,10 +25,11 @@ def triton_builds(tmp_path) -> bool:
     triton_build._find_compiler.cache_clear()
     source = tmp_path / "probe.c"
     source.write_text(LAUNCHER_LIKE)
+    ccflags = [[]] if "ccflags" in inspect.signature(triton_build._build).parameters else []   # newer Triton versions
     try:
-        triton_build._build("probe", str(source), str(tmp_path), [], [], [], [])
+        triton_build._build("probe", str(source), str(tmp_path), [], [], [], *ccflags)
         return True
-    except Exception:   # RuntimeError without a compiler, CalledProcessError when it fails
+    except (RuntimeError, subprocess.CalledProcessError):   # no compiler found; the compiler failed
         return False
     finally:
         triton_build._find_compiler.cache_clear()
