@@ -54,7 +54,10 @@ def chats(instruction: str, documents: list[str]) -> list[list[dict]]:
     return [[{"role": "system", "content": instruction}, {"role": "user", "content": d}] for d in documents]
 
 
-@pytest.mark.parametrize("schema,documents", [(FLAT, reviews(52)), (NESTED, orders(50))], ids=["flat", "nested"])
+@pytest.mark.parametrize("schema,documents", [
+    pytest.param(FLAT, reviews(52), id="flat"),
+    pytest.param(NESTED, orders(50), id="nested", marks=pytest.mark.slow),   # the suite's longest engine test
+])
 def test_every_output_parses_and_fits_the_schema(llm, schema, documents):
     params = SamplingParams(temperature=0.0, max_tokens=160, structured=StructuredOutput(json_schema=schema))
     outputs = llm.chat(chats("Extract the fields as JSON.", documents), params)
