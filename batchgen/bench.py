@@ -9,13 +9,43 @@ import json
 import platform
 import random
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import click
 import torch
 
-from batchgen.engine.engine import StepProfile
+from batchgen.engine.scheduler import ScheduledBatch
 from batchgen.sampling_params import SamplingParams, StructuredOutput
+
+
+@dataclass
+class StepProfile:
+    """Where the engine's time goes, for benchmarks: steps, tokens and wall seconds by kind of batch, "decode"
+    (one token per request) or "mixed" (prefill chunks too). A step call mostly waits for the device to
+    finish the step whose tokens it takes, so its time is booked to that step's kind."""
+    steps: dict[str, int] = field(default_factory=lambda: {"decode": 0, "mixed": 0})
+    tokens: dict[str, int] = field(default_factory=lambda: {"decode": 0, "mixed": 0})
+    seconds: dict[str, float] = field(default_factory=lambda: {"decode": 0.0, "mixed": 0.0})
+    _booking: tuple[str, float] | None = None
+
+    def record(self, launched: ScheduledBatch, taken: ScheduledBatch | None) -> None:
+        now = time.perf_counter()
+        if self._booking is not None:
+            kind, since = self._booking
+            self.seconds[kind] += now - since
+        if launched:
+            kind = _kind(launched)
+            self.steps[kind] += 1
+            self.tokens[kind] += launched.num_tokens
+        self._booking = None if taken is None else (_kind(taken), now)
+
+    def summary(self) -> dict:
+        return {kind: {"steps": self.steps[kind], "tokens": self.tokens[kind],
+                       "seconds": round(self.seconds[kind], 3)} for kind in self.steps}
+
+
+def _kind(batch: ScheduledBatch) -> str:
+    return "decode" if batch.num_tokens == len(batch) else "mixed"
 
 
 @dataclass
@@ -91,7 +121,8 @@ def run_batchgen(llm, workload: Workload) -> tuple[dict, list[int]]:
               for n in workload.output_lens]
     llm.generate(workload.prompts[:4], params[:4])    # warm up kernels outside the timed run
     device = llm.engine.device
-    llm.engine.profile = StepProfile()
+    profile = StepProfile()
+    llm.engine.on_step = profile.record
     _synchronize(device)
     start = time.perf_counter()
     outputs = llm.generate(workload.prompts, params)
@@ -107,7 +138,7 @@ def run_batchgen(llm, workload: Workload) -> tuple[dict, list[int]]:
                     max_num_seqs=engine.scheduler.max_num_seqs,
                     max_num_batched_tokens=engine.scheduler.max_num_batched_tokens,
                     cuda_graphs=engine.runner.decode_graphs is not None,
-                    prefix_cache_hit_tokens=engine.kv_cache.num_hit_tokens, steps=engine.profile.summary())
+                    prefix_cache_hit_tokens=engine.kv_cache.num_hit_tokens, steps=profile.summary())
     return figures, [o.completion_tokens for o in outputs]
 
 

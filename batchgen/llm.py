@@ -23,6 +23,16 @@ class LLM:
         check_triton_can_build(config.resolved_device())   # fail here, not at the first kernel launch
         self.engine = Engine(config)
 
+    def close(self) -> None:
+        """Release the engine's threads (grammar compiles and masks)."""
+        self.engine.close()
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
     @property
     def tokenizer(self):
         if self.engine.tokenizer is None:
@@ -34,16 +44,18 @@ class LLM:
         return self.engine.max_model_len
 
     def generate(self, prompts: Prompt | Sequence[Prompt],
-                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[RequestOutput]:
-        """Complete each prompt (text, or token ids used as given)."""
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, *,
+                 cache_salt: str | None = None) -> list[RequestOutput]:
+        """Complete each prompt (text, or token ids used as given). Prompts share cached prefixes only with
+        requests of the same `cache_salt` (see `generate_tokens`)."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         encoded = [list(p) if not isinstance(p, str) else self.tokenizer.encode(p) for p in prompts]
-        return self.generate_tokens(encoded, sampling_params)
+        return self.generate_tokens(encoded, sampling_params, cache_salt=cache_salt)
 
     def chat(self, conversations: list[dict] | Sequence[list[dict]],
              sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-             add_generation_prompt: bool = True) -> list[RequestOutput]:
+             add_generation_prompt: bool = True, *, cache_salt: str | None = None) -> list[RequestOutput]:
         """Answer each conversation (a list of {"role", "content"} messages) through the chat template."""
         if conversations and isinstance(conversations[0], dict):
             conversations = [conversations]
@@ -53,21 +65,25 @@ class LLM:
                 encoded.append(self.tokenizer.encode_chat(messages, add_generation_prompt))
             except Exception as exc:   # a template error belongs to this conversation only
                 encoded.append(exc)
-        return self.generate_tokens(encoded, sampling_params)
+        return self.generate_tokens(encoded, sampling_params, cache_salt=cache_salt)
 
     def generate_tokens(self, prompts: Sequence[list[int] | Exception],
                         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-                        should_stop: Callable[[], bool] | None = None) -> list[RequestOutput]:
+                        should_stop: Callable[[], bool] | None = None,
+                        cache_salt: str | None = None) -> list[RequestOutput]:
         """Complete prompts given as token ids; an Exception in place of a prompt (e.g. a chat template
         failure while encoding it) comes back as that prompt's error. Raises
-        `batchgen.engine.errors.Cancelled` once `should_stop()` turns true."""
-        return self.run_requests(prompts, sampling_params, lambda requests: self.engine.run(requests, should_stop))
+        `batchgen.engine.errors.Cancelled` once `should_stop()` turns true. Requests reuse cached KV blocks
+        only from requests with the same `cache_salt` (None is a salt too): a job or tenant with its own salt
+        keeps its prefixes to itself."""
+        return self.run_requests(prompts, sampling_params, lambda requests: self.engine.run(requests, should_stop),
+                                 cache_salt)
 
     def run_requests(self, prompts: Sequence[list[int] | Exception],
                      sampling_params: SamplingParams | Sequence[SamplingParams] | None,
-                     run: Callable[[list[Request]], None]) -> list[RequestOutput]:
-        """Turn prompts into engine requests, have `run` take them to completion (the engine's own loop, or
-        an EngineLoop shared by threads), and assemble the outputs in input order."""
+                     run: Callable[[list[Request]], None], cache_salt: str | None = None) -> list[RequestOutput]:
+        """Turn prompts into engine requests (under `cache_salt`), have `run` take them to completion (the
+        engine's own loop, or an EngineLoop shared by threads), and assemble the outputs in input order."""
         params = _per_prompt(sampling_params, len(prompts))
         outputs: list[RequestOutput | None] = [None] * len(prompts)
         sampled: list[Request] = []
@@ -79,10 +95,10 @@ class LLM:
                 outputs[index] = RequestOutput(str(index), [] if isinstance(prompt, Exception) else prompt, [],
                                                error=error)
             elif p.beam_width > 1:
-                beams.append(BeamGroup(index, prompt, p, self.engine.eos_token_ids, self.max_model_len))
+                beams.append(BeamGroup(index, prompt, p, self.engine.eos_token_ids, self.max_model_len, cache_salt))
             else:
-                sampled += [Request(f"{index}-{j}", prompt, p, group_index=index, sample_index=j)
-                            for j in range(p.n)]
+                sampled += [Request(f"{index}-{j}", prompt, p, group_index=index, sample_index=j,
+                                    cache_salt=cache_salt) for j in range(p.n)]
 
         sampled.sort(key=lambda r: (r.prompt_token_ids, r.sample_index))
         run(sampled)

@@ -9,6 +9,10 @@ import torch
 
 # relative L2 error allowed against an fp32 reference computation on the same inputs
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+# Where kernel tests run the Triton launchers: on the GPU when there is one (they take CUDA tensors only), else
+# on CPU tensors under TRITON_INTERPRET=1; bf16 only on a GPU, as the interpreter computes bf16 arithmetic wrongly.
+TEST_DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+TEST_DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if TEST_DEVICE.type == "cuda" else [])
 
 
 @dataclass

@@ -26,6 +26,7 @@ class BeamGroup:
     params: SamplingParams
     eos_token_ids: frozenset[int]
     max_model_len: int
+    cache_salt: str | None = None
     running: list[Beam] = field(default_factory=lambda: [Beam([], 0.0)])
     finished: list[tuple[float, Beam]] = field(default_factory=list)   # (length-penalised score, beam)
     improvable: bool = True
@@ -39,7 +40,7 @@ class BeamGroup:
         probe = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True).model_copy(
             update={"logprobs": self.num_candidates})
         return [Request(request_id=f"{self.group_index}-beam{i}", prompt_token_ids=self.prompt_token_ids + beam.token_ids,
-                        params=probe, group_index=self.group_index, sample_index=i)
+                        params=probe, group_index=self.group_index, sample_index=i, cache_salt=self.cache_salt)
                 for i, beam in enumerate(self.running)]
 
     def advance(self, probes: list[Request]) -> None:

@@ -3,7 +3,7 @@ import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -17,7 +17,7 @@ from batchgen.engine.sampler import PendingSample, Sampler
 from batchgen.engine.scheduler import ScheduledBatch, Scheduler
 from batchgen.engine.structured import GrammarEngine, apply_bitmask
 from batchgen.engine.transfer import to_device
-from batchgen.models.config import ModelConfig
+from batchgen.models.config import DTYPES, ModelConfig
 from batchgen.models.loader import load_model, resolve_model_path
 from batchgen.outputs import TokenLogprobs
 from batchgen.sampling_params import SamplingParams
@@ -25,7 +25,6 @@ from batchgen.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 CPU_KV_CACHE_CAP = 2 << 30
 MAX_SOLO_FAILURES = 3
 # a poison request costs 1 + MAX_SOLO_FAILURES failed steps in a row, two adjacent ones a step less than this:
@@ -49,36 +48,6 @@ def available_ram_bytes() -> int:
             if line.startswith("MemAvailable:"):
                 return int(line.split()[1]) * 1024
     return 8 << 30
-
-
-@dataclass
-class StepProfile:
-    """Where the engine's time goes, for benchmarks: steps, tokens and wall seconds by kind of batch, "decode"
-    (one token per request) or "mixed" (prefill chunks too). A step call mostly waits for the device to
-    finish the step whose tokens it takes, so its time is booked to that step's kind."""
-    steps: dict[str, int] = field(default_factory=lambda: {"decode": 0, "mixed": 0})
-    tokens: dict[str, int] = field(default_factory=lambda: {"decode": 0, "mixed": 0})
-    seconds: dict[str, float] = field(default_factory=lambda: {"decode": 0.0, "mixed": 0.0})
-    _booking: tuple[str, float] | None = None
-
-    def record(self, launched: ScheduledBatch, taken: ScheduledBatch | None) -> None:
-        now = time.perf_counter()
-        if self._booking is not None:
-            kind, since = self._booking
-            self.seconds[kind] += now - since
-        if launched:
-            kind = _kind(launched)
-            self.steps[kind] += 1
-            self.tokens[kind] += launched.num_tokens
-        self._booking = None if taken is None else (_kind(taken), now)
-
-    def summary(self) -> dict:
-        return {kind: {"steps": self.steps[kind], "tokens": self.tokens[kind],
-                       "seconds": round(self.seconds[kind], 3)} for kind in self.steps}
-
-
-def _kind(batch: ScheduledBatch) -> str:
-    return "decode" if batch.num_tokens == len(batch) else "mixed"
 
 
 @dataclass
@@ -129,7 +98,9 @@ class Engine:
                 log.warning("CUDA graph capture failed, running decode eagerly: %s", exc)
                 self.runner.decode_graphs = None
         self.num_computed_prompt_tokens = 0   # prompt tokens run through the model (recomputation counts again)
-        self.profile = StepProfile()
+        # called once a step: (batch launched now, batch whose tokens this step takes); a benchmark's
+        # StepProfile (batchgen.bench) installs itself here
+        self.on_step: Callable[[ScheduledBatch, ScheduledBatch | None], None] | None = None
         log.info("engine ready: %s on %s (%s), %d KV blocks of %d tokens, max_model_len %d", self.model_path,
                  self.device, self.dtype, num_blocks, config.block_size, self.max_model_len)
 
@@ -157,6 +128,12 @@ class Engine:
         seqs = self.config.resolved_max_num_seqs(self.device)
         per_token = (8 * c.hidden_size + 4 * c.intermediate_size + 3 * c.num_attention_heads * c.head_dim)
         return tokens * per_token * self.dtype.itemsize + seqs * c.vocab_size * 4 * 6 + (512 << 20)
+
+    def close(self) -> None:
+        """Stop the grammar threads; the engine takes no work after this."""
+        if self.grammars is not None:
+            self.grammars.shutdown()
+            self.grammars = None
 
     # -- requests -----------------------------------------------------------------------------------
     def check_request(self, prompt_token_ids: list[int], params: SamplingParams) -> str | None:
@@ -186,8 +163,9 @@ class Engine:
             if self.tokenizer is None:
                 raise ValueError("structured output needs a tokenizer, and this model directory has none")
             # a tokenizer borrowed for a dummy-weight model may not know the model's eos ids: then its own
-            eos = [t for t in self.eos_token_ids if t < len(self.tokenizer)] or [self.tokenizer.hf.eos_token_id]
-            self.grammars = GrammarEngine(self.tokenizer.hf, eos, self.model_config.vocab_size)
+            with self.tokenizer.borrowed() as hf:
+                eos = [t for t in self.eos_token_ids if t < len(hf)] or [hf.eos_token_id]
+                self.grammars = GrammarEngine(hf, eos, self.model_config.vocab_size)
         return self.grammars
 
     def has_unfinished(self) -> bool:
@@ -210,7 +188,8 @@ class Engine:
         finished = self._attach_grammars()
         batch = self.scheduler.schedule()
         previous, self.sampled_step = self.sampled_step, None
-        self.profile.record(batch, previous and previous.batch)
+        if self.on_step is not None:
+            self.on_step(batch, previous and previous.batch)
         if not batch and previous is None:
             if self.awaiting_grammar:   # all that is left waits for grammar compiles: let them have the CPU
                 time.sleep(GRAMMAR_POLL_S)

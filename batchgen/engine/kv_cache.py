@@ -1,14 +1,30 @@
 """KV cache blocks: a pool with a free list, reference counts and automatic prefix caching.
 
-A full block is named by a hash chained over every token up to its end, so equal hashes mean equal
-prefixes. A block whose K/V will be complete after the current step is registered under its hash at
-allocation time: a request scheduled later, even in the same step, may then reuse it, because every layer
-stores the whole step's K/V before any attention reads it. Freed blocks keep their hash and go to the tail
-of the free list; allocation takes from the head, so cached blocks are reused least-recently-freed first.
+A full block is named by a SHA-256 digest chained over every token up to its end, starting from a root made
+of the request's cache salt and extra keys: equal digests mean equal prefixes in the same scope. A 256-bit
+digest makes a collision, accidental or crafted by one tenant, infeasible, so no request is served another
+prefix's K/V; requests with different salts never share a block. A block whose K/V will be complete after
+the current step is registered under its digest at allocation time: a request scheduled later, even in the
+same step, may then reuse it, because every layer stores the whole step's K/V before any attention reads it.
+Freed blocks keep their digest and go to the tail of the free list; allocation takes from the head, so
+cached blocks are reused least-recently-freed first.
 """
+import hashlib
+from array import array
 from collections import OrderedDict
 
 from batchgen.engine.request import Request
+
+
+def root_digest(cache_salt: str | None, extra_keys: tuple = ()) -> bytes:
+    """The digest a request's block chain starts from. Extra keys are written with repr, so they must be
+    values whose repr says what they are (str, int, float, bool, None, tuples of these)."""
+    return hashlib.sha256(repr(("batchgen-kv-v1", cache_salt, tuple(extra_keys))).encode()).digest()
+
+
+def block_digest(parent: bytes, token_ids: list[int]) -> bytes:
+    """A full block's name: its parent's digest and its tokens (as int64s), through SHA-256."""
+    return hashlib.sha256(parent + array("q", token_ids).tobytes()).digest()
 
 
 class KVCacheManager:
@@ -17,11 +33,10 @@ class KVCacheManager:
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
         self.ref_counts = [0] * num_blocks
-        self.block_hash: list[int | None] = [None] * num_blocks
+        self.block_hash: list[bytes | None] = [None] * num_blocks
         self.free_blocks: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
-        self.cached_blocks: dict[int, int] = {}   # hash -> block id
-        self.num_queried_tokens = 0               # prompt tokens looked up in the prefix cache
-        self.num_hit_tokens = 0                   # of which served from it
+        self.cached_blocks: dict[bytes, int] = {}   # digest -> block id
+        self.num_hit_tokens = 0                     # prompt tokens served from the prefix cache
 
     @property
     def num_free_blocks(self) -> int:
@@ -34,8 +49,8 @@ class KVCacheManager:
         """Hash every full block among the request's first `num_tokens` tokens not hashed yet."""
         hashes, size = request.block_hashes, self.block_size
         for index in range(len(hashes), num_tokens // size):
-            parent = hashes[-1] if hashes else None
-            hashes.append(hash((parent, tuple(request.token_ids_slice(index * size, (index + 1) * size)))))
+            parent = hashes[-1] if hashes else root_digest(request.cache_salt, request.cache_extra_keys)
+            hashes.append(block_digest(parent, request.token_ids_slice(index * size, (index + 1) * size)))
 
     def find_cached_prefix(self, request: Request) -> list[int]:
         """Blocks holding the longest cached prefix of a request that has none yet. At least one token is
@@ -111,7 +126,3 @@ class KVCacheManager:
         written."""
         self.cached_blocks.clear()
         self.block_hash = [None] * self.num_blocks
-
-    def record_lookup(self, num_prompt_tokens: int, num_hit_tokens: int) -> None:
-        self.num_queried_tokens += num_prompt_tokens
-        self.num_hit_tokens += num_hit_tokens

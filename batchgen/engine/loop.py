@@ -2,7 +2,9 @@
 work and wait for their own results. The next shard's requests join the running batch while the current
 shard's last ones finish, so the GPU never drains between shards.
 
-Only the loop thread touches the engine; callers talk to it through two lists under a lock.
+Only the loop thread steps the engine and adds or aborts its requests; callers talk to it through two lists
+under a lock. Caller threads use the engine only to check and build their requests and to read their finished
+outputs (`LLM.run_requests`), and the tokenizer, which is safe to share (batchgen.tokenizer).
 """
 import logging
 import threading
@@ -32,19 +34,32 @@ class EngineLoop:
         self._lock = threading.Condition()
         self._new_calls: list[_Call] = []
         self._cancelled_calls: list[_Call] = []
+        self._closing = False
         self._thread = threading.Thread(target=self._run_forever, name="batchgen-engine", daemon=True)
         self._thread.start()
 
     def generate_tokens(self, prompts: Sequence[list[int] | Exception],
                         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-                        should_stop: Callable[[], bool] | None = None) -> list[RequestOutput]:
+                        should_stop: Callable[[], bool] | None = None,
+                        cache_salt: str | None = None) -> list[RequestOutput]:
         """`LLM.generate_tokens`, safe to call from several threads at once. Raises Cancelled when
         `should_stop()` turns true before the results are in."""
-        return self.llm.run_requests(prompts, sampling_params, lambda requests: self._run(requests, should_stop))
+        return self.llm.run_requests(prompts, sampling_params, lambda requests: self._run(requests, should_stop),
+                                     cache_salt)
+
+    def close(self) -> None:
+        """Stop the loop thread (calls still in flight fail) and close the engine (its grammar threads)."""
+        with self._lock:
+            self._closing = True
+            self._lock.notify()
+        self._thread.join()
+        self.llm.close()
 
     def _run(self, requests: list[Request], should_stop: Callable[[], bool] | None) -> None:
         call = _Call(requests)
         with self._lock:
+            if self._closing:
+                raise RuntimeError("the engine loop was closed")
             self._new_calls.append(call)
             self._lock.notify()
         while not call.done.wait(CANCEL_POLL_S):
@@ -62,8 +77,11 @@ class EngineLoop:
         owners: dict[Request, _Call] = {}
         while True:
             with self._lock:
-                while not (self._new_calls or self._cancelled_calls or engine.has_unfinished()):
+                while not (self._new_calls or self._cancelled_calls or engine.has_unfinished() or self._closing):
                     self._lock.wait()
+                if self._closing:
+                    self._fail(set(owners.values()) | set(self._new_calls), RuntimeError("the engine loop was closed"))
+                    return
                 new_calls, self._new_calls = self._new_calls, []
                 cancelled_calls, self._cancelled_calls = self._cancelled_calls, []
             for call in new_calls:
@@ -83,10 +101,7 @@ class EngineLoop:
                 finished = engine.step()
             except Exception as exc:   # EngineBroken, or a bug: step isolates per-request failures itself
                 log.exception("engine step failed; failing every call in flight")
-                for call in set(owners.values()):
-                    engine.abort(call.requests)
-                    call.error = exc
-                    call.done.set()
+                self._fail(set(owners.values()), exc)
                 owners.clear()
                 continue
             for request in finished:
@@ -95,3 +110,9 @@ class EngineLoop:
                     call.unfinished -= 1
                     if call.unfinished == 0:
                         call.done.set()
+
+    def _fail(self, calls: set[_Call], error: BaseException) -> None:
+        for call in calls:
+            self.llm.engine.abort(call.requests)
+            call.error = error
+            call.done.set()

@@ -24,6 +24,10 @@ class Request:
     # which user prompt and which of its n samples (or beams) this sequence is
     group_index: int = 0
     sample_index: int = 0
+    # the prefix cache's scope: blocks are shared only between requests with equal salts and extra keys
+    # (a job's or tenant's salt; later a LoRA adapter, a rope-scaling choice)
+    cache_salt: str | None = None
+    cache_extra_keys: tuple = ()
 
     output_token_ids: list[int] = field(default_factory=list)
     status: RequestStatus = RequestStatus.WAITING
@@ -36,7 +40,7 @@ class Request:
     suspect: bool = False            # was in a step that raised: runs alone next, to see if it is the cause
     num_failures: int = 0            # steps that raised while it ran alone
     block_ids: list[int] = field(default_factory=list)
-    block_hashes: list[int] = field(default_factory=list)   # chained hashes of this sequence's full blocks
+    block_hashes: list[bytes] = field(default_factory=list)   # chained digests of this sequence's full blocks
     num_registered_blocks: int = 0   # leading full blocks already offered to the prefix cache
     generator: torch.Generator | None = None
     logprobs: list[TokenLogprobs] | None = None

@@ -97,7 +97,7 @@ class Scheduler:
             request.num_computed_tokens = num_cached
             if first_admission:
                 request.num_cached_tokens = num_cached
-                self.kv_cache.record_lookup(request.num_prompt_tokens, num_cached)
+                self.kv_cache.num_hit_tokens += num_cached
             self.running.append(request)
             batch.requests.append(request)
             batch.num_new_tokens.append(num_new)

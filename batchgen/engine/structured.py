@@ -153,9 +153,10 @@ class GrammarEngine:
         return self._mask_thread.submit(self.fill_bitmask, matchers)
 
     def shutdown(self) -> None:
-        """Stop the compile and mask threads (pending compiles are dropped)."""
-        self._compile_pool.shutdown(wait=False, cancel_futures=True)
-        self._mask_thread.shutdown(wait=False, cancel_futures=True)
+        """Stop the compile and mask threads, waiting for the compile or mask under way (pending compiles
+        are dropped)."""
+        self._compile_pool.shutdown(wait=True, cancel_futures=True)
+        self._mask_thread.shutdown(wait=True, cancel_futures=True)
 
     def _future(self, constraint: StructuredOutput) -> Future:
         key = json.dumps(constraint.model_dump(), sort_keys=True)

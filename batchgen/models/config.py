@@ -5,7 +5,8 @@ from pathlib import Path
 
 import torch
 
-_CHECKPOINT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# the dtypes models run in and checkpoints may declare, by name: the one map engine, loader and config use
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
@@ -141,9 +142,9 @@ def _rope_parameters(config: dict, max_position_embeddings: int) -> dict:
 
 def _checkpoint_dtype(config: dict) -> torch.dtype:
     name = config.get("dtype") or config.get("torch_dtype") or "float32"
-    if name not in _CHECKPOINT_DTYPES:
-        raise ValueError(f"checkpoint dtype '{name}' is not supported (one of {', '.join(_CHECKPOINT_DTYPES)})")
-    return _CHECKPOINT_DTYPES[name]
+    if name not in DTYPES:
+        raise ValueError(f"checkpoint dtype '{name}' is not supported (one of {', '.join(DTYPES)})")
+    return DTYPES[name]
 
 
 def _active_sliding_window(config: dict, max_position_embeddings: int) -> int | None:

@@ -9,11 +9,10 @@ from safetensors import safe_open
 from torch import nn
 
 from batchgen.default_model import ensure_default_model
-from batchgen.models.config import ModelConfig
+from batchgen.models.config import DTYPES, ModelConfig
 from batchgen.models.layers import RMSNorm
 from batchgen.models.registry import model_class
 
-MODEL_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 LOAD_FORMATS = ("safetensors", "dummy")
 # what a hub download fetches: weights, configs, tokenizer, chat template; never pickled weights
 _HUB_PATTERNS = ["*.safetensors", "*.json", "*.jinja", "tokenizer*", "merges.txt", "vocab.*"]
@@ -70,10 +69,10 @@ def load_model(path: str | Path, dtype: torch.dtype | str, device: torch.device 
 
 
 def _model_dtype(dtype: torch.dtype | str) -> torch.dtype:
-    if isinstance(dtype, str) and dtype in MODEL_DTYPES:
-        return MODEL_DTYPES[dtype]
-    if dtype not in MODEL_DTYPES.values():
-        raise ValueError(f"dtype {dtype!r} is not supported; use one of {', '.join(MODEL_DTYPES)}")
+    if isinstance(dtype, str) and dtype in DTYPES:
+        return DTYPES[dtype]
+    if dtype not in DTYPES.values():
+        raise ValueError(f"dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}")
     return dtype
 
 

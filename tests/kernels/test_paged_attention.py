@@ -1,14 +1,17 @@
-"""Paged prefill and decode attention (Triton) against the torch references, in fp32 and fp16.
+"""Paged prefill and decode attention (Triton) against the torch references, in fp32 and fp16 (and bf16 on a GPU).
 
 Batches come from `random_paged_batch`: blocks scattered at random, NaN in every cache slot no sequence owns.
 The reference runs in fp32 on the same inputs.
 """
+import zlib
+
 import pytest
 import torch
 
 from batchgen.kernels import paged_attention as pa
 from batchgen.kernels.store_kv import store_kv
-from batchgen.kernels.testing import TOLERANCE, random_paged_batch, relative_l2
+from batchgen.kernels.testing import (TEST_DEVICE as DEVICE, TEST_DTYPES as DTYPES, TOLERANCE, random_paged_batch,
+                                      relative_l2)
 
 # (cached_len, query_len) per sequence, block size
 PREFILL_MIXES = {
@@ -17,7 +20,6 @@ PREFILL_MIXES = {
     "prefill_with_decodes": ([(0, 24), (31, 1), (63, 1), (7, 12)], 64),
 }
 GROUPS = [1, 3, 4]
-DTYPES = [torch.float32, torch.float16]
 
 
 def _prefill_ref(batch):
@@ -38,7 +40,7 @@ def _decode_ref(batch):
 def test_prefill_matches_reference(mix, group, dtype):
     chunks, block_size = PREFILL_MIXES[mix]
     batch = random_paged_batch(chunks, num_heads=2 * group, num_kv_heads=2, head_dim=32, block_size=block_size,
-                               dtype=dtype, seed=hash((mix, group)) % 1000)
+                               dtype=dtype, seed=zlib.crc32(mix.encode()) % 1000 + group, device=DEVICE)
     q = batch.q
     if mix == "chunks_on_cached_context":  # q as a strided view, as a fused qkv projection hands it over
         q = torch.cat([q, torch.randn_like(q)], dim=-1)[..., :32]
@@ -53,7 +55,7 @@ def test_prefill_small_tiles_match_reference(mix, group):
     # 16-key tiles put most keys in the unmasked loop and many chunks across several query tiles
     chunks, block_size = PREFILL_MIXES[mix]
     batch = random_paged_batch(chunks, num_heads=2 * group, num_kv_heads=2, head_dim=32, block_size=block_size,
-                               dtype=torch.float32, seed=group)
+                               dtype=torch.float32, seed=group, device=DEVICE)
     config = dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1)
     out = pa._paged_prefill(batch.q, batch.k_cache, batch.v_cache, batch.query_start_loc, batch.seq_lens,
                             batch.block_tables, batch.scale, batch.max_query_len, torch.empty_like(batch.q), config)
@@ -63,7 +65,7 @@ def test_prefill_small_tiles_match_reference(mix, group):
 def test_prefill_head_dim_64_long_chunk():
     # a chunk longer than one query tile, on a context longer than one key tile
     batch = random_paged_batch([(70, 45), (0, 3)], num_heads=8, num_kv_heads=2, head_dim=64, block_size=16,
-                               dtype=torch.float16, seed=7)
+                               dtype=torch.float16, seed=7, device=DEVICE)
     config = pa.prefill_launch_config(64, 4, batch.max_query_len, torch.float16) | dict(BLOCK_M=32, BLOCK_N=16)
     out = pa._paged_prefill(batch.q, batch.k_cache, batch.v_cache, batch.query_start_loc, batch.seq_lens,
                             batch.block_tables, batch.scale, batch.max_query_len, torch.empty_like(batch.q), config)
@@ -79,7 +81,7 @@ DECODE_LENGTHS = [1, 16, 17, 32, 45, 100]
 @pytest.mark.parametrize("block_size", [16, 32])
 def test_decode_matches_reference(block_size, group, dtype):
     batch = random_paged_batch([(n - 1, 1) for n in DECODE_LENGTHS], num_heads=2 * group, num_kv_heads=2,
-                               head_dim=32, block_size=block_size, dtype=dtype, seed=block_size + group)
+                               head_dim=32, block_size=block_size, dtype=dtype, seed=block_size + group, device=DEVICE)
     out = pa.paged_decode_attention(batch.q, batch.k_cache, batch.v_cache, batch.seq_lens, batch.block_tables,
                                     batch.scale)
     assert relative_l2(out, _decode_ref(batch)) < TOLERANCE[dtype]
@@ -89,7 +91,7 @@ def test_decode_matches_reference(block_size, group, dtype):
 def test_decode_splits_reduce_to_reference(num_splits):
     # splits past a short sequence's length exit without writing; the reduction must skip them
     batch = random_paged_batch([(n - 1, 1) for n in DECODE_LENGTHS], num_heads=8, num_kv_heads=2, head_dim=32,
-                               block_size=16, dtype=torch.float32, seed=num_splits)
+                               block_size=16, dtype=torch.float32, seed=num_splits, device=DEVICE)
     max_keys = batch.block_tables.shape[1] * 16
     config = pa.decode_launch_config(len(DECODE_LENGTHS), 2, 32, max_keys, batch.q.device, torch.float32, num_splits)
     assert config["num_splits"] == num_splits
@@ -102,7 +104,7 @@ def test_decode_splits_reduce_to_reference(num_splits):
 def test_decode_empty_sequence_gives_zeros(num_splits):
     # CUDA-graph batches are padded with sequences of length 0
     batch = random_paged_batch([(n - 1, 1) for n in (50, 20, 33)], num_heads=4, num_kv_heads=2, head_dim=32,
-                               block_size=16, dtype=torch.float32, seed=3)
+                               block_size=16, dtype=torch.float32, seed=3, device=DEVICE)
     seq_lens = batch.seq_lens.clone()
     seq_lens[1] = 0
     config = pa.decode_launch_config(3, 2, 32, batch.block_tables.shape[1] * 16, batch.q.device, torch.float32,
@@ -130,12 +132,12 @@ def test_launch_configs_fit_the_h100_hot_shapes():
 def test_store_kv_then_prefill_sees_the_new_tokens():
     # the new tokens' K/V go in through store_kv (with padding rows) and come out through the attention kernel
     batch = random_paged_batch([(20, 12), (0, 9)], num_heads=4, num_kv_heads=2, head_dim=32, block_size=16,
-                               dtype=torch.float16, seed=11)
+                               dtype=torch.float16, seed=11, device=DEVICE)
     expected = _prefill_ref(batch)
     k_cache, v_cache = batch.k_cache.clone(), batch.v_cache.clone()
     for cache in (k_cache, v_cache):
         cache.view(-1, 2, 32)[batch.slot_mapping] = float("nan")
-    padding = torch.full((3,), -1, dtype=torch.int64)
+    padding = torch.full((3,), -1, dtype=torch.int64, device=DEVICE)
     store_kv(torch.cat([batch.key, torch.full_like(batch.key[:3], float("nan"))]),
              torch.cat([batch.value, torch.full_like(batch.value[:3], float("nan"))]), k_cache, v_cache,
              torch.cat([batch.slot_mapping, padding]))

@@ -6,14 +6,12 @@ from batchgen.kernels.activation import silu_and_mul, silu_and_mul_ref
 from batchgen.kernels.rms_norm import rms_norm, rms_norm_ref
 from batchgen.kernels.rotary import rotary_embedding, rotary_embedding_ref
 from batchgen.kernels.store_kv import store_kv, store_kv_ref
-from batchgen.kernels.testing import TOLERANCE, relative_l2
-
-DTYPES = [torch.float32, torch.float16]
+from batchgen.kernels.testing import TEST_DEVICE as DEVICE, TEST_DTYPES as DTYPES, TOLERANCE, relative_l2
 
 
 def _fused_qkv(num_tokens, num_heads, num_kv_heads, head_dim, dtype):
     """q, k, v as the strided views a fused qkv projection yields."""
-    qkv = torch.randn(num_tokens, (num_heads + 2 * num_kv_heads) * head_dim).to(dtype)
+    qkv = torch.randn(num_tokens, (num_heads + 2 * num_kv_heads) * head_dim).to(DEVICE, dtype)
     q, k, v = qkv.split([num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], dim=-1)
     return (q.view(num_tokens, num_heads, head_dim), k.view(num_tokens, num_kv_heads, head_dim),
             v.view(num_tokens, num_kv_heads, head_dim))
@@ -24,11 +22,11 @@ def _fused_qkv(num_tokens, num_heads, num_kv_heads, head_dim, dtype):
 def test_store_kv_writes_exactly_the_reference_slots(num_kv_heads, head_dim, block_size, dtype):
     num_tokens, num_blocks = 11, 5
     _, key, value = _fused_qkv(num_tokens, 4, num_kv_heads, head_dim, dtype)
-    slot_mapping = torch.randperm(num_blocks * block_size)[:num_tokens]
+    slot_mapping = torch.randperm(num_blocks * block_size)[:num_tokens].to(DEVICE)
     slot_mapping[[2, 7, 10]] = -1  # padding rows: their NaN must never reach the cache
     key[[2, 7, 10]] = float("nan")
     value[[2, 7, 10]] = float("nan")
-    k_cache = torch.randn(num_blocks, block_size, num_kv_heads, head_dim).to(dtype)
+    k_cache = torch.randn(num_blocks, block_size, num_kv_heads, head_dim).to(DEVICE, dtype)
     v_cache = torch.randn_like(k_cache)
     k_ref, v_ref = k_cache.clone(), v_cache.clone()
     store_kv_ref(key, value, k_ref, v_ref, slot_mapping)
@@ -40,9 +38,9 @@ def test_store_kv_writes_exactly_the_reference_slots(num_kv_heads, head_dim, blo
 @pytest.mark.parametrize("shape", [(7, 96), (2, 3, 64)])
 @pytest.mark.parametrize("with_residual", [False, True])
 def test_rms_norm_matches_reference(with_residual, shape, dtype):
-    x = torch.randn(shape).to(dtype)
-    weight = (1 + 0.1 * torch.randn(shape[-1])).to(dtype)
-    residual = torch.randn(shape).to(dtype) if with_residual else None
+    x = torch.randn(shape).to(DEVICE, dtype)
+    weight = (1 + 0.1 * torch.randn(shape[-1])).to(DEVICE, dtype)
+    residual = torch.randn(shape).to(DEVICE, dtype) if with_residual else None
     x_before = x.clone()
     out = rms_norm(x, weight, 1e-6, residual)
     ref = rms_norm_ref(x.float(), weight.float(), 1e-6, None if residual is None else residual.float())
@@ -55,7 +53,7 @@ def test_rms_norm_matches_reference(with_residual, shape, dtype):
 
 
 def test_rms_norm_fp32_weight_on_fp16_input_promotes_like_reference():
-    x, weight = torch.randn(5, 48).half(), 1 + 0.1 * torch.randn(48)
+    x, weight = torch.randn(5, 48).to(DEVICE, torch.float16), 1 + 0.1 * torch.randn(48).to(DEVICE)
     out = rms_norm(x, weight, 1e-5)
     ref = rms_norm_ref(x, weight, 1e-5)
     assert out.dtype == ref.dtype == torch.float32
@@ -65,14 +63,14 @@ def test_rms_norm_fp32_weight_on_fp16_input_promotes_like_reference():
 def _cos_sin_cache(max_positions, head_dim):
     inv_freq = 1.0 / (10000 ** (torch.arange(0, head_dim, 2).float() / head_dim))
     angles = torch.arange(max_positions).float()[:, None] * inv_freq[None, :]
-    return torch.cat([angles.cos(), angles.sin()], dim=-1)
+    return torch.cat([angles.cos(), angles.sin()], dim=-1).to(DEVICE)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("num_heads,num_kv_heads,head_dim", [(6, 2, 32), (4, 4, 64), (3, 1, 24)])
 def test_rotary_matches_reference(num_heads, num_kv_heads, head_dim, dtype):
     q, k, _ = _fused_qkv(9, num_heads, num_kv_heads, head_dim, dtype)
-    positions = torch.randint(0, 100, (9,))
+    positions = torch.randint(0, 100, (9,)).to(DEVICE)
     cos_sin_cache = _cos_sin_cache(100, head_dim)
     q_before, k_before = q.clone(), k.clone()
     q_out, k_out = rotary_embedding(positions, q, k, cos_sin_cache)
@@ -85,7 +83,7 @@ def test_rotary_matches_reference(num_heads, num_kv_heads, head_dim, dtype):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", [(5, 160), (2, 3, 2 * 1500)])
 def test_silu_and_mul_matches_reference(shape, dtype):
-    x = (2 * torch.randn(shape)).to(dtype)
+    x = (2 * torch.randn(shape)).to(DEVICE, dtype)
     out = silu_and_mul(x)
     ref = silu_and_mul_ref(x.float())
     assert out.shape == ref.shape and out.dtype == dtype
