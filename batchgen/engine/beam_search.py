@@ -39,8 +39,8 @@ class BeamGroup:
     def probe_requests(self) -> list[Request]:
         probe = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True).model_copy(
             update={"logprobs": self.num_candidates})
-        return [Request(request_id=f"{self.group_index}-beam{i}", prompt_token_ids=self.prompt_token_ids + beam.token_ids,
-                        params=probe, group_index=self.group_index, sample_index=i, cache_salt=self.cache_salt)
+        return [Request(f"{self.group_index}-beam{i}", self.prompt_token_ids + beam.token_ids, probe,
+                        group_index=self.group_index, sample_index=i, cache_salt=self.cache_salt)
                 for i, beam in enumerate(self.running)]
 
     def advance(self, probes: list[Request]) -> None:

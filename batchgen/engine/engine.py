@@ -11,7 +11,8 @@ from batchgen.config import EngineConfig
 from batchgen.engine.errors import Cancelled, EngineBroken
 from batchgen.engine.grammar import StructuredOutputError
 from batchgen.engine.kv_cache import KVCacheManager
-from batchgen.engine.model_runner import ModelRunner, PendingTokens, StepInputs
+from batchgen.engine.model_runner import (MemoryProfile, ModelRunner, PendingTokens, StepInputs, cpu_kv_blocks,
+                                           kv_blocks_that_fit)
 from batchgen.engine.request import Request
 from batchgen.engine.sampler import PendingSample, Sampler
 from batchgen.engine.scheduler import ScheduledBatch, Scheduler
@@ -25,7 +26,6 @@ from batchgen.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
 
-CPU_KV_CACHE_CAP = 2 << 30
 MAX_SOLO_FAILURES = 3
 # a poison request costs 1 + MAX_SOLO_FAILURES failed steps in a row, two adjacent ones a step less than this:
 # more means the engine itself is broken
@@ -40,14 +40,6 @@ def resolve_dtype(name: str, device: torch.device, checkpoint_dtype: torch.dtype
     if device.type == "cpu":
         return torch.float32
     return checkpoint_dtype if checkpoint_dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
-
-
-def available_ram_bytes() -> int:
-    with open("/proc/meminfo") as meminfo:
-        for line in meminfo:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    return 8 << 30
 
 
 @dataclass
@@ -74,7 +66,36 @@ class Engine:
         self.eos_token_ids = frozenset(self.model_config.eos_token_ids)
 
         self.runner = ModelRunner(self.model, self.model_config, config.block_size, self.device, self.dtype)
-        num_blocks = config.num_kv_blocks or self._num_blocks_that_fit()
+        self.sampler = Sampler(config.seed)
+        self.grammars: GrammarEngine | None = None     # created with the first structured request
+        self.sampled_step: SampledStep | None = None   # last step's sampling, its tokens not yet taken
+        self.consecutive_failed_steps = 0
+        self.awaiting_grammar: list[Request] = []
+        self.num_computed_prompt_tokens = 0   # prompt tokens run through the model (recomputation counts again)
+        # called once a step: (batch launched now, batch whose tokens this step takes); a benchmark's
+        # StepProfile (batchgen.bench) installs itself here
+        self.on_step: Callable[[ScheduledBatch, ScheduledBatch | None], None] | None = None
+        self.memory_profile: MemoryProfile | None = None   # measured on CUDA when the cache is sized
+        use_graphs = self.device.type == "cuda" and not config.enforce_eager
+        num_blocks = config.num_kv_blocks or self._num_blocks_that_fit(use_graphs)
+        self._build_cache(num_blocks)
+        self.kv_capacity_tokens = num_blocks * config.block_size
+        if use_graphs:
+            try:
+                self.runner.capture_decode_graphs(self.scheduler.max_num_seqs, self.max_model_len)
+            except RuntimeError as exc:   # the engine still works eagerly; say why it is slower
+                log.warning("CUDA graph capture failed, running decode eagerly: %s", exc)
+                self.runner.decode_graphs = None
+        measured = "" if self.memory_profile is None else (
+            f" (measured beside it: a step's peak {self.memory_profile.step_peak_bytes / 2**30:.2f} GiB, CUDA graphs "
+            f"{self.memory_profile.graph_pool_bytes / 2**30:.2f} GiB)")
+        log.info("engine ready: %s on %s (%s), KV cache of %d tokens in %d blocks of %d%s, max_model_len %d",
+                 self.model_path, self.device, self.dtype, self.kv_capacity_tokens, num_blocks, config.block_size,
+                 measured, self.max_model_len)
+
+    def _build_cache(self, num_blocks: int) -> None:
+        """A KV cache of `num_blocks` blocks and the scheduler over it (the context is capped by the cache)."""
+        config = self.config
         self.runner.allocate_kv_cache(num_blocks)
         self.max_model_len = min(config.max_model_len or self.model_config.max_model_len,
                                  self.model_config.max_model_len, num_blocks * config.block_size)
@@ -86,48 +107,48 @@ class Engine:
                                    config.enable_chunked_prefill,
                                    is_ready=lambda r: r.params.structured is None or r.grammar is not None,
                                    max_model_len=self.max_model_len)
-        self.sampler = Sampler(config.seed)
-        self.grammars: GrammarEngine | None = None     # created with the first structured request
-        self.sampled_step: SampledStep | None = None   # last step's sampling, its tokens not yet taken
-        self.consecutive_failed_steps = 0
-        self.awaiting_grammar: list[Request] = []
-        if self.device.type == "cuda" and not config.enforce_eager:
-            try:
-                self.runner.capture_decode_graphs(self.scheduler.max_num_seqs, self.max_model_len)
-            except RuntimeError as exc:   # the engine still works eagerly; say why it is slower
-                log.warning("CUDA graph capture failed, running decode eagerly: %s", exc)
-                self.runner.decode_graphs = None
-        self.num_computed_prompt_tokens = 0   # prompt tokens run through the model (recomputation counts again)
-        # called once a step: (batch launched now, batch whose tokens this step takes); a benchmark's
-        # StepProfile (batchgen.bench) installs itself here
-        self.on_step: Callable[[ScheduledBatch, ScheduledBatch | None], None] | None = None
-        log.info("engine ready: %s on %s (%s), %d KV blocks of %d tokens, max_model_len %d", self.model_path,
-                 self.device, self.dtype, num_blocks, config.block_size, self.max_model_len)
 
-    def _num_blocks_that_fit(self) -> int:
+    def _context_len(self) -> int:
+        return min(self.config.max_model_len or self.model_config.max_model_len, self.model_config.max_model_len)
+
+    def _num_blocks_that_fit(self, use_graphs: bool) -> int:
         per_block = self.runner.kv_bytes_per_block
         if self.device.type == "cpu":
-            # no more than a full batch of full-length sequences can use: small models get small caches
-            context = min(self.config.max_model_len or self.model_config.max_model_len, self.model_config.max_model_len)
-            usable = self.config.resolved_max_num_seqs(self.device) * context * per_block // self.config.block_size
-            budget = self.config.kv_cache_bytes or min(CPU_KV_CACHE_CAP, available_ram_bytes() // 4, usable)
-            return max(1, budget // per_block)
-        # what is free now (after the weights) less the share of the card to leave alone and the step's peak
+            return cpu_kv_blocks(per_block, self.config.block_size, self.config.resolved_max_num_seqs(self.device),
+                                 self._context_len(), self.config.kv_cache_bytes)
+        self.memory_profile = self._profile_memory(use_graphs)
         free, total = torch.cuda.mem_get_info(self.device)
-        budget = free - int(total * (1 - self.config.gpu_memory_utilization)) - self._activation_bytes_estimate()
-        if budget < per_block:
-            raise RuntimeError(f"no GPU memory left for the KV cache (budget {budget} bytes); lower max_num_batched_"
-                               "tokens or raise gpu_memory_utilization")
-        return budget // per_block
+        return kv_blocks_that_fit(free, total, self.config.gpu_memory_utilization, self.memory_profile, per_block)
 
-    def _activation_bytes_estimate(self) -> int:
-        """Peak transient memory of the largest step: a few hidden-sized and MLP-sized buffers per batched
-        token, plus fp32 logits and sampling workspace for every sequence."""
-        c = self.model_config
-        tokens = self.config.resolved_max_num_batched_tokens(self.device)
-        seqs = self.config.resolved_max_num_seqs(self.device)
-        per_token = (8 * c.hidden_size + 4 * c.intermediate_size + 3 * c.num_attention_heads * c.head_dim)
-        return tokens * per_token * self.dtype.itemsize + seqs * c.vocab_size * 4 * 6 + (512 << 20)
+    def profile_requests(self) -> list[Request]:
+        """The largest step the scheduler can form: max_num_seqs prompts (or one per token of the budget) that
+        fill the token budget together, each sampled with every sampler feature that takes memory."""
+        budget = self.config.resolved_max_num_batched_tokens(self.device)
+        num_seqs = min(self.config.resolved_max_num_seqs(self.device), budget)
+        longest = self._context_len() - 1
+        lengths = [min(longest, budget // num_seqs + (i < budget % num_seqs)) for i in range(num_seqs)]
+        params = SamplingParams(max_tokens=1, ignore_eos=True, temperature=1.0, top_p=0.9, top_k=50, min_p=0.05,
+                                presence_penalty=0.5, frequency_penalty=0.5, logprobs=20)
+        vocab = self.model_config.vocab_size
+        return [Request(f"profile-{i}", [(i * 131 + j) % vocab for j in range(n)], params)
+                for i, n in enumerate(lengths)]
+
+    def _profile_memory(self, use_graphs: bool) -> MemoryProfile:
+        """Run the engine's own step on its largest batch over a placeholder cache just big enough, and the
+        largest decode graph on that cache: the memory they take beside the weights and the cache."""
+        requests = self.profile_requests()
+        self._build_cache(sum(-(-r.num_tokens // self.config.block_size) for r in requests) + 1)
+        step_peak = self.runner.measure_peak_bytes(lambda: self.run(requests))
+        graph_pool = 0
+        if use_graphs:
+            try:
+                graph_pool = self.runner.measure_decode_graph_bytes(self.scheduler.max_num_seqs, self._context_len())
+            except RuntimeError as exc:   # capture will fail again after sizing, and say so
+                log.warning("CUDA graph capture failed while profiling memory: %s", exc)
+        self.runner.release_kv_cache()
+        self.sampler = Sampler(self.config.seed)   # seeded sampling starts where it would have without the profile
+        self.num_computed_prompt_tokens = 0
+        return MemoryProfile(step_peak, graph_pool)
 
     def close(self) -> None:
         """Stop the grammar threads; the engine takes no work after this."""

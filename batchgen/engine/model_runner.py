@@ -3,7 +3,16 @@
 The KV cache is one tensor [num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim] allocated once;
 each attention layer gets its two views. On CUDA, decode-only steps replay CUDA graphs captured for
 padded batch sizes, which removes the per-kernel launch cost that dominates small models and small batches.
+
+KV sizing. On CUDA the cache gets what the rest of a step does not need, measured rather than estimated:
+the engine runs its own step on a full batch (the token budget through the model, the sampler on
+max_num_seqs rows) over a placeholder cache while `measure_peak_bytes` watches, the largest decode graph is
+captured once for its memory pool (`measure_decode_graph_bytes`), and `kv_blocks_that_fit` gives
+gpu_memory_utilization of the card, less those, to the cache. Whatever a later feature allocates in a step
+(scales, workspaces, logprob buffers) is counted the same way. On CPU the cache has a RAM budget.
 """
+import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -14,6 +23,49 @@ from batchgen.engine.scheduler import ScheduledBatch
 from batchgen.engine.transfer import to_device
 from batchgen.models.attention import AttentionMetadata
 from batchgen.models.config import ModelConfig
+
+
+log = logging.getLogger(__name__)
+
+CPU_KV_CACHE_CAP = 2 << 30
+
+
+@dataclass
+class MemoryProfile:
+    """Device memory a running engine needs beside its weights and KV cache, measured at start."""
+    step_peak_bytes: int       # the largest step's transient peak: activations, logits, sampling workspace
+    graph_pool_bytes: int      # CUDA graphs' private pool (0 when decode runs eagerly)
+
+
+def kv_blocks_that_fit(free_bytes: int, total_bytes: int, gpu_memory_utilization: float, profile: MemoryProfile,
+                       bytes_per_block: int) -> int:
+    """Blocks for the cache: the memory free now (weights loaded, nothing else held) less the share of the card
+    to leave alone and what steps and graphs will take."""
+    budget = (free_bytes - int(total_bytes * (1 - gpu_memory_utilization)) - profile.step_peak_bytes
+              - profile.graph_pool_bytes)
+    if budget < bytes_per_block:
+        raise RuntimeError(f"no GPU memory left for the KV cache ({budget / 2**30:.2f} GiB after the weights, a step's "
+                           f"peak of {profile.step_peak_bytes / 2**30:.2f} GiB and CUDA graphs' "
+                           f"{profile.graph_pool_bytes / 2**30:.2f} GiB); lower max_num_batched_tokens or "
+                           "max_num_seqs, or raise gpu_memory_utilization")
+    return budget // bytes_per_block
+
+
+def cpu_kv_blocks(bytes_per_block: int, block_size: int, max_num_seqs: int, context: int,
+                  kv_cache_bytes: int | None) -> int:
+    """CPU: `kv_cache_bytes`, else no more than a full batch of full-length sequences can use (small models get
+    small caches), a quarter of free RAM and CPU_KV_CACHE_CAP."""
+    usable = max_num_seqs * context * bytes_per_block // block_size
+    budget = kv_cache_bytes or min(CPU_KV_CACHE_CAP, available_ram_bytes() // 4, usable)
+    return max(1, budget // bytes_per_block)
+
+
+def available_ram_bytes() -> int:
+    with open("/proc/meminfo") as meminfo:
+        for line in meminfo:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return 8 << 30
 
 
 @dataclass
@@ -59,8 +111,38 @@ class ModelRunner:
         for layer, layer_cache in zip(self.model.attention_layers, self.kv_cache):
             layer.k_cache, layer.v_cache = layer_cache[0], layer_cache[1]
 
+    def release_kv_cache(self) -> None:
+        """Drop the cache (the profiling placeholder) and hand its memory back to the device."""
+        for layer in self.model.attention_layers:
+            layer.k_cache = layer.v_cache = torch.empty(0)
+        self.kv_cache = None
+        torch.cuda.empty_cache()
+
     def capture_decode_graphs(self, max_batch: int, max_model_len: int) -> None:
         self.decode_graphs = DecodeGraphs(self.model, max_batch, -(-max_model_len // self.block_size), self.device)
+
+    def measure_peak_bytes(self, run: Callable[[], None]) -> int:
+        """CUDA memory `run` needs at its peak above what was allocated before it."""
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        before = torch.cuda.memory_allocated(self.device)
+        run()
+        torch.cuda.synchronize(self.device)
+        return torch.cuda.max_memory_allocated(self.device) - before
+
+    def measure_decode_graph_bytes(self, max_batch: int, max_model_len: int) -> int:
+        """Memory the decode graphs hold: the largest one captured once (on the current cache, a placeholder);
+        the smaller ones share its pool."""
+        torch.cuda.synchronize(self.device)
+        torch.cuda.empty_cache()
+        before = torch.cuda.memory_reserved(self.device)
+        graphs = DecodeGraphs(self.model, max_batch, -(-max_model_len // self.block_size), self.device,
+                              largest_only=True)
+        torch.cuda.empty_cache()   # the eager warm-up's memory is the step's, measured apart; the pool stays
+        held = torch.cuda.memory_reserved(self.device) - before
+        del graphs
+        torch.cuda.empty_cache()
+        return held
 
     def prepare(self, batch: ScheduledBatch) -> StepInputs:
         """The step's inputs: all the host work of a step, and copies queued to the device."""
@@ -145,9 +227,10 @@ class DecodeGraphs:
     decode kernel's split grid is fixed per graph.
     """
 
-    def __init__(self, model: torch.nn.Module, max_batch: int, max_blocks_per_seq: int, device: torch.device):
+    def __init__(self, model: torch.nn.Module, max_batch: int, max_blocks_per_seq: int, device: torch.device,
+                 largest_only: bool = False):
         self.model = model
-        self.buckets = sorted({1, 2, 4, 8, *range(16, max_batch + 1, 16), max_batch})
+        self.buckets = [max_batch] if largest_only else sorted({1, 2, 4, 8, *range(16, max_batch + 1, 16), max_batch})
         self.max_batch = self.buckets[-1]
         n = self.max_batch
         self.input_ids = torch.zeros(n, dtype=torch.long, device=device)

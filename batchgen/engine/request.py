@@ -64,10 +64,6 @@ class Request:
         return self.num_pending_tokens > 0 and (len(self.output_token_ids) + 1 >= self.params.max_tokens
                                                 or self.num_tokens + 1 >= max_model_len)
 
-    @property
-    def all_token_ids(self) -> list[int]:
-        return self.prompt_token_ids + self.output_token_ids
-
     def token_ids_slice(self, start: int, end: int) -> list[int]:
         """Tokens [start, end) of prompt + output without building the whole list."""
         num_prompt = len(self.prompt_token_ids)

@@ -4,12 +4,13 @@ Built on llguidance (docs/structured-output.md says why, with the numbers). Its 
 32-bit-per-word mask of the tokens the grammar allows next; the engine applies the mask to the logits
 before sampling and feeds every sampled token back to the request's matcher.
 
-How the engine uses it (one `GrammarEngine` per tokenizer, called from the engine's thread):
+How the engine uses it (one `GrammarEngine` per tokenizer, called from the engine's thread; compiles run on
+the compile threads, a step's mask fills on the mask thread while the engine prepares the next step):
   add_request   grammars.start(constraint)                 compile in the background
   schedule      grammars.ready(constraint)                 admit the request only when True
   admit         request.grammar = grammars.matcher(constraint)   (StructuredOutputError -> that row's error)
-  sample        bitmask = grammars.fill_bitmask([r.grammar for r in rows])
-                if bitmask is not None: apply_bitmask(logits, bitmask)
+  sample        masks = grammars.start_bitmask([r.grammar for r in rows])   (fill_bitmask on the mask thread)
+                next step: bitmask = masks.result(); if bitmask is not None: apply_bitmask(logits, bitmask)
   update        if not request.grammar.accept_token(token): finish with request.grammar.error
                 if request.grammar.is_terminated(): finish with reason "stop"
 """

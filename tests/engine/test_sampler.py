@@ -30,7 +30,7 @@ def make_request(prompt, output=(), eos=frozenset({EOS}), sample_index=0, **para
 def hf_processed(logits_row: torch.Tensor, request: Request) -> torch.Tensor:
     """One row through HF's processors, with OpenAI presence/frequency penalties as a direct torch formula."""
     p = request.params
-    ids = torch.tensor([request.all_token_ids])
+    ids = torch.tensor([request.prompt_token_ids + request.output_token_ids])
     scores = logits_row[None].clone()
     if p.repetition_penalty != 1.0:
         scores = RepetitionPenaltyLogitsProcessor(p.repetition_penalty)(ids, scores)
@@ -125,9 +125,10 @@ def test_token_history_follows_growing_and_cut_back_outputs():
     for new_tokens in [0, 1, 1, 40, 3, 200, 1]:
         request.output_token_ids += random_tokens(rng, 1000, new_tokens)
         earlier = history.token_ids(request)
-        assert history.token_ids(request).tolist() == request.all_token_ids == earlier.tolist()
+        all_token_ids = request.prompt_token_ids + request.output_token_ids
+        assert history.token_ids(request).tolist() == all_token_ids == earlier.tolist()
     del request.output_token_ids[5:]
-    assert history.token_ids(request).tolist() == request.all_token_ids
+    assert history.token_ids(request).tolist() == request.prompt_token_ids + request.output_token_ids
 
 
 def test_processing_with_a_history_over_steps_matches_hf():

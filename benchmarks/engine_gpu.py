@@ -1,0 +1,105 @@
+"""KV cache sizing from measured memory, checked on the GPU.
+
+The engine sizes its cache at start from a profiling run of its own step at the token budget (and the sampler
+on max_num_seqs rows) plus the decode CUDA graphs' pool. This script builds the engine on a real-shaped
+model with dummy weights, prints the capacity and the measured figures, then runs the heaviest work the
+engine can schedule (full-budget prefill steps, max_num_seqs decode rows with top-p, top-k, penalties and
+20 logprobs) and checks that the process's peak on the card (torch's reserved memory at its peak, plus what the CUDA
+context and libraries hold) stays within gpu_memory_utilization and that the cache holds
+what the log says. One JSON line per figure; exit 1 if a check fails.
+
+    python benchmarks/engine_gpu.py                      # Llama-3.1-8B shape on the GPU (~2 min on an H200)
+    python benchmarks/engine_gpu.py --smoke              # tiny model on CPU: the script's path only
+"""
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from batchgen import LLM, SamplingParams
+
+CONFIGS = Path(__file__).parent / "configs"
+TINY = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 512, "hidden_size": 64,
+        "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "head_dim": 16, "max_position_embeddings": 1024, "rms_norm_eps": 1e-6, "bos_token_id": 1,
+        "eos_token_id": 2, "torch_dtype": "float32"}
+
+
+def emit(figure: str, **fields) -> None:
+    print(json.dumps({"figure": figure, **fields}), flush=True)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--smoke", action="store_true", help="tiny model on CPU")
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    args = parser.parse_args()
+    if args.smoke:
+        model_dir = Path(tempfile.mkdtemp()) / "tiny"
+        model_dir.mkdir()
+        (model_dir / "config.json").write_text(json.dumps(TINY))
+        engine_args = dict(device="cpu", dtype="float32", max_num_seqs=8, max_num_batched_tokens=64)
+        num_requests, prompt_len, output_len = 24, 40, 8
+    else:
+        model_dir = CONFIGS / "llama-3.1-8b"
+        engine_args = dict(device="cuda", gpu_memory_utilization=args.gpu_memory_utilization, max_model_len=2048)
+        num_requests, prompt_len, output_len = 1024, 512, 64
+
+    start = time.perf_counter()
+    llm = LLM(str(model_dir), load_format="dummy", **engine_args)
+    engine = llm.engine
+    profile = engine.memory_profile
+    emit("kv_capacity", model=model_dir.name, kv_capacity_tokens=engine.kv_capacity_tokens,
+         kv_blocks=engine.kv_cache.num_blocks, block_size=engine.kv_cache.block_size,
+         step_peak_gib=None if profile is None else round(profile.step_peak_bytes / 2**30, 3),
+         graph_pool_gib=None if profile is None else round(profile.graph_pool_bytes / 2**30, 3),
+         max_num_seqs=engine.scheduler.max_num_seqs, max_num_batched_tokens=engine.scheduler.max_num_batched_tokens,
+         cuda_graphs=engine.runner.decode_graphs is not None, startup_s=round(time.perf_counter() - start, 1))
+
+    failed = []
+    cache_bytes = engine.runner.kv_cache.numel() * engine.runner.kv_cache.element_size()
+    capacity_ok = cache_bytes == engine.kv_cache.num_blocks * engine.runner.kv_bytes_per_block
+    emit("kv_cache_bytes", gib=round(cache_bytes / 2**30, 3), matches_capacity=capacity_ok)
+    if not capacity_ok:
+        failed.append("kv_cache_bytes")
+
+    vocab = engine.model_config.vocab_size
+    prompts = [[(i * 131 + j) % vocab for j in range(prompt_len)] for i in range(num_requests)]
+    params = SamplingParams(max_tokens=output_len, ignore_eos=True, temperature=1.0, top_p=0.9, top_k=50,
+                            min_p=0.05, presence_penalty=0.5, frequency_penalty=0.5, logprobs=20)
+    outside_torch = 0
+    if engine.device.type == "cuda":
+        torch.cuda.synchronize(engine.device)
+        torch.cuda.reset_peak_memory_stats(engine.device)
+        free, total = torch.cuda.mem_get_info(engine.device)
+        outside_torch = total - free - torch.cuda.memory_reserved(engine.device)   # CUDA context, libraries
+    start = time.perf_counter()
+    outputs = llm.generate(prompts, params)
+    elapsed = time.perf_counter() - start
+    errors = [o.error for o in outputs if o.error]
+    if errors:
+        failed.append("heavy_run")
+    fields = dict(requests=num_requests, prompt_len=prompt_len, output_len=output_len, seconds=round(elapsed, 1),
+                  errors=len(errors), preemptions=sum(o.num_preemptions for o in outputs))
+    if engine.device.type == "cuda":
+        peak = torch.cuda.max_memory_reserved(engine.device) + outside_torch
+        within = peak <= total * args.gpu_memory_utilization
+        fields.update(peak_gib=round(peak / 2**30, 3), outside_torch_gib=round(outside_torch / 2**30, 3),
+                      peak_allocated_gib=round(torch.cuda.max_memory_allocated(engine.device) / 2**30, 3),
+                      card_gib=round(total / 2**30, 3),
+                      utilization_share_gib=round(total * args.gpu_memory_utilization / 2**30, 3),
+                      peak_within_share=within)
+        if not within:
+            failed.append("peak_within_share")
+    emit("heavy_run", **fields)
+    llm.close()
+    emit("summary", failed=failed)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
