@@ -135,6 +135,7 @@ def run_batchgen(llm, workload: Workload) -> tuple[dict, list[int]]:
     figures = _figures("batchgen", workload, elapsed, sum(o.completion_tokens for o in outputs),
                     workload.num_prompt_tokens, device, dtype=str(engine.dtype).removeprefix("torch."),
                     kv_blocks=engine.kv_cache.num_blocks, block_size=engine.kv_cache.block_size,
+                    kv_capacity_tokens=engine.kv_capacity_tokens,
                     max_num_seqs=engine.scheduler.max_num_seqs,
                     max_num_batched_tokens=engine.scheduler.max_num_batched_tokens,
                     cuda_graphs=engine.runner.decode_graphs is not None,

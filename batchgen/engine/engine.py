@@ -97,8 +97,7 @@ class Engine:
         """A KV cache of `num_blocks` blocks and the scheduler over it (the context is capped by the cache)."""
         config = self.config
         self.runner.allocate_kv_cache(num_blocks)
-        self.max_model_len = min(config.max_model_len or self.model_config.max_model_len,
-                                 self.model_config.max_model_len, num_blocks * config.block_size)
+        self.max_model_len = min(self._context_len(), num_blocks * config.block_size)
         max_num_batched_tokens = config.resolved_max_num_batched_tokens(self.device)
         if not config.enable_chunked_prefill:
             max_num_batched_tokens = max(max_num_batched_tokens, self.max_model_len)
@@ -109,6 +108,7 @@ class Engine:
                                    max_model_len=self.max_model_len)
 
     def _context_len(self) -> int:
+        """The longest sequence asked for (config, capped by the model), before the cache caps it too."""
         return min(self.config.max_model_len or self.model_config.max_model_len, self.model_config.max_model_len)
 
     def _num_blocks_that_fit(self, use_graphs: bool) -> int:
