@@ -124,6 +124,8 @@ class Engine:
         """The largest step the scheduler can form: max_num_seqs prompts (or one per token of the budget) that
         fill the token budget together, each sampled with every sampler feature that takes memory."""
         budget = self.config.resolved_max_num_batched_tokens(self.device)
+        if not self.config.enable_chunked_prefill:   # a whole prompt runs in one step, however long
+            budget = max(budget, self._context_len() - 1)
         num_seqs = min(self.config.resolved_max_num_seqs(self.device), budget)
         longest = self._context_len() - 1
         lengths = [min(longest, budget // num_seqs + (i < budget % num_seqs)) for i in range(num_seqs)]

@@ -1,7 +1,7 @@
 """KV cache sizing: the CPU-testable parts of the CUDA path (the arithmetic from measured numbers, the profiling
 step, and the engine's state after it); the CUDA measurement itself runs in benchmarks/engine_gpu.py."""
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given, settings, strategies as st
 
 from batchgen import LLM, SamplingParams
 from batchgen.engine.model_runner import MemoryProfile, kv_blocks_that_fit
@@ -9,6 +9,7 @@ from batchgen.engine.model_runner import MemoryProfile, kv_blocks_that_fit
 GiB = 2**30
 
 
+@settings(max_examples=60, deadline=None)
 @given(total=st.integers(8 * GiB, 160 * GiB), used=st.floats(0.05, 0.6), utilization=st.floats(0.5, 0.98),
        step_peak=st.integers(0, 4 * GiB), graphs=st.integers(0, GiB), per_block=st.integers(1 << 16, 4 << 20))
 def test_cache_gets_the_utilization_share_less_measured_peaks(total, used, utilization, step_peak, graphs,

@@ -57,7 +57,7 @@ def test_rms_norm_fp32_weight_on_fp16_input_promotes_like_reference():
     out = rms_norm(x, weight, 1e-5)
     ref = rms_norm_ref(x, weight, 1e-5)
     assert out.dtype == ref.dtype == torch.float32
-    assert relative_l2(out, ref) < 1e-6
+    assert relative_l2(out, ref) < TOLERANCE[torch.float32]   # an fp16 output would be off by ~1e-3
 
 
 def _cos_sin_cache(max_positions, head_dim):
