@@ -134,6 +134,7 @@ def run_batchgen(llm, workload: Workload) -> tuple[dict, list[int]]:
     engine = llm.engine
     figures = _figures("batchgen", workload, elapsed, sum(o.completion_tokens for o in outputs),
                     workload.num_prompt_tokens, device, dtype=str(engine.dtype).removeprefix("torch."),
+                    quantization=engine.config.quantization,
                     kv_blocks=engine.kv_cache.num_blocks, block_size=engine.kv_cache.block_size,
                     kv_capacity_tokens=engine.kv_capacity_tokens,
                     max_num_seqs=engine.scheduler.max_num_seqs,
@@ -239,6 +240,7 @@ def _release_memory() -> None:
               "needed by --schema and --dataset.")
 @click.option("--dtype", default="auto", show_default=True)
 @click.option("--device", default="auto", show_default=True)
+@click.option("--quantization", type=click.Choice(["fp8"]), help="fp8 weights, quantized while they load.")
 @click.option("--max-num-seqs", type=int, default=None)
 @click.option("--max-num-batched-tokens", type=int, default=None)
 @click.option("--max-model-len", type=int, default=None)
@@ -250,7 +252,7 @@ def _release_memory() -> None:
 @click.option("--top-p", type=float, default=1.0, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 def bench_command(model, load_format, name, num_requests, input_len, input_len_max, output_len, output_len_max,
-                  prefix_len, dataset, schema_file, tokenizer, dtype, device, max_num_seqs, max_num_batched_tokens, max_model_len, enforce_eager,
+                  prefix_len, dataset, schema_file, tokenizer, dtype, device, quantization, max_num_seqs, max_num_batched_tokens, max_model_len, enforce_eager,
                   hf_static_batch, hf_continuous, hf_sample, temperature, top_p, seed):
     """Throughput benchmark; prints one JSON line per system (batchgen, then the HF peers)."""
     from batchgen.llm import LLM
@@ -259,8 +261,8 @@ def bench_command(model, load_format, name, num_requests, input_len, input_len_m
                                          max_model_len=max_model_len).items() if v is not None}
     if tokenizer:
         engine_args["tokenizer"] = tokenizer
-    llm = LLM(model, load_format=load_format, dtype=dtype, device=device, enforce_eager=enforce_eager, seed=seed,
-              **engine_args)
+    llm = LLM(model, load_format=load_format, dtype=dtype, device=device, quantization=quantization,
+              enforce_eager=enforce_eager, seed=seed, **engine_args)
     if dataset:
         workload = dataset_workload(name, dataset, llm.tokenizer, num_requests, output_len)
     else:

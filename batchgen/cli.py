@@ -123,15 +123,19 @@ def _engine_options(command):
                                 "a file can run code: only for models you trust.")(command)
     command = click.option("--device", default="auto", show_default=True,
                            help="cpu, cuda, cuda:N; auto picks the GPU when there is one.")(command)
+    command = click.option("--quantization", type=click.Choice(["fp8"]),
+                           help="Quantize a float checkpoint's weights to fp8 while it loads (fp8 checkpoints "
+                                "are detected without it).")(command)
     return click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]), default="auto",
                         show_default=True,
                         help="Weights and activations; auto: fp32 on CPU, bf16/fp16 on GPU.")(command)
 
 
-def _engine_settings(dtype: str, device: str, engine_args: dict, allow_pickle_weights: bool) -> dict:
+def _engine_settings(dtype: str, device: str, quantization: str | None, engine_args: dict,
+                     allow_pickle_weights: bool) -> dict:
     """EngineConfig fields from the engine options."""
-    return {"dtype": dtype, "device": device, **engine_args, **({"allow_pickle_weights": True}
-                                                                if allow_pickle_weights else {})}
+    return {"dtype": dtype, "device": device, **({"quantization": quantization} if quantization else {}),
+            **engine_args, **({"allow_pickle_weights": True} if allow_pickle_weights else {})}
 
 
 def _parse_engine_args(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> dict:
@@ -202,7 +206,8 @@ def _validated(spec: JobSpec) -> JobSpec:
 @click.option("-o", "--output", required=True, help="Output directory (replaced if it holds an earlier run).")
 @_job_options
 @_engine_options
-def run(file: str, output: str, dtype: str, device: str, engine_args: dict, allow_pickle_weights: bool,
+def run(file: str, output: str, dtype: str, device: str, quantization: str | None, engine_args: dict,
+        allow_pickle_weights: bool,
         **options) -> None:
     """Run a job in this process (no Redis, no workers).
 
@@ -216,7 +221,7 @@ def run(file: str, output: str, dtype: str, device: str, engine_args: dict, allo
 
     def load():
         from batchgen import LLM
-        return LLM(spec.model, **_engine_settings(dtype, device, engine_args, allow_pickle_weights))
+        return LLM(spec.model, **_engine_settings(dtype, device, quantization, engine_args, allow_pickle_weights))
 
     llm = _load_model(spec.model, load)
     prepare_output(spec, replace=True)
@@ -408,8 +413,8 @@ def results(job: str, show: int, shards: bool) -> None:
               help="Shard tasks in flight per process (they share one engine).")
 @_engine_options
 @click.option("--loglevel", default="INFO", show_default=True)
-def worker(model: str, gpu: str | None, concurrency: int, dtype: str, device: str, engine_args: dict,
-           allow_pickle_weights: bool, loglevel: str) -> None:
+def worker(model: str, gpu: str | None, concurrency: int, dtype: str, device: str, quantization: str | None,
+           engine_args: dict, allow_pickle_weights: bool, loglevel: str) -> None:
     """Serve one model's shards from the queue.
 
     The model is loaded once per process and reused for every shard; --gpu 0,1 starts one process per GPU."""
@@ -419,11 +424,12 @@ def worker(model: str, gpu: str | None, concurrency: int, dtype: str, device: st
                                         "--concurrency", str(concurrency), "--dtype", dtype, "--device", device,
                                         "--loglevel", loglevel, *(f"--engine-arg={name}={json.dumps(value)}"
                                                                   for name, value in engine_args.items()),
+                                        *(["--quantization", quantization] if quantization else []),
                                         *(["--allow-pickle-weights"] if allow_pickle_weights else [])]))
     if gpus:
         os.environ["CUDA_VISIBLE_DEVICES"] = gpus[0]
     os.environ.update(BATCHGEN_MODEL=model, BATCHGEN_ENGINE_ARGS=json.dumps(
-        _engine_settings(dtype, device, engine_args, allow_pickle_weights)))
+        _engine_settings(dtype, device, quantization, engine_args, allow_pickle_weights)))
     from batchgen.workers import tasks
     from batchgen.workers.app import app, queue_name
 

@@ -16,6 +16,8 @@ class EngineConfig(BaseModel):
     device: str = "auto"                   # auto: cuda if available, else cpu
     load_format: Literal["safetensors", "dummy"] = "safetensors"   # dummy: random weights (benchmarks)
     allow_pickle_weights: bool = False
+    # fp8: quantize a float checkpoint's linear layers to fp8 while it loads (fp8 checkpoints need nothing)
+    quantization: Literal["fp8"] | None = None
     seed: int = 0
 
     block_size: int = Field(16, ge=1)

@@ -6,7 +6,7 @@ import os
 
 import torch
 
-from batchgen.kernels import (activation, paged_attention, rms_norm as _rms_norm, rotary, store_kv as _store_kv,
+from batchgen.kernels import (activation, fp8, paged_attention, rms_norm as _rms_norm, rotary, store_kv as _store_kv,
                               top_p_threshold as _top_p_threshold)
 
 
@@ -47,3 +47,18 @@ def silu_and_mul(x):
 def top_p_threshold(logits, top_p):
     fn = _top_p_threshold.top_p_threshold if _triton(logits) else _top_p_threshold.top_p_threshold_ref
     return fn(logits, top_p)
+
+
+def quantize_fp8(x, group_size=None):
+    fn = fp8.quantize_fp8 if _triton(x) else fp8.quantize_fp8_ref
+    return fn(x, group_size)
+
+
+def fp8_gemm(x_q, x_scale, w_q, w_scale, out_dtype):
+    fn = fp8.fp8_gemm if _triton(x_q) else fp8.fp8_gemm_ref
+    return fn(x_q, x_scale, w_q, w_scale, out_dtype)
+
+
+def fp8_block_gemm(x_q, x_scale, w_q, w_scale, block, out_dtype):
+    # the Triton block GEMM is not written yet: the GPU dequantizes too
+    return fp8.fp8_block_gemm_ref(x_q, x_scale, w_q, w_scale, block, out_dtype)

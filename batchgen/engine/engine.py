@@ -61,7 +61,7 @@ class Engine:
         self.model_path = resolve_model_path(config.model)
         self.dtype = resolve_dtype(config.dtype, self.device, ModelConfig.from_dir(self.model_path).dtype)
         self.model, self.model_config = load_model(self.model_path, self.dtype, self.device, config.load_format,
-                                                   config.allow_pickle_weights)
+                                                   config.allow_pickle_weights, config.quantization)
         self.tokenizer = load_tokenizer(config.tokenizer or self.model_path)
         self.eos_token_ids = frozenset(self.model_config.eos_token_ids)
 

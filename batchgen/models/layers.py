@@ -1,4 +1,4 @@
-"""Building blocks of a Llama-family decoder: RMSNorm, rotary embedding, fused projections.
+"""Building blocks of a Llama-family decoder: RMSNorm, rotary embedding (projections: linear.py).
 
 Every layer runs its math through `batchgen.kernels.ops`, so the same module uses Triton on the GPU and the
 torch references on the CPU.
@@ -23,22 +23,6 @@ class RMSNorm(nn.Module):
         """Without residual: normed x. With residual: (normed(x + residual), x + residual), the residual add
         of the decoder layer fused into the norm that follows it."""
         return ops.rms_norm(x, self.weight, self.eps, residual)
-
-
-class FusedLinear(nn.Linear):
-    """Several projections of the same input stacked along the output dimension: one GEMM instead of several.
-
-    `parts` names each projection and its width, in stacking order; the weight loader copies each checkpoint
-    tensor into its rows.
-    """
-
-    def __init__(self, in_features: int, parts: dict[str, int], bias: bool):
-        super().__init__(in_features, sum(parts.values()), bias=bias)
-        self.part_rows: dict[str, tuple[int, int]] = {}
-        start = 0
-        for name, size in parts.items():
-            self.part_rows[name] = (start, size)
-            start += size
 
 
 class RotaryEmbedding(nn.Module):

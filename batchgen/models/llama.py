@@ -2,7 +2,8 @@
 (SmolLM2), told apart by `ModelConfig` flags.
 
 Module names follow the Hugging Face checkpoints, except that q/k/v and gate/up projections are fused;
-`load_weights` maps the checkpoint's separate tensors into the fused ones.
+`load_weights` maps the checkpoint's separate tensors into the fused ones. Projections are `Linear` layers, whose
+weight format (bf16, fp8, ...) the loader chooses.
 """
 from collections.abc import Iterable
 
@@ -13,13 +14,12 @@ from torch.nn import functional as F
 from batchgen.kernels import ops
 from batchgen.models.attention import Attention, AttentionMetadata
 from batchgen.models.config import ModelConfig
-from batchgen.models.layers import FusedLinear, RMSNorm, RotaryEmbedding
+from batchgen.models.layers import RMSNorm, RotaryEmbedding
+from batchgen.models.linear import Linear, ShapeMismatch
 
-# checkpoint projection name -> (fused module name, part)
-_FUSED_PROJECTIONS = {
-    "q_proj": ("qkv_proj", "q"), "k_proj": ("qkv_proj", "k"), "v_proj": ("qkv_proj", "v"),
-    "gate_proj": ("gate_up_proj", "gate"), "up_proj": ("gate_up_proj", "up"),
-}
+# checkpoint projection name -> the fused module holding it as a part of that name
+_FUSED_PROJECTIONS = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj",
+                      "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj"}
 _MAX_NAMES_IN_ERROR = 20
 
 
@@ -30,9 +30,9 @@ class LlamaAttention(nn.Module):
         self.head_dim = config.head_dim
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         self.split_sizes = [q_size, kv_size, kv_size]
-        self.qkv_proj = FusedLinear(config.hidden_size, {"q": q_size, "k": kv_size, "v": kv_size},
-                                    bias=config.attention_bias)
-        self.o_proj = nn.Linear(q_size, config.hidden_size, bias=config.o_proj_bias)
+        self.qkv_proj = Linear(config.hidden_size, {"q_proj": q_size, "k_proj": kv_size, "v_proj": kv_size},
+                               bias=config.attention_bias, parallel="column")
+        self.o_proj = Linear(q_size, config.hidden_size, bias=config.o_proj_bias, parallel="row")
         if config.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
@@ -57,8 +57,9 @@ class LlamaMLP(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         size = config.intermediate_size
-        self.gate_up_proj = FusedLinear(config.hidden_size, {"gate": size, "up": size}, bias=config.mlp_bias)
-        self.down_proj = nn.Linear(size, config.hidden_size, bias=config.mlp_bias)
+        self.gate_up_proj = Linear(config.hidden_size, {"gate_proj": size, "up_proj": size}, bias=config.mlp_bias,
+                                   parallel="column")
+        self.down_proj = Linear(size, config.hidden_size, bias=config.mlp_bias, parallel="row")
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.down_proj(ops.silu_and_mul(self.gate_up_proj(hidden)))
@@ -111,8 +112,8 @@ class LlamaForCausalLM(nn.Module):
         self.model = LlamaModel(config)
         # tied models reuse the embedding matrix in compute_logits rather than sharing a Parameter object,
         # which the loader's meta-device build would split in two
-        self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size,
-                                                                         bias=False)
+        self.lm_head = None if config.tie_word_embeddings else Linear(config.hidden_size, config.vocab_size,
+                                                                      bias=False, parallel="column")
 
     @property
     def attention_layers(self) -> list[Attention]:
@@ -124,22 +125,24 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [S, hidden_size] (only the rows that sample) -> float32 logits [S, vocab_size]."""
-        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, weight).float()
+        if self.lm_head is None:
+            return F.linear(hidden, self.model.embed_tokens.weight).float()
+        return self.lm_head(hidden).float()
 
     @torch.no_grad()
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Copy checkpoint tensors (Hugging Face names) into this model, casting to its dtype and device.
+        """Load checkpoint tensors (Hugging Face names) into this model: `Linear` layers through their weight
+        format, other parameters copied with a cast to their dtype.
 
         Raises ValueError listing every missing, unexpected and wrongly shaped tensor, after reading them all.
         """
-        params = dict(self.named_parameters())
         modules = dict(self.named_modules())
         expected = set()
-        for name in params:
-            module = modules[name.rpartition(".")[0]]
-            parts = module.part_rows if isinstance(module, FusedLinear) else {None: None}
-            expected.update((name, part) for part in parts)
+        for module_name, module in modules.items():
+            if isinstance(module, Linear):
+                expected.update((module_name, name, part) for name, part in module.checkpoint_tensors())
+            else:
+                expected.update((module_name, name, None) for name, _ in module.named_parameters(recurse=False))
 
         found, unexpected, mismatched = set(), [], []
         for checkpoint_name, tensor in weights:
@@ -147,22 +150,25 @@ class LlamaForCausalLM(nn.Module):
                 continue  # old checkpoints saved rope buffers; ours are computed from the config
             if checkpoint_name == "lm_head.weight" and self.config.tie_word_embeddings:
                 continue  # some tied checkpoints store the shared matrix twice
-            name, part = _model_name(checkpoint_name)
-            if (name, part) not in expected:
+            key = _model_key(checkpoint_name)
+            if key not in expected:
                 unexpected.append(checkpoint_name)
                 continue
-            target = params[name].data
-            if part is not None:
-                start, size = modules[name.rpartition(".")[0]].part_rows[part]
-                target = target.narrow(0, start, size)
-            found.add((name, part))
-            if target.shape != tensor.shape:
-                mismatched.append(f"{checkpoint_name}: checkpoint {tuple(tensor.shape)}, "
-                                  f"model expects {tuple(target.shape)}")
-                continue
-            target.copy_(tensor)
+            found.add(key)
+            module_name, name, part = key
+            module = modules[module_name]
+            try:
+                if isinstance(module, Linear):
+                    module.load(name, part, tensor)
+                else:
+                    target = getattr(module, name)
+                    if target.shape != tensor.shape:
+                        raise ShapeMismatch(f"checkpoint {tuple(tensor.shape)}, model expects {tuple(target.shape)}")
+                    target.copy_(tensor)
+            except ShapeMismatch as error:
+                mismatched.append(f"{checkpoint_name}: {error}")
 
-        missing = sorted(_checkpoint_name(name, part) for name, part in expected - found)
+        missing = sorted(_checkpoint_name(*key) for key in expected - found)
         problems = [f"{label} ({len(names)}): {', '.join(names[:_MAX_NAMES_IN_ERROR])}"
                     + (", ..." if len(names) > _MAX_NAMES_IN_ERROR else "")
                     for label, names in (("missing tensors", missing), ("unexpected tensors", unexpected),
@@ -173,19 +179,17 @@ class LlamaForCausalLM(nn.Module):
                              + "; ".join(problems))
 
 
-def _model_name(checkpoint_name: str) -> tuple[str, str | None]:
-    """'model.layers.0.self_attn.k_proj.weight' -> ('model.layers.0.self_attn.qkv_proj.weight', 'k')."""
-    path = checkpoint_name.split(".")
-    if len(path) < 2 or path[-2] not in _FUSED_PROJECTIONS:
-        return checkpoint_name, None
-    fused, part = _FUSED_PROJECTIONS[path[-2]]
-    return ".".join([*path[:-2], fused, path[-1]]), part
+def _model_key(checkpoint_name: str) -> tuple[str, str, str | None]:
+    """'model.layers.0.self_attn.k_proj.weight' -> ('model.layers.0.self_attn.qkv_proj', 'weight', 'k_proj')."""
+    module_name, _, name = checkpoint_name.rpartition(".")
+    prefix, _, last = module_name.rpartition(".")
+    if last not in _FUSED_PROJECTIONS:
+        return module_name, name, None
+    return f"{prefix}.{_FUSED_PROJECTIONS[last]}", name, last
 
 
-def _checkpoint_name(name: str, part: str | None) -> str:
-    """The inverse of `_model_name`, for error messages."""
-    if part is None:
-        return name
-    module_path, _, attribute = name.rpartition(".")
-    prefix = module_path.rpartition(".")[0]
-    return f"{prefix}.{part}_proj.{attribute}"
+def _checkpoint_name(module_name: str, name: str, part: str | None) -> str:
+    """The inverse of `_model_key`, for error messages."""
+    if part is not None:
+        module_name = f"{module_name.rpartition('.')[0]}.{part}"
+    return f"{module_name}.{name}"

@@ -11,6 +11,8 @@ from torch import nn
 from batchgen.default_model import ensure_default_model
 from batchgen.models.config import DTYPES, ModelConfig
 from batchgen.models.layers import RMSNorm
+from batchgen.models.linear import Linear
+from batchgen.models.quant import QuantConfig, Unquantized, quant_config
 from batchgen.models.registry import model_class
 
 LOAD_FORMATS = ("safetensors", "dummy")
@@ -39,13 +41,17 @@ def resolve_model_path(name: str) -> Path:
 
 
 def load_model(path: str | Path, dtype: torch.dtype | str, device: torch.device | str,
-               load_format: str = "safetensors", allow_pickle_weights: bool = False) -> tuple[nn.Module, ModelConfig]:
-    """Build the model a Hugging Face directory describes, in `dtype` on `device`, in eval mode.
+               load_format: str = "safetensors", allow_pickle_weights: bool = False,
+               quantization: str | None = None) -> tuple[nn.Module, ModelConfig]:
+    """Build the model a Hugging Face directory describes, computing in `dtype` on `device`, in eval mode.
 
     load_format "safetensors" streams the checkpoint tensor by tensor (single file or sharded with
     model.safetensors.index.json). Pickled weights (.bin/.pt) load only with allow_pickle_weights, through
     torch.load(weights_only=True). "dummy" needs only config.json and fills the weights with seeded noise:
     for benchmarking a real architecture without its checkpoint.
+
+    Linear layers store their weights as the checkpoint's quantization_config says (fp8 checkpoints), or
+    quantized to fp8 as each tensor loads with quantization="fp8"; the model is never held in `dtype` whole.
     """
     path = Path(path)
     dtype = _model_dtype(dtype)
@@ -53,18 +59,21 @@ def load_model(path: str | Path, dtype: torch.dtype | str, device: torch.device 
     if load_format not in LOAD_FORMATS:
         raise ValueError(f"load_format '{load_format}' is not one of {', '.join(LOAD_FORMATS)}")
     config = ModelConfig.from_dir(path)
+    quant = quant_config(path, json.loads((path / "config.json").read_text()), quantization)
     model_cls = model_class(config.architecture)
     # find the weights before building the model, so a bad directory fails fast
     weight_files = [] if load_format == "dummy" else _weight_files(path, allow_pickle_weights)
 
     with torch.device("meta"):
         model = model_cls(config)  # structure only: no memory, no random init that the weights overwrite
+        _set_weight_formats(model, quant, dtype)
     _materialize_parameters(model, dtype, device)
     model.to(device)  # buffers (the fp32 rotary table) follow the parameters
     if load_format == "dummy":
-        _fill_dummy_weights(model, device)
+        _fill_dummy_weights(model, device, dtype, quant)
     else:
-        model.load_weights(_read_tensors(weight_files))
+        model.load_weights((name, tensor) for name, tensor in _read_tensors(weight_files)
+                           if quant is None or not quant.drops(name))
     return model.eval().requires_grad_(False), config
 
 
@@ -76,13 +85,28 @@ def _model_dtype(dtype: torch.dtype | str) -> torch.dtype:
     return dtype
 
 
+def _set_weight_formats(model: nn.Module, quant: QuantConfig | None, dtype: torch.dtype) -> None:
+    """Give every Linear layer its weight format, chosen by the checkpoint module names it holds."""
+    for module_name, module in model.named_modules():
+        if isinstance(module, Linear):
+            if quant is None:
+                module.set_format(Unquantized(dtype))
+                continue
+            parent = module_name.rpartition(".")[0]
+            names = [module_name] if None in module.part_rows else \
+                [f"{parent}.{part}".lstrip(".") for part in module.part_rows]
+            module.set_format(quant.format_for(names, dtype))
+
+
 def _materialize_parameters(model: nn.Module, dtype: torch.dtype, device: torch.device) -> None:
-    """Give every parameter uninitialised storage of its final dtype and device. Nothing stays uninitialised:
-    the dummy fill writes everything, and load_weights refuses a checkpoint that misses any tensor."""
+    """Give every parameter uninitialised storage of its final dtype and device: a Linear's in the dtypes its
+    weight format chose, every other one in `dtype`. Nothing stays uninitialised: the dummy fill writes
+    everything, and load_weights refuses a checkpoint that misses any tensor."""
     for module in model.modules():
         for name, param in module.named_parameters(recurse=False):
-            setattr(module, name, nn.Parameter(torch.empty(param.shape, dtype=dtype, device=device),
-                                               requires_grad=False))
+            setattr(module, name, nn.Parameter(
+                torch.empty(param.shape, dtype=param.dtype if isinstance(module, Linear) else dtype, device=device),
+                requires_grad=False))
 
 
 def _weight_files(path: Path, allow_pickle_weights: bool) -> list[Path]:
@@ -126,9 +150,25 @@ def _read_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
 
 
 @torch.no_grad()
-def _fill_dummy_weights(model: nn.Module, device: torch.device) -> None:
+def _fill_dummy_weights(model: nn.Module, device: torch.device, dtype: torch.dtype, quant: QuantConfig | None) -> None:
+    """Seeded noise; Linear weights are drawn per checkpoint tensor in `dtype` and loaded through their format
+    (online fp8 quantizes them as it would a checkpoint's)."""
+    if quant is not None and quant.weight_scale != "online":
+        raise ValueError(f"dummy weights for a {quant.method} checkpoint config are not supported: remove its "
+                         "quantization_config and pass quantization='fp8'")
     generator = torch.Generator(device=device).manual_seed(_DUMMY_SEED)
+
+    def noise(*shape: int) -> torch.Tensor:
+        return torch.empty(shape, dtype=dtype, device=device).normal_(0.0, _DUMMY_STD, generator=generator)
+
     for module in model.modules():
+        if isinstance(module, Linear):
+            for name, part in sorted(module.checkpoint_tensors(), key=str):
+                for expert in range(module.num_experts or 1):
+                    module.load(name, part, noise(module.part_rows[part][1], *([] if name == "bias" else
+                                                                              [module.in_features])),
+                                None if module.num_experts is None else expert)
+            continue
         for param in module.parameters(recurse=False):
             if isinstance(module, RMSNorm):
                 param.fill_(1.0)

@@ -1,0 +1,109 @@
+"""The linear layer every model projection is built from: it owns this rank's shard of a weight stored in a
+weight format (batchgen/models/quant.py), fused named parts, and optionally a leading expert dimension.
+
+Models build `Linear(in_features, out_features or {part: size}, bias, parallel=...)`; the loader then gives
+each layer its format (`set_format`, on the meta device) and materializes the parameters the format created;
+`load_weights` routes each checkpoint tensor to `Linear.load(name, part, tensor)`. Fused parts are named after
+the checkpoint modules they come from ("q_proj", "k_proj", "v_proj" in a qkv_proj).
+"""
+from typing import Literal
+
+import torch
+from torch import nn
+
+from batchgen.models.quant import Unquantized, WeightFormat
+
+
+class ShapeMismatch(ValueError):
+    """A checkpoint tensor that does not fit its place in the model."""
+
+
+class Linear(nn.Module):
+    """y = x W^T + b.
+
+    parallel: how tensor parallelism shards it: "column" splits the output (each part split across ranks),
+    "row" splits the input (ranks' partial sums are added by an all-reduce), "replicated" keeps it whole.
+    Rank and world size are fixed at 0 and 1 until the engine runs several ranks.
+    num_experts: a leading expert dimension, weights [E, out, in] (mixture-of-experts layers multiply them
+    with their own kernel; `forward` is for plain layers).
+    """
+
+    def __init__(self, in_features: int, out_features: int | dict[str, int], bias: bool,
+                 parallel: Literal["column", "row", "replicated"] = "replicated", num_experts: int | None = None):
+        super().__init__()
+        self.parallel, self.tp_rank, self.tp_size = parallel, 0, 1
+        parts = out_features if isinstance(out_features, dict) else {None: out_features}
+        out_split = self.tp_size if parallel == "column" else 1
+        self.in_features = in_features // (self.tp_size if parallel == "row" else 1)
+        self.part_rows: dict[str | None, tuple[int, int]] = {}
+        start = 0
+        for name, size in parts.items():
+            self.part_rows[name] = (start, size // out_split)
+            start += size // out_split
+        self.out_features = start
+        self.num_experts = num_experts
+        self.has_bias = bias
+        self.weight_shape = (*(() if num_experts is None else (num_experts,)), self.out_features, self.in_features)
+        self.set_format(Unquantized(torch.get_default_dtype()))
+
+    def set_format(self, weight_format: WeightFormat) -> None:
+        """Replace the parameters with the ones `weight_format` creates (build this on the meta device)."""
+        for name in list(self._parameters):
+            delattr(self, name)
+        self.weight_format = weight_format
+        weight_format.create(self)
+        self.bias = nn.Parameter(torch.empty(self.weight_shape[:-1], dtype=weight_format.dtype),
+                                 requires_grad=False) if self.has_bias else None
+
+    def checkpoint_tensors(self) -> set[tuple[str, str | None]]:
+        """(tensor name, part) pairs a checkpoint must hold for this layer."""
+        bias = {("bias", part) for part in self.part_rows} if self.has_bias else set()
+        return self.weight_format.checkpoint_tensors(self) | bias
+
+    @torch.no_grad()
+    def load(self, name: str, part: str | None, tensor: torch.Tensor, expert: int | None = None) -> None:
+        """Load one checkpoint tensor (the whole, unsharded one) of one part (and expert). Raises
+        ShapeMismatch when it does not fit."""
+        if name == "bias":
+            self.copy_rows(self.bias, part, expert, self.shard(tensor, in_dim=None))
+        else:
+            self.weight_format.load(self, name, part, tensor, expert)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, x.shape[-1])
+        out = self.weight_format.apply(self, rows)
+        if self.bias is not None:
+            out = out + self.bias
+        return out.view(*x.shape[:-1], self.out_features)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The weight in the compute dtype, whatever its format: references and tests."""
+        return self.weight_format.dequantized_weight(self)
+
+    # -- helpers the formats load through ---------------------------------------------------------------
+    def shard(self, tensor: torch.Tensor, out_dim: int | None = 0, in_dim: int | None = 1) -> torch.Tensor:
+        """This rank's slice of a full checkpoint tensor whose dims `out_dim`/`in_dim` run over output/input
+        features (or blocks of them); None where the tensor has no such dim (a per-channel scale has no input
+        dim, a per-tensor scale neither)."""
+        dim = {"column": out_dim, "row": in_dim}.get(self.parallel)
+        if dim is None or self.tp_size == 1:
+            return tensor
+        size = tensor.shape[dim] // self.tp_size
+        return tensor.narrow(dim, self.tp_rank * size, size)
+
+    def rows(self, param: torch.Tensor, part: str | None, expert: int | None, unit: int = 1) -> torch.Tensor:
+        """The view of `param` holding `part` (of `expert`); `unit` output rows per param row (block scales)."""
+        target = param if expert is None else param[expert]
+        start, size = self.part_rows[part]
+        return target.narrow(0, start // unit, -(-size // unit))
+
+    def check_rows(self, param: torch.Tensor, part: str | None, expert: int | None, tensor: torch.Tensor,
+                   unit: int = 1) -> torch.Tensor:
+        target = self.rows(param, part, expert, unit)
+        if target.shape != tensor.shape:
+            raise ShapeMismatch(f"checkpoint {tuple(tensor.shape)}, model expects {tuple(target.shape)}")
+        return target
+
+    def copy_rows(self, param: torch.Tensor, part: str | None, expert: int | None, tensor: torch.Tensor,
+                  unit: int = 1) -> None:
+        self.check_rows(param, part, expert, tensor, unit).copy_(tensor)

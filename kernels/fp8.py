@@ -1,0 +1,81 @@
+"""fp8 (float8_e4m3fn) activation quantization and fp8 GEMMs.
+
+Scales multiply: a quantized value q with scale s stands for q * s. Activations are quantized per token (one
+scale per row) or per token per column group (the block-scaled GEMM's input); weights carry one scale per
+output channel or one per [block_n, block_k] block. Every reference computes in fp32 from the fp8 values, as
+the GPU kernels do (fp8 products accumulated in fp32, scales applied to the fp32 sums), so the CPU runs the
+numerics the GPU runs.
+"""
+import torch
+import triton
+import triton.language as tl
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = torch.finfo(FP8).max   # 448
+# the smallest scale: a row of zeros (padding) quantizes to zeros instead of dividing by zero
+MIN_SCALE = 1.0 / (FP8_MAX * 512.0)
+
+
+def quantize_fp8_ref(x: torch.Tensor, group_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [T, K] -> (fp8 [T, K], fp32 scales [T, 1], or [T, K / group_size] with groups of columns)."""
+    rows = x.float().view(x.shape[0], -1, group_size or x.shape[1])
+    scales = (rows.abs().amax(-1, keepdim=True) / FP8_MAX).clamp_min(MIN_SCALE)
+    quantized = (rows / scales).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+    return quantized.view(x.shape), scales.squeeze(-1)
+
+
+def quantize_fp8_static(x: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [T, K] quantized with a checkpoint's static per-tensor scale -> (fp8 [T, K], that scale as [T, 1])."""
+    quantized = (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+    return quantized, scale.float().reshape(1, 1).expand(x.shape[0], 1)
+
+
+def fp8_gemm_ref(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
+                 out_dtype: torch.dtype) -> torch.Tensor:
+    """x_q [T, K] fp8 with x_scale [T, 1]; w_q [N, K] fp8 with w_scale [N] -> [T, N] in out_dtype."""
+    return ((x_q.float() @ w_q.float().T) * x_scale * w_scale).to(out_dtype)
+
+
+def fp8_gemm(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
+             out_dtype: torch.dtype) -> torch.Tensor:
+    """GPU twin of `fp8_gemm_ref`: torch._scaled_mm with row-wise scales (cuBLASLt/CUTLASS fp8 tensor cores)."""
+    return torch._scaled_mm(x_q, w_q.T, scale_a=x_scale, scale_b=w_scale.view(1, -1), out_dtype=out_dtype)
+
+
+def fp8_block_gemm_ref(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
+                       block: tuple[int, int], out_dtype: torch.dtype) -> torch.Tensor:
+    """x_q [T, K] fp8 with x_scale [T, K / block_k] (per token per column group); w_q [N, K] fp8 with
+    w_scale [ceil(N / block_n), K / block_k] -> [T, N] in out_dtype, from the fp32 dequantized operands."""
+    block_n, block_k = block
+    x = x_q.float() * x_scale.repeat_interleave(block_k, dim=1)
+    w = w_q.float() * w_scale.repeat_interleave(block_n, dim=0)[:w_q.shape[0]].repeat_interleave(block_k, dim=1)
+    return (x @ w.T).to(out_dtype)
+
+
+@triton.jit
+def _quantize_fp8_kernel(x_ptr, out_ptr, scale_ptr, num_cols, group_size, stride_x, stride_o, stride_s,
+                         fp8_max, min_scale, BLOCK: tl.constexpr):
+    """One program per (row, column group): amax, scale, quantize."""
+    row = tl.program_id(0).to(tl.int64)
+    group = tl.program_id(1)
+    cols = group * group_size + tl.arange(0, BLOCK)
+    mask = (tl.arange(0, BLOCK) < group_size) & (cols < num_cols)
+    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    scale = tl.maximum(tl.max(tl.abs(x), 0) / fp8_max, min_scale)
+    quantized = tl.clamp(tl.div_rn(x, scale), -fp8_max, fp8_max)   # IEEE division, as the reference
+    tl.store(out_ptr + row * stride_o + cols, quantized.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(scale_ptr + row * stride_s + group, scale)
+
+
+def quantize_fp8(x: torch.Tensor, group_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton twin of `quantize_fp8_ref`."""
+    num_rows, num_cols = x.shape
+    group_size = group_size or num_cols
+    out = torch.empty(x.shape, dtype=FP8, device=x.device)
+    scales = torch.empty(num_rows, num_cols // group_size, dtype=torch.float32, device=x.device)
+    assert x.stride(-1) == 1 and num_cols % group_size == 0
+    if num_rows:
+        _quantize_fp8_kernel[(num_rows, num_cols // group_size)](
+            x, out, scales, num_cols, group_size, x.stride(0), out.stride(0), scales.stride(0), FP8_MAX, MIN_SCALE,
+            BLOCK=triton.next_power_of_2(group_size), num_warps=4)
+    return out, scales
