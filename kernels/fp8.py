@@ -67,11 +67,14 @@ def _quantize_fp8_kernel(x_ptr, out_ptr, scale_ptr, num_cols, group_size, stride
     tl.store(scale_ptr + row * stride_s + group, scale)
 
 
-def quantize_fp8(x: torch.Tensor, group_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Triton twin of `quantize_fp8_ref`."""
+def quantize_fp8(x: torch.Tensor, group_size: int | None = None,
+                 out_dtype: torch.dtype = FP8) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton twin of `quantize_fp8_ref`. The rounding to fp8 is the store's cast to `out_dtype`; a wider
+    out_dtype keeps the scaled values unrounded, which is how the tests check the arithmetic: Triton's
+    interpreter rounds some values to fp8 wrongly (carries into the exponent)."""
     num_rows, num_cols = x.shape
     group_size = group_size or num_cols
-    out = torch.empty(x.shape, dtype=FP8, device=x.device)
+    out = torch.empty(x.shape, dtype=out_dtype, device=x.device)
     scales = torch.empty(num_rows, num_cols // group_size, dtype=torch.float32, device=x.device)
     assert x.stride(-1) == 1 and num_cols % group_size == 0
     if num_rows:
@@ -79,3 +82,45 @@ def quantize_fp8(x: torch.Tensor, group_size: int | None = None) -> tuple[torch.
             x, out, scales, num_cols, group_size, x.stride(0), out.stride(0), scales.stride(0), FP8_MAX, MIN_SCALE,
             BLOCK=triton.next_power_of_2(group_size), num_warps=4)
     return out, scales
+
+
+@triton.jit
+def _fp8_block_gemm_kernel(x_ptr, x_scale_ptr, w_ptr, w_scale_ptr, out_ptr, num_rows, num_cols, depth,
+                           stride_x, stride_xs, stride_w, stride_ws, stride_o, scale_block_n,
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One program per [BLOCK_M, BLOCK_N] output tile; BLOCK_K is the scale block's width, so each step over K
+    multiplies one scale group: its fp32 product is scaled by the token's and the weight rows' scales."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    ks = tl.arange(0, BLOCK_K)
+    row_mask, col_mask = rows < num_rows, cols < num_cols
+    x_rows = x_ptr + rows.to(tl.int64)[:, None] * stride_x
+    w_rows = w_ptr + cols.to(tl.int64)[:, None] * stride_w
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for group in range(0, tl.cdiv(depth, BLOCK_K)):
+        k = group * BLOCK_K + ks
+        x = tl.load(x_rows + k[None, :], mask=row_mask[:, None], other=0.0)
+        w = tl.load(w_rows + k[None, :], mask=col_mask[:, None], other=0.0)
+        x_scale = tl.load(x_scale_ptr + rows * stride_xs + group, mask=row_mask, other=0.0)
+        w_scale = tl.load(w_scale_ptr + (cols // scale_block_n) * stride_ws + group, mask=col_mask, other=0.0)
+        acc += tl.dot(x, tl.trans(w)) * x_scale[:, None] * w_scale[None, :]
+    out = out_ptr + rows.to(tl.int64)[:, None] * stride_o + cols[None, :]
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
+
+
+def fp8_block_gemm(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
+                   block: tuple[int, int], out_dtype: torch.dtype) -> torch.Tensor:
+    """Triton twin of `fp8_block_gemm_ref` (fp8 tensor cores on Hopper; the operands may be carried in a wider
+    dtype, which is how the interpreter tests it)."""
+    (num_rows, depth), num_cols = x_q.shape, w_q.shape[0]
+    block_n, block_k = block
+    out = torch.empty(num_rows, num_cols, dtype=out_dtype, device=x_q.device)
+    assert x_q.stride(-1) == w_q.stride(-1) == 1 and depth % block_k == 0
+    block_m = min(128, max(16, triton.next_power_of_2(num_rows)))
+    if num_rows:
+        grid = (triton.cdiv(num_rows, block_m), triton.cdiv(num_cols, 128))
+        _fp8_block_gemm_kernel[grid](
+            x_q, x_scale, w_q, w_scale, out, num_rows, num_cols, depth, x_q.stride(0), x_scale.stride(0),
+            w_q.stride(0), w_scale.stride(0), out.stride(0), block_n, BLOCK_M=block_m, BLOCK_N=128,
+            BLOCK_K=block_k, num_warps=8 if block_m >= 64 else 4, num_stages=3)
+    return out

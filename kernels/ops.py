@@ -60,5 +60,5 @@ def fp8_gemm(x_q, x_scale, w_q, w_scale, out_dtype):
 
 
 def fp8_block_gemm(x_q, x_scale, w_q, w_scale, block, out_dtype):
-    # the Triton block GEMM is not written yet: the GPU dequantizes too
-    return fp8.fp8_block_gemm_ref(x_q, x_scale, w_q, w_scale, block, out_dtype)
+    fn = fp8.fp8_block_gemm if _triton(x_q) else fp8.fp8_block_gemm_ref
+    return fn(x_q, x_scale, w_q, w_scale, block, out_dtype)

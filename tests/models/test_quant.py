@@ -7,6 +7,7 @@ fp8 as the format prescribes (per token, per token per group, or a static scale)
 """
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,10 +17,11 @@ from transformers import AutoModelForCausalLM
 from batchgen.models import load_model
 from batchgen.models.linear import Linear
 from batchgen.models.quant import Fp8Block, Fp8PerChannel, Unquantized
-from paged_runner import run_paged
+from paged_runner import PagedSequences, run_paged
 from test_logits_vs_hf import random_sequences
 
 CPU = torch.device("cpu")
+CHAT_PROMPTS = Path(__file__).parents[2] / "benchmarks" / "chat_prompts.jsonl"
 FP8 = torch.float8_e4m3fn
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # relative L2 of logits against the reference that rounds activations the same way: summation order differs, so
@@ -314,3 +316,37 @@ def test_fused_parts_half_ignored_are_refused(tiny_model_dir, tmp_path):
     with pytest.raises(ValueError, match="quantizes only some of the fused projections .*unquantized: "
                                          "model.layers.0.self_attn.k_proj"):
         load_model(fp8_dir, torch.float32, CPU)
+
+
+FIXED_TEXT = ("The history of the bicycle begins in the early nineteenth century, when inventors in Europe built "
+              "two-wheeled machines that riders pushed along with their feet. Pedals attached to the front wheel "
+              "came decades later, and the chain drive that turns the rear wheel made the modern safety bicycle "
+              "possible by the 1880s. Pneumatic tyres, lighter steel frames and gears followed, and within a few "
+              "years millions of people used bicycles to travel to work, to school and into the countryside.")
+
+
+def perplexity(model, config, tokens: list[int]) -> float:
+    logits = PagedSequences(model, config).step({0: tokens})[0][0]
+    return torch.nn.functional.cross_entropy(logits[:-1], torch.tensor(tokens[1:])).exp().item()
+
+
+def test_online_fp8_of_the_default_model_keeps_its_perplexity(default_model_dir):
+    """Acceptance: SmolLM2-135M quantized online keeps perplexity on a fixed text within 5% of fp32; how many of
+    16 chat prompts' first 32 greedy tokens are identical to fp32 is printed (docs/benchmarks.md)."""
+    from batchgen import LLM, SamplingParams
+
+    engines = {name: LLM(str(default_model_dir), dtype="float32", device="cpu", num_kv_blocks=128, max_num_seqs=16,
+                         quantization=quantization) for name, quantization in (("fp32", None), ("fp8", "fp8"))}
+    fp8_layer = engines["fp8"].engine.model.model.layers[0].mlp.down_proj
+    assert fp8_layer.weight.dtype == FP8
+    prompts = [json.loads(line)["messages"] for line in open(CHAT_PROMPTS).readlines()[:16]]
+    greedy = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
+    outputs = {name: [o.outputs[0].token_ids for o in llm.chat(prompts, greedy)] for name, llm in engines.items()}
+    # after generating: PagedSequences gives the attention layers caches of its own
+    tokens = engines["fp32"].tokenizer.encode(FIXED_TEXT)
+    ppl = {name: perplexity(llm.engine.model, llm.engine.model_config, tokens) for name, llm in engines.items()}
+    identical = sum(a == b for a, b in zip(outputs["fp32"], outputs["fp8"]))
+    print(f"\nSmolLM2-135M perplexity fp32 {ppl['fp32']:.3f}, online fp8 {ppl['fp8']:.3f} "
+          f"({ppl['fp8'] / ppl['fp32'] - 1:+.2%}); first 32 greedy tokens identical to fp32: {identical}/16")
+    assert ppl["fp8"] <= 1.05 * ppl["fp32"]
+    assert all(len(tokens) == 32 for run in outputs.values() for tokens in run)
