@@ -34,6 +34,11 @@ def rms_norm(x, weight, eps, residual=None):
     return fn(x, weight, eps, residual)
 
 
+def rms_norm_fp8(x, weight, eps, residual=None):
+    fn = _rms_norm.rms_norm_fp8 if _triton(x) else _rms_norm.rms_norm_fp8_ref
+    return fn(x, weight, eps, residual)
+
+
 def rotary_embedding(positions, q, k, cos_sin_cache):
     fn = rotary.rotary_embedding if _triton(q) else rotary.rotary_embedding_ref
     return fn(positions, q, k, cos_sin_cache)
@@ -41,6 +46,11 @@ def rotary_embedding(positions, q, k, cos_sin_cache):
 
 def silu_and_mul(x):
     fn = activation.silu_and_mul if _triton(x) else activation.silu_and_mul_ref
+    return fn(x)
+
+
+def silu_and_mul_fp8(x):
+    fn = activation.silu_and_mul_fp8 if _triton(x) else activation.silu_and_mul_fp8_ref
     return fn(x)
 
 

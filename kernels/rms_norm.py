@@ -1,7 +1,10 @@
-"""RMSNorm, optionally fused with the residual add that precedes it in every decoder layer."""
+"""RMSNorm, optionally fused with the residual add that precedes it in every decoder layer, and optionally
+with the per-token fp8 quantization of its output for the fp8 projection that follows it."""
 import torch
 import triton
 import triton.language as tl
+
+from batchgen.kernels.fp8 import FP8, FP8_MAX, MIN_SCALE, quantize_fp8_ref
 
 
 def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
@@ -16,9 +19,19 @@ def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: to
     return normed if residual is None else (normed, x)
 
 
+def rms_norm_fp8_ref(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
+    """`rms_norm_ref` with its normed output [T, H] quantized per token: (fp8 [T, H], scales [T, 1]) in its
+    place."""
+    result = rms_norm_ref(x, weight, eps, residual)
+    normed = result if residual is None else result[0]
+    quantized = quantize_fp8_ref(normed.reshape(-1, normed.shape[-1]))
+    return quantized if residual is None else (quantized, result[1])
+
+
 @triton.jit
-def _rms_norm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, residual_out_ptr, hidden_size, eps,
-                     stride_x, stride_r, stride_o, stride_ro, HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+def _rms_norm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, residual_out_ptr, scale_ptr, hidden_size, eps,
+                     stride_x, stride_r, stride_o, stride_ro, fp8_max, min_scale, HAS_RESIDUAL: tl.constexpr,
+                     QUANTIZE: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < hidden_size
@@ -33,14 +46,37 @@ def _rms_norm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, residual_out_ptr,
     normed = (hidden * inv_rms).to(x_ptr.dtype.element_ty)
     weight = tl.load(weight_ptr + cols, mask=mask, other=0.0)
     out = weight.to(tl.float32) * normed.to(tl.float32)
+    if QUANTIZE:
+        # the normed value in the compute dtype is what gets quantized, as in the reference
+        out = out.to(x_ptr.dtype.element_ty).to(tl.float32)
+        scale = tl.maximum(tl.max(tl.abs(out), 0) / fp8_max, min_scale)
+        out = tl.clamp(tl.div_rn(out, scale), -fp8_max, fp8_max)
+        tl.store(scale_ptr + row, scale)
     tl.store(out_ptr + row * stride_o + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
     """Triton twin of `rms_norm_ref`: one program per row; inputs are not modified."""
+    out, _, residual_out = _launch(x, weight, eps, residual, torch.result_type(weight, x), quantize=False)
+    out = out.view(x.shape)
+    return out if residual is None else (out, residual_out.view(x.shape))
+
+
+def rms_norm_fp8(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
+                 out_dtype: torch.dtype = FP8):
+    """Triton twin of `rms_norm_fp8_ref`. A wider out_dtype keeps the scaled values unrounded (tests: the
+    interpreter's own fp8 rounding is wrong for some values)."""
+    assert weight.dtype == x.dtype
+    out, scales, residual_out = _launch(x, weight, eps, residual, out_dtype, quantize=True)
+    return (out, scales) if residual is None else ((out, scales), residual_out.view(x.shape))
+
+
+def _launch(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None,
+            out_dtype: torch.dtype, quantize: bool):
     hidden_size = x.shape[-1]
     rows = x.reshape(-1, hidden_size)
-    out = torch.empty(rows.shape, dtype=torch.result_type(weight, x), device=x.device)
+    out = torch.empty(rows.shape, dtype=out_dtype, device=x.device)
+    scales = torch.empty(rows.shape[0], 1, dtype=torch.float32, device=x.device) if quantize else out
     if residual is None:
         residual_rows = residual_out = rows  # unused when HAS_RESIDUAL is off
     else:
@@ -50,8 +86,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
     block = triton.next_power_of_2(hidden_size)
     if rows.shape[0]:
         _rms_norm_kernel[(rows.shape[0],)](
-            rows, residual_rows, weight, out, residual_out, hidden_size, eps, rows.stride(0),
-            residual_rows.stride(0), out.stride(0), residual_out.stride(0), HAS_RESIDUAL=residual is not None,
-            BLOCK=block, num_warps=min(max(block // 512, 1), 16))
-    out = out.view(x.shape)
-    return out if residual is None else (out, residual_out.view(x.shape))
+            rows, residual_rows, weight, out, residual_out, scales, hidden_size, eps, rows.stride(0),
+            residual_rows.stride(0), out.stride(0), residual_out.stride(0), FP8_MAX, MIN_SCALE,
+            HAS_RESIDUAL=residual is not None, QUANTIZE=quantize, BLOCK=block, num_warps=min(max(block // 512, 1), 16))
+    return out, scales, residual_out

@@ -19,10 +19,11 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, fp8: bool = False):
         """Without residual: normed x. With residual: (normed(x + residual), x + residual), the residual add
-        of the decoder layer fused into the norm that follows it."""
-        return ops.rms_norm(x, self.weight, self.eps, residual)
+        of the decoder layer fused into the norm that follows it. fp8: the normed x comes quantized per token,
+        (fp8 [T, H], scales [T, 1]), for an fp8 projection."""
+        return (ops.rms_norm_fp8 if fp8 else ops.rms_norm)(x, self.weight, self.eps, residual)
 
 
 class RotaryEmbedding(nn.Module):

@@ -69,12 +69,16 @@ class Linear(nn.Module):
         else:
             self.weight_format.load(self, name, part, tensor, expert)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, x.shape[-1])
-        out = self.weight_format.apply(self, rows)
+    def forward(self, x: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """x [..., in], or (fp8 [T, in], scales [T, 1]) already quantized per token where
+        `weight_format.fp8_token_input` says the format takes that (a fused RMSNorm or SiLU-and-mul made it)."""
+        if isinstance(x, tuple):
+            out, leading = self.weight_format.apply(self, x), x[0].shape[:-1]
+        else:
+            out, leading = self.weight_format.apply(self, x.reshape(-1, x.shape[-1])), x.shape[:-1]
         if self.bias is not None:
             out = out + self.bias
-        return out.view(*x.shape[:-1], self.out_features)
+        return out.view(*leading, self.out_features)
 
     def dequantized_weight(self) -> torch.Tensor:
         """The weight in the compute dtype, whatever its format: references and tests."""

@@ -40,8 +40,8 @@ class LlamaAttention(nn.Module):
         self.rotary_emb = rotary_emb  # shared by all layers: one table per model
         self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, scale=self.head_dim ** -0.5)
 
-    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        num_tokens = hidden.shape[0]
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor | tuple, meta: AttentionMetadata) -> torch.Tensor:
+        num_tokens = positions.shape[0]
         q, k, v = self.qkv_proj(hidden).split(self.split_sizes, dim=-1)
         q = q.view(num_tokens, self.num_heads, self.head_dim)
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
@@ -61,8 +61,11 @@ class LlamaMLP(nn.Module):
                                    parallel="column")
         self.down_proj = Linear(size, config.hidden_size, bias=config.mlp_bias, parallel="row")
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(ops.silu_and_mul(self.gate_up_proj(hidden)))
+    def forward(self, hidden: torch.Tensor | tuple) -> torch.Tensor:
+        gate_up = self.gate_up_proj(hidden)
+        if self.down_proj.weight_format.fp8_token_input:
+            return self.down_proj(ops.silu_and_mul_fp8(gate_up))
+        return self.down_proj(ops.silu_and_mul(gate_up))
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -75,13 +78,16 @@ class LlamaDecoderLayer(nn.Module):
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None,
                 meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns (this layer's MLP output, the residual stream before it); the next norm adds them."""
+        """Returns (this layer's MLP output, the residual stream before it); the next norm adds them. Norms
+        feeding fp8 projections hand them their input quantized."""
+        fp8_qkv = self.self_attn.qkv_proj.weight_format.fp8_token_input
         if residual is None:
-            residual, hidden = hidden, self.input_layernorm(hidden)
+            residual, hidden = hidden, self.input_layernorm(hidden, fp8=fp8_qkv)
         else:
-            hidden, residual = self.input_layernorm(hidden, residual)
+            hidden, residual = self.input_layernorm(hidden, residual, fp8=fp8_qkv)
         hidden = self.self_attn(positions, hidden, meta)
-        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        hidden, residual = self.post_attention_layernorm(hidden, residual,
+                                                         fp8=self.mlp.gate_up_proj.weight_format.fp8_token_input)
         return self.mlp(hidden), residual
 
 

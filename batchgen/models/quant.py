@@ -34,6 +34,7 @@ def _parameter(shape, dtype: torch.dtype) -> nn.Parameter:
 
 class Unquantized:
     """The weight in the compute dtype (bf16, fp16 or fp32), as the checkpoint gives it."""
+    fp8_token_input = False
 
     def __init__(self, dtype: torch.dtype):
         self.dtype = dtype
@@ -67,6 +68,8 @@ class Fp8PerChannel:
     def __init__(self, dtype: torch.dtype, checkpoint_scale: Literal["channel", "tensor"] | None,
                  static_input_scale: bool = False):
         self.dtype, self.checkpoint_scale, self.static_input_scale = dtype, checkpoint_scale, static_input_scale
+        # the producer of this layer's input (RMSNorm, SiLU-and-mul) may hand it over quantized per token
+        self.fp8_token_input = not static_input_scale
 
     def create(self, layer: "Linear") -> None:
         layer.weight = _parameter(layer.weight_shape, FP8)
@@ -99,8 +102,10 @@ class Fp8PerChannel:
     def dequantized_weight(self, layer: "Linear") -> torch.Tensor:
         return (layer.weight.float() * layer.weight_scale[..., None]).to(self.dtype)
 
-    def apply(self, layer: "Linear", x: torch.Tensor) -> torch.Tensor:
-        if self.static_input_scale:
+    def apply(self, layer: "Linear", x: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        if isinstance(x, tuple):   # (fp8 [T, K], per-token scales [T, 1]) from a fused producer
+            x_q, x_scale = x
+        elif self.static_input_scale:
             x_q, x_scale = quantize_fp8_static(x, layer.input_scale.max())
         else:
             x_q, x_scale = ops.quantize_fp8(x)
@@ -112,6 +117,7 @@ class Fp8Block:
     checkpoint's name (`weight_scale_inv` in Qwen's and DeepSeek's checkpoints, which despite its name
     multiplies, `weight_scale` in compressed-tensors'). Activations are quantized per token per block_k
     columns. Fused parts must start on a block row."""
+    fp8_token_input = False
 
     def __init__(self, dtype: torch.dtype, block: tuple[int, int], scale_name: str):
         self.dtype, self.block, self.scale_name = dtype, tuple(block), scale_name

@@ -1,8 +1,12 @@
-"""fp8 activation quantization and the block-scaled fp8 GEMM (Triton) against their torch references."""
+"""fp8 activation quantization (alone and fused into RMSNorm and SiLU-and-mul) and the block-scaled fp8 GEMM
+(Triton) against their torch references. Triton's interpreter rounds some values to fp8 wrongly, so the
+quantizing kernels are checked with their scaled values carried unrounded in fp32 and rounded here by torch."""
 import pytest
 import torch
 
+from batchgen.kernels.activation import silu_and_mul_fp8, silu_and_mul_fp8_ref
 from batchgen.kernels.fp8 import FP8, fp8_block_gemm, fp8_block_gemm_ref, quantize_fp8, quantize_fp8_ref
+from batchgen.kernels.rms_norm import rms_norm_fp8, rms_norm_fp8_ref
 from batchgen.kernels.testing import relative_l2
 
 DTYPES = [torch.float32, torch.float16]
@@ -41,3 +45,31 @@ def test_fp8_block_gemm_matches_the_reference(num_rows, block, carrier):
     out = fp8_block_gemm(x_q.to(carrier), x_scale, w_q.to(carrier), w_scale, block, torch.float32)
     assert out.shape == (num_rows, num_cols)
     assert relative_l2(out, want) < (1e-6 if carrier != torch.float16 else 1e-3)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_rms_norm_fp8_matches_the_reference(dtype, with_residual):
+    x, weight = torch.randn(7, 96).to(dtype), (torch.rand(96) + 0.5).to(dtype)
+    residual = torch.randn(7, 96).to(dtype) if with_residual else None
+    out = rms_norm_fp8(x, weight, 1e-6, residual, out_dtype=torch.float32)
+    want = rms_norm_fp8_ref(x, weight, 1e-6, residual)
+    if with_residual:
+        (out, new_residual), (want, want_residual) = out, want
+        assert torch.equal(new_residual, want_residual)
+    (scaled, scales), (want_q, want_scales) = out, want
+    assert torch.allclose(scales, want_scales, rtol=1e-6, atol=0)
+    # the same fp8 values but where an fp32 rounding difference in the norm lands on a rounding boundary
+    assert (scaled.to(FP8).float() == want_q.float()).float().mean() > 0.99
+    assert relative_l2(scaled.to(FP8).float() * scales, want_q.float() * want_scales) < 1e-2
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("intermediate", [48, 2100])   # one block, several blocks with a partial last one
+def test_silu_and_mul_fp8_matches_the_reference(dtype, intermediate):
+    x = (torch.randn(5, 2 * intermediate) * 3).to(dtype)
+    scaled, scales = silu_and_mul_fp8(x, out_dtype=torch.float32)
+    want_q, want_scales = silu_and_mul_fp8_ref(x)
+    assert torch.allclose(scales, want_scales, rtol=1e-6, atol=0)
+    assert (scaled.to(FP8).float() == want_q.float()).float().mean() > 0.99
+    assert relative_l2(scaled.to(FP8).float() * scales, want_q.float() * want_scales) < 1e-2

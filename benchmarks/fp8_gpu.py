@@ -1,0 +1,164 @@
+"""fp8 on the GPU: kernel checks against their references, fp8-vs-bf16 logits of a Llama-8B-shaped model, and
+fp8 vs bf16 GEMM timings at Llama-8B shapes. One JSON line per figure; exits 1 if a check fails.
+
+    python benchmarks/fp8_gpu.py            # H200, bf16 (a few minutes)
+    python benchmarks/fp8_gpu.py --smoke    # CPU, tiny shapes, Triton interpreter: proves the script runs
+"""
+import argparse
+import json
+import os
+import random
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ARGS = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+ARGS.add_argument("--smoke", action="store_true", help="CPU, tiny shapes, Triton interpreter")
+OPTS = ARGS.parse_args()
+if OPTS.smoke:
+    os.environ["TRITON_INTERPRET"] = "1"  # must be set before triton is imported
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from batchgen import LLM  # noqa: E402
+from batchgen.kernels import fp8  # noqa: E402
+from batchgen.kernels.testing import relative_l2  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parent))
+from gpu_correctness import engine_logits  # noqa: E402
+
+LLAMA_8B = Path(__file__).parent / "configs" / "llama-3.1-8b"
+# (name, N, K) of Llama-3.1-8B's projections
+GEMMS = [("qkv_proj", 6144, 4096), ("o_proj", 4096, 4096), ("gate_up_proj", 28672, 4096), ("down_proj", 4096, 14336)]
+FAILED = []
+
+
+def emit(record: dict) -> None:
+    if record.get("passed") is False:
+        FAILED.append(record)
+    print(json.dumps(record), flush=True)
+
+
+def time_ms(fn, device: torch.device) -> float:
+    if device.type == "cuda":
+        import triton.testing
+        return triton.testing.do_bench(fn, warmup=10, rep=50)
+    fn()
+    start = time.perf_counter()
+    for _ in range(3):
+        fn()
+    return (time.perf_counter() - start) / 3 * 1e3
+
+
+def check_kernels(device: torch.device, dtype: torch.dtype, rows: list[int], scale: int) -> None:
+    """Each fp8 kernel against its torch reference on the same fp8 inputs."""
+    generator = torch.Generator(device=device).manual_seed(0)
+    for num_rows in rows:
+        for name, num_cols, depth in GEMMS[:2]:
+            num_cols, depth = num_cols // scale, depth // scale
+            x = torch.randn(num_rows, depth, generator=generator, device=device).to(dtype)
+            for group in (None, 128 // min(scale, 8)):
+                carrier = fp8.FP8 if device.type == "cuda" else torch.float32   # interpreter: see the kernel
+                out, scales = fp8.quantize_fp8(x, group, out_dtype=carrier)
+                want, want_scales = fp8.quantize_fp8_ref(x, group)
+                same = (out.to(fp8.FP8).float() == want.float()).float().mean().item()
+                emit({"check": "quantize_fp8", "shape": [num_rows, depth], "group": group, "dtype": str(dtype),
+                      "fp8_values_identical": same, "scales_rel_l2": relative_l2(scales, want_scales),
+                      "passed": same > 0.999 and relative_l2(scales, want_scales) < 1e-6})
+            x_q, x_scale = fp8.quantize_fp8_ref(x)
+            w_q, w_scale = fp8.quantize_fp8_ref(torch.randn(num_cols, depth, generator=generator, device=device))
+            w_scale = w_scale.squeeze(1)
+            error = relative_l2(fp8.fp8_gemm(x_q, x_scale, w_q, w_scale, dtype),
+                                fp8.fp8_gemm_ref(x_q, x_scale, w_q, w_scale, torch.float32))
+            emit({"check": "fp8_gemm (_scaled_mm, row-wise)", "gemm": name, "shape": [num_rows, num_cols, depth],
+                  "rel_l2": error, "passed": error < 1e-2})
+            block = (128 // min(scale, 8), 128 // min(scale, 8))
+            xb_q, xb_scale = fp8.quantize_fp8_ref(x, block[1])
+            wb_scale = torch.rand(-(-num_cols // block[0]), depth // block[1], generator=generator, device=device)
+            error = relative_l2(fp8.fp8_block_gemm(xb_q, xb_scale, w_q, wb_scale, block, dtype),
+                                fp8.fp8_block_gemm_ref(xb_q, xb_scale, w_q, wb_scale, block, torch.float32))
+            emit({"check": "fp8_block_gemm (Triton)", "gemm": name, "shape": [num_rows, num_cols, depth],
+                  "block": list(block), "rel_l2": error, "passed": error < 1e-2})
+
+
+def time_gemms(device: torch.device, dtype: torch.dtype, rows: list[int], scale: int) -> None:
+    """bf16 F.linear against fp8 at the same shapes: the GEMM alone and with the activation's quantization."""
+    for num_rows in rows:
+        for name, num_cols, depth in GEMMS:
+            num_cols, depth = num_cols // scale, depth // scale
+            x = torch.randn(num_rows, depth, device=device, dtype=dtype)
+            weight = torch.randn(num_cols, depth, device=device, dtype=dtype) * 0.02
+            w_q, w_scale = fp8.quantize_fp8_ref(weight)
+            w_scale = w_scale.squeeze(1)
+            x_q, x_scale = fp8.quantize_fp8_ref(x)
+            block = (128 // min(scale, 8),) * 2
+            wb_scale = torch.ones(-(-num_cols // block[0]), depth // block[1], device=device)
+            xb_q, xb_scale = fp8.quantize_fp8_ref(x, block[1])
+            runs = {
+                f"{str(dtype).removeprefix('torch.')} F.linear": lambda: F.linear(x, weight),
+                "fp8 _scaled_mm": lambda: fp8.fp8_gemm(x_q, x_scale, w_q, w_scale, dtype),
+                "fp8 quantize + _scaled_mm": lambda: fp8.fp8_gemm(*fp8.quantize_fp8(x), w_q, w_scale, dtype),
+                "fp8 block (Triton)": lambda: fp8.fp8_block_gemm(xb_q, xb_scale, w_q, wb_scale, block, dtype),
+            }
+            flops = 2 * num_rows * num_cols * depth
+            for impl, fn in runs.items():
+                ms = time_ms(fn, device)
+                emit({"timing": "gemm", "gemm": name, "M": num_rows, "N": num_cols, "K": depth, "impl": impl,
+                      "ms": round(ms, 4), "tflops": round(flops / ms / 1e9, 1)})
+
+
+def check_logits(config_dir: Path, device: torch.device, dtype: str, num_seqs: int, max_len: int) -> None:
+    """The same dummy weights (bf16 draws; fp8 quantizes them as it loads) through the engine's data path in
+    bf16 and in fp8: relative L2 of the logits at every position."""
+    rng = random.Random(0)
+    sequences, prompt_lens = [], []
+    for _ in range(num_seqs):
+        length = rng.randint(max_len // 2, max_len)
+        sequences.append([rng.randrange(1000) for _ in range(length)])
+        prompt_lens.append(length - rng.randint(1, 8))
+    logits = {}
+    for quantization in (None, "fp8"):
+        llm = LLM(str(config_dir), load_format="dummy", dtype=dtype, device=str(device), quantization=quantization,
+                  max_num_seqs=64, max_model_len=max_len + 16, max_num_batched_tokens=2048)
+        logits[quantization] = engine_logits(llm, sequences, prompt_lens)
+        del llm
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    errors = [relative_l2(a, b) for a, b in zip(logits["fp8"], logits[None])]
+    emit({"check": "fp8 vs bf16 logits (online fp8, dummy weights)", "model": config_dir.name, "dtype": dtype,
+          "sequences": num_seqs, "max_rel_l2": max(errors), "mean_rel_l2": sum(errors) / len(errors),
+          "passed": max(errors) < 0.15})
+
+
+def tiny_llama_config(directory: Path) -> Path:
+    config = json.loads((LLAMA_8B / "config.json").read_text())
+    config.update(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=2048)
+    directory.mkdir(exist_ok=True)
+    (directory / "config.json").write_text(json.dumps(config))
+    return directory
+
+
+def main() -> int:
+    if OPTS.smoke:
+        device, dtype, rows, scale = torch.device("cpu"), torch.float32, [16], 32
+        scratch = Path(tempfile.mkdtemp())
+        config_dir, num_seqs, max_len = tiny_llama_config(scratch / "tiny-llama"), 4, 48
+    else:
+        device, dtype, rows, scale = torch.device("cuda"), torch.bfloat16, [256, 8192], 1
+        scratch, config_dir, num_seqs, max_len = None, LLAMA_8B, 16, 512
+        emit({"card": torch.cuda.get_device_name(), "torch": torch.__version__})
+    check_kernels(device, dtype, rows, scale)
+    time_gemms(device, dtype, rows, scale)
+    check_logits(config_dir, device, str(dtype).removeprefix("torch."), num_seqs, max_len)
+    if scratch is not None:
+        shutil.rmtree(scratch)
+    emit({"summary": "fp8_gpu", "failed": len(FAILED)})
+    return 1 if FAILED else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
