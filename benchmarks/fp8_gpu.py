@@ -5,6 +5,7 @@ fp8 vs bf16 GEMM timings at Llama-8B shapes. One JSON line per figure; exits 1 i
     python benchmarks/fp8_gpu.py --smoke    # CPU, tiny shapes, Triton interpreter: proves the script runs
 """
 import argparse
+import gc
 import json
 import os
 import random
@@ -122,9 +123,10 @@ def check_logits(config_dir: Path, device: torch.device, dtype: str, num_seqs: i
     logits = {}
     for quantization in (None, "fp8"):
         llm = LLM(str(config_dir), load_format="dummy", dtype=dtype, device=str(device), quantization=quantization,
-                  max_num_seqs=64, max_model_len=max_len + 16, max_num_batched_tokens=2048)
+                  max_num_seqs=64, max_model_len=max_len + 16, max_num_batched_tokens=2048, num_kv_blocks=2048)
         logits[quantization] = engine_logits(llm, sequences, prompt_lens)
         del llm
+        gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
     errors = [relative_l2(a, b) for a, b in zip(logits["fp8"], logits[None])]

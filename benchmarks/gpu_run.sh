@@ -32,4 +32,8 @@ bench "${T_W2:-300}" --model benchmarks/configs/qwen3-0.6b --load-format dummy -
 bench "${T_JSON:-120}" --model benchmarks/configs/llama-3.1-8b --load-format dummy --name W1-json \
   --num-requests 1000 --input-len 512 --output-len 128 --max-model-len 1024 --tokenizer .whl/tokenizer \
   --schema benchmarks/schemas/six_fields.json
+# fp8 (issue 11): kernel checks, fp8-vs-bf16 logits, GEMM timings; then TensorRT-LLM's 1000/1000 shape in fp8
+timeout "${T_FP8:-240}" python3 benchmarks/fp8_gpu.py 2>>"$OUT/stderr.log" | tee -a "$OUT/gpu.jsonl"
+bench "${T_FP8_W:-300}" --model benchmarks/configs/llama-3.1-8b --load-format dummy --quantization fp8 \
+  --name fp8-1000-1000 --num-requests 1000 --input-len 1000 --output-len 1000 --max-model-len 2048
 tail -n 30 "$OUT/stderr.log"
