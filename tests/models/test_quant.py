@@ -330,6 +330,7 @@ def perplexity(model, config, tokens: list[int]) -> float:
     return torch.nn.functional.cross_entropy(logits[:-1], torch.tensor(tokens[1:])).exp().item()
 
 
+@pytest.mark.slow   # the 135M default model, twice
 def test_online_fp8_of_the_default_model_keeps_its_perplexity(default_model_dir):
     """Acceptance: SmolLM2-135M quantized online keeps perplexity on a fixed text within 5% of fp32; how many of
     16 chat prompts' first 32 greedy tokens are identical to fp32 is printed (docs/benchmarks.md)."""
