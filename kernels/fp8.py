@@ -27,7 +27,8 @@ def quantize_fp8_ref(x: torch.Tensor, group_size: int | None = None) -> tuple[to
 def quantize_fp8_static(x: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x [T, K] quantized with a checkpoint's static per-tensor scale -> (fp8 [T, K], that scale as [T, 1])."""
     quantized = (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
-    return quantized, scale.float().reshape(1, 1).expand(x.shape[0], 1)
+    # a row-wise [T, 1] scale (contiguous): _scaled_mm pairs it with the weight's row-wise scales
+    return quantized, scale.float().reshape(1, 1).repeat(x.shape[0], 1)
 
 
 def fp8_gemm_ref(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
