@@ -376,3 +376,21 @@ def test_run_cli_quantization_fp8_is_the_api_s_online_fp8(tiny_model_dir, tmp_pa
                                                            quantization=quantization).generate(prompts, greedy)]
             for quantization in (None, "fp8")}
     assert [got[str(i)] for i in range(len(prompts))] == want["fp8"] != want[None]
+
+
+def test_online_fp8_never_holds_the_float_projections(tiny_model_dir, monkeypatch):
+    """The projections' storage is fp8 from the start (built on meta, materialized in the format's dtypes) and the
+    checkpoint streams one tensor at a time: no point of the load holds the model's float projections."""
+    from batchgen.models.llama import LlamaForCausalLM
+
+    real_load_weights, seen = LlamaForCausalLM.load_weights, {}
+
+    def load_weights(model, weights):
+        seen.update({name: param.dtype for name, param in model.named_parameters()})
+        return real_load_weights(model, weights)
+
+    monkeypatch.setattr(LlamaForCausalLM, "load_weights", load_weights)
+    load_model(tiny_model_dir("llama"), torch.bfloat16, CPU, quantization="fp8")
+    projections = {name: dtype for name, dtype in seen.items() if name.endswith("_proj.weight")}
+    assert len(projections) == 2 * 4 and set(projections.values()) == {FP8}
+    assert seen["lm_head.weight"] == seen["model.norm.weight"] == torch.bfloat16
