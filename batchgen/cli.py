@@ -18,10 +18,12 @@ import click
 from pydantic import ValidationError
 
 import batchgen
-from batchgen.jobs.io import JobInputError, JobOutputError, filesystem, list_parts, load_spec, load_stats, \
-    read_shard_stats
-from batchgen.jobs.spec import DEFAULT_SHARD_SIZE, JobSpec, is_uri, redact_url
-from batchgen.jobs.stats import merge_stats, render_stats
+from batchgen.jobs.errors import JobInputError, JobOutputError, one_line
+from batchgen.jobs.output_dir import METADATA_DIR, OPENAI_OUTPUT_FILE, PARTS_DIR, STATS_FILE, list_parts, load_spec, \
+    load_stats, read_shard_stats
+from batchgen.jobs.paths import filesystem, is_uri, redact_url
+from batchgen.jobs.spec import DEFAULT_SHARD_SIZE, JobSpec
+from batchgen.jobs.stats import format_time, merge_stats, render_stats
 from batchgen.sampling_params import StructuredOutput
 
 EXIT_FAILED = 1
@@ -54,9 +56,9 @@ class _Main(click.Group):
         except (JobInputError, JobOutputError) as exc:
             raise click.ClickException(str(exc)) from None
         except ValidationError as exc:
-            raise click.ClickException(_validation_message(exc)) from None
+            raise click.ClickException(one_line(exc)) from None
         except (redis.ConnectionError, redis.TimeoutError, kombu.exceptions.OperationalError) as exc:
-            from batchgen.workers.app import redis_url
+            from batchgen.jobs.store import redis_url
             raise click.ClickException(f"cannot reach Redis at {redact_url(redis_url())}: "
                                        f"{redact_url(str(exc))}") from None
 
@@ -103,7 +105,10 @@ def _job_options(command):
         click.option("--n", type=click.IntRange(1), help="Completions per row (text becomes a list)."),
         click.option("--stop", multiple=True, help="Stop string (repeatable)."),
         click.option("--output-format", type=click.Choice(["parquet", "openai"]), default="parquet",
-                     show_default=True, help="openai: also write results.jsonl in the OpenAI Batch output shape."),
+                     show_default=True,
+                     help="openai: also write .batchgen/results.jsonl in the OpenAI Batch output shape."),
+        click.option("--cache-salt", help="Share prefix-cache blocks only with jobs of the same salt (a tenant's "
+                                          "secret keeps its prompts' KV apart from other tenants' on one worker)."),
         click.option("--schema", "schema_file", type=click.Path(exists=True, dir_okay=False),
                      help="JSON schema file: every output is JSON that fits it."),
         click.option("--json", "json_object", is_flag=True, help="Every output is a JSON object."),
@@ -175,20 +180,19 @@ def _job_spec(file: str, output: str, options: dict) -> JobSpec:
                        prompt_column=options["prompt_column"], messages_column=options["messages_column"],
                        id_column=options["id_column"], template=options["template"],
                        system_prompt=options["system_prompt"], as_chat=options["as_chat"], keep_columns=keep,
-                       shard_size=options["shard_size"])
+                       shard_size=options["shard_size"], cache_salt=options["cache_salt"])
     except ValidationError as exc:
         if options["schema_file"] and exc.errors()[0]["loc"][:1] == ("structured",):   # name the file at fault
-            raise click.ClickException(f"{options['schema_file']}: {_validation_message(exc)}") from None
+            raise click.ClickException(f"{options['schema_file']}: {one_line(exc)}") from None
         raise
 
 
 def _validated(spec: JobSpec) -> JobSpec:
     """Survey the input (raises JobInputError for whole-file problems) and tell the user what was found."""
-    from batchgen.jobs.execute import num_shards
-    from batchgen.jobs.io import validate_input
+    from batchgen.jobs.readers import validate_input
 
     spec.input_summary = summary = validate_input(spec)
-    note = f"{spec.input_display}: {summary.num_rows:,} rows ({summary.input_format}), {num_shards(spec):,} shard(s)"
+    note = f"{spec.input_display}: {summary.num_rows:,} rows ({summary.input_format}), {spec.num_shards:,} shard(s)"
     if summary.num_invalid_rows or summary.duplicate_rows:
         note += (f"; {summary.num_invalid_rows:,} invalid and {len(summary.duplicate_rows):,} duplicate-id rows "
                  "will carry an error")
@@ -214,8 +218,8 @@ def run(file: str, output: str, dtype: str, device: str, quantization: str | Non
     The same readers, engine and writers as the queue.
     FILE is JSONL (prompt or messages per line), Parquet, or OpenAI batch lines; a local path or a pyarrow URI.
     """
-    from batchgen.jobs.execute import Executor, prepare_output, run_job_locally
-    from batchgen.jobs.io import STATS_FILE, save_spec
+    from batchgen.jobs.execute import Executor, run_job_locally
+    from batchgen.jobs.output_dir import prepare_output, save_spec
 
     spec = _validated(_job_spec(file, output, options))
 
@@ -233,10 +237,10 @@ def run(file: str, output: str, dtype: str, device: str, quantization: str | Non
         raise click.ClickException(f"job {record.job_id} {record.status}: {record.error}")
     click.echo(f"{record.rows_done:,} rows ({record.rows_failed:,} failed), "
                f"{record.completion_tokens:,} tokens generated")
-    click.echo(f"output: {_join(spec.output_display, 'parts/')}")
-    click.echo(f"stats:  {_join(spec.output_display, STATS_FILE)}")
+    click.echo(f"output: {_join(spec.output_display, PARTS_DIR + '/')}")
+    click.echo(f"stats:  {_join(spec.output_display, f'{METADATA_DIR}/{STATS_FILE}')}")
     if spec.output_format == "openai":
-        click.echo(f"openai: {_join(spec.output_display, 'results.jsonl')}")
+        click.echo(f"openai: {_join(spec.output_display, f'{METADATA_DIR}/{OPENAI_OUTPUT_FILE}')}")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -294,8 +298,8 @@ def status(job_id: str, shards: bool, as_json: bool) -> None:
     lines = [
         ("job", record.job_id), ("status", record.status + (f"  ({stall})" if stall else "")),
         ("model", record.model), ("input", record.input), ("output", record.output),
-        ("created", _when(record.created_at)), ("started", _when(record.started_at)),
-        ("finished", _when(record.finished_at)),
+        ("created", format_time(record.created_at)), ("started", format_time(record.started_at)),
+        ("finished", format_time(record.finished_at)),
         ("shards", f"{record.shards_done:,}/{record.shards_total:,} done"),
         ("rows", f"{record.rows_done:,}/{record.rows_total:,} ({record.rows_failed:,} failed)"),
         ("tokens", f"{record.prompt_tokens:,} prompt, {record.completion_tokens:,} completion"),
@@ -347,7 +351,7 @@ def resume(job: str) -> None:
     """Queue a failed or cancelled job again.
 
     JOB is a job id, or the job's output directory: that also brings back a job Redis lost (restarted
-    without persistence), from the directory's job.json. Shards already done are not redone."""
+    without persistence), from the job spec saved there. Shards already done are not redone."""
     from batchgen.workers.app import job_store
     from batchgen.workers.submit import resume_job
 
@@ -372,7 +376,7 @@ def list_jobs(as_json: bool) -> None:
         return
     rows = [("JOB", "STATUS", "MODEL", "SHARDS", "ROWS", "FAILED", "CREATED", "OUTPUT")]
     rows += [(r.job_id, r.status, r.model, f"{r.shards_done}/{r.shards_total}", f"{r.rows_done}/{r.rows_total}",
-              str(r.rows_failed), _when(r.created_at), r.output) for r in records]
+              str(r.rows_failed), format_time(r.created_at), r.output) for r in records]
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
     for row in rows:
         click.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[-1])
@@ -395,7 +399,7 @@ def results(job: str, show: int, shards: bool) -> None:
         partial = True
     click.echo(render_stats(stats, per_shard=shards))
     parts = list_parts(output)
-    click.echo(f"{'output':<17}  {_join(redact_url(output), 'parts/')} ({len(parts)} part(s))")
+    click.echo(f"{'output':<17}  {_join(redact_url(output), PARTS_DIR + '/')} ({len(parts)} part(s))")
     if partial:
         click.echo("(the job has not finished: figures cover the parts written so far)")
     for record in _first_rows(output, parts, show):
@@ -632,10 +636,6 @@ def _aligned(lines: list[tuple[str, str]]) -> str:
     return "\n".join(f"{name:<{width}}  {value}" for name, value in lines)
 
 
-def _when(value) -> str:
-    return value.isoformat(timespec="seconds") if value else "-"
-
-
 def _duration(seconds: float) -> str:
     seconds = int(seconds)
     if seconds >= 3600:
@@ -645,12 +645,6 @@ def _duration(seconds: float) -> str:
 
 def _join(location: str, name: str) -> str:
     return location.rstrip("/") + "/" + name
-
-
-def _validation_message(exc: ValidationError) -> str:
-    """A pydantic error as one line: 'field: message; field: message'."""
-    return "; ".join(f"{'.'.join(str(p) for p in error['loc']) or 'value'}: "
-                     f"{error['msg'].removeprefix('Value error, ')}" for error in exc.errors())
 
 
 if __name__ == "__main__":

@@ -7,7 +7,6 @@ counted (once), and exactly one caller finalizes the job (stats.json, results.js
 """
 import logging
 import os
-import posixpath
 import socket
 import threading
 import time
@@ -17,17 +16,18 @@ from datetime import datetime, timezone
 from typing import Any, Literal, Protocol
 
 import pyarrow as pa
-import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 
-from batchgen.jobs.io import (OPENAI_OUTPUT_FILE, PARTS_DIR, SHARD_STATS_KEY, SPEC_FILE, STATS_FILE, JobInputError,
-                              JobOutputError, check_roots, filesystem, output_row, output_schema, part_exists,
-                              part_path, plan_shards, read_rows, read_shard_stats, remove_temp_files, save_stats,
-                              write_openai_output, write_part)
-from batchgen.jobs.spec import JobSpec, PromptRow
+from batchgen.engine.errors import Cancelled
+from batchgen.jobs.errors import JobInputError, JobOutputError
+from batchgen.jobs.output_dir import (part_exists, part_stats, read_shard_stats, remove_temp_files, save_stats,
+                                     write_openai_output, write_part)
+from batchgen.jobs.output_rows import output_row, output_schema
+from batchgen.jobs.paths import check_roots
+from batchgen.jobs.readers import read_rows
+from batchgen.jobs.rows import PromptRow
+from batchgen.jobs.spec import JobSpec
 from batchgen.jobs.stats import JobStats, ShardStats, merge_stats
 from batchgen.jobs.store import JobRecord, JobStore, MemoryJobStore
-from batchgen.engine.errors import Cancelled
 from batchgen.outputs import RequestOutput
 from batchgen.sampling_params import SamplingParams
 
@@ -96,39 +96,13 @@ def device_label(device) -> str:
 # ---------------------------------------------------------------------------------------------------------
 # a job's lifecycle around its shards
 
-def prepare_output(spec: JobSpec, replace: bool = False) -> None:
-    """Make sure the job's output directory holds no other job's files, since an existing part would be
-    taken for one of this job's finished shards. `replace` deletes batchgen's own files left by an earlier
-    run (job.json, stats.json, results.jsonl, parts/); otherwise their presence is an error. An output
-    outside BATCHGEN_OUTPUT_ROOT is refused (see `check_roots`)."""
-    check_roots(spec)
-    fs, base = filesystem(spec.output)
-    ours = [posixpath.join(base, name) for name in (SPEC_FILE, STATS_FILE, OPENAI_OUTPUT_FILE)]
-    parts = posixpath.join(base, PARTS_DIR)
-    found = [info for info in fs.get_file_info([*ours, parts]) if info.type != pafs.FileType.NotFound]
-    if not found:
-        return
-    if not replace:
-        raise JobOutputError(f"{spec.output_display}: already holds a job's output ({found[0].base_name}); "
-                             "choose another output directory or remove it")
-    for info in found:
-        if info.type == pafs.FileType.Directory:
-            fs.delete_dir(info.path)
-        else:
-            fs.delete_file(info.path)
-
-
-def num_shards(spec: JobSpec) -> int:
-    return len(plan_shards(_summary(spec).num_rows, spec.shard_size))
-
-
 def run_job_locally(spec: JobSpec, executor: Executor,
                     progress: Callable[[JobRecord], None] | None = None) -> JobRecord:
     """The whole job in this process, shard after shard, on an in-memory store; returns the final record.
     `progress` gets the record after each shard."""
     store = MemoryJobStore()
     store.create_job(spec)
-    for shard_index in range(num_shards(spec)):
+    for shard_index in range(spec.num_shards):
         outcome = run_shard(spec, shard_index, executor, store)
         if progress is not None:
             progress(store.get_job(spec.job_id))
@@ -158,13 +132,13 @@ def run_shard(spec: JobSpec, shard_index: int, executor: Executor, store: JobSto
         return ShardOutcome(shard_index, "skipped")
 
     started_at, clock = datetime.now(timezone.utc), time.perf_counter()
-    start, end = plan_shards(_summary(spec).num_rows, spec.shard_size)[shard_index]
+    start, end = spec.shard_rows(shard_index)
     try:
         rows = list(read_rows(spec, start, end))
     except JobInputError as exc:
         return _fail(spec, store, shard_index, str(exc))
     try:
-        results = _generate_rows(rows, executor, should_stop)
+        results = _generate_rows(rows, executor, should_stop, spec.cache_salt)
     except Cancelled:
         log.info("job %s shard %d stopped: the job was cancelled", job_id, shard_index)
         return ShardOutcome(shard_index, "cancelled")
@@ -193,7 +167,7 @@ def finalize_job(spec: JobSpec, store: JobStore, dtype: str | None = None) -> Jo
         stats = merge_stats(read_shard_stats(spec.output), job_id=spec.job_id, model=spec.model, dtype=dtype,
                             sampling=spec.sampling, started_at=record.started_at if record else None,
                             finished_at=datetime.now(timezone.utc))
-        expected = _summary(spec).num_rows
+        expected = spec.summary.num_rows
         if stats.rows_total != expected:
             raise JobOutputError(f"{spec.output_display}: the parts hold {stats.rows_total} rows, the input "
                                  f"{expected}; a part is missing")
@@ -223,15 +197,6 @@ def cancel_check(store: JobStore, job_id: str, interval_s: float = CANCEL_CHECK_
     return should_stop
 
 
-def part_stats(output: str, shard_index: int) -> ShardStats | None:
-    """The ShardStats in one part's footer (None for a part written without them)."""
-    fs, _ = filesystem(output)
-    with fs.open_input_file(part_path(output, shard_index)) as source:
-        metadata = pq.read_schema(source).metadata or {}
-    raw = metadata.get(SHARD_STATS_KEY)
-    return ShardStats.model_validate_json(raw) if raw else None
-
-
 # ---------------------------------------------------------------------------------------------------------
 # rows through the engine
 
@@ -244,13 +209,14 @@ def encode_row(row: PromptRow, tokenizer: Tokenizer) -> list[int] | Exception:
         return exc
 
 
-def _generate_rows(rows: list[PromptRow], executor: Executor,
-                   should_stop: Callable[[], bool] | None) -> list[RequestOutput | None]:
-    """Engine results for the valid rows, None for rows that were invalid from the start."""
+def _generate_rows(rows: list[PromptRow], executor: Executor, should_stop: Callable[[], bool] | None,
+                   cache_salt: str | None) -> list[RequestOutput | None]:
+    """Engine results for the valid rows, None for rows that were invalid from the start. The job's cache
+    salt keeps its prefix-cache blocks apart from other jobs' on a shared engine."""
     valid = [row for row in rows if row.error is None]
     prompts = [encode_row(row, executor.tokenizer) for row in valid]
-    generated = executor.engine.generate_tokens(prompts, [row.params for row in valid], should_stop=should_stop) \
-        if valid else []
+    generated = executor.engine.generate_tokens(prompts, [row.params for row in valid], should_stop=should_stop,
+                                                cache_salt=cache_salt) if valid else []
     by_index = {row.index: result for row, result in zip(valid, generated)}
     return [by_index.get(row.index) for row in rows]
 
@@ -272,9 +238,3 @@ def _fail(spec: JobSpec, store: JobStore, shard_index: int, error: str) -> Shard
     log.error("job %s failed at shard %d: %s", spec.job_id, shard_index, error)
     store.finish_job(spec.job_id, "failed", error=error)
     return ShardOutcome(shard_index, "failed", error=error)
-
-
-def _summary(spec: JobSpec):
-    if spec.input_summary is None:
-        raise ValueError("spec.input_summary is not set: run validate_input at submit time")
-    return spec.input_summary

@@ -1,5 +1,5 @@
 """Per-shard and per-job statistics. A shard's stats travel inside its Parquet part (footer metadata), so
-the job's stats.json can always be rebuilt from the parts alone, whatever happened to Redis."""
+the job's .batchgen/stats.json can always be rebuilt from the parts alone, whatever happened to Redis."""
 from collections.abc import Iterable
 from datetime import datetime
 from typing import Any, Protocol
@@ -55,7 +55,7 @@ class ShardStats(Counts):
     def from_rows(cls, shard_index: int, rows: Iterable[_RowCounts], *, wall_seconds: float,
                   worker: str | None = None, gpu: str | None = None, started_at: datetime | None = None,
                   finished_at: datetime | None = None) -> "ShardStats":
-        """Stats of one shard from its output rows (`batchgen.jobs.io.OutputRow`)."""
+        """Stats of one shard from its output rows (`batchgen.jobs.output_rows.OutputRow`)."""
         stats = cls(shard_index=shard_index, wall_seconds=wall_seconds, worker=worker, gpu=gpu,
                     started_at=started_at, finished_at=finished_at)
         for row in rows:
@@ -111,7 +111,7 @@ def render_stats(stats: JobStats, per_shard: bool = False) -> str:
         ("job", stats.job_id), ("model", stats.model), ("dtype", stats.dtype or "-"),
         ("batchgen", stats.batchgen_version),
         ("sampling", ", ".join(f"{k}={v}" for k, v in sorted(stats.sampling.items())) or "-"),
-        ("started", _time(stats.started_at)), ("finished", _time(stats.finished_at)),
+        ("started", format_time(stats.started_at)), ("finished", format_time(stats.finished_at)),
         ("wall time", f"{stats.wall_seconds:,.1f} s"), ("worker time", f"{stats.shard_seconds:,.1f} s"),
         ("rows", f"{stats.rows_total:,} ({stats.rows_ok:,} ok, {stats.rows_failed:,} failed)"),
         ("prompt tokens", f"{stats.prompt_tokens:,}"), ("completion tokens", f"{stats.completion_tokens:,}"),
@@ -133,5 +133,6 @@ def render_stats(stats: JobStats, per_shard: bool = False) -> str:
     return text
 
 
-def _time(value: datetime | None) -> str:
+def format_time(value: datetime | None) -> str:
+    """A moment as the CLI shows it: ISO 8601 to the second, '-' for none."""
     return value.isoformat(timespec="seconds") if value else "-"

@@ -18,13 +18,14 @@ from pydantic import BaseModel
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-from batchgen.jobs.spec import JobSpec, redact_url
+from batchgen.jobs.paths import redact_url
+from batchgen.jobs.spec import JobSpec
 from batchgen.jobs.stats import ShardStats
 
 JobStatus = Literal["queued", "running", "completed", "failed", "cancelled"]
 TERMINAL_STATUSES = frozenset({"completed", "failed", "cancelled"})
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
-DEFAULT_PREFIX = "batchgen:"
+DEFAULT_PREFIX = "batchgen"            # namespace of every Redis key: <prefix>:job:<id>, ...
 _COUNTERS = ("shards_total", "shards_done", "rows_total", "rows_done", "rows_failed", "prompt_tokens",
              "completion_tokens")
 
@@ -97,15 +98,12 @@ class JobStore:
     # -- jobs ------------------------------------------------------------------------------------------
     def create_job(self, spec: JobSpec) -> bool:
         """Register a validated job as queued (False if the id is taken)."""
-        summary = spec.input_summary
-        if summary is None:
-            raise ValueError("spec.input_summary is not set: run validate_input first")
-        num_shards = -(-summary.num_rows // spec.shard_size)
+        summary = spec.summary
         fields = {"status": "queued", "model": spec.model, "input": spec.input_display,
                   "output": spec.output_display, "created_at": spec.created_at.isoformat(),
                   "started_at": "", "finished_at": "", "updated_at": "", "error": "", "cancel": "0",
                   "finalize_claimed": "0", **{name: "0" for name in _COUNTERS},
-                  "shards_total": str(num_shards), "rows_total": str(summary.num_rows)}
+                  "shards_total": str(spec.num_shards), "rows_total": str(summary.num_rows)}
         return self._create(spec.job_id, fields, spec.model_dump_json(), spec.created_at.timestamp())
 
     def get_job(self, job_id: str) -> JobRecord | None:
@@ -151,9 +149,6 @@ class JobStore:
             return _Change(True, {"status": "queued", "cancel": "0", "finalize_claimed": "0", "error": "",
                                   "finished_at": ""})
         return self._transact(job_id, None, change)
-
-    def delete_job(self, job_id: str) -> None:
-        self._delete(job_id)
 
     # -- shards ----------------------------------------------------------------------------------------
     def start_shard(self, job_id: str, shard_index: int, worker: str) -> int | None:
@@ -267,9 +262,6 @@ class JobStore:
     def _job_ids(self) -> list[str]:
         raise NotImplementedError
 
-    def _delete(self, job_id: str) -> None:
-        raise NotImplementedError
-
     def _put_worker(self, worker_id: str, value: str, ttl_s: float) -> None:
         raise NotImplementedError
 
@@ -280,11 +272,15 @@ class JobStore:
         raise NotImplementedError
 
 
+def redis_url() -> str:
+    """The deployment's Redis: BATCHGEN_REDIS_URL, redis://[:password@]host:port/db or rediss://..."""
+    return os.environ.get("BATCHGEN_REDIS_URL") or DEFAULT_REDIS_URL
+
+
 def redis_client(url: str | None = None) -> redis.Redis:
-    """A client for BATCHGEN_REDIS_URL (password and rediss:// included) that rides out a Redis restart:
-    connection errors are retried with backoff for about half a minute before they surface."""
-    url = url or os.environ.get("BATCHGEN_REDIS_URL") or DEFAULT_REDIS_URL
-    return redis.Redis.from_url(url, decode_responses=True, socket_connect_timeout=5, socket_keepalive=True,
+    """A client for `url` (default: redis_url(); password and rediss:// included) that rides out a Redis
+    restart: connection errors are retried with backoff for about half a minute before they surface."""
+    return redis.Redis.from_url(url or redis_url(), decode_responses=True, socket_connect_timeout=5, socket_keepalive=True,
                                 health_check_interval=15, retry=_retry(),
                                 retry_on_error=[redis.ConnectionError, redis.TimeoutError])
 
@@ -305,10 +301,10 @@ def _retry() -> Retry:
 
 
 class RedisJobStore(JobStore):
-    """The shared registry. Keys live under `prefix` (tests use their own)."""
+    """The shared registry. Keys live under `prefix:` (tests use their own)."""
 
     def __init__(self, url: str | None = None, prefix: str = DEFAULT_PREFIX, client: redis.Redis | None = None):
-        self.url = url or os.environ.get("BATCHGEN_REDIS_URL") or DEFAULT_REDIS_URL
+        self.url = url or redis_url()
         self.redis = client or redis_client(self.url)
         self.prefix = prefix
         self._retry = _retry()
@@ -317,7 +313,7 @@ class RedisJobStore(JobStore):
         return f"RedisJobStore({redact_url(self.url)!r}, prefix={self.prefix!r})"
 
     def _key(self, job_id: str, part: str = "") -> str:
-        return f"{self.prefix}job:{job_id}{part}"
+        return f"{self.prefix}:job:{job_id}{part}"
 
     def _create(self, job_id: str, fields: dict[str, str], spec_json: str, created: float) -> bool:
         job_key = self._key(job_id)
@@ -328,7 +324,7 @@ class RedisJobStore(JobStore):
             pipe.multi()
             pipe.hset(job_key, mapping=fields)
             pipe.set(self._key(job_id, ":spec"), spec_json)
-            pipe.zadd(f"{self.prefix}jobs", {job_id: created})
+            pipe.zadd(f"{self.prefix}:jobs", {job_id: created})
             return True
         return self._retry.call_with_retry(
             lambda: self.redis.transaction(body, job_key, value_from_callable=True), lambda _: None)
@@ -363,21 +359,17 @@ class RedisJobStore(JobStore):
             lambda: self.redis.transaction(body, job_key, shards_key, value_from_callable=True), lambda _: None)
 
     def _job_ids(self) -> list[str]:
-        return self.redis.zrange(f"{self.prefix}jobs", 0, -1)
-
-    def _delete(self, job_id: str) -> None:
-        self.redis.delete(self._key(job_id), self._key(job_id, ":spec"), self._key(job_id, ":shards"))
-        self.redis.zrem(f"{self.prefix}jobs", job_id)
+        return self.redis.zrange(f"{self.prefix}:jobs", 0, -1)
 
     def _put_worker(self, worker_id: str, value: str, ttl_s: float) -> None:
-        self.redis.set(f"{self.prefix}worker:{worker_id}", value, px=max(1, int(ttl_s * 1000)))
+        self.redis.set(f"{self.prefix}:worker:{worker_id}", value, px=max(1, int(ttl_s * 1000)))
 
     def _worker_values(self) -> list[str]:
-        keys = list(self.redis.scan_iter(match=f"{self.prefix}worker:*", count=500))
+        keys = list(self.redis.scan_iter(match=f"{self.prefix}:worker:*", count=500))
         return [v for v in self.redis.mget(keys) if v is not None] if keys else []
 
     def _add_to_set(self, name: str, member: str) -> bool:
-        return self.redis.sadd(f"{self.prefix}seen:{name}", member) == 1
+        return self.redis.sadd(f"{self.prefix}:seen:{name}", member) == 1
 
 
 class MemoryJobStore(JobStore):
@@ -427,11 +419,6 @@ class MemoryJobStore(JobStore):
     def _job_ids(self) -> list[str]:
         with self._lock:
             return sorted(self._jobs, key=lambda job_id: (self._created[job_id], job_id))
-
-    def _delete(self, job_id: str) -> None:
-        with self._lock:
-            for table in (self._jobs, self._specs, self._shards, self._created):
-                table.pop(job_id, None)
 
     def _put_worker(self, worker_id: str, value: str, ttl_s: float) -> None:
         with self._lock:

@@ -22,19 +22,14 @@ from urllib.parse import parse_qsl, urlsplit
 
 from celery import Celery
 
-from batchgen.jobs.store import DEFAULT_REDIS_URL, RedisJobStore
+from batchgen.jobs.store import DEFAULT_PREFIX, RedisJobStore, redis_url
 
-DEFAULT_PREFIX = "batchgen"
 DEFAULT_VISIBILITY_TIMEOUT_S = 300.0
 DEFAULT_HEARTBEAT_TTL_S = 30.0
 KOMBU_RESTORE_PERIOD_S = 100.0       # kombu's Redis transport looks for expired messages this often by default
 SHARD_TASK = "batchgen.run_shard"
 FIRE_SCHEDULE_TASK = "batchgen.fire_schedule"
 _QUEUE_CHARS = re.compile(r"[^a-z0-9_.-]+")
-
-
-def redis_url() -> str:
-    return os.environ.get("BATCHGEN_REDIS_URL") or DEFAULT_REDIS_URL
 
 
 def key_prefix() -> str:
@@ -52,7 +47,7 @@ def job_store() -> RedisJobStore:
 
 @lru_cache(maxsize=4)
 def _job_store(url: str, prefix: str) -> RedisJobStore:
-    return RedisJobStore(url, prefix=f"{prefix}:")
+    return RedisJobStore(url, prefix=prefix)
 
 
 def queue_name(model: str) -> str:
@@ -105,12 +100,6 @@ def unacked_index_key() -> str:
     """Kombu's Redis transport keeps each unacknowledged message's delivery tag here, scored with the time it
     was taken; once that is older than the visibility timeout, the message goes back to its queue."""
     return f"{key_prefix()}:unacked_index"
-
-
-def queue_length(queue: str) -> int:
-    """Messages waiting on a queue (not those a worker holds)."""
-    with app.connection_for_read() as connection:
-        return connection.default_channel.queue_declare(queue).message_count
 
 
 app = make_app()

@@ -24,9 +24,9 @@ from typing import Any
 
 import yaml
 from celery.schedules import crontab
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from batchgen.jobs.io import JobInputError, JobOutputError
+from batchgen.jobs.errors import JobInputError, JobOutputError, one_line
 from batchgen.jobs.spec import JobSpec, new_job_id
 from batchgen.jobs.store import JobStore
 from batchgen.workers.app import FIRE_SCHEDULE_TASK, queue_name
@@ -106,7 +106,7 @@ def load_definition(path: str | Path) -> ScheduleDefinition:
             raw["job"] = {**(raw.get("job") or {}), "structured": {"json_schema": schema}}
         return ScheduleDefinition.model_validate(raw)
     except (OSError, ValueError, yaml.YAMLError) as exc:
-        raise ValueError(f"{path}: {_one_line(exc)}") from None
+        raise ValueError(f"{path}: {one_line(exc)}") from None
 
 
 def load_definitions(directory: str | Path) -> list[ScheduleDefinition]:
@@ -148,15 +148,8 @@ def fire(definition: ScheduleDefinition, store: JobStore) -> list[str]:
                            model=definition.model, **definition.job)
             submit_job(spec, store)
         except (JobInputError, JobOutputError, ValueError) as exc:
-            log.error("schedule %s: %s refused: %s", definition.name, path, _one_line(exc))
+            log.error("schedule %s: %s refused: %s", definition.name, path, one_line(exc))
             continue
         log.info("schedule %s: job %s for %s", definition.name, job_id, path)
         job_ids.append(job_id)
     return job_ids
-
-
-def _one_line(exc: Exception) -> str:
-    if isinstance(exc, ValidationError):
-        return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'definition'}: {e['msg'].removeprefix('Value error, ')}"
-                         for e in exc.errors())
-    return " ".join(str(exc).split())

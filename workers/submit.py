@@ -3,8 +3,8 @@ register the job, then one task per shard on the model's queue."""
 import logging
 from collections.abc import Iterable
 
-from batchgen.jobs.execute import num_shards, prepare_output
-from batchgen.jobs.io import save_spec, validate_input
+from batchgen.jobs.output_dir import prepare_output, save_spec
+from batchgen.jobs.readers import validate_input
 from batchgen.jobs.spec import JobSpec
 from batchgen.jobs.store import JobStore
 from batchgen.workers.app import app, queue_name
@@ -25,7 +25,7 @@ def submit_job(spec: JobSpec, store: JobStore) -> int:
     save_spec(spec)
     if not store.create_job(spec):
         raise JobExistsError(f"job {spec.job_id} already exists")
-    shards = num_shards(spec)
+    shards = spec.num_shards
     enqueue_shards(spec, range(shards))
     log.info("job %s: %d rows in %d shards on queue %s", spec.job_id, spec.input_summary.num_rows, shards,
              queue_name(spec.model))
@@ -39,7 +39,7 @@ def resume_job(job_id: str, store: JobStore, saved_spec: JobSpec | None = None) 
     workers count the parts already on disk instead of redoing them. Returns how many were enqueued; raises
     ValueError when the job is unknown or can't be resumed."""
     if store.get_job(job_id) is None and saved_spec is not None and store.create_job(saved_spec):
-        shards = num_shards(saved_spec)
+        shards = saved_spec.num_shards
         enqueue_shards(saved_spec, range(shards))
         log.info("job %s registered again from its job.json: %d shards on queue %s", job_id, shards,
                  queue_name(saved_spec.model))
@@ -52,16 +52,17 @@ def resume_job(job_id: str, store: JobStore, saved_spec: JobSpec | None = None) 
         raise ValueError(f"job {job_id} is {record.status}; only failed or cancelled jobs can be resumed")
     done = {shard.shard_index for shard in store.shard_records(job_id) if shard.state == "done"}
     # every shard done but never finalized: shard 0 is skipped, counted, and finalizes the job
-    pending = [i for i in range(num_shards(spec)) if i not in done] or [0]
+    pending = [i for i in range(spec.num_shards) if i not in done] or [0]
     enqueue_shards(spec, pending)
     return len(pending)
 
 
 def requeue_lost_shards(store: JobStore) -> list[tuple[str, int]]:
     """Put running shards whose worker died (SIGKILL, out of memory, a lost machine) back on the queue; their
-    own messages would wait unacknowledged in Redis for the visibility timeout (hours). Every worker runs this
-    from its heartbeat thread: each lost shard is requeued by exactly one of them, and should the old message
-    come back too, the part-exists check and the store's exactly-once count make the repeat harmless.
+    own messages would wait unacknowledged in Redis for the visibility timeout (BATCHGEN_VISIBILITY_TIMEOUT,
+    5 minutes by default). Every worker runs this from its heartbeat thread: each lost shard is requeued by
+    exactly one of them, and should the old message come back too, the part-exists check and the store's
+    exactly-once count make the repeat harmless.
     Returns the (job id, shard index) pairs this call requeued."""
     requeued = []
     for job_id, shard in store.lost_shards():

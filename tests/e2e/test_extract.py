@@ -6,12 +6,11 @@ import sys
 from pathlib import Path
 
 import jsonschema
+import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
 from batchgen.cli import main
-from batchgen.jobs.io import read_output
-
 sys.path.insert(0, str(Path(__file__).parents[1] / "engine"))
 from test_structured_generation import NESTED, orders, reviews  # noqa: E402  (shared document generators)
 
@@ -28,7 +27,7 @@ def write_docs(path: Path, texts: list[str]) -> Path:
 
 
 def check_rows(output: Path, schema: dict, count: int) -> None:
-    rows = read_output(str(output)).to_pylist()
+    rows = pq.read_table(str(output)).to_pylist()
     assert [r["id"] for r in rows] == [f"d{i}" for i in range(count)]
     for row in rows:
         assert row["error"] is None and row["json_valid"], row

@@ -16,8 +16,9 @@ import pytest
 from click.testing import CliRunner
 
 from batchgen.cli import EXIT_CANCELLED, main
-from batchgen.jobs.io import list_parts, load_stats, read_output, read_shard_stats
-from batchgen.workers.app import app, job_store, queue_length, queue_name
+from batchgen.jobs.output_dir import list_parts, load_stats, read_shard_stats
+from batchgen.workers.app import app, job_store, queue_name
+from queues import queue_length
 
 pytestmark = pytest.mark.slow   # two real worker processes on the default model
 
@@ -85,7 +86,7 @@ def test_two_workers_share_a_job_of_many_shards(workers, tmp_path):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     submit_and_wait(path, tmp_path / "out", "--shard-size", "1", "--max-tokens", "2", *GREEDY)
 
-    table = read_output(str(tmp_path / "out")).to_pylist()
+    table = pq.read_table(str(tmp_path / "out")).to_pylist()
     assert [r["id"] for r in table] == [r["id"] for r in rows]          # every row once, in input order
     assert all(r["error"] is None and r["completion_tokens"] >= 1 for r in table)
     writers = {s.worker for s in read_shard_stats(str(tmp_path / "out"))}
@@ -97,12 +98,12 @@ def test_jsonl_job_matches_a_local_run(workers, tmp_path):
     options = ["--max-tokens", "4", "--shard-size", "3", *GREEDY]
     local = cli("run", SAMPLES / "chat.jsonl", "-o", tmp_path / "local", *options, "--device", "cpu")
     assert local.exit_code == 0, local.output
-    assert f"output: {tmp_path / 'local'}/parts/" in local.stdout and f"stats:  {tmp_path / 'local'}/stats.json" \
+    assert f"output: {tmp_path / 'local'}/parts/" in local.stdout and f"stats:  {tmp_path / 'local'}/.batchgen/stats.json" \
         in local.stdout
 
     submit_and_wait(SAMPLES / "chat.jsonl", tmp_path / "queued", *options)
-    queued = read_output(str(tmp_path / "queued")).to_pylist()
-    expected = read_output(str(tmp_path / "local")).to_pylist()
+    queued = pq.read_table(str(tmp_path / "queued")).to_pylist()
+    expected = pq.read_table(str(tmp_path / "local")).to_pylist()
     ids = [json.loads(line)["id"] for line in (SAMPLES / "chat.jsonl").read_text().splitlines()]
     assert [r["id"] for r in queued] == ids
     columns = ("id", "text", "finish_reason", "prompt_tokens", "completion_tokens", "error")
@@ -123,7 +124,7 @@ def test_parquet_job_with_template_ids_and_kept_columns(workers, default_model_d
                     "--id-column", "doc_id", "--keep-columns", "title", "--shard-size", "2", "--max-tokens", "3",
                     *GREEDY)
     source = pq.read_table(SAMPLES / "articles.parquet").to_pylist()
-    table = read_output(str(tmp_path / "out")).to_pylist()
+    table = pq.read_table(str(tmp_path / "out")).to_pylist()
     assert [(r["id"], r["title"]) for r in table] == [(s["doc_id"], s["title"]) for s in source]
     tokenizer = Tokenizer(default_model_dir)
     for row, src in zip(table, source):
@@ -139,8 +140,8 @@ def test_openai_batch_file_gets_openai_output_lines(workers, tmp_path):
     submit_and_wait(SAMPLES / "openai_batch.jsonl", tmp_path / "out", "--output-format", "openai",
                     "--shard-size", "3")
     requests = [json.loads(line) for line in (SAMPLES / "openai_batch.jsonl").read_text().splitlines()]
-    table = read_output(str(tmp_path / "out")).to_pylist()
-    lines = [json.loads(line) for line in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
+    table = pq.read_table(str(tmp_path / "out")).to_pylist()
+    lines = [json.loads(line) for line in (tmp_path / "out" / ".batchgen" / "results.jsonl").read_text().splitlines()]
     assert [line["custom_id"] for line in lines] == [r["id"] for r in table] == [r["custom_id"] for r in requests]
     for request, row, line in zip(requests, table, lines):
         body = line["response"]["body"]
@@ -178,7 +179,7 @@ def test_cancel_keeps_finished_parts_and_drops_the_rest(workers, tmp_path):
     assert record.shards_done == len(parts)                 # a shard that finished after the cancel counts too
     for index, path in parts:                               # every kept part is whole and holds its own row
         assert [r["id"] for r in pq.read_table(path).to_pylist()] == [f"c{index}"]
-    assert not (tmp_path / "out" / "stats.json").exists()
+    assert not (tmp_path / "out" / ".batchgen" / "stats.json").exists()
     status = cli("status", job_id)
     assert status.exit_code == 0 and "cancelled" in status.output and "stalled" not in status.output
     assert any(line.startswith(job_id) and "cancelled" in line for line in cli("list").output.splitlines())
@@ -218,5 +219,5 @@ def test_scheduled_definition_fires_under_beat(workers, tmp_path):
     for name, row_id in (("first.jsonl", "a"), ("second.jsonl", "b")):
         [job] = jobs_for(name)
         assert job.output == str(tmp_path / "results" / job.job_id)
-        [row] = read_output(job.output).to_pylist()
+        [row] = pq.read_table(job.output).to_pylist()
         assert row["id"] == row_id and row["error"] is None and row["completion_tokens"] >= 1

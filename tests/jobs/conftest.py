@@ -3,7 +3,9 @@ import json
 
 import pytest
 
-from batchgen.jobs.io import output_row, output_schema, plan_shards, read_rows, validate_input, write_part
+from batchgen.jobs.output_dir import write_part
+from batchgen.jobs.output_rows import output_row, output_schema
+from batchgen.jobs.readers import read_rows, validate_input
 from batchgen.jobs.spec import JobSpec
 from batchgen.jobs.stats import ShardStats
 from batchgen.outputs import CompletionOutput, RequestOutput, TokenLogprobs
@@ -48,9 +50,9 @@ def fake_result(row) -> RequestOutput:
 def _run_job(spec, worker="host-a", fail_ids=()):
     """What a worker does, shard by shard. Rows whose id is in fail_ids get an engine error."""
     schema = output_schema(spec)
-    for shard, (start, end) in enumerate(plan_shards(spec.input_summary.num_rows, spec.shard_size)):
+    for shard in range(spec.num_shards):
         rows = []
-        for row in read_rows(spec, start, end):
+        for row in read_rows(spec, *spec.shard_rows(shard)):
             result = None
             if row.error is None:
                 result = fake_result(row)

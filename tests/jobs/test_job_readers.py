@@ -9,9 +9,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from batchgen import SamplingParams
-from batchgen.jobs.io import JobInputError, plan_shards, read_rows, validate_input
+from batchgen.jobs.errors import JobInputError
+from batchgen.jobs.readers import read_rows, validate_input
 from batchgen.jobs.spec import JobSpec
-
 GOOD = {"prompt": "fine"}
 
 # (bad line, field named in the error or None for whole-line problems, message fragment)
@@ -65,7 +65,7 @@ def test_huge_line_is_skipped_unread(make_job, tmp_path):
 def test_duplicate_ids_fail_the_later_rows_across_shards(make_job):
     ids = ["a", "b", "c", "a", "d", "b", "a"]
     spec = make_job([{"id": i, **GOOD} for i in ids], shard_size=2)
-    rows = [r for start, end in plan_shards(7, 2) for r in read_rows(spec, start, end)]
+    rows = [r for i in range(spec.num_shards) for r in read_rows(spec, *spec.shard_rows(i))]
     assert spec.input_summary.duplicate_rows == [3, 5, 6]
     assert [r.id for r in rows] == ids
     for row in rows:
@@ -89,7 +89,7 @@ def test_shard_reads_add_up_to_the_whole_file(make_job):
                          for i, r in enumerate(rows))
     spec = make_job(content, shard_size=5)
     assert spec.input_summary.num_rows == 23 and len(spec.input_summary.shard_starts) == 5
-    shards = plan_shards(23, 5)
+    shards = [spec.shard_rows(i) for i in range(spec.num_shards)]
     assert shards == [(0, 5), (5, 10), (10, 15), (15, 20), (20, 23)]
     read = [r for start, end in shards for r in read_rows(spec, start, end)]
     assert read == list(read_rows(spec, 0, 23))
@@ -136,7 +136,7 @@ def test_parquet_rows_by_row_group(tmp_path):
     spec.input_summary = validate_input(spec)
     assert spec.input_summary.input_format == "parquet" and spec.input_summary.num_rows == n
     assert spec.input_summary.unknown_fields == {"unused": "the schema"}
-    read = [r for start, end in plan_shards(n, 8) for r in read_rows(spec, start, end)]
+    read = [r for i in range(spec.num_shards) for r in read_rows(spec, *spec.shard_rows(i))]
     assert [r.id for r in read] == [f"d{i}" for i in range(n)]
     assert [r.prompt for r in read if r.index != 17] == [f"Summarize: text {i}" for i in range(n) if i != 17]
     assert [r.columns for r in read] == [{"label": i} for i in range(n)]

@@ -3,8 +3,9 @@ rows; the table shows them."""
 from datetime import datetime, timedelta, timezone
 
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
-from batchgen.jobs.io import read_output, read_shard_stats
+from batchgen.jobs.output_dir import read_shard_stats
 from batchgen.jobs.stats import JobStats, ShardStats, merge_stats, render_stats
 
 
@@ -17,7 +18,7 @@ def test_merged_stats_agree_with_the_rows(make_job, run_job):
     stats = merge_stats(read_shard_stats(spec.output), job_id=spec.job_id, model="tiny", dtype="float32",
                         sampling=spec.sampling, started_at=started, finished_at=started + timedelta(seconds=10))
 
-    table = read_output(spec.output)
+    table = pq.read_table(spec.output)
     ok = table.filter(pc.is_null(table.column("error")))
     assert stats.rows_total == table.num_rows == 11
     assert stats.rows_failed == table.num_rows - ok.num_rows == 2

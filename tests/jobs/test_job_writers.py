@@ -9,10 +9,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from batchgen.jobs import io as jobs_io
-from batchgen.jobs.io import (JobOutputError, list_parts, load_spec, load_stats, output_row, output_schema,
-                              part_exists, part_path, read_output, read_rows, read_shard_stats, remove_temp_files,
-                              save_spec, save_stats, validate_input, write_openai_output, write_part)
+from batchgen.jobs.errors import JobOutputError
+from batchgen.jobs.output_dir import (list_parts, load_spec, load_stats, part_exists, part_path, read_shard_stats,
+                                     remove_temp_files, save_spec, save_stats, write_openai_output, write_part)
+from batchgen.jobs.output_rows import LOGPROBS_TYPE, output_row, output_schema
+from batchgen.jobs.readers import read_rows, validate_input
 from batchgen.jobs.spec import JobSpec
 from batchgen.jobs.stats import merge_stats
 
@@ -28,12 +29,12 @@ def test_round_trip_with_samples_logprobs_json_and_kept_columns(make_job, run_jo
             {"id": "e", "prompt": "too long", "source": None}]
     spec = make_job(rows, shard_size=2, keep_columns=["source", "meta"])
     schema = run_job(spec, fail_ids={"e"})
-    table = read_output(spec.output)
+    table = pq.read_table(spec.output)
     assert table.schema.equals(schema)
     assert schema.field("text").type == pa.list_(pa.string())        # some row has n = 2
     assert schema.field("source").type == pa.float64()                 # ints and a float
     assert schema.field("meta").type == pa.string()                    # an object and a string: JSON text
-    assert schema.field("logprobs").type == pa.list_(jobs_io.LOGPROBS_TYPE)
+    assert schema.field("logprobs").type == pa.list_(LOGPROBS_TYPE)
     assert [len(list_parts(spec.output))] == [3]
 
     got = table.to_pylist()
@@ -59,7 +60,7 @@ def test_round_trip_with_samples_logprobs_json_and_kept_columns(make_job, run_jo
 def test_plain_schema_when_every_row_has_one_sample(make_job, run_job):
     spec = make_job([{"id": "a", "prompt": "x"}, {"id": "b", "prompt": "y"}])
     run_job(spec)
-    table = read_output(spec.output)
+    table = pq.read_table(spec.output)
     assert table.schema.names == ["id", "text", "finish_reason", "prompt_tokens", "completion_tokens", "error"]
     assert table.column("text").to_pylist() == ["a/0", "b/0"]
 
@@ -75,7 +76,7 @@ def test_parquet_kept_columns_keep_their_types(tmp_path, run_job):
                    keep_columns=["when", "tags", "score"], shard_size=2)
     spec.input_summary = validate_input(spec)
     run_job(spec)
-    out = read_output(spec.output)
+    out = pq.read_table(spec.output)
     for name in ("when", "tags", "score"):
         assert out.schema.field(name).type == table.schema.field(name).type
         assert out.column(name).to_pylist() == table.column(name).to_pylist()
@@ -135,7 +136,7 @@ def test_parts_are_idempotent_and_temp_files_never_count(make_job, run_job, fake
     rows = [output_row(r, fake_engine(r)) for r in read_rows(spec, 0, 1)]
     write_part(rows, spec.output, 0, output_schema(spec))             # a redelivered shard: same file again
     assert [i for i, _ in list_parts(spec.output)] == [0, 1]
-    assert read_output(spec.output).column("id").to_pylist() == ["a", "b"]
+    assert pq.read_table(spec.output).column("id").to_pylist() == ["a", "b"]
     assert remove_temp_files(spec.output) == 1
     assert sorted(os.listdir(parts_dir)) == ["shard-00000.parquet", "shard-00001.parquet"]
 
@@ -154,7 +155,7 @@ def test_uri_output_and_metadata_files(make_job, run_job, tmp_path):
     spec = make_job([{"id": f"r{i}", "prompt": "x y"} for i in range(5)], shard_size=2)
     spec.output = "file://" + str(tmp_path / "uri-out")
     run_job(spec, worker="host-b")
-    assert read_output(spec.output).column("id").to_pylist() == [f"r{i}" for i in range(5)]
+    assert pq.read_table(spec.output).column("id").to_pylist() == [f"r{i}" for i in range(5)]
     save_spec(spec)
     assert load_spec(spec.output) == spec
     shard_stats = read_shard_stats(spec.output)
@@ -162,7 +163,7 @@ def test_uri_output_and_metadata_files(make_job, run_job, tmp_path):
     stats = merge_stats(shard_stats, job_id=spec.job_id, model=spec.model)
     save_stats(spec.output, stats)
     assert load_stats(spec.output) == stats
-    assert sorted(os.listdir(tmp_path / "uri-out")) == ["job.json", "parts", "stats.json"]
+    assert sorted(os.listdir(tmp_path / "uri-out")) == [".batchgen", "parts"]
 
 
 # The Batch API output line, as documented by OpenAI (https://platform.openai.com/docs/api-reference/batch).

@@ -11,8 +11,10 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from batchgen import SamplingParams, StructuredOutput
-from batchgen.jobs.spec import (ROW_SAMPLING_ALIASES, ROW_SAMPLING_FIELDS, JobSpec, PromptRow, RowParser,
-                                redact_url, structured_from_response_format, template_placeholders)
+from batchgen.jobs.paths import redact_url
+from batchgen.jobs.rows import (ROW_SAMPLING_ALIASES, ROW_SAMPLING_FIELDS, PromptRow, RowParser,
+                                structured_from_response_format)
+from batchgen.jobs.spec import JobSpec, template_placeholders
 
 PERSON = {"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]}
 

@@ -41,7 +41,7 @@ def store_at(redis_url: str):
     from batchgen.jobs.store import RedisJobStore
     from batchgen.workers.app import key_prefix
 
-    return RedisJobStore(redis_url, prefix=f"{key_prefix()}:")
+    return RedisJobStore(redis_url, prefix=key_prefix())
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
@@ -59,9 +59,10 @@ def cli_process(*args, redis_url: str, timeout_s: float = 120) -> subprocess.Com
 def every_row_once(output: str, ids: list[str]) -> list[dict]:
     """The job's output rows, checked to be the input's, each exactly once and in input order; stats.json and
     the parts' footers must count the same rows."""
-    from batchgen.jobs.io import load_stats, read_output, read_shard_stats
+    import pyarrow.parquet as pq
 
-    table = read_output(output).to_pylist()
+    from batchgen.jobs.output_dir import load_stats, read_shard_stats
+    table = pq.read_table(output).to_pylist()
     assert [row["id"] for row in table] == ids
     assert load_stats(output).rows_total == sum(s.rows_total for s in read_shard_stats(output)) == len(ids)
     return table

@@ -11,7 +11,8 @@ import pytest
 from click.testing import CliRunner
 
 from batchgen.cli import main
-from batchgen.workers.app import job_store, queue_length, queue_name
+from batchgen.workers.app import job_store, queue_name
+from queues import queue_length
 from harness import reference_texts
 
 INPUTS = Path(__file__).with_name("inputs")
@@ -101,13 +102,11 @@ def test_row_problems_cost_only_their_rows(corpus, model_alias, start_worker, re
     assert warned == [f"{corpus['unknown_fields.jsonl']}: unknown field 'colour' ignored (first at line 1)",
                       f"{corpus['unknown_fields.jsonl']}: unknown field 'priority' ignored (first at line 2)"]
 
-    from batchgen.jobs.io import read_output
-
     good_rows, prompts = {}, {}
     for name, job_id in submitted.items():
         assert cli("wait", job_id, "--interval", 0.2, "--timeout", 60).exit_code == 0, worker.log_text()[-3000:]
         path = corpus[name]
-        table = read_output(str(tmp_path / name)).to_pylist()
+        table = pq.read_table(str(tmp_path / name)).to_pylist()
         lines = [line for line in path.read_bytes().split(b"\n") if line.strip()]
         assert len(table) == len(lines)                            # every row once, in input order
         failing = {}
@@ -130,8 +129,7 @@ def test_row_problems_cost_only_their_rows(corpus, model_alias, start_worker, re
         row = good_rows[key]
         assert row["text"] == text and row["prompt_tokens"] == len(reference_llm.tokenizer.encode(prompt))
 
-    paths = read_output(str(tmp_path / "path_like_fields.jsonl")).to_pylist()
+    paths = pq.read_table(str(tmp_path / "path_like_fields.jsonl")).to_pylist()
     assert [r["id"] for r in paths] == ["../../escaped", "/tmp/absolute-id"]   # ids are data, never file names
-    assert sorted(p.name for p in (tmp_path / "path_like_fields.jsonl").iterdir()) == ["job.json", "parts",
-                                                                                      "stats.json"]
+    assert sorted(p.name for p in (tmp_path / "path_like_fields.jsonl").iterdir()) == [".batchgen", "parts"]
     assert not Path("/tmp/absolute-id").exists()

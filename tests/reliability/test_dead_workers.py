@@ -14,7 +14,8 @@ import pytest
 from click.testing import CliRunner
 
 from batchgen.cli import main
-from batchgen.jobs.io import read_shard_stats, validate_input
+from batchgen.jobs.output_dir import read_shard_stats
+from batchgen.jobs.readers import validate_input
 from batchgen.jobs.spec import JobSpec
 from batchgen.jobs.stats import ShardStats
 from batchgen.jobs.store import MemoryJobStore, RedisJobStore, WorkerInfo
@@ -113,7 +114,7 @@ def test_a_job_without_live_workers_is_stalled_until_one_comes_back(model_alias,
 def store(request):
     if request.param == "memory":
         return MemoryJobStore()
-    return RedisJobStore(os.environ["BATCHGEN_REDIS_URL"], prefix=f"{key_prefix()}:unit-{uuid.uuid4().hex}:")
+    return RedisJobStore(os.environ["BATCHGEN_REDIS_URL"], prefix=f"{key_prefix()}:unit-{uuid.uuid4().hex}")
 
 
 def test_lost_shards_are_those_of_silent_or_restarted_workers_and_requeue_once(store, tmp_path):

@@ -5,14 +5,16 @@ shards are generating. Every row that can be served says exactly what the model 
 import json
 import time
 
+import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
 from batchgen import SamplingParams
 from batchgen.cli import EXIT_CANCELLED, main
 from batchgen.engine.engine import MAX_SOLO_FAILURES
-from batchgen.jobs.io import list_parts, load_stats, read_output
-from batchgen.workers.app import job_store, queue_length, queue_name
+from batchgen.jobs.output_dir import list_parts, load_stats
+from batchgen.workers.app import job_store, queue_name
+from queues import queue_length
 from harness import every_row_once, reference_texts, wait_until, write_jsonl
 
 pytestmark = pytest.mark.slow   # real worker processes
@@ -106,12 +108,12 @@ def test_cancel_stops_the_running_shards_and_starts_no_more(model_alias, start_w
 
     assert [s.shard_index for s in store.shard_records(job_id)] == [0, 1, 2]     # no shard started after
     assert [index for index, _ in list_parts(str(tmp_path / "out"))] == [0]
-    kept = read_output(str(tmp_path / "out")).to_pylist()
+    kept = pq.read_table(str(tmp_path / "out")).to_pylist()
     assert [r["id"] for r in kept] == ["c0", "c1"]
     assert [r["text"] for r in kept] == reference_texts(reference_llm, [r["prompt"] for r in rows[:2]], max_tokens=3)
     record = store.get_job(job_id)
     assert (record.status, record.shards_done, record.rows_done) == ("cancelled", 1, 2)
-    assert not (tmp_path / "out" / "stats.json").exists()
+    assert not (tmp_path / "out" / ".batchgen" / "stats.json").exists()
     assert json.loads(cli("status", job_id, "--json").output)["stalled"] is None
 
 

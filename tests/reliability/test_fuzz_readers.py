@@ -10,8 +10,10 @@ import pyarrow.parquet as pq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from batchgen.jobs.io import JobInputError, plan_shards, read_rows, validate_input
-from batchgen.jobs.spec import JobSpec, PromptRow
+from batchgen.jobs.errors import JobInputError
+from batchgen.jobs.readers import read_rows, validate_input
+from batchgen.jobs.rows import PromptRow
+from batchgen.jobs.spec import JobSpec
 from batchgen.sampling_params import SamplingParams
 
 FUZZ = settings(max_examples=60, deadline=None,
@@ -43,7 +45,7 @@ def check_reads(spec: JobSpec, shard_size: int) -> None:
         assert spec.input in str(exc)
         return
     spec.input_summary = summary
-    shards = plan_shards(summary.num_rows, shard_size)
+    shards = [spec.shard_rows(i) for i in range(spec.num_shards)]
     rows = [row for start, end in shards for row in read_rows(spec, start, end)]
     assert [row.index for row in rows] == list(range(summary.num_rows))
     assert rows == list(read_rows(spec, 0, summary.num_rows))

@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from batchgen.cli import main
-from batchgen.jobs.io import part_exists
+from batchgen.jobs.output_dir import part_exists
 from batchgen.workers.app import job_store
 from harness import every_row_once, reference_texts, write_jsonl
 

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from batchgen.jobs.io import read_shard_stats
+from batchgen.jobs.output_dir import read_shard_stats
 from harness import cli_process, every_row_once, reference_texts, store_at, wait_until, write_jsonl
 
 pytestmark = pytest.mark.slow   # real worker processes and a redis-server restarted

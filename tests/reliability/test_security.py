@@ -7,6 +7,7 @@ import shutil
 import uuid
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 import redis
 import torch
@@ -15,10 +16,14 @@ from safetensors.torch import load_file
 
 from batchgen.cli import main
 from batchgen.jobs import execute
-from batchgen.jobs.io import JobInputError, JobOutputError, check_roots, save_spec, validate_input
+from batchgen.jobs.errors import JobInputError, JobOutputError
+from batchgen.jobs.output_dir import save_spec
+from batchgen.jobs.paths import check_roots
+from batchgen.jobs.readers import validate_input
 from batchgen.jobs.spec import JobSpec
 from batchgen.jobs.store import MemoryJobStore
-from batchgen.workers.app import SHARD_TASK, job_store, key_prefix, make_app, queue_length, queue_name
+from batchgen.workers.app import SHARD_TASK, job_store, key_prefix, make_app, queue_name
+from queues import queue_length
 from harness import cli_process, free_port, reference_texts, store_at, write_jsonl
 
 PLANTED_S3_SECRET = "planted-s3-secret-9c41"
@@ -116,8 +121,7 @@ def test_pickled_weights_load_only_when_allowed(tiny_model, reference_llm, tmp_p
     assert refused.exit_code == 1 and "has only pickled weights" in refused.output and "Traceback" not in refused.output
     allowed = cli("run", inputs, "-o", tmp_path / "allowed", *options, "--allow-pickle-weights")
     assert allowed.exit_code == 0, allowed.output
-    from batchgen.jobs.io import read_output
-    [row] = read_output(str(tmp_path / "allowed")).to_pylist()
+    [row] = pq.read_table(str(tmp_path / "allowed")).to_pylist()
     assert row["text"] == reference_texts(reference_llm, ["Once upon a time"], max_tokens=4)[0]
 
     # the worker command: refused without the flag, and the flag reaches the engine (the worker loop is faked)

@@ -10,9 +10,11 @@ from click.testing import CliRunner
 
 from batchgen.cli import EXIT_CANCELLED, main
 from batchgen.jobs import execute
-from batchgen.jobs.io import read_output, save_spec, validate_input
+from batchgen.jobs.output_dir import load_spec, save_spec
+from batchgen.jobs.readers import validate_input
 from batchgen.jobs.spec import JobSpec
-from batchgen.workers.app import job_store, queue_length, queue_name
+from batchgen.workers.app import job_store, queue_name
+from queues import queue_length
 
 UNSERVED_MODEL = "cli-test-model"
 
@@ -77,11 +79,12 @@ def test_job_commands_on_a_queued_job(tmp_path):
     queue = queue_name(UNSERVED_MODEL)
     before = queue_length(queue)
     result = cli("submit", path, "--model", UNSERVED_MODEL, "-o", tmp_path / "out", "--shard-size", "2",
-                 "--max-tokens", "3", "--temperature", "0")
+                 "--max-tokens", "3", "--temperature", "0", "--cache-salt", "tenant-a")
     assert result.exit_code == 0, result.output
     job_id = result.stdout.strip()
     assert queue_length(queue) == before + 3
     spec = job_store().get_spec(job_id)
+    assert spec.cache_salt == "tenant-a" and load_spec(str(tmp_path / "out")).cache_salt == "tenant-a"
     assert spec.sampling == {"max_tokens": 3, "temperature": 0.0} and spec.shard_size == 2
     assert "no worker serves model" in result.stderr
 
@@ -126,10 +129,35 @@ def test_results_of_an_output_directory(tmp_path):
     execute.run_job_locally(spec, executor())
     result = cli("results", tmp_path / "out", "--show", "3", "--shards")
     assert result.exit_code == 0, result.output
-    rows = read_output(spec.output).to_pylist()
+    rows = pq.read_table(spec.output).to_pylist()
     assert "rows               5 (5 ok, 0 failed)" in result.output and "(3 part(s))" in result.output
     for row in rows[:3]:
         assert f"[{row['id']}] {row['prompt_tokens']} prompt + {row['completion_tokens']} completion tokens" \
             in result.output
         assert "\n  " + row["text"] + "\n" in result.output + "\n"
     assert f"[{rows[3]['id']}]" not in result.output
+
+
+def test_results_and_resume_of_an_output_written_the_old_way(tmp_path):
+    """job.json and stats.json beside parts/ (before .batchgen/): `results` reads them, and `resume` brings the
+    job back from that job.json when Redis no longer knows it."""
+    from test_execute import executor
+
+    path = prompts_file(tmp_path / "in.jsonl", 5)
+    spec = JobSpec(input=str(path), output=str(tmp_path / "out"), shard_size=2, model=UNSERVED_MODEL)
+    spec.input_summary = validate_input(spec)
+    save_spec(spec)
+    execute.run_job_locally(spec, executor())
+    for name in ("job.json", "stats.json"):
+        (tmp_path / "out" / ".batchgen" / name).rename(tmp_path / "out" / name)
+    (tmp_path / "out" / ".batchgen").rmdir()
+    result = cli("results", tmp_path / "out")
+    assert result.exit_code == 0 and "rows               5 (5 ok, 0 failed)" in result.output, result.output
+    assert "has not finished" not in result.output
+
+    queue = queue_name(UNSERVED_MODEL)
+    before = queue_length(queue)
+    resumed = cli("resume", tmp_path / "out")
+    assert resumed.exit_code == 0 and f"resumed {spec.job_id}: 3 shard(s) queued" in resumed.output, resumed.output
+    assert queue_length(queue) == before + 3 and job_store().get_job(spec.job_id).status == "queued"
+    job_store().cancel_job(spec.job_id)

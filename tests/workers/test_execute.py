@@ -4,13 +4,16 @@ function of its token ids, so every expected output below is computed from the i
 import json
 import os
 import threading
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 
 from batchgen.jobs import execute
-from batchgen.jobs.io import (JobOutputError, load_spec, load_stats, part_path, read_output, read_shard_stats,
-                              save_spec, validate_input)
+from batchgen.jobs.errors import JobOutputError
+from batchgen.jobs.output_dir import (load_spec, load_stats, part_exists, part_path, part_stats, prepare_output,
+                                     read_shard_stats, save_spec)
+from batchgen.jobs.readers import validate_input
 from batchgen.jobs.spec import JobSpec
 from batchgen.jobs.store import MemoryJobStore
 from batchgen.outputs import CompletionOutput, RequestOutput
@@ -33,16 +36,18 @@ def fake_text(prompt: list[int], max_tokens: int) -> str:
 
 class FakeEngine:
     """Answers a prompt with its text reversed, cut to max_tokens characters; raises on every call when
-    `broken`. Records each call's batch size."""
+    `broken`. Records each call's batch size and cache salt."""
 
     def __init__(self, broken: bool = False):
         self.broken = broken
         self.calls: list[int] = []
+        self.salts: list[str | None] = []
         self.lock = threading.Lock()
 
-    def generate_tokens(self, prompts, sampling_params, should_stop=None):
+    def generate_tokens(self, prompts, sampling_params, should_stop=None, cache_salt=None):
         with self.lock:
             self.calls.append(len(prompts))
+            self.salts.append(cache_salt)
         if self.broken:
             raise RuntimeError("device-side assert triggered")
         outputs = []
@@ -85,7 +90,7 @@ def test_local_job_runs_every_row_once_in_order(job):
     record = execute.run_job_locally(spec, executor(), progress=lambda r: seen.append(r.shards_done))
     assert record.status == "completed" and seen == [1, 2, 3, 4]
 
-    table = read_output(spec.output).to_pylist()
+    table = pq.read_table(spec.output).to_pylist()
     assert [r["id"] for r in table] == [f"r{i}" for i in range(7)] + ["7", "chat", "tpl"]
     for i, row in enumerate(table[:7]):
         assert row["text"] == fake_text([ord(c) for c in f"prompt number {i}"], 5) and row["error"] is None
@@ -100,7 +105,7 @@ def test_local_job_runs_every_row_once_in_order(job):
     assert stats.prompt_tokens == sum(r["prompt_tokens"] for r in ok)
     assert stats.completion_tokens == sum(r["completion_tokens"] for r in ok)
     assert stats.dtype == "float32" and stats.workers == ["host-a:1 cpu"] and len(stats.shards) == 4
-    lines = [json.loads(line) for line in open(f"{spec.output}/results.jsonl")]
+    lines = [json.loads(line) for line in open(f"{spec.output}/.batchgen/results.jsonl")]
     assert [line["custom_id"] for line in lines] == [r["id"] for r in table]
 
 
@@ -130,7 +135,7 @@ def test_shards_of_a_finished_or_cancelled_job_do_not_run(job):
     store.cancel_job(spec.job_id)
     engine = FakeEngine()
     assert execute.run_shard(spec, 0, executor(engine), store).status == "skipped"
-    assert engine.calls == [] and not execute.part_exists(spec.output, 0)
+    assert engine.calls == [] and not part_exists(spec.output, 0)
 
 
 def test_an_engine_that_fails_on_every_row_fails_the_shard(job):
@@ -139,7 +144,7 @@ def test_an_engine_that_fails_on_every_row_fails_the_shard(job):
     store.create_job(spec)
     with pytest.raises(RuntimeError, match="device-side"):
         execute.run_shard(spec, 0, executor(FakeEngine(broken=True)), store)
-    assert not execute.part_exists(spec.output, 0)
+    assert not part_exists(spec.output, 0)
 
 
 def test_input_changed_after_submit_fails_the_job(job):
@@ -173,7 +178,7 @@ def test_shard_stats_name_worker_gpu_and_time(job):
     spec = job(prompts(3))
     execute.run_job_locally(spec, executor())
     [stats] = read_shard_stats(spec.output)
-    assert stats == execute.part_stats(spec.output, 0)
+    assert stats == part_stats(spec.output, 0)
     assert (stats.worker, stats.gpu, stats.rows_total) == ("host-a:1", "cpu", 3)
     assert stats.wall_seconds > 0 and stats.started_at <= stats.finished_at
     footer = pq.read_schema(part_path(spec.output, 0)).metadata
@@ -186,11 +191,11 @@ def test_prepare_output_refuses_or_replaces_an_earlier_job(job):
     save_spec(spec)
     other = spec.model_copy(update={"job_id": "another-job"})
     with pytest.raises(JobOutputError, match="already holds"):
-        execute.prepare_output(other)
+        prepare_output(other)
     keep = f"{spec.output}/notes.txt"
     open(keep, "w").write("mine")
-    execute.prepare_output(other, replace=True)
-    execute.prepare_output(other)                               # nothing of batchgen's is left
+    prepare_output(other, replace=True)
+    prepare_output(other)                               # nothing of batchgen's is left
     assert open(keep).read() == "mine"
     with pytest.raises(JobOutputError):
         load_spec(spec.output)
@@ -209,3 +214,16 @@ def test_cancel_check_asks_the_store_at_most_every_interval(job):
     assert not should_stop() and len(asked) == 1                # within the interval: not asked again
     should_stop = execute.cancel_check(store, spec.job_id, interval_s=0)
     assert should_stop() and should_stop() and len(asked) == 2  # once cancelled, never asked again
+
+
+def test_the_job_cache_salt_reaches_the_engine_on_every_call(job):
+    salted = job(prompts(7), cache_salt="tenant-a")          # 3 shards
+    engine = FakeEngine()
+    assert execute.run_job_locally(salted, executor(engine)).status == "completed"
+    assert engine.salts == ["tenant-a"] * 3
+    save_spec(salted)
+    assert load_spec(salted.output).cache_salt == "tenant-a"
+
+    plain = job(prompts(3), output=str(Path(salted.output).parent / "plain"))
+    execute.run_job_locally(plain, executor(engine))
+    assert engine.salts[-1] is None
