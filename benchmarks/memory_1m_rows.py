@@ -9,7 +9,7 @@ rows, wall time, the worker's peak RSS (VmHWM) and its RSS once the model was lo
     python benchmarks/memory_1m_rows.py --rows 20000 --kv-cache-bytes 0     # the engine's default KV budget
 
 The KV cache is capped (--kv-cache-bytes, default 200 MB) because the CPU default, a quarter of free RAM up to
-4 GiB, is allocated up front and would dominate the figure.
+the engine's CPU_KV_CACHE_CAP, is allocated up front and would dominate the figure.
 """
 import argparse
 import json
@@ -92,7 +92,7 @@ def measure(num_rows: int, kv_cache_bytes: int, workdir: Path) -> dict:
         worker.wait(timeout=60)
         redis.terminate()
         redis.wait()
-    stats = json.loads((workdir / "out" / "stats.json").read_text()) if status == "completed" else {}
+    stats = json.loads((workdir / "out" / ".batchgen" / "stats.json").read_text()) if status == "completed" else {}
     return {"benchmark": "memory_1m_rows", "rows": num_rows, "status": status,
             "rows_out": stats.get("rows_total"), "rows_failed": stats.get("rows_failed"),
             "worker_peak_rss_bytes": worker_peak, "worker_rss_after_load_bytes": after_load,

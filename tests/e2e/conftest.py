@@ -1,5 +1,5 @@
 """End-to-end set-up: real Redis on 127.0.0.1:6379 in a key namespace of this session (BATCHGEN_PREFIX, set
-before batchgen.workers is imported; the same guard sits in tests/workers/conftest.py), and two real worker
+by tests/conftest.py before batchgen.workers is imported), and two real worker
 processes serving the embedded default model, started once per session and shared by every test."""
 import os
 import signal

@@ -4,8 +4,7 @@ on a tiny random-weight model, which the tests start, kill and restart (harness.
 2 s and unacknowledged messages after 10 s, so a dead worker's shards come back in seconds; each test serves
 its own alias of the model, so it has a queue to itself.
 
-The namespace guard is the same as in tests/workers/ and tests/e2e/: whichever directory loads first names the
-session's namespace."""
+The session's key namespace (BATCHGEN_PREFIX) is set by tests/conftest.py, as for every suite."""
 import os
 from dataclasses import dataclass
 from pathlib import Path

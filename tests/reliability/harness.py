@@ -13,7 +13,8 @@ from pathlib import Path
 
 HEARTBEAT_TTL_S = 2.0
 VISIBILITY_TIMEOUT_S = 10.0         # a dead worker's messages that never started come back this soon
-# The CPU default sizes the KV cache to a quarter of free RAM (up to 4 GiB) in every worker process.
+# The CPU default sizes the KV cache to a quarter of free RAM (up to the engine's CPU_KV_CACHE_CAP) in every worker
+# process.
 WORKER_KV_BLOCKS = 512
 WORKER_START_TIMEOUT_S = 120
 FAULT_WORKER = Path(__file__).with_name("fault_worker.py")
