@@ -227,3 +227,25 @@ def test_the_job_cache_salt_reaches_the_engine_on_every_call(job):
     plain = job(prompts(3), output=str(Path(salted.output).parent / "plain"))
     execute.run_job_locally(plain, executor(engine))
     assert engine.salts[-1] is None
+
+
+def test_jobs_share_prefix_cache_blocks_only_under_the_same_salt(job, tiny_model_dir, tmp_path):
+    """The real engine, shared by four jobs in turn: a job reuses the KV blocks an earlier job left only when
+    both carry the same cache salt; the text is the same either way."""
+    from batchgen import LLM
+
+    llm = LLM(str(tiny_model_dir("llama")), device="cpu", dtype="float32")
+    row = {"id": "r0", "prompt": "The weather in the hills turned cold and wet before the harvest. " * 3}
+
+    def run(name: str, salt: str | None):
+        spec = job([row], output=str(tmp_path / name), cache_salt=salt, sampling={"max_tokens": 4, "temperature": 0})
+        assert execute.run_job_locally(spec, execute.Executor.for_llm(llm)).status == "completed"
+        [out] = pq.read_table(spec.output).to_pylist()
+        return load_stats(spec.output).cached_tokens, out["text"], out["prompt_tokens"]
+
+    first, other_salt, same_salt, unsalted = run("a1", "a"), run("b", "b"), run("a2", "a"), run("none", None)
+    prompt_tokens = first[2]
+    assert prompt_tokens >= 2 * llm.engine.config.block_size
+    assert first[0] == other_salt[0] == unsalted[0] == 0
+    assert same_salt[0] >= (prompt_tokens - 1) // llm.engine.config.block_size * llm.engine.config.block_size
+    assert first[1] == other_salt[1] == same_salt[1] == unsalted[1]
