@@ -107,8 +107,8 @@ def _job_options(command):
         click.option("--output-format", type=click.Choice(["parquet", "openai"]), default="parquet",
                      show_default=True,
                      help="openai: also write .batchgen/results.jsonl in the OpenAI Batch output shape."),
-        click.option("--cache-salt", help="Share prefix-cache blocks only with jobs of the same salt (a tenant's "
-                                          "secret keeps its prompts' KV apart from other tenants' on one worker)."),
+        click.option("--cache-salt", help="Share prefix-cache blocks only with jobs of the same salt: one per "
+                                          "tenant keeps tenants' KV apart on a shared worker (kept in job.json)."),
         click.option("--schema", "schema_file", type=click.Path(exists=True, dir_okay=False),
                      help="JSON schema file: every output is JSON that fits it."),
         click.option("--json", "json_object", is_flag=True, help="Every output is a JSON object."),

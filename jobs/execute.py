@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, Literal, Protocol
+from typing import Literal, Protocol
 
 import pyarrow as pa
 
@@ -39,10 +39,12 @@ ShardStatus = Literal["done", "skipped", "cancelled", "failed"]
 
 class Generator(Protocol):
     """What runs the rows: `batchgen.LLM` (local run) or `batchgen.engine.loop.EngineLoop` (worker: thread-safe,
-    shared by the worker's shard threads, and the only one that takes `should_stop`)."""
+    shared by the worker's shard threads). `should_stop` cancels mid-shard; `cache_salt` keeps a job's
+    prefix-cache blocks to the jobs of the same salt."""
 
     def generate_tokens(self, prompts: Sequence[list[int] | Exception], sampling_params: Sequence[SamplingParams],
-                        **kwargs: Any) -> list[RequestOutput]: ...
+                        should_stop: Callable[[], bool] | None = None,
+                        cache_salt: str | None = None) -> list[RequestOutput]: ...
 
 
 class Tokenizer(Protocol):

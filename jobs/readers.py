@@ -25,7 +25,7 @@ from batchgen.jobs.spec import InputFormat, InputSummary, JobSpec
 log = logging.getLogger("batchgen.jobs")
 
 _READ_BUFFER = 1 << 20
-PARQUET_BATCH_ROWS = 1024      # rows decoded at a time; bounds memory for long-text columns
+_PARQUET_BATCH_ROWS = 1024     # rows decoded at a time; bounds memory for long-text columns
 _DETECT_LINES = 64             # lines looked at to tell plain JSONL from OpenAI batch lines
 _FIRST_ERRORS = 10
 
@@ -64,7 +64,6 @@ def validate_input(spec: JobSpec) -> InputSummary:
     for field_name, where in survey.unknown_fields.items():
         log.warning("%s: unknown field '%s' ignored (first at %s)", name, field_name, where)
     return survey.summary(input_format, info, kept)
-
 
 
 def read_rows(spec: JobSpec, start: int, end: int) -> Iterator[PromptRow]:
@@ -301,7 +300,7 @@ def _parquet_rows(parquet: pq.ParquetFile, parser: RowParser, columns: list[str]
         return
     index = first_row
     try:
-        for batch in parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, row_groups=groups, columns=columns,
+        for batch in parquet.iter_batches(batch_size=_PARQUET_BATCH_ROWS, row_groups=groups, columns=columns,
                                           use_threads=False):
             low, high = max(start - index, 0), min(end - index, batch.num_rows)
             if low < high:

@@ -31,11 +31,9 @@ OUTPUT_COLUMNS = frozenset({"id", "text", "finish_reason", "prompt_tokens", "com
                             "json", "json_valid", "error", "endpoint"})
 
 
-
 def new_job_id() -> str:
     """Sortable by submit time, unique without coordination."""
     return f"{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"
-
 
 
 class InputSummary(BaseModel):
@@ -124,7 +122,7 @@ class JobSpec(BaseModel):
         return value
 
     @model_validator(mode="after")
-    def _template_needs_rows(self):
+    def _fits_given_input_format(self):
         if self.input_format is not None:
             self.check_input_format(self.input_format)
         return self
