@@ -191,7 +191,8 @@ def _openai_line(spec: JobSpec, record: dict[str, Any], index: int, created: int
 
 
 def save_spec(spec: JobSpec) -> str:
-    """.batchgen/job.json in the output directory (atomically), input and output without credentials; returns its path."""
+    """.batchgen/job.json in the output directory (atomically), input and output without credentials; returns
+    its path."""
     shown = spec.model_copy(update={"input": spec.input_display, "output": spec.output_display})
     return _write_text(spec.output, SPEC_FILE, shown.model_dump_json(indent=2))
 

@@ -67,9 +67,9 @@ def validate_input(spec: JobSpec) -> InputSummary:
 
 
 def read_rows(spec: JobSpec, start: int, end: int) -> Iterator[PromptRow]:
-    """Parsed rows [start, end) (`spec.shard_rows(i)`) in input order. JSONL seeks to the nearest shard start recorded by
-    validate_input; Parquet decodes only the row groups that hold the range. Raises JobInputError if the
-    file changed since validation (the shard plan would no longer match it)."""
+    """Parsed rows [start, end) (`spec.shard_rows(i)`) in input order. JSONL seeks to the nearest shard start
+    recorded by validate_input; Parquet decodes only the row groups that hold the range. Raises JobInputError
+    if the file changed since validation (the shard plan would no longer match it)."""
     summary = spec.summary
     fs, path, info = _open_input(spec)
     name = spec.input_display

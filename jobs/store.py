@@ -280,8 +280,8 @@ def redis_url() -> str:
 def redis_client(url: str | None = None) -> redis.Redis:
     """A client for `url` (default: redis_url(); password and rediss:// included) that rides out a Redis
     restart: connection errors are retried with backoff for about half a minute before they surface."""
-    return redis.Redis.from_url(url or redis_url(), decode_responses=True, socket_connect_timeout=5, socket_keepalive=True,
-                                health_check_interval=15, retry=_retry(),
+    return redis.Redis.from_url(url or redis_url(), decode_responses=True, socket_connect_timeout=5,
+                                socket_keepalive=True, health_check_interval=15, retry=_retry(),
                                 retry_on_error=[redis.ConnectionError, redis.TimeoutError])
 
 
