@@ -356,11 +356,11 @@ def test_online_fp8_of_the_default_model_keeps_its_perplexity(default_model_dir)
 def test_run_cli_quantization_fp8_is_the_api_s_online_fp8(tiny_model_dir, tmp_path):
     """`batchgen run --quantization fp8` reaches the engine: its greedy outputs are the fp8 LLM's, which differ
     from the float model's (the tiny model's large weights make its fp8 rounding change tokens)."""
+    import pyarrow.parquet as pq
     from click.testing import CliRunner
 
     from batchgen import LLM, SamplingParams
     from batchgen.cli import main
-    from batchgen.jobs.io import read_output
 
     model_dir, prompts = tiny_model_dir("llama"), ["The cat sat on", "Numbers: 1 2 3", "Hello"]
     (tmp_path / "in.jsonl").write_text("".join(json.dumps({"id": str(i), "prompt": p}) + "\n"
@@ -369,7 +369,7 @@ def test_run_cli_quantization_fp8_is_the_api_s_online_fp8(tiny_model_dir, tmp_pa
                                        str(model_dir), "--quantization", "fp8", "--max-tokens", "8",
                                        "--temperature", "0", "--device", "cpu", "--dtype", "float32"])
     assert result.exit_code == 0, result.output
-    rows = read_output(str(tmp_path / "out")).to_pylist()
+    rows = pq.read_table(str(tmp_path / "out")).to_pylist()
     got = {row["id"]: row["text"] for row in rows}
     greedy = SamplingParams(temperature=0.0, max_tokens=8)
     want = {quantization: [o.outputs[0].text for o in LLM(str(model_dir), dtype="float32", device="cpu",
