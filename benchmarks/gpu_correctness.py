@@ -59,7 +59,8 @@ def engine_logits(llm: LLM, sequences: list[list[int]], prompt_lens: list[int]) 
         with torch.inference_mode():
             logits = engine.model.compute_logits(engine.runner.forward(input_ids, positions, meta)).cpu()
         offset = 0
-        for request, num_new in zip(batch.requests, batch.num_new_tokens):
+        # rows in the runner's order: decodes first (a stable sort, as ModelRunner.prepare does)
+        for request, num_new in sorted(zip(batch.requests, batch.num_new_tokens), key=lambda pair: pair[1] != 1):
             index = request.group_index
             rows[index].append(logits[offset:offset + num_new])
             offset += num_new
@@ -71,6 +72,18 @@ def engine_logits(llm: LLM, sequences: list[list[int]], prompt_lens: list[int]) 
                 else:
                     request.output_token_ids.append(sequences[index][request.num_tokens])
     return [torch.cat(r) for r in rows]
+
+
+def logits_errors_vs_hf(llm: LLM, hf_model, sequences: list[list[int]], prompt_lens: list[int], device) -> list[float]:
+    """Per sequence: relative L2 error of the engine's logits at every position against HF's forward of the
+    whole sequence."""
+    ours = engine_logits(llm, sequences, prompt_lens)
+    errors = []
+    with torch.inference_mode():
+        for seq, mine in zip(sequences, ours):
+            reference = hf_model(torch.tensor([seq], device=device)).logits[0].float().cpu()
+            errors.append(((mine - reference).norm() / reference.norm()).item())
+    return errors
 
 
 def check_logits(args, device) -> dict:
@@ -85,12 +98,7 @@ def check_logits(args, device) -> dict:
         prompt_lens.append(max(1, length - rng.randint(1, args.decode_steps)))
     llm = engine_with_weights(config_dir, hf, "bfloat16", max_num_batched_tokens=args.token_budget,
                               max_model_len=args.max_len + 16, device=str(device), **args.engine_args)
-    ours = engine_logits(llm, sequences, prompt_lens)
-    errors = []
-    with torch.inference_mode():
-        for seq, mine in zip(sequences, ours):
-            reference = hf(torch.tensor([seq], device=device)).logits[0].float().cpu()
-            errors.append(((mine - reference).norm() / reference.norm()).item())
+    errors = logits_errors_vs_hf(llm, hf, sequences, prompt_lens, device)
     graphs = llm.engine.runner.decode_graphs is not None
     del llm, hf
     return {"check": "bf16 logits vs HF (prefill, chunked prefill, decode)", "model": args.model,

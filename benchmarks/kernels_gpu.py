@@ -32,7 +32,7 @@ import triton  # noqa: E402
 
 from batchgen.kernels import activation, paged_attention as pa, rms_norm, rotary, store_kv  # noqa: E402
 from batchgen.kernels import top_p_threshold as top_p_kernel  # noqa: E402
-from batchgen.kernels.testing import TOLERANCE, random_paged_batch, relative_l2  # noqa: E402
+from batchgen.kernels.testing import TOLERANCE, bench_ms, random_paged_batch, relative_l2  # noqa: E402
 
 DRY = OPTS.dry_run
 DEVICE = torch.device("cpu" if DRY else "cuda")
@@ -64,17 +64,9 @@ def check(kernel: str, case: str, dtype: torch.dtype, out: torch.Tensor, ref: to
               tolerance=TOLERANCE[dtype], ok=ok))
 
 
-def bench_ms(fn) -> float:
-    if DRY:  # the interpreter: one run, only to exercise the code path
-        start = time.perf_counter()
-        fn()
-        return (time.perf_counter() - start) * 1e3
-    return triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median")
-
-
 def timing(kernel: str, case: str, dtype: torch.dtype, impl: str, fn, nbytes: float = 0.0, flops: float = 0.0,
            **extra) -> float:
-    ms = bench_ms(fn)
+    ms = bench_ms(fn, DRY)
     record = dict(type="time", kernel=kernel, case=case, dtype=str(dtype).removeprefix("torch."), impl=impl,
                   ms=round(ms, 4))
     if nbytes:

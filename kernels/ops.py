@@ -6,8 +6,8 @@ import os
 
 import torch
 
-from batchgen.kernels import (activation, fp8, paged_attention, rms_norm as _rms_norm, rotary, store_kv as _store_kv,
-                              top_p_threshold as _top_p_threshold)
+from batchgen.kernels import (activation, fp8, fused_moe as _fused_moe, paged_attention, rms_norm as _rms_norm,
+                              rotary, store_kv as _store_kv, top_p_threshold as _top_p_threshold)
 
 
 def _triton(x: torch.Tensor) -> bool:
@@ -72,3 +72,8 @@ def fp8_gemm(x_q, x_scale, w_q, w_scale, out_dtype):
 def fp8_block_gemm(x_q, x_scale, w_q, w_scale, block, out_dtype):
     fn = fp8.fp8_block_gemm if _triton(x_q) else fp8.fp8_block_gemm_ref
     return fn(x_q, x_scale, w_q, w_scale, block, out_dtype)
+
+
+def fused_moe(hidden, w_gate_up, w_down, topk_weights, topk_ids):
+    fn = _fused_moe.fused_moe if _triton(hidden) else _fused_moe.fused_moe_ref
+    return fn(hidden, w_gate_up, w_down, topk_weights, topk_ids)

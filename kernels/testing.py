@@ -1,8 +1,9 @@
-"""Random paged-attention batches and the error metric, shared by tests/kernels and benchmarks/kernels_gpu.py.
+"""Random paged-attention batches, the error metric and the timer, shared by tests/kernels and the GPU benchmarks.
 
 Cache slots no sequence owns (the tail of each last block, and one spare block that unused block-table
 entries point at) hold NaN: a kernel that reads past a context's end turns its output into NaN and fails.
 """
+import time
 from dataclasses import dataclass
 
 import torch
@@ -84,3 +85,14 @@ def relative_l2(out: torch.Tensor, ref: torch.Tensor) -> float:
     if not torch.isfinite(out).all():
         return float("inf")
     return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+def bench_ms(fn, interpreted: bool) -> float:
+    """Median time of fn in ms (triton's do_bench); under the interpreter one run, only to exercise the code."""
+    if interpreted:
+        start = time.perf_counter()
+        fn()
+        return (time.perf_counter() - start) * 1e3
+    import triton
+
+    return triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median")

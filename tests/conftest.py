@@ -23,14 +23,23 @@ from batchgen.default_model import ensure_default_model  # noqa: E402  (batchgen
 # Tiny models share the default model's tokenizer, so their vocabulary is its size.
 TINY_VOCAB_SIZE = 49152
 TINY_CONFIG_CLASSES = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Config",
-                       "qwen3": "Qwen3Config"}
+                       "qwen3": "Qwen3Config", "mixtral": "MixtralConfig", "qwen2_moe": "Qwen2MoeConfig",
+                       "qwen3_moe": "Qwen3MoeConfig"}
 TINY_FIELDS = dict(vocab_size=TINY_VOCAB_SIZE, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                    num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=2048,
                    rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2, pad_token_id=2, tie_word_embeddings=False,
                    # Large weights make attention sharp and logits far apart, so fp32 summation-order noise
                    # cannot flip a greedy argmax, and greedy output depends on the whole context.
                    initializer_range=0.3)
-TINY_ARCH_FIELDS = {"qwen3": dict(head_dim=32)}  # head_dim != hidden / heads, as in real Qwen3 checkpoints
+TINY_ARCH_FIELDS = {
+    "qwen3": dict(head_dim=32),  # head_dim != hidden / heads, as in real Qwen3 checkpoints
+    # mixture-of-experts: 2 of 8 experts (Mixtral: of 4) per token; Qwen2-MoE's shared expert and its own sizes
+    "mixtral": dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=48),
+    "qwen2_moe": dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+                      shared_expert_intermediate_size=48),
+    "qwen3_moe": dict(head_dim=32, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+                      norm_topk_prob=True),
+}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
 

@@ -36,6 +36,7 @@ class ModelConfig:
     bos_token_id: int | None
     eos_token_ids: tuple[int, ...]
     sliding_window: int | None   # set only when a window actually limits attention (see max_model_len)
+    moe: "MoEConfig | None" = None  # mixture-of-experts models only
 
     @property
     def max_model_len(self) -> int:
@@ -79,11 +80,14 @@ class ModelConfig:
             raise ValueError(f"hidden_act '{hidden_act}' is not supported (only 'silu')")
 
         hidden_size, num_heads = required("hidden_size"), required("num_attention_heads")
+        num_layers = required("num_hidden_layers")
         max_position_embeddings = required("max_position_embeddings")
         bias = bool(config.get("attention_bias"))
         if architecture == "Qwen2ForCausalLM":
             qkv_bias, o_proj_bias = True, False
-        elif architecture == "MistralForCausalLM":
+        elif architecture == "Qwen2MoeForCausalLM":
+            qkv_bias, o_proj_bias = config.get("qkv_bias", True), False
+        elif architecture in ("MistralForCausalLM", "MixtralForCausalLM"):
             qkv_bias = o_proj_bias = False
         else:
             qkv_bias = o_proj_bias = bias
@@ -96,7 +100,7 @@ class ModelConfig:
             vocab_size=required("vocab_size"),
             hidden_size=hidden_size,
             intermediate_size=required("intermediate_size"),
-            num_hidden_layers=required("num_hidden_layers"),
+            num_hidden_layers=num_layers,
             num_attention_heads=num_heads,
             num_key_value_heads=config.get("num_key_value_heads") or num_heads,
             head_dim=config.get("head_dim") or hidden_size // num_heads,
@@ -106,12 +110,13 @@ class ModelConfig:
             attention_bias=qkv_bias,
             o_proj_bias=o_proj_bias,
             mlp_bias=architecture == "LlamaForCausalLM" and bool(config.get("mlp_bias")),
-            qk_norm=architecture == "Qwen3ForCausalLM",
+            qk_norm=architecture in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM"),
             rope_parameters=_rope_parameters(config, max_position_embeddings),
             dtype=_checkpoint_dtype(config),
             bos_token_id=bos,
             eos_token_ids=tuple(dict.fromkeys(eos_ids)),
             sliding_window=_active_sliding_window(config, max_position_embeddings),
+            moe=MoEConfig.from_dict(config, architecture, num_layers),
         )
 
 
@@ -161,3 +166,52 @@ def _active_sliding_window(config: dict, max_position_embeddings: int) -> int | 
     if layer_types is not None and "sliding_attention" not in layer_types:
         return None
     return window if window < max_position_embeddings else None
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    """The expert layers of a mixture-of-experts model: which layers have them and how tokens are routed.
+
+    Every family routes by a softmax over all experts (in fp32) and keeps the top-k; `renormalize` divides the
+    k weights by their sum (Mixtral always: the softmax over the chosen logits; Qwen MoE when norm_topk_prob).
+    """
+    num_experts: int
+    top_k: int
+    intermediate_size: int                # of one expert
+    renormalize: bool
+    weights_in_model_dtype: bool          # Qwen MoE rounds the routing weights to the model dtype; Mixtral not
+    shared_expert_intermediate_size: int  # Qwen2-MoE's always-on expert, scaled by a sigmoid gate; 0 = none
+    sparse_layers: tuple[int, ...]        # the layers whose MLP is the expert block; the others are dense
+
+    @classmethod
+    def from_dict(cls, config: dict, architecture: str, num_layers: int) -> "MoEConfig | None":
+        if architecture not in _MOE_ARCHITECTURES:
+            return None
+        # transformers writes num_local_experts for Qwen3-MoE too; hub checkpoints of Qwen MoE write num_experts
+        num_experts = config.get("num_experts", config.get("num_local_experts"))
+        for key, supported in _ROUTING_FLAGS.items():
+            if config.get(key) not in (None, supported):
+                raise ValueError(f"{architecture} config sets {key}={config[key]!r}; batchgen routes experts only "
+                                 f"with {key}={supported!r}")
+        if architecture == "MixtralForCausalLM":
+            if config.get("norm_topk_prob") is False:
+                raise ValueError("MixtralForCausalLM config sets norm_topk_prob=False; Mixtral routing always "
+                                 "renormalises the top-k weights")
+            return cls(num_experts=num_experts, top_k=config["num_experts_per_tok"],
+                       intermediate_size=config["intermediate_size"], renormalize=True,
+                       weights_in_model_dtype=False, shared_expert_intermediate_size=0,
+                       sparse_layers=tuple(range(num_layers)))
+        step, dense = config.get("decoder_sparse_step", 1), set(config.get("mlp_only_layers") or [])
+        return cls(num_experts=num_experts, top_k=config["num_experts_per_tok"],
+                   intermediate_size=config["moe_intermediate_size"],
+                   renormalize=bool(config.get("norm_topk_prob", False)), weights_in_model_dtype=True,
+                   shared_expert_intermediate_size=(config.get("shared_expert_intermediate_size", 0)
+                                                    if architecture == "Qwen2MoeForCausalLM" else 0),
+                   sparse_layers=tuple(i for i in range(num_layers)
+                                       if num_experts > 0 and i not in dense and (i + 1) % step == 0))
+
+
+_MOE_ARCHITECTURES = ("MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM")
+# routing options of other MoE families' configs, with the one value batchgen's routing computes
+_ROUTING_FLAGS = {"scoring_func": "softmax", "topk_method": "greedy", "routed_scaling_factor": 1.0, "n_group": 1,
+                  "topk_group": 1, "n_shared_experts": 0}

@@ -1,5 +1,6 @@
 """One decoder for the Llama family: Llama 2/3.x, Mistral, Qwen2/2.5, Qwen3 and tied-embedding variants
-(SmolLM2), told apart by `ModelConfig` flags.
+(SmolLM2), told apart by `ModelConfig` flags, and for its mixture-of-experts relatives (Mixtral, Qwen2-MoE,
+Qwen3-MoE), whose layers differ only in the MLP (`decoder_mlp`).
 
 Module names follow the Hugging Face checkpoints, except that q/k/v and gate/up projections are fused;
 `load_weights` maps the checkpoint's separate tensors into the fused ones. Projections are `Linear` layers, whose
@@ -16,6 +17,7 @@ from batchgen.models.attention import Attention, AttentionMetadata
 from batchgen.models.config import ModelConfig
 from batchgen.models.layers import RMSNorm, RotaryEmbedding
 from batchgen.models.linear import Linear, ShapeMismatch
+from batchgen.models.moe import SparseMoeBlock, expert_checkpoint_keys
 
 # checkpoint projection name -> the fused module holding it as a part of that name
 _FUSED_PROJECTIONS = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj",
@@ -54,12 +56,17 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, intermediate_size: int | None = None):
         super().__init__()
-        size = config.intermediate_size
+        size = intermediate_size or config.intermediate_size
         self.gate_up_proj = Linear(config.hidden_size, {"gate_proj": size, "up_proj": size}, bias=config.mlp_bias,
                                    parallel="column")
         self.down_proj = Linear(size, config.hidden_size, bias=config.mlp_bias, parallel="row")
+
+    @property
+    def fp8_token_input(self) -> bool:
+        """Whether the norm before this MLP should hand it its input quantized to fp8 per token."""
+        return self.gate_up_proj.weight_format.fp8_token_input
 
     def forward(self, hidden: torch.Tensor | tuple) -> torch.Tensor:
         gate_up = self.gate_up_proj(hidden)
@@ -68,13 +75,23 @@ class LlamaMLP(nn.Module):
         return self.down_proj(ops.silu_and_mul(gate_up))
 
 
+def decoder_mlp(config: ModelConfig, layer: int) -> nn.Module:
+    """Layer `layer`'s feed-forward block: the expert block on a mixture-of-experts model's sparse layers
+    (with Qwen2-MoE's shared expert, a plain MLP), the dense MLP everywhere else."""
+    moe = config.moe
+    if moe is None or layer not in moe.sparse_layers:
+        return LlamaMLP(config)
+    shared_size = moe.shared_expert_intermediate_size
+    return SparseMoeBlock(config, LlamaMLP(config, shared_size) if shared_size else None)
+
+
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, rotary_emb: RotaryEmbedding):
+    def __init__(self, config: ModelConfig, rotary_emb: RotaryEmbedding, mlp: nn.Module):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = LlamaAttention(config, rotary_emb)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = LlamaMLP(config)
+        self.mlp = mlp
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None,
                 meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
@@ -86,8 +103,7 @@ class LlamaDecoderLayer(nn.Module):
         else:
             hidden, residual = self.input_layernorm(hidden, residual, fp8=fp8_qkv)
         hidden = self.self_attn(positions, hidden, meta)
-        hidden, residual = self.post_attention_layernorm(hidden, residual,
-                                                         fp8=self.mlp.gate_up_proj.weight_format.fp8_token_input)
+        hidden, residual = self.post_attention_layernorm(hidden, residual, fp8=self.mlp.fp8_token_input)
         return self.mlp(hidden), residual
 
 
@@ -96,8 +112,8 @@ class LlamaModel(nn.Module):
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.rotary_emb = RotaryEmbedding(config)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config, self.rotary_emb)
-                                    for _ in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, self.rotary_emb, decoder_mlp(config, layer))
+                                    for layer in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
@@ -140,15 +156,18 @@ class LlamaForCausalLM(nn.Module):
         """Load checkpoint tensors (Hugging Face names) into this model: `Linear` layers through their weight
         format, other parameters copied with a cast to their dtype.
 
+        Expert layers take each expert's tensors separately (hub layout) or stacked (see `expert_checkpoint_keys`).
         Raises ValueError listing every missing, unexpected and wrongly shaped tensor, after reading them all.
         """
         modules = dict(self.named_modules())
         expected = set()
         for module_name, module in modules.items():
             if isinstance(module, Linear):
-                expected.update((module_name, name, part) for name, part in module.checkpoint_tensors())
+                experts = [None] if module.num_experts is None else range(module.num_experts)
+                expected.update((module_name, name, part, expert) for name, part in module.checkpoint_tensors()
+                                for expert in experts)
             else:
-                expected.update((module_name, name, None) for name, _ in module.named_parameters(recurse=False))
+                expected.update((module_name, name, None, None) for name, _ in module.named_parameters(recurse=False))
 
         found, unexpected, mismatched = set(), [], []
         for checkpoint_name, tensor in weights:
@@ -156,23 +175,24 @@ class LlamaForCausalLM(nn.Module):
                 continue  # old checkpoints saved rope buffers; ours are computed from the config
             if checkpoint_name == "lm_head.weight" and self.config.tie_word_embeddings:
                 continue  # some tied checkpoints store the shared matrix twice
-            key = _model_key(checkpoint_name)
-            if key not in expected:
+            keys = expert_checkpoint_keys(checkpoint_name, tensor) or [((*_model_key(checkpoint_name), None), tensor)]
+            if any(key not in expected for key, _ in keys):
                 unexpected.append(checkpoint_name)
                 continue
-            found.add(key)
-            module_name, name, part = key
-            module = modules[module_name]
-            try:
-                if isinstance(module, Linear):
-                    module.load(name, part, tensor)
-                else:
-                    target = getattr(module, name)
-                    if target.shape != tensor.shape:
-                        raise ShapeMismatch(f"checkpoint {tuple(tensor.shape)}, model expects {tuple(target.shape)}")
-                    target.copy_(tensor)
-            except ShapeMismatch as error:
-                mismatched.append(f"{checkpoint_name}: {error}")
+            for key, piece in keys:
+                found.add(key)
+                module_name, name, part, expert = key
+                module = modules[module_name]
+                try:
+                    if isinstance(module, Linear):
+                        module.load(name, part, piece, expert)
+                    else:
+                        target = getattr(module, name)
+                        if target.shape != piece.shape:
+                            raise ShapeMismatch(f"checkpoint {tuple(piece.shape)}, model expects {tuple(target.shape)}")
+                        target.copy_(piece)
+                except ShapeMismatch as error:
+                    mismatched.append(f"{checkpoint_name}: {error}")
 
         missing = sorted(_checkpoint_name(*key) for key in expected - found)
         problems = [f"{label} ({len(names)}): {', '.join(names[:_MAX_NAMES_IN_ERROR])}"
@@ -194,8 +214,11 @@ def _model_key(checkpoint_name: str) -> tuple[str, str, str | None]:
     return f"{prefix}.{_FUSED_PROJECTIONS[last]}", name, last
 
 
-def _checkpoint_name(module_name: str, name: str, part: str | None) -> str:
-    """The inverse of `_model_key`, for error messages."""
+def _checkpoint_name(module_name: str, name: str, part: str | None, expert: int | None) -> str:
+    """The inverse of `_model_key` (and of the hub layout of `expert_checkpoint_keys`), for error messages."""
+    parent = module_name.rpartition(".")[0]
+    if expert is not None:
+        return f"{parent}.{expert}.{part or module_name.rpartition('.')[2]}.{name}"
     if part is not None:
-        module_name = f"{module_name.rpartition('.')[0]}.{part}"
+        module_name = f"{parent}.{part}"
     return f"{module_name}.{name}"

@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM
 from batchgen import LLM, SamplingParams
 
 ARCHS = ["llama", "mistral", "qwen2", "qwen3"]
+MOE_ARCHS = ["mixtral", "qwen2_moe", "qwen3_moe"]
 MAX_NEW = 12
 
 
@@ -55,14 +56,20 @@ ENGINE_VARIANTS = {
 }
 
 
-@pytest.fixture(scope="module", params=ARCHS)
+# mixture-of-experts models differ from the others only in the MLP: they skip the no-prefix-cache variant,
+# which exercises nothing MLP-specific, to keep the suite fast
+ARCH_VARIANTS = [(arch, variant) for arch in ARCHS for variant in ENGINE_VARIANTS] + [
+    (arch, variant) for arch in MOE_ARCHS for variant in ENGINE_VARIANTS if variant != "no_prefix_cache"]
+
+
+@pytest.fixture(scope="module")
 def tiny_arch(request, tiny_model_dir):
     model_dir = tiny_model_dir(request.param)
     prompts = mixed_prompts(seed=zlib.crc32(request.param.encode()) % 1000)
     return model_dir, prompts, hf_greedy(model_dir, prompts, MAX_NEW)
 
 
-@pytest.mark.parametrize("variant", list(ENGINE_VARIANTS))
+@pytest.mark.parametrize("tiny_arch,variant", ARCH_VARIANTS, indirect=["tiny_arch"])
 def test_greedy_matches_hf_token_for_token(tiny_arch, variant):
     model_dir, prompts, expected = tiny_arch
     llm = LLM(str(model_dir), dtype="float32", device="cpu", **ENGINE_VARIANTS[variant])
@@ -72,6 +79,7 @@ def test_greedy_matches_hf_token_for_token(tiny_arch, variant):
         assert sum(o.num_preemptions for o in outputs) > 0
 
 
+@pytest.mark.parametrize("tiny_arch", ARCHS + MOE_ARCHS, indirect=True)
 def test_n_samples_share_prompt_blocks_and_greedy_samples_match_hf(tiny_arch):
     model_dir, prompts, expected = tiny_arch
     llm = LLM(str(model_dir), dtype="float32", device="cpu", block_size=4)
@@ -115,8 +123,9 @@ def test_prefix_caching_saves_prompt_compute_and_keeps_outputs(tiny_model_dir):
     assert sum(o.num_cached_tokens for o in cached) == total_prompt - cached_computed
 
 
-def test_logprobs_match_hf_log_softmax(tiny_model_dir):
-    model_dir = tiny_model_dir("qwen3")
+@pytest.mark.parametrize("arch", ["qwen3", *MOE_ARCHS])
+def test_logprobs_match_hf_log_softmax(tiny_model_dir, arch):
+    model_dir = tiny_model_dir(arch)
     prompts = mixed_prompts(seed=11, count=6)
     llm = LLM(str(model_dir), dtype="float32", device="cpu")
     outputs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=5, logprobs=3, ignore_eos=True))

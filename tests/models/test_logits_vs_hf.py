@@ -30,6 +30,12 @@ TINY_CASES = {
                                                         "factor": 2.0}}),
     "qwen2-rope-yarn": ("qwen2", {"rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
                                                       "original_max_position_embeddings": 512}}),
+    # mixture-of-experts: every layer sparse, then a dense layer beside a sparse one each way
+    "mixtral": ("mixtral", {}),
+    "qwen2_moe": ("qwen2_moe", {}),
+    "qwen3_moe": ("qwen3_moe", {}),
+    "qwen3_moe-mlp-only-layers": ("qwen3_moe", {"mlp_only_layers": [0]}),
+    "qwen2_moe-sparse-step-2-norm-topk": ("qwen2_moe", {"decoder_sparse_step": 2, "norm_topk_prob": True}),
 }
 
 

@@ -1,0 +1,143 @@
+"""Mixture-of-experts feed-forward over routed tokens: sum_k weight[t, k] * down_e(silu(gate_e(x_t)) * up_e(x_t))
+with e = topk_ids[t, k].
+
+Expert weights are 3-D, `w_gate_up` [E, 2I, H] (gate rows then up rows) and `w_down` [E, H, I], so tensor
+parallelism can shard every expert along I. The Triton path groups the (token, choice) pairs by expert, each
+expert's group padded to a whole number of BLOCK_M rows, so every row block of the two grouped GEMMs reads one
+expert's weights; the down GEMM multiplies each row by its routing weight before storing it.
+"""
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from batchgen.kernels.activation import silu_and_mul, silu_and_mul_ref
+
+
+def fused_moe_ref(hidden: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, topk_weights: torch.Tensor,
+                  topk_ids: torch.Tensor) -> torch.Tensor:
+    """hidden [T, H]; topk_weights [T, K] (any float dtype), topk_ids [T, K] -> [T, H] in hidden's dtype.
+
+    Expert by expert, like transformers' own loop: the product with the routing weight happens in the wider of
+    the two dtypes, and the sum over a token's experts in hidden's dtype, in ascending expert order.
+    """
+    out = torch.zeros_like(hidden)
+    for expert in topk_ids.unique().tolist():
+        tokens, choice = torch.where(topk_ids == expert)
+        expert_out = F.linear(silu_and_mul_ref(F.linear(hidden[tokens], w_gate_up[expert])), w_down[expert])
+        # a token picks an expert at most once, so this adds each row once (and is much faster than index_add_)
+        out.index_put_((tokens,), (expert_out * topk_weights[tokens, choice, None]).to(out.dtype), accumulate=True)
+    return out
+
+
+def group_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (token, choice) pairs, flat index t * K + k, sorted by expert, each expert's run padded to a multiple
+    of block_m with the index T * K (a row that loads zeros and stores nothing).
+
+    Returns (sorted_pairs int32 [num_blocks * block_m], block_expert int32 [num_blocks]: the expert of each row
+    block, -1 past the last). num_blocks is an upper bound fixed by the shapes, so nothing waits on the GPU and
+    the whole computation can be captured in a CUDA graph.
+    """
+    flat = topk_ids.flatten().long()
+    num_pairs = flat.numel()
+    num_blocks = min(triton.cdiv(num_pairs, block_m) + num_experts, num_pairs)
+    counts = torch.zeros(num_experts, dtype=torch.long, device=flat.device).scatter_add_(0, flat,
+                                                                                        torch.ones_like(flat))
+    expert_blocks = (counts + block_m - 1) // block_m
+    blocks_end = expert_blocks.cumsum(0)
+    block_expert = torch.searchsorted(blocks_end, torch.arange(num_blocks, device=flat.device), right=True)
+    block_expert = torch.where(block_expert < num_experts, block_expert, -1).to(torch.int32)
+
+    order = torch.argsort(flat, stable=True)
+    sorted_experts = flat[order]
+    rank_in_expert = torch.arange(num_pairs, device=flat.device) - (counts.cumsum(0) - counts)[sorted_experts]
+    destination = (blocks_end - expert_blocks)[sorted_experts] * block_m + rank_in_expert
+    sorted_pairs = torch.full((num_blocks * block_m,), num_pairs, dtype=torch.int32, device=flat.device)
+    sorted_pairs[destination] = order.to(torch.int32)
+    return sorted_pairs, block_expert
+
+
+@triton.jit
+def _grouped_gemm_kernel(a_ptr, b_ptr, c_ptr, weights_ptr, sorted_pairs_ptr, block_expert_ptr,
+                         num_pairs, top_k, N, K, stride_am, stride_be, stride_bn, stride_bk, stride_cm,
+                         GATHER_TOKENS: tl.constexpr, SCATTER_PAIRS: tl.constexpr, IEEE: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """C[row] = A[row] @ B[expert]^T for one row block (one expert) and one column block.
+
+    Rows of A are tokens (GATHER_TOKENS: row = pair // top_k) or sorted positions; rows of C are pairs, each
+    scaled by its routing weight (SCATTER_PAIRS), or sorted positions.
+    """
+    block = tl.program_id(0)
+    expert = tl.load(block_expert_ptr + block).to(tl.int64)
+    if expert < 0:
+        return
+    positions = block * BLOCK_M + tl.arange(0, BLOCK_M)
+    pairs = tl.load(sorted_pairs_ptr + positions)
+    valid = pairs < num_pairs
+    if GATHER_TOKENS:
+        a_rows = (pairs // top_k).to(tl.int64)
+    else:
+        a_rows = positions.to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    ks = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + a_rows[:, None] * stride_am + ks[None, :]
+    b_ptrs = b_ptr + expert * stride_be + cols[None, :] * stride_bn + ks[:, None] * stride_bk
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, K, BLOCK_K):
+        k_mask = ks + k < K
+        a = tl.load(a_ptrs, mask=valid[:, None] & k_mask[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=k_mask[:, None] & (cols[None, :] < N), other=0.0)
+        if IEEE:
+            acc += tl.dot(a, b, input_precision="ieee")
+        else:
+            acc += tl.dot(a, b)
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K * stride_bk
+    if SCATTER_PAIRS:
+        acc *= tl.load(weights_ptr + pairs, mask=valid, other=0.0).to(tl.float32)[:, None]
+        c_rows = pairs.to(tl.int64)
+    else:
+        c_rows = positions.to(tl.int64)
+    tl.store(c_ptr + c_rows[:, None] * stride_cm + cols[None, :], acc.to(c_ptr.dtype.element_ty),
+             mask=valid[:, None] & (cols[None, :] < N))
+
+
+def _block_m(num_pairs: int, num_experts: int) -> int:
+    """Rows per block: about the pairs an expert gets, so decode steps waste little on padding."""
+    return min(64, max(16, triton.next_power_of_2(num_pairs // num_experts)))
+
+
+def _grouped_gemm(a, b, c, weights, sorted_pairs, block_expert, num_pairs, top_k, block_m, gather_tokens):
+    n, k = b.shape[1], b.shape[2]
+    block_n = min(128, max(16, triton.next_power_of_2(n)))
+    block_k = min(64, max(16, triton.next_power_of_2(k)))
+    grid = (block_expert.shape[0], triton.cdiv(n, block_n))
+    _grouped_gemm_kernel[grid](
+        a, b, c, weights, sorted_pairs, block_expert, num_pairs, top_k, n, k, a.stride(0), b.stride(0),
+        b.stride(1), b.stride(2), c.stride(0), GATHER_TOKENS=gather_tokens, SCATTER_PAIRS=not gather_tokens,
+        IEEE=a.dtype == torch.float32, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        num_warps=8 if block_m * block_n >= 64 * 128 else 4, num_stages=3)
+
+
+def fused_moe(hidden: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, topk_weights: torch.Tensor,
+              topk_ids: torch.Tensor) -> torch.Tensor:
+    """Triton twin of `fused_moe_ref`: gate-up grouped GEMM, SiLU-and-mul, down grouped GEMM weighted per pair,
+    then the sum over each token's K experts."""
+    num_tokens, top_k = topk_ids.shape
+    num_experts, intermediate = w_down.shape[0], w_down.shape[2]
+    hidden_size = hidden.shape[1]
+    if num_tokens == 0:
+        return torch.zeros_like(hidden)
+    assert hidden.stride(1) == 1 and w_gate_up.is_contiguous() and w_down.is_contiguous()
+    num_pairs = num_tokens * top_k
+    block_m = _block_m(num_pairs, num_experts)
+    sorted_pairs, block_expert = group_by_expert(topk_ids, num_experts, block_m)
+    weights = topk_weights.contiguous()
+    gate_up = torch.empty(sorted_pairs.shape[0], 2 * intermediate, dtype=hidden.dtype, device=hidden.device)
+    _grouped_gemm(hidden, w_gate_up, gate_up, weights, sorted_pairs, block_expert, num_pairs, top_k, block_m,
+                  gather_tokens=True)
+    activated = silu_and_mul(gate_up)
+    pair_out = torch.empty(num_pairs, hidden_size, dtype=hidden.dtype, device=hidden.device)
+    _grouped_gemm(activated, w_down, pair_out, weights, sorted_pairs, block_expert, num_pairs, top_k, block_m,
+                  gather_tokens=False)
+    return pair_out.view(num_tokens, top_k, hidden_size).sum(dim=1)

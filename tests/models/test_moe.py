@@ -1,0 +1,111 @@
+"""Mixture-of-experts specifics: which layers are sparse, routing flags batchgen cannot honour, and both expert
+checkpoint layouts (per-expert tensors as on the hub, stacked as transformers 5 saves with
+save_original_format=False). Logits against transformers: tests/models/test_logits_vs_hf.py."""
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from batchgen.models import load_model
+from batchgen.models.config import ModelConfig
+from batchgen.models.moe import SparseMoeBlock
+from batchgen.models.registry import model_class
+from test_logits_vs_hf import assert_logits_match
+
+# as the hub's Qwen/Qwen3-30B-A3B config.json writes it
+QWEN3_30B_A3B_HUB_CONFIG = {
+    "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "hidden_act": "silu", "hidden_size": 2048,
+    "intermediate_size": 6144, "moe_intermediate_size": 768, "num_experts": 128, "num_experts_per_tok": 8,
+    "norm_topk_prob": True, "decoder_sparse_step": 1, "mlp_only_layers": [], "num_attention_heads": 32,
+    "num_key_value_heads": 4, "head_dim": 128, "num_hidden_layers": 48, "max_position_embeddings": 40960,
+    "rms_norm_eps": 1e-06, "rope_theta": 1000000.0, "rope_scaling": None, "attention_bias": False,
+    "sliding_window": None, "use_sliding_window": False, "max_window_layers": 48, "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16", "vocab_size": 151936, "bos_token_id": 151643, "eos_token_id": 151645,
+}
+
+
+def test_qwen3_moe_hub_config():
+    config = ModelConfig.from_dict(QWEN3_30B_A3B_HUB_CONFIG)
+    assert (config.head_dim, config.qk_norm, config.attention_bias) == (128, True, False)
+    moe = config.moe
+    assert (moe.num_experts, moe.top_k, moe.intermediate_size, moe.renormalize) == (128, 8, 768, True)
+    assert moe.sparse_layers == tuple(range(48)) and moe.shared_expert_intermediate_size == 0
+
+
+def test_sparse_layers_follow_mlp_only_layers_and_decoder_sparse_step():
+    config = ModelConfig.from_dict({**QWEN3_30B_A3B_HUB_CONFIG, "num_hidden_layers": 8, "decoder_sparse_step": 2,
+                                    "mlp_only_layers": [3, 5]})
+    assert config.moe.sparse_layers == (1, 7)
+
+
+def test_moe_layers_get_the_expert_block_and_dense_layers_the_mlp(tiny_model_dir):
+    model, config = load_model(tiny_model_dir("qwen2_moe", decoder_sparse_step=2), torch.float32, "cpu")
+    sparse, dense = model.model.layers[1].mlp, model.model.layers[0].mlp
+    assert isinstance(sparse, SparseMoeBlock) and sparse.shared_expert is not None
+    assert not isinstance(dense, SparseMoeBlock) and dense.gate_up_proj.weight.shape == (2 * 128, 64)
+    experts = sparse.experts
+    assert experts.gate_up_proj.weight.shape == (8, 2 * 32, 64) and experts.down_proj.weight.shape == (8, 64, 32)
+
+
+@pytest.mark.parametrize("key, value", [("scoring_func", "sigmoid"), ("routed_scaling_factor", 2.5),
+                                        ("topk_method", "group_limited_greedy")])
+def test_routing_flag_batchgen_cannot_honour_fails_at_load(tiny_model_dir, tmp_path, key, value):
+    model_dir = tmp_path / "flagged"
+    shutil.copytree(tiny_model_dir("qwen3_moe"), model_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    (model_dir / "config.json").write_text(json.dumps({**config, key: value}))
+    with pytest.raises(ValueError, match=f"{key}={value!r}"):
+        load_model(model_dir, torch.float32, "cpu")
+
+
+def test_mixtral_without_renormalisation_is_refused():
+    config = {**QWEN3_30B_A3B_HUB_CONFIG, "architectures": ["MixtralForCausalLM"], "num_local_experts": 8,
+              "norm_topk_prob": False}
+    with pytest.raises(ValueError, match="norm_topk_prob=False"):
+        ModelConfig.from_dict(config)
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe", "qwen3_moe"])
+def test_stacked_expert_checkpoint_loads_the_same_weights(tiny_model_dir, tmp_path, arch):
+    hub_dir = tiny_model_dir(arch)
+    stacked_dir = tmp_path / "stacked"
+    AutoModelForCausalLM.from_pretrained(hub_dir, dtype=torch.float32).save_pretrained(
+        stacked_dir, save_original_format=False)
+    shutil.copy(hub_dir / "tokenizer.json", stacked_dir / "tokenizer.json")
+    with safe_open(stacked_dir / "model.safetensors", "pt") as checkpoint:
+        assert "model.layers.0.mlp.experts.gate_up_proj" in checkpoint.keys()
+    with safe_open(hub_dir / "model.safetensors", "pt") as checkpoint:
+        assert any(".experts.3." in name for name in checkpoint.keys())
+    hub, _ = load_model(hub_dir, torch.float32, "cpu")
+    stacked, _ = load_model(stacked_dir, torch.float32, "cpu")
+    hub_params, stacked_params = dict(hub.named_parameters()), dict(stacked.named_parameters())
+    assert hub_params.keys() == stacked_params.keys()
+    assert all(torch.equal(hub_params[name], stacked_params[name]) for name in hub_params)
+    assert_logits_match(stacked_dir)
+
+
+def test_missing_expert_tensor_is_named(tiny_model_dir, tmp_path):
+    model_dir = tmp_path / "missing"
+    shutil.copytree(tiny_model_dir("mixtral"), model_dir)
+    tensors = load_file(model_dir / "model.safetensors")
+    del tensors["model.layers.1.block_sparse_moe.experts.2.w3.weight"]
+    save_file(tensors, model_dir / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"missing tensors \(1\): model\.layers\.1\.mlp\.experts\.2\.up_proj\.weight"):
+        load_model(model_dir, torch.float32, "cpu")
+
+
+@pytest.mark.parametrize("model", ["qwen3-30b-a3b", "mixtral-8x7b"])
+def test_benchmark_configs_build_transformers_parameter_count(model):
+    """The full-size configs `batchgen bench --load-format dummy` uses: same parameters as transformers builds
+    (on the meta device: no memory)."""
+    config_dir = Path(__file__).parents[2] / "benchmarks" / "configs" / model
+    config = ModelConfig.from_dir(config_dir)
+    with torch.device("meta"):
+        ours = model_class(config.architecture)(config)
+        theirs = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(config_dir))
+    assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in theirs.parameters())
