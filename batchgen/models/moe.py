@@ -23,7 +23,7 @@ _EXPERT_PROJECTIONS = {"gate_proj": ("gate_up_proj", "gate_proj"), "up_proj": ("
                        "w3": ("gate_up_proj", "up_proj"), "w2": ("down_proj", None)}
 _STACKED_PARTS = {"gate_up_proj": ("gate_proj", "up_proj"), "down_proj": (None,)}
 _PER_EXPERT_NAME = re.compile(r"(?P<prefix>.*\.experts)\.(?P<expert>\d+)\.(?P<projection>\w+)\.weight")
-_STACKED_NAME = re.compile(r"(?P<prefix>.*\.experts)\.(?P<layer>gate_up_proj|down_proj)")
+_STACKED_NAME = re.compile(r".*\.experts\.(?P<layer>gate_up_proj|down_proj)")
 
 
 class Experts(nn.Module):
