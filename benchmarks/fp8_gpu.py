@@ -112,8 +112,10 @@ def time_gemms(device: torch.device, dtype: torch.dtype, rows: list[int], scale:
 
 
 def check_logits(config_dir: Path, device: torch.device, dtype: str, num_seqs: int, max_len: int) -> None:
-    """The same dummy weights (bf16 draws; fp8 quantizes them as it loads) through the engine's data path in
-    bf16 and in fp8: relative L2 of the logits at every position."""
+    """The same dummy weights (bf16 draws; fp8 quantizes them as it loads) through the engine's data path: fp8 on
+    its GPU kernels against fp8 on the torch references (BATCHGEN_KERNELS=ref: the same quantized numerics,
+    emulated), which must agree; and fp8 against bf16, reported (random weights make that gap large: it measures
+    fp8 rounding of noise, not of a trained model; the CPU tests gate perplexity on the real default model)."""
     rng = random.Random(0)
     sequences, prompt_lens = [], []
     for _ in range(num_seqs):
@@ -121,18 +123,24 @@ def check_logits(config_dir: Path, device: torch.device, dtype: str, num_seqs: i
         sequences.append([rng.randrange(1000) for _ in range(length)])
         prompt_lens.append(length - rng.randint(1, 8))
     logits = {}
-    for quantization in (None, "fp8"):
+    for name, quantization, kernels in (("bf16", None, "triton"), ("fp8", "fp8", "triton"), ("fp8-ref", "fp8", "ref")):
+        os.environ["BATCHGEN_KERNELS"] = kernels
         llm = LLM(str(config_dir), load_format="dummy", dtype=dtype, device=str(device), quantization=quantization,
-                  max_num_seqs=64, max_model_len=max_len + 16, max_num_batched_tokens=2048, num_kv_blocks=2048)
-        logits[quantization] = engine_logits(llm, sequences, prompt_lens)
+                  max_num_seqs=64, max_model_len=max_len + 16, max_num_batched_tokens=2048, num_kv_blocks=2048,
+                  enforce_eager=kernels == "ref")
+        logits[name] = engine_logits(llm, sequences, prompt_lens)
         del llm
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    errors = [relative_l2(a, b) for a, b in zip(logits["fp8"], logits[None])]
-    emit({"check": "fp8 vs bf16 logits (online fp8, dummy weights)", "model": config_dir.name, "dtype": dtype,
-          "sequences": num_seqs, "max_rel_l2": max(errors), "mean_rel_l2": sum(errors) / len(errors),
-          "passed": max(errors) < 0.15})
+    os.environ.pop("BATCHGEN_KERNELS")
+    kernel_errors = [relative_l2(a, b) for a, b in zip(logits["fp8"], logits["fp8-ref"])]
+    emit({"check": "fp8 kernels vs fp8 torch references, engine logits (dummy weights)", "model": config_dir.name,
+          "dtype": dtype, "sequences": num_seqs, "max_rel_l2": max(kernel_errors),
+          "mean_rel_l2": sum(kernel_errors) / len(kernel_errors), "passed": max(kernel_errors) < 0.05})
+    errors = [relative_l2(a, b) for a, b in zip(logits["fp8"], logits["bf16"])]
+    emit({"figure": "fp8 vs bf16 logits (online fp8, dummy weights)", "model": config_dir.name, "dtype": dtype,
+          "sequences": num_seqs, "max_rel_l2": max(errors), "mean_rel_l2": sum(errors) / len(errors)})
 
 
 def tiny_llama_config(directory: Path) -> Path:

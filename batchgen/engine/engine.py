@@ -12,7 +12,7 @@ from batchgen.engine.errors import Cancelled, EngineBroken
 from batchgen.engine.grammar import StructuredOutputError
 from batchgen.engine.kv_cache import KVCacheManager
 from batchgen.engine.model_runner import (MemoryProfile, ModelRunner, PendingTokens, StepInputs, cpu_kv_blocks,
-                                           kv_blocks_that_fit)
+                                           kv_blocks_that_fit, use_expandable_segments)
 from batchgen.engine.request import Request
 from batchgen.engine.sampler import PendingSample, Sampler
 from batchgen.engine.scheduler import ScheduledBatch, Scheduler
@@ -58,6 +58,8 @@ class Engine:
     def __init__(self, config: EngineConfig):
         self.config = config
         self.device = config.resolved_device()
+        if self.device.type == "cuda":
+            use_expandable_segments()
         self.model_path = resolve_model_path(config.model)
         self.dtype = resolve_dtype(config.dtype, self.device, ModelConfig.from_dir(self.model_path).dtype)
         self.model, self.model_config = load_model(self.model_path, self.dtype, self.device, config.load_format,
