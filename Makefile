@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/batchgen run samples/chat.jsonl -o out/demo --max-tokens 64 --temperature 0
+	$(BIN)/batchgen run samples/chat.jsonl -o out/demo --max-tokens 64 --seed 0
 	$(BIN)/batchgen results out/demo --show 4
 
 # Checked before the set-up, so a machine without Redis hears it at once (needs only the system python)

@@ -57,6 +57,7 @@ class Workload:
     structured: StructuredOutput | None = None   # every output constrained (ends when the value is complete)
     temperature: float = 1.0
     top_p: float = 1.0
+    score: bool = False         # prompt logprobs of every prompt token, nothing generated
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -109,6 +110,7 @@ def _figures(system: str, workload: Workload, elapsed: float, output_tokens: int
             "prompt_tokens": prompt_tokens, "output_tokens": output_tokens, "elapsed_s": round(elapsed, 3),
             "requests_per_s": round(len(workload.prompts) / elapsed, 3),
             "output_tok_per_s": round(output_tokens / elapsed, 1),
+            "prompt_tok_per_s": round(prompt_tokens / elapsed, 1),
             "total_tok_per_s": round((output_tokens + prompt_tokens) / elapsed, 1),
             "temperature": workload.temperature, "top_p": workload.top_p,
             "card": card_name(device), **extra}
@@ -116,9 +118,12 @@ def _figures(system: str, workload: Workload, elapsed: float, output_tokens: int
 
 def run_batchgen(llm, workload: Workload) -> tuple[dict, list[int]]:
     """The figures, and each request's number of output tokens."""
-    params = [SamplingParams(temperature=workload.temperature, top_p=workload.top_p, max_tokens=n,
-                             ignore_eos=workload.ignore_eos, structured=workload.structured)
-              for n in workload.output_lens]
+    if workload.score:
+        params = [SamplingParams(max_tokens=0, prompt_logprobs=0)] * len(workload.prompts)
+    else:
+        params = [SamplingParams(temperature=workload.temperature, top_p=workload.top_p, max_tokens=n,
+                                 ignore_eos=workload.ignore_eos, structured=workload.structured)
+                  for n in workload.output_lens]
     llm.generate(workload.prompts[:4], params[:4])    # warm up kernels outside the timed run
     device = llm.engine.device
     profile = StepProfile()
@@ -187,6 +192,28 @@ def run_hf_static(model, workload: Workload, batch_size: int) -> dict:
                     batch_size=batch_size, attn_implementation=model.config._attn_implementation)
 
 
+@torch.inference_mode()
+def run_hf_score(model, workload: Workload, batch_size: int) -> dict:
+    """What a scoring job computes, with HF: forward passes over batches of right-padded prompts, then each
+    prompt token's logprob (fp32 log-softmax of its logits, gathered)."""
+    device = model.device
+    start = time.perf_counter()
+    for first in range(0, len(workload.prompts), batch_size):
+        prompts = workload.prompts[first:first + batch_size]
+        longest = max(len(p) for p in prompts)
+        ids = torch.tensor([p + [0] * (longest - len(p)) for p in prompts], device=device)
+        mask = torch.tensor([[1] * len(p) + [0] * (longest - len(p)) for p in prompts], device=device)
+        logits = model(ids, attention_mask=mask).logits
+        for row, prompt in enumerate(prompts):
+            targets = torch.tensor(prompt[1:], device=device)[:, None]
+            torch.log_softmax(logits[row, :len(prompt) - 1].float(), dim=-1).gather(1, targets).sum()
+        del logits
+    _synchronize(device)
+    elapsed = time.perf_counter() - start
+    return _figures("hf-forward", workload, elapsed, 0, workload.num_prompt_tokens, device, batch_size=batch_size,
+                    attn_implementation=model.config._attn_implementation)
+
+
 def _eos_ids(model) -> list[int]:
     eos = model.generation_config.eos_token_id
     return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
@@ -245,6 +272,8 @@ def _release_memory() -> None:
 @click.option("--max-num-batched-tokens", type=int, default=None)
 @click.option("--max-model-len", type=int, default=None)
 @click.option("--enforce-eager", is_flag=True, help="No CUDA graphs.")
+@click.option("--score", is_flag=True, help="Scoring throughput: every prompt token's logprob, nothing generated "
+              "(prompt_tok_per_s); --hf-static-batch then times HF's forward pass on the same prompts.")
 @click.option("--hf-static-batch", type=int, default=0, help="Also run HF generate in batches of this size.")
 @click.option("--hf-continuous", is_flag=True, help="Also run HF generate_batch (continuous batching).")
 @click.option("--hf-sample", type=int, default=None, help="Run the HF systems on the first N requests only.")
@@ -253,7 +282,7 @@ def _release_memory() -> None:
 @click.option("--seed", type=int, default=0, show_default=True)
 def bench_command(model, load_format, name, num_requests, input_len, input_len_max, output_len, output_len_max,
                   prefix_len, dataset, schema_file, tokenizer, dtype, device, quantization, max_num_seqs, max_num_batched_tokens, max_model_len, enforce_eager,
-                  hf_static_batch, hf_continuous, hf_sample, temperature, top_p, seed):
+                  score, hf_static_batch, hf_continuous, hf_sample, temperature, top_p, seed):
     """Throughput benchmark; prints one JSON line per system (batchgen, then the HF peers)."""
     from batchgen.llm import LLM
 
@@ -261,15 +290,16 @@ def bench_command(model, load_format, name, num_requests, input_len, input_len_m
                                          max_model_len=max_model_len).items() if v is not None}
     if tokenizer:
         engine_args["tokenizer"] = tokenizer
+    # the sampling timed is the flags' own, not the model's defaults
     llm = LLM(model, load_format=load_format, dtype=dtype, device=device, quantization=quantization,
-              enforce_eager=enforce_eager, seed=seed, **engine_args)
+              enforce_eager=enforce_eager, seed=seed, generation_config="none", **engine_args)
     if dataset:
         workload = dataset_workload(name, dataset, llm.tokenizer, num_requests, output_len)
     else:
         workload = make_workload(name, num_requests, input_len, output_len, llm.engine.model_config.vocab_size,
                                  prefix_len=prefix_len, input_len_max=input_len_max, output_len_max=output_len_max,
                                  seed=seed)
-    workload.temperature, workload.top_p = temperature, top_p
+    workload.temperature, workload.top_p, workload.score = temperature, top_p, score
     if schema_file:
         with open(schema_file) as source:
             workload.structured = StructuredOutput(json_schema=json.load(source))
@@ -287,6 +317,10 @@ def bench_command(model, load_format, name, num_requests, input_len, input_len_m
     _release_memory()
     hf_model = load_hf_model(model_dir, torch_dtype, torch_device, dummy=load_format == "dummy")
     hf_workload = workload.sample(hf_sample) if hf_sample else workload
+    if score:
+        if hf_static_batch:
+            print(json.dumps(run_hf_score(hf_model, hf_workload, hf_static_batch) | {"model": str(model)}), flush=True)
+        return
     if hf_static_batch:
         print(json.dumps(run_hf_static(hf_model, hf_workload, hf_static_batch) | {"model": str(model)}), flush=True)
     if hf_continuous:

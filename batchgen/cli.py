@@ -24,7 +24,7 @@ from batchgen.jobs.output_dir import METADATA_DIR, OPENAI_OUTPUT_FILE, PARTS_DIR
 from batchgen.jobs.paths import filesystem, is_uri, redact_url
 from batchgen.jobs.spec import DEFAULT_SHARD_SIZE, JobSpec
 from batchgen.jobs.stats import format_time, merge_stats, render_stats
-from batchgen.sampling_params import StructuredOutput
+from batchgen.sampling_params import MAX_LOGPROBS, StructuredOutput
 
 EXIT_FAILED = 1
 EXIT_CANCELLED = 3
@@ -98,9 +98,24 @@ def _job_options(command):
         click.option("--keep-columns", help="Comma-separated input columns to carry into the output."),
         click.option("--shard-size", type=click.IntRange(1), default=DEFAULT_SHARD_SIZE, show_default=True,
                      help="Rows per shard (one task each)."),
-        click.option("--max-tokens", type=click.IntRange(1), help="Tokens to generate per row [default: 256]."),
-        click.option("--temperature", type=click.FloatRange(0), help="Sampling temperature; 0 is greedy."),
-        click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), help="Nucleus sampling mass."),
+        click.option("--max-tokens", type=click.IntRange(0),
+                     help="Tokens to generate per row [default: the model's max_new_tokens, else 256]; 0 scores "
+                          "the prompts (total_logprob, scored_tokens, perplexity columns) and generates nothing."),
+        click.option("--temperature", type=click.FloatRange(0),
+                     help="Sampling temperature; 0 is greedy [default: the model's]."),
+        click.option("--top-p", type=click.FloatRange(0, 1, min_open=True),
+                     help="Nucleus sampling mass [default: the model's]."),
+        click.option("--top-k", type=click.IntRange(0), help="Sample among the k likeliest; 0 is off [default: the "
+                     "model's]."),
+        click.option("--min-p", type=click.FloatRange(0, 1), help="Minimum probability relative to the likeliest "
+                     "token [default: the model's]."),
+        click.option("--repetition-penalty", type=click.FloatRange(0, min_open=True),
+                     help="Penalty on tokens already in the prompt or output [default: the model's]."),
+        click.option("--generation-config", type=click.Choice(["model", "none"]), default="model", show_default=True,
+                     help="model: the sampling in the model's generation_config.json is the default; none: neutral "
+                          "defaults (temperature 1, top_p 1, no top-k, min-p or repetition penalty)."),
+        click.option("--prompt-logprobs", type=click.IntRange(0, MAX_LOGPROBS),
+                     help="Add a prompt_logprobs column: each prompt token's logprob and the top K alternatives."),
         click.option("--seed", type=int, help="Per-row sampling seed (reproducible outputs)."),
         click.option("--n", type=click.IntRange(1), help="Completions per row (text becomes a list)."),
         click.option("--stop", multiple=True, help="Stop string (repeatable)."),
@@ -158,7 +173,8 @@ def _parse_engine_args(ctx: click.Context, param: click.Parameter, values: tuple
 
 
 def _job_spec(file: str, output: str, options: dict) -> JobSpec:
-    sampling = {name: options[name] for name in ("max_tokens", "temperature", "top_p", "seed", "n")
+    sampling = {name: options[name] for name in ("max_tokens", "temperature", "top_p", "top_k", "min_p",
+                                                 "repetition_penalty", "seed", "n", "prompt_logprobs")
                 if options[name] is not None}
     if options["stop"]:
         sampling["stop"] = list(options["stop"])
@@ -180,7 +196,8 @@ def _job_spec(file: str, output: str, options: dict) -> JobSpec:
                        prompt_column=options["prompt_column"], messages_column=options["messages_column"],
                        id_column=options["id_column"], template=options["template"],
                        system_prompt=options["system_prompt"], as_chat=options["as_chat"], keep_columns=keep,
-                       shard_size=options["shard_size"], cache_salt=options["cache_salt"])
+                       shard_size=options["shard_size"], cache_salt=options["cache_salt"],
+                       generation_config=options["generation_config"])
     except ValidationError as exc:
         if options["schema_file"] and exc.errors()[0]["loc"][:1] == ("structured",):   # name the file at fault
             raise click.ClickException(f"{options['schema_file']}: {one_line(exc)}") from None
@@ -225,9 +242,12 @@ def run(file: str, output: str, dtype: str, device: str, quantization: str | Non
 
     def load():
         from batchgen import LLM
-        return LLM(spec.model, **_engine_settings(dtype, device, quantization, engine_args, allow_pickle_weights))
+        return LLM(spec.model, generation_config=spec.generation_config,
+                   **_engine_settings(dtype, device, quantization, engine_args, allow_pickle_weights))
 
     llm = _load_model(spec.model, load)
+    if spec.generation_config == "model":
+        spec.model_sampling = llm.engine.default_sampling
     prepare_output(spec, replace=True)
     save_spec(spec)
     progress = _Progress()
@@ -241,6 +261,36 @@ def run(file: str, output: str, dtype: str, device: str, quantization: str | Non
     click.echo(f"stats:  {_join(spec.output_display, f'{METADATA_DIR}/{STATS_FILE}')}")
     if spec.output_format == "openai":
         click.echo(f"openai: {_join(spec.output_display, f'{METADATA_DIR}/{OPENAI_OUTPUT_FILE}')}")
+
+
+@main.command()
+@click.argument("file")
+@click.option("-o", "--output", required=True, help="Output directory (or URI with --submit).")
+@click.option("--model", default="default", show_default=True)
+@click.option("--input-format", type=click.Choice(["jsonl", "parquet", "openai"]), help="Input format (default: detected).")
+@click.option("--prompt-column", default="prompt", show_default=True)
+@click.option("--messages-column", default="messages", show_default=True)
+@click.option("--id-column", default="id", show_default=True)
+@click.option("--template", help="Build the scored text from columns, e.g. 'Q: {question} A: {answer}'.")
+@click.option("--chat", "as_chat", is_flag=True, help="Score prompt text inside the chat template.")
+@click.option("--keep-columns", help="Comma-separated input columns to carry into the output.")
+@click.option("--shard-size", type=click.IntRange(1), default=DEFAULT_SHARD_SIZE, show_default=True)
+@click.option("--prompt-logprobs", type=click.IntRange(0, MAX_LOGPROBS),
+              help="Also a prompt_logprobs column: each token's logprob and the top K alternatives.")
+@click.option("--submit", "on_queue", is_flag=True, help="Queue the job for the workers instead of running it here.")
+@click.option("--wait", "wait_for_it", is_flag=True, help="With --submit: follow the job until it ends.")
+@_engine_options
+@click.pass_context
+def score(ctx: click.Context, on_queue: bool, wait_for_it: bool, dtype: str, device: str, quantization: str | None,
+          engine_args: dict, allow_pickle_weights: bool, **options) -> None:
+    """Score every row's text: total_logprob, scored_tokens and perplexity columns; nothing is generated.
+
+    The same job as `run` (or `submit`) with --max-tokens 0: prefill only."""
+    if on_queue:
+        ctx.invoke(submit, wait_for_it=wait_for_it, max_tokens=0, **options)
+    else:
+        ctx.invoke(run, dtype=dtype, device=device, quantization=quantization, engine_args=engine_args,
+                   allow_pickle_weights=allow_pickle_weights, max_tokens=0, **options)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -395,7 +445,9 @@ def results(job: str, show: int, shards: bool) -> None:
         stats, partial = load_stats(output), False
     except JobOutputError:
         spec = load_spec(output)
-        stats = merge_stats(read_shard_stats(output), job_id=spec.job_id, model=spec.model, sampling=spec.sampling)
+        sampling, sources = spec.effective_sampling()
+        stats = merge_stats(read_shard_stats(output), job_id=spec.job_id, model=spec.model, sampling=sampling,
+                            sampling_sources=sources, row_sampling=spec.summary.row_sampling)
         partial = True
     click.echo(render_stats(stats, per_shard=shards))
     parts = list_parts(output)

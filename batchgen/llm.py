@@ -84,7 +84,7 @@ class LLM:
                      run: Callable[[list[Request]], None], cache_salt: str | None = None) -> list[RequestOutput]:
         """Turn prompts into engine requests (under `cache_salt`), have `run` take them to completion (the
         engine's own loop, or an EngineLoop shared by threads), and assemble the outputs in input order."""
-        params = _per_prompt(sampling_params, len(prompts))
+        params = self._with_defaults(_per_prompt(sampling_params, len(prompts)))
         outputs: list[RequestOutput | None] = [None] * len(prompts)
         sampled: list[Request] = []
         beams: list[BeamGroup] = []
@@ -110,7 +110,7 @@ class LLM:
             outputs[index] = RequestOutput(
                 str(index), requests[0].prompt_token_ids,
                 [self._completion(r) for r in requests],
-                num_cached_tokens=requests[0].num_cached_tokens,
+                num_cached_tokens=requests[0].num_cached_tokens, prompt_logprobs=requests[0].prompt_logprobs,
                 num_preemptions=sum(r.num_preemptions for r in requests),
                 error=next((r.error for r in requests if r.error), None))
 
@@ -120,6 +120,15 @@ class LLM:
                 str(group.group_index), group.prompt_token_ids,
                 [self._beam_completion(i, group, beam) for i, beam in enumerate(group.best())])
         return outputs
+
+    def _with_defaults(self, params: list[SamplingParams]) -> list[SamplingParams]:
+        """The model's sampling defaults filled into each params' unset fields (once per distinct object:
+        a job's rows mostly share one)."""
+        resolved: dict[int, SamplingParams] = {}
+        for p in params:
+            if id(p) not in resolved:
+                resolved[id(p)] = self.engine.with_defaults(p)
+        return [resolved[id(p)] for p in params]
 
     def _completion(self, request: Request) -> CompletionOutput:
         return CompletionOutput(index=request.sample_index, text=self.engine.output_text(request),

@@ -27,6 +27,9 @@ class RequestOutput:
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput]
     num_cached_tokens: int = 0      # prompt tokens served by the prefix cache
+    # with SamplingParams.prompt_logprobs: None for the first prompt token, then each token's logprob given
+    # the tokens before it, with the top-k alternatives (vLLM's shape)
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
     num_preemptions: int = 0
     error: str | None = None
 

@@ -1,7 +1,7 @@
 """What a user may ask of one generation; validated once, with errors that name the field."""
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 
 class StructuredOutput(BaseModel):
@@ -23,12 +23,19 @@ class StructuredOutput(BaseModel):
         return self
 
 
+MAX_LOGPROBS = 20
+
+
 class SamplingParams(BaseModel):
-    """vLLM-style sampling parameters. temperature 0 is greedy; beam_width > 1 turns on beam search."""
+    """vLLM-style sampling parameters. temperature 0 is greedy; beam_width > 1 turns on beam search.
+    max_tokens 0 scores the prompt (prompt_logprobs) and generates nothing. Fields left unset take the
+    model's defaults (its generation_config.json: `Engine.default_sampling`)."""
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     n: int = Field(1, ge=1, le=128)
-    max_tokens: int = Field(16, ge=1)
+    # top-k logprobs per prompt token; declared before max_tokens, whose validator reads it
+    prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    max_tokens: int = Field(16, ge=0)         # 0: score the prompt only
     min_tokens: int = Field(0, ge=0)
     temperature: float = Field(1.0, ge=0.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
@@ -43,10 +50,18 @@ class SamplingParams(BaseModel):
     ignore_eos: bool = False
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
-    logprobs: int | None = Field(None, ge=0, le=20)   # top-k logprobs per generated token
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)          # top-k logprobs per generated token
     beam_width: int = Field(1, ge=1, le=64)
     length_penalty: float = 1.0
     structured: StructuredOutput | None = None
+
+    @field_validator("max_tokens")
+    @classmethod
+    def _zero_only_for_scoring(cls, value: int, info: ValidationInfo) -> int:
+        if value == 0 and info.data.get("prompt_logprobs") is None:
+            raise ValueError("max_tokens 0 is for scoring prompts: set prompt_logprobs too (0 for the prompt "
+                             "tokens' own logprobs)")
+        return value
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -70,6 +85,8 @@ class SamplingParams(BaseModel):
             raise ValueError(f"n ({self.n}) must not exceed beam_width ({self.beam_width}) in beam search")
         if self.beam_width > 1 and self.structured is not None:
             raise ValueError("beam search cannot be combined with structured output")
+        if self.prompt_logprobs is not None and self.beam_width > 1:
+            raise ValueError("prompt_logprobs cannot be combined with beam search")
         return self
 
     @property

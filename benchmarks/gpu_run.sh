@@ -44,4 +44,8 @@ bench "${T_MOE_W1:-300}" --model benchmarks/configs/qwen3-30b-a3b --load-format 
   --num-requests 1000 --input-len 512 --output-len 256 --max-model-len 1024
 bench "${T_MIXTRAL_W1:-300}" --model benchmarks/configs/mixtral-8x7b --load-format dummy --name mixtral-8x7b-W1 \
   --num-requests 1000 --input-len 512 --output-len 256 --max-model-len 1024
+# scoring: W1's prompts (512 tokens), every prompt token's logprob, nothing generated; HF's forward pass (logits,
+# fp32 log-softmax, gather) on the first 256 of the same prompts
+bench "${T_SCORE:-150}" --model benchmarks/configs/llama-3.1-8b --load-format dummy --name W1-score \
+  --num-requests 1000 --input-len 512 --max-model-len 1024 --score --hf-static-batch 16 --hf-sample 256
 tail -n 30 "$OUT/stderr.log"

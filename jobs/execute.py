@@ -11,9 +11,9 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 import pyarrow as pa
 
@@ -61,13 +61,15 @@ class Executor:
     worker: str                      # "host:pid"
     gpu: str | None = None           # "cpu", or "cuda:0 NVIDIA H100 80GB HBM3" (physical index)
     dtype: str | None = None
+    default_sampling: dict[str, Any] = field(default_factory=dict)   # the engine's, from the model's files
 
     @classmethod
     def for_llm(cls, llm, engine: Generator | None = None) -> "Executor":
         """An executor for a loaded `batchgen.LLM`; `engine` replaces it as the generator (an EngineLoop
         around it)."""
         return cls(engine=engine or llm, tokenizer=llm.tokenizer, worker=worker_name(),
-                   gpu=device_label(llm.engine.device), dtype=str(llm.engine.dtype).removeprefix("torch."))
+                   gpu=device_label(llm.engine.device), dtype=str(llm.engine.dtype).removeprefix("torch."),
+                   default_sampling=llm.engine.default_sampling)
 
 
 @dataclass(frozen=True)
@@ -120,6 +122,9 @@ def run_shard(spec: JobSpec, shard_index: int, executor: Executor, store: JobSto
     as status "failed"; a row's problems are that row's error. `should_stop` (see `cancel_check`) is handed
     to the engine, which raises `batchgen.engine.errors.Cancelled` when it turns true mid-shard."""
     job_id = spec.job_id
+    if spec.generation_config == "model" and spec.model_sampling is None:
+        # not recorded at submit (the model's files were not readable there): the loaded model's own
+        spec = spec.model_copy(update={"model_sampling": executor.default_sampling})
     try:
         check_roots(spec)         # a worker enforces its roots whoever registered the job
     except (JobInputError, JobOutputError) as exc:
@@ -166,9 +171,10 @@ def finalize_job(spec: JobSpec, store: JobStore, dtype: str | None = None) -> Jo
     try:
         remove_temp_files(spec.output)
         record = store.get_job(spec.job_id)
+        sampling, sources = spec.effective_sampling()
         stats = merge_stats(read_shard_stats(spec.output), job_id=spec.job_id, model=spec.model, dtype=dtype,
-                            sampling=spec.sampling, started_at=record.started_at if record else None,
-                            finished_at=datetime.now(timezone.utc))
+                            sampling=sampling, sampling_sources=sources, row_sampling=spec.summary.row_sampling,
+                            started_at=record.started_at if record else None, finished_at=datetime.now(timezone.utc))
         expected = spec.summary.num_rows
         if stats.rows_total != expected:
             raise JobOutputError(f"{spec.output_display}: the parts hold {stats.rows_total} rows, the input "

@@ -5,6 +5,7 @@ For json_schema / json_object rows the text is parsed and checked against the sc
 """
 import base64
 import json
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import lru_cache
@@ -40,7 +41,16 @@ class OutputRow:
     logprobs: list[list[TokenLogprobs] | None] | None = None
     json: list[str | None] | None = None
     json_valid: list[bool] | None = None
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
+    total_logprob: float | None = None              # scoring: sum of the prompt tokens' logprobs (all but the first)
+    scored_tokens: int | None = None
     error: str | None = None
+
+    @property
+    def perplexity(self) -> float | None:
+        if not self.scored_tokens:
+            return None
+        return math.exp(-self.total_logprob / self.scored_tokens)
 
 
 def output_row(row: PromptRow, result: RequestOutput | None) -> OutputRow:
@@ -64,6 +74,10 @@ def output_row(row: PromptRow, result: RequestOutput | None) -> OutputRow:
     out.preemptions = result.num_preemptions
     if row.params.logprobs is not None:
         out.logprobs = [c.logprobs for c in completions]
+    if result.prompt_logprobs is not None:
+        out.prompt_logprobs = result.prompt_logprobs
+        out.scored_tokens = len(result.prompt_logprobs) - 1
+        out.total_logprob = sum(entry.logprob for entry in result.prompt_logprobs[1:])
     structured = row.params.structured
     if structured is not None and (structured.json_schema is not None or structured.json_object):
         checked = [_check_json(text, structured.json_schema) for text in out.texts]
@@ -111,6 +125,10 @@ def output_schema(spec: JobSpec) -> pa.Schema:
         fields.append(("logprobs", per_sample(LOGPROBS_TYPE)))
     if summary.any_json_output:
         fields += [("json", per_sample(pa.string())), ("json_valid", per_sample(pa.bool_()))]
+    if summary.any_scoring:
+        fields += [("total_logprob", pa.float64()), ("scored_tokens", pa.int64()), ("perplexity", pa.float64())]
+    if "prompt_logprobs" in spec.sampling or summary.row_sampling.get("prompt_logprobs"):
+        fields.append(("prompt_logprobs", LOGPROBS_TYPE))
     fields.append(("error", pa.string()))
     if spec.output_format == "openai":
         fields.append(("endpoint", pa.string()))
@@ -143,15 +161,23 @@ def rows_table(rows: Iterable[OutputRow], schema: pa.Schema) -> pa.Table:
         if "json" in columns:
             columns["json"].append(per_sample(row.json))
             columns["json_valid"].append(per_sample(row.json_valid))
+        if "total_logprob" in columns:
+            columns["total_logprob"].append(row.total_logprob)
+            columns["scored_tokens"].append(row.scored_tokens)
+            columns["perplexity"].append(row.perplexity)
+        if "prompt_logprobs" in columns:
+            columns["prompt_logprobs"].append(_logprob_records(row.prompt_logprobs))
         columns["error"].append(row.error)
         if "endpoint" in columns:
             columns["endpoint"].append(row.endpoint)
     return pa.Table.from_pydict(columns, schema=schema)
 
 
-def _logprob_records(positions: list[TokenLogprobs] | None) -> list[dict] | None:
+def _logprob_records(positions: list[TokenLogprobs | None] | None) -> list[dict | None] | None:
+    """Parquet records of logprobs; a prompt's first token has none (None)."""
     if positions is None:
         return None
-    return [{"token_id": p.token_id, "logprob": p.logprob,
+    return [None if p is None else
+            {"token_id": p.token_id, "logprob": p.logprob,
              "top": [{"token_id": t, "logprob": lp} for t, lp in sorted(p.top.items(), key=lambda kv: -kv[1])]}
             for p in positions]

@@ -108,7 +108,8 @@ class _Survey:
         self.unknown_fields: dict[str, str] = {}
         self.id_digests = bytearray()
         self.kept_kinds: dict[str, set[str]] = {name: set() for name in spec.keep_columns}
-        self.max_n, self.any_logprobs, self.any_json_output = 1, False, False
+        self.max_n, self.any_logprobs, self.any_json_output, self.any_scoring = 1, False, False, False
+        self.row_sampling: dict[str, int] = {}
 
     def add(self, row: PromptRow, position: int) -> None:
         self.num_rows += 1
@@ -123,6 +124,9 @@ class _Survey:
                 self.first_errors.append(row.error)
             return
         params = row.params
+        for name in row.sampling_fields:
+            self.row_sampling[name] = self.row_sampling.get(name, 0) + 1
+        self.any_scoring |= params.prompt_logprobs is not None
         self.max_n = max(self.max_n, params.n)
         self.any_logprobs |= params.logprobs is not None
         self.any_json_output |= params.structured is not None and (
@@ -140,7 +144,8 @@ class _Survey:
             shard_starts=self.shard_starts, duplicate_rows=_later_duplicates(self.id_digests),
             unknown_fields=self.unknown_fields, first_errors=self.first_errors,
             kept_schema=base64.b64encode(kept.serialize().to_pybytes()).decode(),
-            max_n=self.max_n, any_logprobs=self.any_logprobs, any_json_output=self.any_json_output)
+            max_n=self.max_n, any_logprobs=self.any_logprobs, any_json_output=self.any_json_output,
+            any_scoring=self.any_scoring, row_sampling=self.row_sampling)
 
 
 _KIND_TYPES = {frozenset(): pa.string(), frozenset({"bool"}): pa.bool_(), frozenset({"int"}): pa.int64(),

@@ -75,6 +75,7 @@ class PromptRow:
     error: str | None = None
     unknown_fields: tuple[str, ...] = ()
     requested_model: str | None = None                       # noted; the job's model serves every row
+    sampling_fields: tuple[str, ...] = ()                    # sampling fields the row sets itself
 
     @property
     def is_chat(self) -> bool:
@@ -100,7 +101,7 @@ class RowParser:
         self.duplicate_rows = duplicate_rows
         self.placeholders = template_placeholders(spec.template) if spec.template else []
         self.template_parts = list(string.Formatter().parse(spec.template)) if spec.template else []
-        self.default_sampling = {**spec.sampling, "structured": spec.structured}
+        self.default_sampling = {**spec.effective_sampling()[0], "structured": spec.structured}
         self.default_params = SamplingParams.model_validate(self.default_sampling, strict=True)
         # Rows repeat the same few overrides (max_tokens=1 on every line): validate each combination once.
         self.params_cache: dict[tuple, SamplingParams] = {}
@@ -172,8 +173,9 @@ class RowParser:
             messages = [{"role": "system", "content": self.spec.system_prompt}, *messages]
 
         model = fields.get("model")
+        params, sampling_fields = self._params(fields, prefix)
         return PromptRow(index=index, id=row_id, prompt=prompt, messages=messages,
-                         params=self._params(fields, prefix), columns=self._kept(raw, fields),
+                         params=params, sampling_fields=sampling_fields, columns=self._kept(raw, fields),
                          unknown_fields=tuple(unknown), requested_model=model if isinstance(model, str) else None)
 
     def _openai_body(self, raw: dict[str, Any]) -> tuple[dict[str, Any], str, str]:
@@ -229,7 +231,8 @@ class RowParser:
             raise _RowError(self.placeholders[0], "empty prompt after the template")
         return prompt
 
-    def _params(self, fields: dict[str, Any], prefix: str) -> SamplingParams:
+    def _params(self, fields: dict[str, Any], prefix: str) -> tuple[SamplingParams, tuple[str, ...]]:
+        """The row's params, and the sampling fields it sets itself."""
         overrides: dict[str, Any] = {}
         source: dict[str, str] = {}      # sampling name -> the row's own field name, for messages
         for name, value in fields.items():
@@ -247,14 +250,14 @@ class RowParser:
                 raise _RowError(prefix + "response_format", str(exc)) from None
             source["structured"] = "response_format"
         if not overrides:
-            return self.default_params
+            return self.default_params, ()
         for name, value in overrides.items():
             problem = _out_of_range_number(value)
             if problem:
                 raise _RowError(prefix + source[name], problem)
         key = _params_key(overrides)
         if key in self.params_cache:
-            return self.params_cache[key]
+            return self.params_cache[key], tuple(overrides)
         try:
             params = SamplingParams.model_validate({**self.default_sampling, **overrides}, strict=True)
         except ValidationError as exc:
@@ -268,7 +271,7 @@ class RowParser:
             raise _RowError(where, message) from None
         if key is not None and len(self.params_cache) < _PARAMS_CACHE_SIZE:
             self.params_cache[key] = params
-        return params
+        return params, tuple(overrides)
 
     def _kept(self, raw: dict[str, Any], fields: dict[str, Any]) -> dict[str, Any]:
         return {name: raw[name] if name in raw else fields.get(name) for name in self.spec.keep_columns}

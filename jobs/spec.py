@@ -15,6 +15,7 @@ import jsonschema
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from batchgen.engine import grammar
+from batchgen.generation_config import NEUTRAL_SAMPLING
 from batchgen.jobs.paths import is_uri, redact_url
 from batchgen.sampling_params import SamplingParams, StructuredOutput
 
@@ -28,7 +29,8 @@ DEFAULT_MAX_LINE_BYTES = 16 * 1024 * 1024
 
 # Columns every output part may carry; kept input columns must not shadow them.
 OUTPUT_COLUMNS = frozenset({"id", "text", "finish_reason", "prompt_tokens", "completion_tokens", "logprobs",
-                            "json", "json_valid", "error", "endpoint"})
+                            "json", "json_valid", "error", "endpoint", "prompt_logprobs", "total_logprob",
+                            "scored_tokens", "perplexity"})
 
 
 def new_job_id() -> str:
@@ -54,6 +56,8 @@ class InputSummary(BaseModel):
     max_n: int = 1                              # n > 1 anywhere makes the text column a list
     any_logprobs: bool = False
     any_json_output: bool = False               # a json_schema / json_object row: json, json_valid columns
+    any_scoring: bool = False                   # a row with prompt_logprobs: total_logprob, perplexity columns
+    row_sampling: dict[str, int] = {}           # sampling field -> rows that set it themselves
 
 
 class JobSpec(BaseModel):
@@ -66,7 +70,11 @@ class JobSpec(BaseModel):
     model: str = "default"
     output: str                                 # directory: local path or pyarrow filesystem URI
     output_format: OutputFormat = "parquet"     # openai: also results.jsonl in the Batch API output shape
-    sampling: dict[str, Any] = Field(default_factory=lambda: {"max_tokens": DEFAULT_MAX_TOKENS})
+    sampling: dict[str, Any] = {}               # what the job sets explicitly (CLI flags, definition)
+    generation_config: Literal["model", "none"] = "model"   # the model's sampling defaults, or neutral ones
+    # the model's generation_config.json sampling, recorded when the job is submitted (or by its first shard)
+    # so that every shard, resumed ones included, samples the same way
+    model_sampling: dict[str, Any] | None = None
     structured: StructuredOutput | None = None  # job-wide; a row's response_format replaces it
     prompt_column: str = "prompt"
     messages_column: str = "messages"
@@ -93,8 +101,7 @@ class JobSpec(BaseModel):
     def _valid_sampling(cls, value: dict[str, Any]) -> dict[str, Any]:
         if "structured" in value:
             raise ValueError("give structured output as the job's `structured`, not inside sampling")
-        value = {"max_tokens": DEFAULT_MAX_TOKENS, **value}
-        SamplingParams.model_validate(value, strict=True)
+        SamplingParams.model_validate({**_job_base(value), **value}, strict=True)
         return value
 
     @field_validator("structured")
@@ -126,6 +133,17 @@ class JobSpec(BaseModel):
         if self.input_format is not None:
             self.check_input_format(self.input_format)
         return self
+
+    def effective_sampling(self) -> tuple[dict[str, Any], dict[str, str]]:
+        """The sampling every row starts from, and where each value came from: "job" (set explicitly),
+        "model" (its generation_config.json) or "default" (batchgen's). Rows may override any of them."""
+        model = (self.model_sampling or {}) if self.generation_config == "model" else {}
+        layers = (("default", _job_base(self.sampling)), ("model", model), ("job", self.sampling))
+        values, sources = {}, {}
+        for source, layer in layers:
+            for name, value in layer.items():
+                values[name], sources[name] = value, source
+        return values, sources
 
     def __repr_args__(self):
         for name, value in super().__repr_args__():
@@ -159,6 +177,14 @@ class JobSpec(BaseModel):
         """The [start, end) input rows of a shard."""
         start = shard_index * self.shard_size
         return start, min(start + self.shard_size, self.summary.num_rows)
+
+
+def _job_base(sampling: dict[str, Any]) -> dict[str, Any]:
+    """batchgen's job defaults: neutral sampling, 256 tokens; a job of max_tokens 0 scores the prompts."""
+    base = {**NEUTRAL_SAMPLING, "max_tokens": DEFAULT_MAX_TOKENS}
+    if sampling.get("max_tokens") == 0:
+        base["prompt_logprobs"] = 0
+    return base
 
 
 def template_placeholders(template: str) -> list[str]:

@@ -75,7 +75,9 @@ class JobStats(Counts):
     job_id: str
     model: str
     dtype: str | None = None
-    sampling: dict[str, Any] = {}
+    sampling: dict[str, Any] = {}          # what every row started from
+    sampling_sources: dict[str, str] = {}  # field -> "model" (generation_config.json), "job" or "default"
+    row_sampling: dict[str, int] = {}      # field -> rows that set it themselves
     batchgen_version: str = batchgen.__version__
     started_at: datetime | None = None
     finished_at: datetime | None = None
@@ -85,12 +87,14 @@ class JobStats(Counts):
 
 
 def merge_stats(shards: Iterable[ShardStats], *, job_id: str, model: str, dtype: str | None = None,
-                sampling: dict[str, Any] | None = None, started_at: datetime | None = None,
+                sampling: dict[str, Any] | None = None, sampling_sources: dict[str, str] | None = None,
+                row_sampling: dict[str, int] | None = None, started_at: datetime | None = None,
                 finished_at: datetime | None = None) -> JobStats:
     """Job stats from its shards. Wall time is the job's own span (submit to finish when given, else first
     shard start to last shard end), so tok/s counts every worker together."""
     shards = sorted(shards, key=lambda s: s.shard_index)
-    job = JobStats(job_id=job_id, model=model, dtype=dtype, sampling=sampling or {}, shards=shards,
+    job = JobStats(job_id=job_id, model=model, dtype=dtype, sampling=sampling or {},
+                   sampling_sources=sampling_sources or {}, row_sampling=row_sampling or {}, shards=shards,
                    started_at=started_at or min((s.started_at for s in shards if s.started_at), default=None),
                    finished_at=finished_at or max((s.finished_at for s in shards if s.finished_at), default=None))
     for name in ("rows_total", "rows_ok", "rows_failed", "prompt_tokens", "completion_tokens", "cached_tokens",
@@ -110,7 +114,7 @@ def render_stats(stats: JobStats, per_shard: bool = False) -> str:
     rows = [
         ("job", stats.job_id), ("model", stats.model), ("dtype", stats.dtype or "-"),
         ("batchgen", stats.batchgen_version),
-        ("sampling", ", ".join(f"{k}={v}" for k, v in sorted(stats.sampling.items())) or "-"),
+        ("sampling", _sampling_text(stats)),
         ("started", format_time(stats.started_at)), ("finished", format_time(stats.finished_at)),
         ("wall time", f"{stats.wall_seconds:,.1f} s"), ("worker time", f"{stats.shard_seconds:,.1f} s"),
         ("rows", f"{stats.rows_total:,} ({stats.rows_ok:,} ok, {stats.rows_failed:,} failed)"),
@@ -130,6 +134,16 @@ def render_stats(stats: JobStats, per_shard: bool = False) -> str:
             for s in stats.shards]
         widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
         text += "\n\n" + "\n".join("  ".join(cell.rjust(w) for cell, w in zip(line, widths)) for line in lines)
+    return text
+
+
+def _sampling_text(stats: JobStats) -> str:
+    """temperature=0.2 (model), max_tokens=256 (default), ...; then the fields rows set themselves."""
+    text = ", ".join(f"{name}={value}" + (f" ({stats.sampling_sources[name]})" if name in stats.sampling_sources
+                                          else "") for name, value in sorted(stats.sampling.items())) or "-"
+    if stats.row_sampling:
+        text += "; set by rows: " + ", ".join(f"{name} ({count:,})"
+                                              for name, count in sorted(stats.row_sampling.items()))
     return text
 
 

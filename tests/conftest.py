@@ -85,6 +85,20 @@ def tiny_model_dir(tmp_path_factory, default_model_dir):
     return build
 
 
+@pytest.fixture(scope="session")
+def model_dir_with_sampling(tiny_model_dir, tmp_path_factory):
+    """Factory `model_dir_with_sampling(**values) -> Path`: a copy of the tiny llama model whose
+    generation_config.json also holds these values (e.g. temperature=0.7)."""
+    def build(**values) -> Path:
+        model_dir = tmp_path_factory.mktemp("generation-config") / "model"
+        shutil.copytree(tiny_model_dir("llama"), model_dir)
+        generation = json.loads((model_dir / "generation_config.json").read_text())
+        (model_dir / "generation_config.json").write_text(json.dumps({**generation, **values}))
+        return model_dir
+
+    return build
+
+
 def save_tiny_model(out_dir: Path, arch: str, overrides: dict, tokenizer_dir: Path) -> None:
     import transformers
 

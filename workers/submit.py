@@ -3,6 +3,8 @@ register the job, then one task per shard on the model's queue."""
 import logging
 from collections.abc import Iterable
 
+from batchgen.generation_config import local_model_sampling
+from batchgen.jobs.errors import JobInputError
 from batchgen.jobs.output_dir import prepare_output, save_spec
 from batchgen.jobs.readers import validate_input
 from batchgen.jobs.spec import JobSpec
@@ -18,7 +20,15 @@ class JobExistsError(ValueError):
 
 def submit_job(spec: JobSpec, store: JobStore) -> int:
     """Validate, register and enqueue a job; returns its number of shards. Raises JobInputError (whole-file
-    problem) or JobOutputError (the output directory holds another job) before anything is written or queued."""
+    problem, or a model whose generation_config.json has bad sampling values) or JobOutputError (the output
+    directory holds another job) before anything is written or queued."""
+    if spec.generation_config == "model" and spec.model_sampling is None:
+        # recorded now if the model's files are readable here (else the first shard's worker supplies them),
+        # so that every shard, and a resumed job, samples alike
+        try:
+            spec.model_sampling = local_model_sampling(spec.model)
+        except ValueError as exc:
+            raise JobInputError(f"model {spec.model!r}: {exc}") from None
     if spec.input_summary is None:
         spec.input_summary = validate_input(spec)
     prepare_output(spec)

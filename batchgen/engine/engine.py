@@ -18,6 +18,7 @@ from batchgen.engine.sampler import PendingSample, Sampler
 from batchgen.engine.scheduler import ScheduledBatch, Scheduler
 from batchgen.engine.structured import GrammarEngine, apply_bitmask
 from batchgen.engine.transfer import to_device
+from batchgen.generation_config import model_sampling_defaults, with_defaults
 from batchgen.models.config import DTYPES, ModelConfig
 from batchgen.models.loader import load_model, resolve_model_path
 from batchgen.outputs import TokenLogprobs
@@ -61,13 +62,16 @@ class Engine:
         if self.device.type == "cuda":
             use_expandable_segments()
         self.model_path = resolve_model_path(config.model)
+        # SamplingParams fields a request leaves unset take these (the model's generation_config.json)
+        self.default_sampling = model_sampling_defaults(self.model_path) if config.generation_config == "model" else {}
         self.dtype = resolve_dtype(config.dtype, self.device, ModelConfig.from_dir(self.model_path).dtype)
         self.model, self.model_config = load_model(self.model_path, self.dtype, self.device, config.load_format,
                                                    config.allow_pickle_weights, config.quantization)
         self.tokenizer = load_tokenizer(config.tokenizer or self.model_path)
         self.eos_token_ids = frozenset(self.model_config.eos_token_ids)
 
-        self.runner = ModelRunner(self.model, self.model_config, config.block_size, self.device, self.dtype)
+        self.runner = ModelRunner(self.model, self.model_config, config.block_size, self.device, self.dtype,
+                                  logits_chunk_rows=config.resolved_max_num_seqs(self.device))
         self.sampler = Sampler(config.seed)
         self.grammars: GrammarEngine | None = None     # created with the first structured request
         self.sampled_step: SampledStep | None = None   # last step's sampling, its tokens not yet taken
@@ -124,7 +128,8 @@ class Engine:
 
     def profile_requests(self) -> list[Request]:
         """The largest step the scheduler can form: max_num_seqs prompts (or one per token of the budget) that
-        fill the token budget together, each sampled with every sampler feature that takes memory."""
+        fill the token budget together, each sampled with every sampler feature that takes memory and scoring its
+        prompt (prompt logprobs make full-vocab logits max_num_seqs rows at a time)."""
         budget = self.config.resolved_max_num_batched_tokens(self.device)
         if not self.config.enable_chunked_prefill:   # a whole prompt runs in one step, however long
             budget = max(budget, self._context_len() - 1)
@@ -132,7 +137,7 @@ class Engine:
         longest = self._context_len() - 1
         lengths = [min(longest, budget // num_seqs + (i < budget % num_seqs)) for i in range(num_seqs)]
         params = SamplingParams(max_tokens=1, ignore_eos=True, temperature=1.0, top_p=0.9, top_k=50, min_p=0.05,
-                                presence_penalty=0.5, frequency_penalty=0.5, logprobs=20)
+                                presence_penalty=0.5, frequency_penalty=0.5, logprobs=20, prompt_logprobs=20)
         vocab = self.model_config.vocab_size
         return [Request(f"profile-{i}", [(i * 131 + j) % vocab for j in range(n)], params)
                 for i, n in enumerate(lengths)]
@@ -161,13 +166,17 @@ class Engine:
             self.grammars = None
 
     # -- requests -----------------------------------------------------------------------------------
+    def with_defaults(self, params: SamplingParams) -> SamplingParams:
+        """The params with every field the caller left unset taken from `default_sampling`."""
+        return with_defaults(params, self.default_sampling)
+
     def check_request(self, prompt_token_ids: list[int], params: SamplingParams) -> str | None:
         """Why this request can't run, or None."""
         if (params.stop or params.structured) and self.tokenizer is None:
             return "stop strings and structured output need a tokenizer, and this model directory has none"
         if not prompt_token_ids:
             return "prompt is empty"
-        if len(prompt_token_ids) >= self.max_model_len:
+        if len(prompt_token_ids) >= self.max_model_len + (params.max_tokens == 0):
             return (f"prompt has {len(prompt_token_ids)} tokens; the context holds {self.max_model_len}, "
                     "so nothing could be generated")
         vocab = self.model_config.vocab_size
@@ -177,6 +186,8 @@ class Engine:
 
     def add_request(self, request: Request) -> None:
         request.eos_token_ids = self.eos_token_ids
+        if request.scores_prompt:
+            request.prompt_logprobs = [None] * request.num_prompt_tokens
         constraint = request.params.structured
         if constraint is not None:
             self._grammar_engine().start(constraint)
@@ -243,6 +254,7 @@ class Engine:
                     return finished + self._recover(previous.batch.requests + batch.requests, exc)
             if launch_error is not None:
                 return finished + self._recover(batch.requests, launch_error)
+            finished += self._finish_scored(batch)
             if logits is not None:
                 try:
                     self.sampled_step = self._start_sampling(batch, logits, inputs.sampling_requests)
@@ -261,6 +273,16 @@ class Engine:
             request.num_computed_tokens += num_new
             request.suspect = False
         return logits
+
+    def _finish_scored(self, batch: ScheduledBatch) -> list[Request]:
+        """Scoring requests (max_tokens 0) end once their whole prompt has run: nothing is sampled."""
+        finished = []
+        for request in batch.requests:
+            if request.params.max_tokens == 0 and request.num_computed_tokens >= request.num_prompt_tokens:
+                request.finish("length")
+                self.scheduler.finish(request)
+                finished.append(request)
+        return finished
 
     def _take_tokens(self, step: SampledStep) -> list[Request]:
         """Append a step's sampled tokens (waiting for its sampling only) and apply the stop conditions."""

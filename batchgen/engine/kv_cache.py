@@ -54,8 +54,9 @@ class KVCacheManager:
 
     def find_cached_prefix(self, request: Request) -> list[int]:
         """Blocks holding the longest cached prefix of a request that has none yet. At least one token is
-        left to compute, since its logits are needed."""
-        if not self.enable_prefix_caching:
+        left to compute, since its logits are needed. A request scoring its prompt needs every position's
+        hidden state, so it finds none."""
+        if not self.enable_prefix_caching or request.scores_prompt:
             return []
         self._extend_hashes(request, request.num_tokens - 1)
         hits = []

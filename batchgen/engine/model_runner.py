@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from batchgen.engine.prompt_logprobs import PromptPositions
 from batchgen.engine.request import Request
 from batchgen.engine.scheduler import ScheduledBatch
 from batchgen.engine.transfer import to_device
@@ -95,12 +96,14 @@ class StepInputs:
     sampling_requests: list[Request]
     pending_positions: list[int]          # slots of input_ids taking a token sampled last step ...
     pending_requests: list[Request]       # ... and whose token it is
+    prompt_positions: PromptPositions     # rows whose next prompt token a request scores (prompt_logprobs)
 
 
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, model_config: ModelConfig, block_size: int,
-                 device: torch.device, dtype: torch.dtype):
+                 device: torch.device, dtype: torch.dtype, logits_chunk_rows: int):
         self.model = model
+        self.logits_chunk_rows = logits_chunk_rows   # rows of full-vocab logits made at once for prompt logprobs
         self.model_config = model_config
         self.block_size = block_size
         self.device = device
@@ -171,6 +174,7 @@ class ModelRunner:
         sampling_requests: list[Request] = []
         pending_positions: list[int] = []
         pending_requests: list[Request] = []
+        prompt_positions = PromptPositions()
         offset = 0
         for i, (request, num_new) in enumerate(zip(requests, num_new_tokens)):
             start = request.num_computed_tokens
@@ -187,10 +191,12 @@ class ModelRunner:
                 pos = np.arange(start, end)
                 positions[offset:offset + num_new] = pos
                 slot_mapping[offset:offset + num_new] = np.asarray(request.block_ids)[pos // size] * size + pos % size
+            if request.scores_prompt:
+                prompt_positions.add(request, offset, start, end)
             offset += num_new
             query_start_loc[i + 1] = offset
             seq_lens[i] = end
-            if end == request.num_tokens + request.num_pending_tokens:
+            if end == request.num_tokens + request.num_pending_tokens and request.params.max_tokens > 0:
                 logits_indices.append(offset - 1)
                 sampling_requests.append(request)
         max_blocks = -(-int(seq_lens.max()) // size)
@@ -206,7 +212,7 @@ class ModelRunner:
             num_decodes=num_new_tokens.count(1))
         return StepInputs(self._to_device(np.asarray(input_ids, dtype=np.int64)), self._to_device(positions), meta,
                           self._to_device(np.asarray(logits_indices, dtype=np.int64)), sampling_requests,
-                          pending_positions, pending_requests)
+                          pending_positions, pending_requests, prompt_positions)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """Hidden states of every token: a captured graph for decode-only steps that fit one, else eager."""
@@ -219,12 +225,15 @@ class ModelRunner:
 
     def execute(self, inputs: StepInputs, pending: PendingTokens | None = None) -> torch.Tensor:
         """Queue the step (under the caller's inference mode), the tokens sampled last step taken from
-        `pending` on the device; logits [S, V] float32, row i for inputs.sampling_requests[i]."""
+        `pending` on the device; logits [S, V] float32, row i for inputs.sampling_requests[i]. A step with
+        prompt positions to score waits for their logprobs."""
         input_ids = inputs.input_ids
         if inputs.pending_positions:
             rows = self._to_device(np.array([pending.rows[r] for r in inputs.pending_requests], dtype=np.int64))
             input_ids[self._to_device(np.array(inputs.pending_positions, dtype=np.int64))] = pending.token_ids[rows]
         hidden = self.forward(input_ids, inputs.positions, inputs.meta)
+        if inputs.prompt_positions:
+            inputs.prompt_positions.score(self.model, hidden, self.logits_chunk_rows)
         if not inputs.sampling_requests:
             return hidden.new_empty(0, 0, dtype=torch.float32)
         return self.model.compute_logits(hidden[inputs.logits_indices])

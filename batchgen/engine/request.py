@@ -44,6 +44,9 @@ class Request:
     num_registered_blocks: int = 0   # leading full blocks already offered to the prefix cache
     generator: torch.Generator | None = None
     logprobs: list[TokenLogprobs] | None = None
+    # entry p: logprob of prompt token p given the ones before it (entry 0 stays None); filled by the prefill
+    # passes, overwritten alike when a preempted request is recomputed
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
     cumulative_logprob: float = 0.0
     finish_reason: str | None = None
     stop_reason: str | int | None = None
@@ -53,6 +56,10 @@ class Request:
     @property
     def num_prompt_tokens(self) -> int:
         return len(self.prompt_token_ids)
+
+    @property
+    def scores_prompt(self) -> bool:
+        return self.params.prompt_logprobs is not None
 
     @property
     def num_tokens(self) -> int:

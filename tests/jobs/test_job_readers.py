@@ -26,7 +26,7 @@ BAD_LINES = [
     (json.dumps({"id": "bad", "prompt": "x", "temperature": -1}).encode(), "temperature", "greater than or equal to 0"),
     (json.dumps({"id": "bad", "prompt": "x", "top_p": 1.01}).encode(), "top_p", "less than or equal to 1"),
     (json.dumps({"id": "bad", "prompt": "x", "n": 0}).encode(), "n", "greater than or equal to 1"),
-    (json.dumps({"id": "bad", "prompt": "x", "max_tokens": 0}).encode(), "max_tokens", "greater than or equal to 1"),
+    (json.dumps({"id": "bad", "prompt": "x", "max_tokens": 0}).encode(), "max_tokens", "max_tokens 0 is for scoring"),
     (json.dumps({"id": "bad", "prompt": "x", "response_format": {"type": "json_schema", "json_schema": {
         "name": "s", "schema": {"type": "object", "required": "name"}}}}).encode(), "response_format", "invalid JSON schema"),
 ]

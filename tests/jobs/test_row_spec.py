@@ -95,8 +95,8 @@ BAD_ROWS = [
     ({"prompt": "x", "temperature": -1}, "temperature", "greater than or equal to 0"),
     ({"prompt": "x", "top_p": 1.5}, "top_p", "less than or equal to 1"),
     ({"prompt": "x", "n": 0}, "n", "greater than or equal to 1"),
-    ({"prompt": "x", "max_tokens": 0}, "max_tokens", "greater than or equal to 1"),
-    ({"prompt": "x", "max_completion_tokens": 0}, "max_completion_tokens", "greater than or equal to 1"),
+    ({"prompt": "x", "max_tokens": 0}, "max_tokens", "max_tokens 0 is for scoring prompts"),
+    ({"prompt": "x", "max_completion_tokens": 0}, "max_completion_tokens", "max_tokens 0 is for scoring"),
     ({"prompt": "x", "temperature": "hot"}, "temperature", "valid number"),
     ({"prompt": "x", "max_tokens": 2.5}, "max_tokens", "valid integer"),
     ({"prompt": "x", "max_tokens": True}, "max_tokens", "valid integer"),
@@ -195,7 +195,10 @@ def test_job_spec_refuses_bad_values():
     with pytest.raises(ValidationError, match="invalid JSON schema"):
         JobSpec(input="a", output="b", structured={"json_schema": {"type": 12}})
     assert template_placeholders("Q: {question} A: {{literal}} {answer}") == ["question", "answer"]
-    assert JobSpec(input="a", output="b").sampling == {"max_tokens": 256}
+    spec = JobSpec(input="a", output="b")
+    assert spec.sampling == {} and spec.effective_sampling() == (
+        {"max_tokens": 256, "temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0},
+        dict.fromkeys(["max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty"], "default"))
 
 
 def test_redact_url_hides_passwords():

@@ -34,7 +34,7 @@ ROW_PROBLEMS = {
     "negative_temperature.jsonl": [(2, "temperature", "greater than or equal to 0", "bad")],
     "top_p_over_one.jsonl": [(2, "top_p", "less than or equal to 1", "bad")],
     "n_zero.jsonl": [(2, "n", "greater than or equal to 1", "bad")],
-    "max_tokens_zero.jsonl": [(2, "max_tokens", "greater than or equal to 1", "bad")],
+    "max_tokens_zero.jsonl": [(2, "max_tokens", "max_tokens 0 is for scoring prompts", "bad")],
     "invalid_row_schema.jsonl": [(2, "response_format", "invalid JSON schema", "bad")],
     "unknown_fields.jsonl": [],                      # warned at submit, ignored
     "path_like_fields.jsonl": [],                    # a path in a row is text, never a file
