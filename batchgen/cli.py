@@ -472,6 +472,29 @@ def beat(definitions: str, schedule_file: str | None, loglevel: str) -> None:
     app.Beat(schedule=schedule_file, loglevel=loglevel).run()
 
 
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
+def serve(host: str, port: int) -> None:
+    """Serve OpenAI's Batch API, the jobs dashboard (/) and metrics (/metrics).
+
+    \b
+    Keys: BATCHGEN_API_KEYS=key1,key2 or BATCHGEN_API_KEYS_FILE (one tenant per key).
+    Files and outputs: BATCHGEN_API_STORAGE (a directory or a pyarrow filesystem URI).
+    Point an OpenAI client at it: OpenAI(base_url="http://HOST:PORT/v1", api_key=KEY)."""
+    import uvicorn
+
+    from batchgen.api.app import create_app
+    from batchgen.api.settings import ApiSettings
+    from batchgen.workers.app import job_store
+
+    try:
+        app = create_app(ApiSettings.from_env(), job_store())
+    except (OSError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from None
+    uvicorn.run(app, host=host, port=port, log_level="warning")
+
+
 def _worker_per_gpu(gpus: list[str], command: list[str]) -> int:
     """One child worker per GPU; signals are passed on so a stop stops them all (each finishes its shards)."""
     children = [subprocess.Popen([*command, "--gpu", gpu]) for gpu in gpus]
