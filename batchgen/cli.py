@@ -12,7 +12,6 @@ import signal
 import subprocess
 import sys
 import time
-from datetime import datetime, timezone
 
 import click
 from pydantic import ValidationError
@@ -576,13 +575,11 @@ def _progress_line(record) -> str:
     done, total = record.rows_done, record.rows_total
     filled = _PROGRESS_WIDTH * done // total if total else 0
     line = f"[{'#' * filled}{'.' * (_PROGRESS_WIDTH - filled)}] {done:,}/{total:,} rows"
-    if record.started_at is not None:
-        end = record.finished_at or datetime.now(timezone.utc)
-        elapsed = max((end - record.started_at).total_seconds(), 1e-9)
-        rows_per_s = done / elapsed
-        line += f"  {rows_per_s:,.1f} rows/s  {record.completion_tokens / elapsed:,.1f} tok/s"
-        if not record.finished and rows_per_s > 0:
-            line += f"  ETA {_duration((total - done) / rows_per_s)}"
+    rates = record.rates()
+    if rates is not None:
+        line += f"  {rates.rows_per_s:,.1f} rows/s  {rates.tokens_per_s:,.1f} tok/s"
+        if rates.eta_s is not None:
+            line += f"  ETA {_duration(rates.eta_s)}"
     return f"{line}  {record.status}"
 
 

@@ -25,6 +25,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from batchgen.api.batches import BatchError, Batches, BatchRefused
 from batchgen.api.files import FileStore, FileTooLarge
+from batchgen.api.metrics import metrics_router
+from batchgen.api.pages import pages_router, static_files
 from batchgen.api.settings import ApiSettings, cache_salt_of, tenant_of
 from batchgen.jobs.store import RedisJobStore
 
@@ -88,6 +90,10 @@ def create_app(settings: ApiSettings, store: RedisJobStore, clock: Callable[[], 
 
     app = FastAPI(title="batchgen", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.settings, app.state.store, app.state.files, app.state.batches = settings, store, files, batches
+
+    app.include_router(metrics_router(store))
+    app.include_router(pages_router(store, lambda job_id: ApiError(404, f"No job {job_id}.")))
+    app.mount("/static", static_files(), name="static")
 
     @app.exception_handler(ApiError)
     async def api_error(_: Request, exc: ApiError) -> JSONResponse:
