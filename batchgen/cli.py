@@ -190,15 +190,16 @@ def _validated(spec: JobSpec) -> JobSpec:
     """Survey the input (raises JobInputError for whole-file problems) and tell the user what was found."""
     from batchgen.jobs.readers import validate_input
 
-    spec.input_summary = summary = validate_input(spec)
-    note = f"{spec.input_display}: {summary.num_rows:,} rows ({summary.input_format}), {spec.num_shards:,} shard(s)"
-    if summary.num_invalid_rows or summary.duplicate_rows:
-        note += (f"; {summary.num_invalid_rows:,} invalid and {len(summary.duplicate_rows):,} duplicate-id rows "
-                 "will carry an error")
-    click.echo(note, err=True)
-    for error in summary.first_errors[:3]:
-        click.echo(f"  {error}", err=True)
+    spec.input_summary = validate_input(spec)
+    _report_input(spec)
     return spec
+
+
+def _report_input(spec: JobSpec) -> None:
+    from batchgen.jobs.readers import input_report
+
+    for line in input_report(spec):
+        click.echo(line, err=True)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -260,12 +261,13 @@ def submit(file: str, output: str, wait_for_it: bool, **options) -> None:
     from batchgen.workers.app import job_store, queue_name
     from batchgen.workers.submit import JobExistsError, submit_job
 
-    spec = _validated(_job_spec(file, output, options))
+    spec = _job_spec(file, output, options)
     store = job_store()
     try:
         shards = submit_job(spec, store)
     except JobExistsError as exc:
         raise click.ClickException(str(exc)) from None
+    _report_input(spec)
     click.echo(spec.job_id)
     click.echo(f"queued {shards:,} shard(s) on {queue_name(spec.model)}; output: {spec.output_display}", err=True)
     if not any(_serves(w.model, spec.model) for w in store.live_workers()):

@@ -17,8 +17,10 @@ class JobExistsError(ValueError):
 
 
 def submit_job(spec: JobSpec, store: JobStore) -> int:
-    """Validate, register and enqueue a job; returns its number of shards. Raises JobInputError (whole-file
-    problem) or JobOutputError (the output directory holds another job) before anything is written or queued."""
+    """Validate, register and enqueue a job; returns its number of shards. The one way a job enters the queue:
+    `batchgen submit`, scheduled definitions and the Batch API (`batchgen.api`) all come through here. Raises
+    JobInputError (whole-file problem) or JobOutputError (the output directory holds another job) before
+    anything is written or queued; `batchgen.jobs.execute.input_report` then says what validation found."""
     if spec.input_summary is None:
         spec.input_summary = validate_input(spec)
     prepare_output(spec)

@@ -15,6 +15,7 @@ batch but the workers.
 """
 import io
 import json
+import logging
 import secrets
 import time
 from collections.abc import Callable, Iterator
@@ -24,10 +25,13 @@ from pydantic import BaseModel, Field
 
 from batchgen.api.files import FileObject, FileStore, storage_location
 from batchgen.api.settings import ApiSettings
+from batchgen.jobs.execute import input_report
 from batchgen.jobs.io import JobInputError, JobOutputError, filesystem, list_parts, plan_shards, read_rows, \
     write_openai_output
 from batchgen.jobs.spec import DEFAULT_MAX_LINE_BYTES, OPENAI_ENDPOINTS, JobSpec
 from batchgen.jobs.store import JobRecord, JobStore
+
+log = logging.getLogger("batchgen.api")
 
 BatchStatus = Literal["validating", "failed", "in_progress", "finalizing", "completed", "expired", "cancelling",
                       "cancelled"]
@@ -186,6 +190,7 @@ class Batches:
                            output_format="openai", shard_size=self.settings.shard_size, cache_salt=cache_salt)
             try:
                 submit_job(spec, self.store)
+                log.info("batch %s: %s", batch_id, "; ".join(input_report(spec)))
             except (JobInputError, JobOutputError) as exc:
                 errors = [BatchError(code="invalid_file", message=str(exc).replace(spec.input, batch.input_file_id))]
         update = {"model": model, "request_counts": RequestCounts(total=num_lines)}
