@@ -1,6 +1,6 @@
 """The dashboard: every job of the store (submitted by the CLI, by the API, by a schedule) with its progress,
-and a page per job with its shards on a timeline and its throughput over time. Two static pages and a
-script of our own (static/) draw what two JSON routes answer; the pages poll them, so they refresh live.
+and a view per job with its shards on a timeline and its throughput over time. One static page and a
+script of our own (static/) draws what two JSON routes answer; the pages poll them, so they refresh live.
 It is an operator's view of the whole service and needs no key: serve it where only operators reach it."""
 from datetime import datetime, timezone
 from pathlib import Path
@@ -20,12 +20,9 @@ def pages_router(store: JobStore, not_found) -> APIRouter:
     router = APIRouter()
 
     @router.get("/", include_in_schema=False)
-    def jobs_page() -> FileResponse:
-        return FileResponse(STATIC / "jobs.html")
-
     @router.get("/jobs/{job_id}", include_in_schema=False)
-    def job_page(job_id: str) -> FileResponse:
-        return FileResponse(STATIC / "job.html")
+    def page() -> FileResponse:
+        return FileResponse(STATIC / "dashboard.html")
 
     @router.get("/dashboard/jobs")
     def jobs() -> list[dict]:

@@ -79,9 +79,9 @@ const Dashboard = (() => {
   }
 
   function jobPage(jobId) {
-    document.getElementById("job-id").textContent = jobId;
+    document.getElementById("title").textContent = `job ${jobId}`;
     poll(`/dashboard/jobs/${encodeURIComponent(jobId)}`, job => {
-      progressBar(document.querySelector(".progress"), job);
+      progressBar(document.querySelector("#job-view .progress"), job);
       const stats = [["status", job.status], ["model", job.model], ["input", job.input], ["output", job.output],
         ["rows", `${job.rows_done.toLocaleString()} of ${job.rows_total.toLocaleString()} (${job.rows_failed.toLocaleString()} failed)`],
         ["shards", `${job.shards_done} of ${job.shards_total}`],
@@ -197,5 +197,12 @@ const Dashboard = (() => {
     });
   }
 
-  return {jobsPage, jobPage};
+  // One page for both views: /jobs/<id> shows a job, anything else the list.
+  function start() {
+    const match = location.pathname.match(/^\/jobs\/([^/]+)$/);
+    document.getElementById(match ? "job-view" : "jobs-view").hidden = false;
+    if (match) jobPage(decodeURIComponent(match[1])); else jobsPage();
+  }
+
+  return {start};
 })();
