@@ -8,7 +8,9 @@ import pytest
 
 from batchgen import LLM, SamplingParams
 from batchgen.sampling_params import StructuredOutput
-from conftest import SHARD_SIZE
+from batchgen.api.settings import cache_salt_of
+from batchgen.workers.app import job_store
+from conftest import KEYS, SHARD_SIZE
 from test_requests import chat_line, upload, wait_for
 
 SCHEMA = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
@@ -52,6 +54,8 @@ def test_chat_and_completion_batches_round_trip(server, worker, reference):
     assert (chat_done.request_counts.total, chat_done.request_counts.completed, chat_done.request_counts.failed) \
         == (4, 3, 1)
     assert chat_done.model == "default" and chat_done.in_progress_at <= chat_done.completed_at
+    salt = job_store().get_spec(chat_batch.id).cache_salt       # the key's own prefix cache, not the key
+    assert salt == cache_salt_of(KEYS[0]) != cache_salt_of(KEYS[1]) and KEYS[0] not in salt
     output = {line["custom_id"]: line for line in read_lines(client, chat_done.output_file_id)}
     errors = read_lines(client, chat_done.error_file_id)
     assert list(output) == ["color", "json", "defaults"] and [e["custom_id"] for e in errors] == ["bad"]

@@ -113,3 +113,42 @@ def test_list_pages(server):
         client.batches.create(input_file_id=file_id, endpoint="/v1/embeddings", completion_window="24h")
     with pytest.raises(openai.BadRequestError):
         client.batches.create(input_file_id=file_id, endpoint="/v1/completions", completion_window="1h")
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.batches.create(input_file_id=file_id, endpoint="/v1/completions", completion_window="24h",
+                              metadata={f"k{i}": "v" for i in range(17)})
+    assert refused.value.param == "metadata"
+
+
+def test_serve_command(tmp_path):
+    """`batchgen serve` as a user starts it: refuses to start without keys, then answers the openai client."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    import openai
+
+    from conftest import free_port
+
+    command = [sys.executable, "-m", "batchgen.cli", "serve", "--port", str(free_port())]
+    env = {**os.environ, "BATCHGEN_API_STORAGE": str(tmp_path)}
+    env.pop("BATCHGEN_API_KEYS", None)
+    refused = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 1 and "BATCHGEN_API_KEYS" in refused.stderr
+    keys_file = tmp_path / "keys"
+    keys_file.write_text("# the team's key\nsk-from-file\n")
+    server = subprocess.Popen(command, env={**env, "BATCHGEN_API_KEYS_FILE": str(keys_file)})
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{command[-1]}/v1", api_key="sk-from-file", max_retries=0)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                file = client.files.create(file=("a.jsonl", b"{}\n"), purpose="batch")
+                break
+            except openai.APIConnectionError:
+                assert server.poll() is None and time.monotonic() < deadline
+                time.sleep(0.2)
+        assert (tmp_path / "files" / file.id).read_bytes() == b"{}\n"
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
