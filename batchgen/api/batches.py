@@ -174,9 +174,9 @@ class Batches:
         from batchgen.workers.submit import submit_job
 
         batch = self._record(batch_id)
-        fields = self.redis.hmget(self._key(batch_id), ["tenant", "stop"])
-        if fields[1] is not None:           # cancelled before it was validated: nothing ran
-            self._save_final(batch, fields[1], RequestCounts(), Usage())
+        stop = self.redis.hget(self._key(batch_id), "stop")
+        if stop is not None:                # cancelled before it was validated: nothing ran
+            self._save_final(batch, stop, RequestCounts(), Usage())
             return
         aliases = self.settings.model_aliases
         served = self.served_models() | set(self.settings.models)
@@ -233,14 +233,16 @@ class Batches:
         if end in ("cancelled", "expired") and any(w.job_id == batch_id for w in self.store.live_workers()):
             # a worker is still stopping one of its shards; the part it may yet write belongs in the output
             update["status"] = "cancelling" if end == "cancelled" else "finalizing"
-            update["cancelling_at" if end == "cancelled" else "finalizing_at"] = int(float(stop_at or now))
+            update["cancelling_at" if end == "cancelled" else "finalizing_at"] = int(stop_at or now)
             return self._save_if_changed(batch, update)
+        # one caller writes the files; the claim stays until it expires, and the batch is read again under
+        # it, so a caller that read the batch before another finished it can't write them twice
         if not self.redis.set(self._key(batch_id) + ":finishing", "1", nx=True, ex=FINISH_CLAIM_S):
             return batch.model_copy(update={**update, "status": "finalizing"})
-        try:
-            return self._finish(batch, job, end, stop_at, counts, usage)
-        finally:
-            self.redis.delete(self._key(batch_id) + ":finishing")
+        batch = self._record(batch_id)
+        if batch.status in FINAL_STATUSES:
+            return batch
+        return self._finish(batch, job, end, stop_at, counts, usage)
 
     def _finish(self, batch: BatchObject, job: JobRecord, end: str, stop_at: str | None, counts: RequestCounts,
                 usage: Usage) -> BatchObject:
@@ -255,7 +257,7 @@ class Batches:
                                   "output_file_id": output.id if output else None,
                                   "error_file_id": errors.id if errors else None}
         if end == "cancelled":
-            update["cancelling_at"] = batch.cancelling_at or int(float(stop_at or now))
+            update["cancelling_at"] = batch.cancelling_at or int(stop_at or now)
         if end == "failed":
             update["errors"] = BatchErrors(data=[BatchError(code="job_failed", message=job.error or "the job failed")])
         return self._save_final(batch.model_copy(update=update), end, counts, usage)
