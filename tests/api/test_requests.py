@@ -152,3 +152,17 @@ def test_serve_command(tmp_path):
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_a_file_over_the_requests_limit_fails_at_the_first_line_past_it(server, monkeypatch):
+    import dataclasses
+
+    batches = server.app.state.batches
+    monkeypatch.setattr(batches, "settings", dataclasses.replace(batches.settings, max_requests=3))
+    client = server.client()
+    file_id = upload(client, [chat_line(f"r{i}", "Hi") for i in range(5)])
+    batch = client.batches.create(input_file_id=file_id, endpoint="/v1/chat/completions", completion_window="24h")
+    failed = wait_for(client, batch.id, {"failed", "in_progress"})
+    assert failed.status == "failed"
+    assert [(e.line, e.code) for e in failed.errors.data] == [(4, "too_many_requests")]
+    assert "3 requests" in failed.errors.data[0].message
