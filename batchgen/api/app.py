@@ -23,7 +23,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from batchgen.api.batches import BatchError, Batches, BatchRefused
+from batchgen.api.batches import Batches, BatchRefused
 from batchgen.api.files import FileStore, FileTooLarge
 from batchgen.api.metrics import metrics_router
 from batchgen.api.pages import pages_router, static_files
@@ -76,10 +76,11 @@ def create_app(settings: ApiSettings, store: RedisJobStore, clock: Callable[[], 
     stop_refreshing = threading.Event()
 
     def refresh_open_batches() -> None:
-        """Batches move on (finish, expire) without anyone asking about them."""
+        """Batches move on (validate, finish, expire) without anyone asking about them."""
         while not stop_refreshing.wait(refresh_interval_s):
             try:
                 for batch_id in batches.open_batch_ids():
+                    batches.validate_and_submit(batch_id)
                     batches.refresh(batch_id)
             except Exception:  # Redis away: try again next round
                 log.exception("refreshing open batches failed")
@@ -170,11 +171,11 @@ def create_app(settings: ApiSettings, store: RedisJobStore, clock: Callable[[], 
     @app.post("/v1/batches")
     def create_batch(request: CreateBatch, background: BackgroundTasks, owner: Tenant = Depends(tenant)) -> dict:
         try:
-            batch = batches.create(owner.name, request.input_file_id, request.endpoint, request.completion_window,
-                                   request.metadata)
+            batch = batches.create(owner.name, owner.cache_salt, request.input_file_id, request.endpoint,
+                                   request.completion_window, request.metadata)
         except BatchRefused as exc:
             raise ApiError(400, str(exc), exc.param) from None
-        background.add_task(_validate, batches, batch.id, owner.cache_salt)
+        background.add_task(batches.validate_and_submit, batch.id)
         return batch.model_dump()
 
     @app.get("/v1/batches")
@@ -201,14 +202,6 @@ def create_app(settings: ApiSettings, store: RedisJobStore, clock: Callable[[], 
         return batch.model_dump()
 
     return app
-
-
-def _validate(batches: Batches, batch_id: str, cache_salt: str) -> None:
-    try:
-        batches.validate_and_submit(batch_id, cache_salt)
-    except Exception:
-        log.exception("batch %s: validation failed unexpectedly", batch_id)
-        batches.fail(batch_id, [BatchError(code="internal_error", message="the server could not validate the file")])
 
 
 def _file(files: FileStore, owner: Tenant, file_id: str):

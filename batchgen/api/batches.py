@@ -40,6 +40,7 @@ COMPLETION_WINDOW = "24h"
 COMPLETION_WINDOW_S = 24 * 3600
 MAX_LISTED_ERRORS = 100
 FINISH_CLAIM_S = 600               # a server that died while writing a batch's files leaves it to another after this
+VALIDATION_CLAIM_S = 600           # ... or while validating one
 
 
 class BatchError(BaseModel):
@@ -117,9 +118,10 @@ class Batches:
         self.clock = clock
 
     # -- requests ---------------------------------------------------------------------------------------
-    def create(self, tenant: str, input_file_id: str, endpoint: str, completion_window: str,
+    def create(self, tenant: str, cache_salt: str, input_file_id: str, endpoint: str, completion_window: str,
                metadata: dict[str, str] | None) -> BatchObject:
-        """Register a batch as validating; `validate_and_submit` does the rest (off the request)."""
+        """Register a batch as validating; `validate_and_submit` does the rest (off the request). Its job will
+        run with `cache_salt`, its tenant's prefix-cache salt."""
         if endpoint not in OPENAI_ENDPOINTS:
             raise BatchRefused(f"endpoint must be one of {sorted(OPENAI_ENDPOINTS)}, got {endpoint!r}", "endpoint")
         if completion_window != COMPLETION_WINDOW:
@@ -132,7 +134,8 @@ class Batches:
         now = int(self.clock())
         batch = BatchObject(id="batch_" + secrets.token_hex(12), endpoint=endpoint, input_file_id=input_file_id,
                             created_at=now, expires_at=now + COMPLETION_WINDOW_S, metadata=metadata)
-        self.redis.hset(self._key(batch.id), mapping={"tenant": tenant, "record": batch.model_dump_json()})
+        self.redis.hset(self._key(batch.id), mapping={"tenant": tenant, "cache_salt": cache_salt,
+                                                      "record": batch.model_dump_json()})
         self.redis.zadd(self._index(tenant), {batch.id: self.redis.incr(f"{self.prefix}:sequence")})
         self.redis.sadd(self._open_set(), batch.id)
         return batch
@@ -168,13 +171,26 @@ class Batches:
         return sorted(self.redis.smembers(self._open_set()))
 
     # -- validation and submission ----------------------------------------------------------------------
-    def validate_and_submit(self, batch_id: str, cache_salt: str) -> None:
-        """Read the batch's file once, then submit its job; the batch ends failed with the lines at fault when
-        the file can't be run. Runs after the create request has been answered."""
+    def validate_and_submit(self, batch_id: str) -> None:
+        """Read a validating batch's file once, then submit its job; the batch ends failed with the lines at
+        fault when the file can't be run. Called after the create request is answered, and by the refresh
+        loop for batches still validating: a claim in Redis lets one caller at a time do it, and expires, so
+        a batch whose server stopped mid-validation is taken up by another."""
+        if not self.redis.set(self._key(batch_id) + ":validating", "1", nx=True, ex=VALIDATION_CLAIM_S):
+            return
+        batch = self._record(batch_id)
+        if batch is None or batch.status != "validating":
+            return
+        try:
+            self._validate_and_submit(batch)
+        except Exception:
+            log.exception("batch %s: validation failed unexpectedly", batch_id)
+            self.fail(batch_id, [BatchError(code="internal_error", message="the server could not validate the file")])
+
+    def _validate_and_submit(self, batch: BatchObject) -> None:
         from batchgen.workers.submit import submit_job
 
-        batch = self._record(batch_id)
-        stop = self.redis.hget(self._key(batch_id), "stop")
+        stop, cache_salt = self.redis.hmget(self._key(batch.id), ["stop", "cache_salt"])
         if stop is not None:                # cancelled before it was validated: nothing ran
             self._save_final(batch, stop, RequestCounts(), Usage())
             return
@@ -183,19 +199,19 @@ class Batches:
         names = served | {alias for alias, model in aliases.items() if model in served}
         model, num_lines, errors = scan_batch_file(self.files.fs, self.files.content_path(batch.input_file_id),
                                                    batch.endpoint, names, self.settings.max_requests)
-        if not errors:
+        if not errors and self.store.get_job(batch.id) is None:   # else a server that stopped had submitted it
             spec = JobSpec(job_id=batch.id, input=self.files.location(batch.input_file_id), input_format="openai",
                            model=aliases.get(model, model), output=storage_location(self.files.storage, "batches",
                                                                                     batch.id),
                            output_format="openai", shard_size=self.settings.shard_size, cache_salt=cache_salt)
             try:
                 submit_job(spec, self.store)
-                log.info("batch %s: %s", batch_id, "; ".join(input_report(spec)))
+                log.info("batch %s: %s", batch.id, "; ".join(input_report(spec)))
             except (JobInputError, JobOutputError) as exc:
                 errors = [BatchError(code="invalid_file", message=str(exc).replace(spec.input, batch.input_file_id))]
         update = {"model": model, "request_counts": RequestCounts(total=num_lines)}
         if errors:
-            self.fail(batch_id, errors, **update)
+            self.fail(batch.id, errors, **update)
             return
         self._save(batch.model_copy(update={"status": "in_progress", "in_progress_at": int(self.clock()), **update}))
 

@@ -166,3 +166,16 @@ def test_a_file_over_the_requests_limit_fails_at_the_first_line_past_it(server, 
     assert failed.status == "failed"
     assert [(e.line, e.code) for e in failed.errors.data] == [(4, "too_many_requests")]
     assert "3 requests" in failed.errors.data[0].message
+
+
+def test_a_batch_left_validating_is_taken_up_by_the_refresh_loop(server):
+    """As after a server stopped between answering the create request and validating: nothing but the
+    loop knows about the batch."""
+    from batchgen.api.settings import cache_salt_of, tenant_of
+
+    client = server.client()
+    file_id = upload(client, [chat_line("a", "Hi", model="gpt-unknown")])
+    batch = server.app.state.batches.create(tenant_of(KEYS[0]), cache_salt_of(KEYS[0]), file_id,
+                                            "/v1/chat/completions", "24h", None)
+    failed = wait_for(client, batch.id, {"failed", "in_progress"}, timeout_s=10)
+    assert failed.status == "failed" and [(e.line, e.code) for e in failed.errors.data] == [(1, "model_not_found")]
