@@ -48,31 +48,37 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def worker(default_model_dir, tmp_path_factory):
-    """One `batchgen worker --model default` process; heartbeats every second, so a stopped shard shows at once."""
-    from batchgen.workers.app import job_store
-
+def worker_process(default_model_dir, tmp_path_factory):
+    """One `batchgen worker --model default` process, started (see `worker` for one that is ready); heartbeats
+    every second, so a stopped shard shows at once."""
     log = tmp_path_factory.mktemp("api-worker") / "worker.log"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "BATCHGEN_HEARTBEAT_TTL": "3"}
     with open(log, "wb") as out:
         process = subprocess.Popen([sys.executable, "-m", "batchgen.cli", "worker", "--model", "default",
                                     "--concurrency", "2", "--device", "cpu"],
                                    env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    worker_id = f"{socket.gethostname()}:{process.pid}"
+    process.log = log
+    yield process
+    process.send_signal(signal.SIGTERM)
     try:
-        deadline = time.monotonic() + WORKER_START_TIMEOUT_S
-        while worker_id not in {w.worker_id for w in job_store().live_workers()}:
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the worker did not start:\n{log.read_text()[-4000:]}")
-            time.sleep(0.3)
-        yield process
-    finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+@pytest.fixture(scope="session")
+def worker(worker_process):
+    """The worker, once its heartbeat says it serves the queue."""
+    from batchgen.workers.app import job_store
+
+    worker_id = f"{socket.gethostname()}:{worker_process.pid}"
+    deadline = time.monotonic() + WORKER_START_TIMEOUT_S
+    while worker_id not in {w.worker_id for w in job_store().live_workers()}:
+        if worker_process.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"the worker did not start:\n{worker_process.log.read_text()[-4000:]}")
+        time.sleep(0.3)
+    return worker_process
 
 
 @pytest.fixture(scope="session")

@@ -18,9 +18,17 @@ SCHEMA = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required
 GREEDY = {"temperature": 0, "max_tokens": 4}
 
 
-@pytest.fixture(scope="module")
-def reference():
-    return LLM("default", device="cpu")
+@pytest.fixture(scope="session")
+def reference(worker_process):
+    """The default model in this process, loaded while the worker starts. One torch thread: beside the worker
+    and the server on two shared cores, more threads only wait on each other (a 4-token chat took 7 s with
+    two, 1.6 s with one)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield LLM("default", device="cpu")
+    torch.set_num_threads(threads)
 
 
 def completion_line(custom_id: str, prompt: str, model: str = "gpt-4o-mini", **body) -> dict:
@@ -32,7 +40,7 @@ def read_lines(client, file_id: str | None) -> list[dict]:
     return [json.loads(line) for line in client.files.content(file_id).text.splitlines()] if file_id else []
 
 
-def test_chat_and_completion_batches_round_trip(server, worker, reference):
+def test_chat_and_completion_batches_round_trip(server, reference, worker):
     client = server.client()
     schema_format = {"type": "json_schema", "json_schema": {"name": "answer", "schema": SCHEMA, "strict": True}}
     chat = [chat_line("color", "Name a color.", **GREEDY),
