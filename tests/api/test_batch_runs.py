@@ -13,6 +13,8 @@ from batchgen.workers.app import job_store
 from conftest import KEYS, SHARD_SIZE
 from test_requests import chat_line, upload, wait_for
 
+pytestmark = pytest.mark.slow   # a real worker process on the default model, and the model in this process
+
 SCHEMA = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
           "additionalProperties": False}
 GREEDY = {"temperature": 0, "max_tokens": 4}

@@ -14,6 +14,8 @@ from batchgen.cli import main
 from batchgen.workers.app import job_store
 from test_requests import chat_line, upload
 
+pytestmark = pytest.mark.slow   # a real worker process on the default model, and a browser
+
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                   "--disable-component-update", "--disable-sync", "--no-first-run"]
