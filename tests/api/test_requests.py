@@ -179,3 +179,20 @@ def test_a_batch_left_validating_is_taken_up_by_the_refresh_loop(server):
                                             "/v1/chat/completions", "24h", None)
     failed = wait_for(client, batch.id, {"failed", "in_progress"}, timeout_s=10)
     assert failed.status == "failed" and [(e.line, e.code) for e in failed.errors.data] == [(1, "model_not_found")]
+
+
+
+def test_no_client_string_becomes_a_path(server):
+    from pathlib import Path
+
+    client = server.client()
+    storage = Path(server.app.state.settings.storage)
+    before = set(storage.rglob("*"))
+    uploaded = client.files.create(file=("../../escape.jsonl", b"{}\n"), purpose="batch")
+    assert uploaded.filename == "../../escape.jsonl"
+    assert set(storage.rglob("*")) - before == {storage / "files" / uploaded.id}
+    for probe in ("..%2F..%2Fetc%2Fpasswd", "..", f"{uploaded.id}%2F.."):
+        with pytest.raises(urllib.error.HTTPError) as answer:
+            urllib.request.urlopen(urllib.request.Request(f"{server.url}/v1/files/{probe}/content",
+                                                          headers={"Authorization": f"Bearer {KEYS[0]}"}))
+        assert answer.value.code == 404
