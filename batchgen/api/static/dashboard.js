@@ -163,7 +163,7 @@ const Dashboard = (() => {
     const context = canvas.getContext("2d");
     const started = job.shards.filter(s => s.started_at);
     const lane = Math.max(4, Math.min(18, 160 / Math.max(started.length, 1)));
-    canvas.height = 40 + lane * started.length;
+    canvas.height = 50 + lane * started.length;
     const [width, left, right] = [canvas.width, 56, 16];
     context.clearRect(0, 0, width, canvas.height);
     context.font = "12px system-ui, sans-serif";
