@@ -78,7 +78,6 @@ class JobSpec(BaseModel):
     keep_columns: list[str] = []
     shard_size: int = Field(DEFAULT_SHARD_SIZE, ge=1)
     max_line_bytes: int = Field(DEFAULT_MAX_LINE_BYTES, ge=1024)
-    cache_salt: str | None = None               # a tenant's own prefix cache: no other job shares its KV blocks
     created_at: datetime = Field(default_factory=lambda: datetime.now(timezone.utc))
     input_summary: InputSummary | None = None   # set from validate_input at submit time
 

@@ -25,10 +25,12 @@ from pydantic import BaseModel, Field
 
 from batchgen.api.files import FileObject, FileStore, storage_location
 from batchgen.api.settings import ApiSettings
-from batchgen.jobs.execute import input_report
-from batchgen.jobs.io import JobInputError, JobOutputError, filesystem, list_parts, plan_shards, read_rows, \
-    write_openai_output
-from batchgen.jobs.spec import DEFAULT_MAX_LINE_BYTES, OPENAI_ENDPOINTS, JobSpec
+from batchgen.jobs.errors import JobInputError, JobOutputError
+from batchgen.jobs.output_dir import list_parts, write_openai_output
+from batchgen.jobs.paths import filesystem
+from batchgen.jobs.readers import input_report, read_rows
+from batchgen.jobs.rows import OPENAI_ENDPOINTS
+from batchgen.jobs.spec import DEFAULT_MAX_LINE_BYTES, JobSpec
 from batchgen.jobs.store import JobRecord, JobStore
 
 log = logging.getLogger("batchgen.api")
@@ -400,10 +402,10 @@ def _unfinished_lines(spec: JobSpec, code: str) -> Iterator[bytes]:
     done = {shard_index for shard_index, _ in list_parts(spec.output)}
     message = ("the batch expired before this request ran" if code == "batch_expired"
                else "the batch was cancelled before this request ran")
-    for shard_index, (start, end) in enumerate(plan_shards(spec.input_summary.num_rows, spec.shard_size)):
+    for shard_index in range(spec.num_shards):
         if shard_index in done:
             continue
-        for row in read_rows(spec, start, end):
+        for row in read_rows(spec, *spec.shard_rows(shard_index)):
             line = {"id": f"batch_req_{spec.job_id}-{row.index}", "custom_id": row.id, "response": None,
                     "error": {"code": code, "message": message}}
             yield (json.dumps(line, ensure_ascii=False) + "\n").encode()

@@ -13,7 +13,7 @@ from typing import BinaryIO, Literal
 import pyarrow.fs as pafs
 from pydantic import BaseModel
 
-from batchgen.jobs.io import filesystem
+from batchgen.jobs.paths import filesystem
 
 FilePurpose = Literal["batch", "batch_output"]
 COPY_CHUNK = 1 << 20
