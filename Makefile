@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast install redis clean
+.PHONY: demo test test-fast install redis chromium clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -35,8 +35,12 @@ redis:
 	for i in 1 2 3 4 5 6 7 8 9 10; do $(REDIS_ANSWERS) && exit 0; sleep 0.5; done; \
 	echo "make: redis-server started but does not answer on 127.0.0.1:6379" >&2; exit 1
 
+# the API dashboard's browser test drives Debian's chromium through Playwright (no browser download)
+chromium:
+	@command -v chromium >/dev/null || (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium)
+
 # the whole suite (CI: .ci/run)
-test: redis $(STAMP)
+test: redis chromium $(STAMP)
 	$(BIN)/python -m pytest -q tests
 
 # the inner loop: everything but the tests marked slow (end-to-end jobs, worker processes, the default model)

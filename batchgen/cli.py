@@ -12,7 +12,6 @@ import signal
 import subprocess
 import sys
 import time
-from datetime import datetime, timezone
 
 import click
 from pydantic import ValidationError
@@ -208,15 +207,16 @@ def _validated(spec: JobSpec) -> JobSpec:
     """Survey the input (raises JobInputError for whole-file problems) and tell the user what was found."""
     from batchgen.jobs.readers import validate_input
 
-    spec.input_summary = summary = validate_input(spec)
-    note = f"{spec.input_display}: {summary.num_rows:,} rows ({summary.input_format}), {spec.num_shards:,} shard(s)"
-    if summary.num_invalid_rows or summary.duplicate_rows:
-        note += (f"; {summary.num_invalid_rows:,} invalid and {len(summary.duplicate_rows):,} duplicate-id rows "
-                 "will carry an error")
-    click.echo(note, err=True)
-    for error in summary.first_errors[:3]:
-        click.echo(f"  {error}", err=True)
+    spec.input_summary = validate_input(spec)
+    _report_input(spec)
     return spec
+
+
+def _report_input(spec: JobSpec) -> None:
+    from batchgen.jobs.readers import input_report
+
+    for line in input_report(spec):
+        click.echo(line, err=True)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -311,12 +311,13 @@ def submit(file: str, output: str, wait_for_it: bool, **options) -> None:
     from batchgen.workers.app import job_store, queue_name
     from batchgen.workers.submit import JobExistsError, submit_job
 
-    spec = _validated(_job_spec(file, output, options))
+    spec = _job_spec(file, output, options)
     store = job_store()
     try:
         shards = submit_job(spec, store)
     except JobExistsError as exc:
         raise click.ClickException(str(exc)) from None
+    _report_input(spec)
     click.echo(spec.job_id)
     click.echo(f"queued {shards:,} shard(s) on {queue_name(spec.model)}; output: {spec.output_display}", err=True)
     if not any(_serves(w.model, spec.model) for w in store.live_workers()):
@@ -524,6 +525,29 @@ def beat(definitions: str, schedule_file: str | None, loglevel: str) -> None:
     app.Beat(schedule=schedule_file, loglevel=loglevel).run()
 
 
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
+def serve(host: str, port: int) -> None:
+    """Serve OpenAI's Batch API, the jobs dashboard (/) and metrics (/metrics).
+
+    \b
+    Keys: BATCHGEN_API_KEYS=key1,key2 or BATCHGEN_API_KEYS_FILE (one tenant per key).
+    Files and outputs: BATCHGEN_API_STORAGE (a directory or a pyarrow filesystem URI).
+    Point an OpenAI client at it: OpenAI(base_url="http://HOST:PORT/v1", api_key=KEY)."""
+    import uvicorn
+
+    from batchgen.api.app import create_app
+    from batchgen.api.settings import ApiSettings
+    from batchgen.workers.app import job_store
+
+    try:
+        app = create_app(ApiSettings.from_env(), job_store())
+    except (OSError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from None
+    uvicorn.run(app, host=host, port=port, log_level="warning")
+
+
 def _worker_per_gpu(gpus: list[str], command: list[str]) -> int:
     """One child worker per GPU; signals are passed on so a stop stops them all (each finishes its shards)."""
     children = [subprocess.Popen([*command, "--gpu", gpu]) for gpu in gpus]
@@ -605,13 +629,11 @@ def _progress_line(record) -> str:
     done, total = record.rows_done, record.rows_total
     filled = _PROGRESS_WIDTH * done // total if total else 0
     line = f"[{'#' * filled}{'.' * (_PROGRESS_WIDTH - filled)}] {done:,}/{total:,} rows"
-    if record.started_at is not None:
-        end = record.finished_at or datetime.now(timezone.utc)
-        elapsed = max((end - record.started_at).total_seconds(), 1e-9)
-        rows_per_s = done / elapsed
-        line += f"  {rows_per_s:,.1f} rows/s  {record.completion_tokens / elapsed:,.1f} tok/s"
-        if not record.finished and rows_per_s > 0:
-            line += f"  ETA {_duration((total - done) / rows_per_s)}"
+    rates = record.rates()
+    if rates is not None:
+        line += f"  {rates.rows_per_s:,.1f} rows/s  {rates.tokens_per_s:,.1f} tok/s"
+        if rates.eta_s is not None:
+            line += f"  ETA {_duration(rates.eta_s)}"
     return f"{line}  {record.status}"
 
 

@@ -66,6 +66,17 @@ def validate_input(spec: JobSpec) -> InputSummary:
     return survey.summary(input_format, info, kept)
 
 
+def input_report(spec: JobSpec) -> list[str]:
+    """What validation found in a job's input, for the person who submitted it: rows, shards, how many rows
+    will carry an error, and the first few of those errors."""
+    summary = spec.summary
+    note = f"{spec.input_display}: {summary.num_rows:,} rows ({summary.input_format}), {spec.num_shards:,} shard(s)"
+    if summary.num_invalid_rows or summary.duplicate_rows:
+        note += (f"; {summary.num_invalid_rows:,} invalid and {len(summary.duplicate_rows):,} duplicate-id rows "
+                 "will carry an error")
+    return [note, *(f"  {error}" for error in summary.first_errors[:3])]
+
+
 def read_rows(spec: JobSpec, start: int, end: int) -> Iterator[PromptRow]:
     """Parsed rows [start, end) (`spec.shard_rows(i)`) in input order. JSONL seeks to the nearest shard start
     recorded by validate_input; Parquet decodes only the row groups that hold the range. Raises JobInputError

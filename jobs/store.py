@@ -56,6 +56,24 @@ class JobRecord(BaseModel):
     def finished(self) -> bool:
         return self.status in TERMINAL_STATUSES
 
+    def rates(self) -> "JobRates | None":
+        """Rows/s and output tokens/s since the job started (to its end, or to now), and the seconds left at
+        that pace; None before it starts. What `batchgen wait` and the dashboard show."""
+        if self.started_at is None:
+            return None
+        end = self.finished_at or datetime.now(timezone.utc)
+        elapsed = max((end - self.started_at).total_seconds(), 1e-9)
+        rows_per_s = self.rows_done / elapsed
+        eta_s = (self.rows_total - self.rows_done) / rows_per_s if not self.finished and rows_per_s > 0 else None
+        return JobRates(rows_per_s, self.completion_tokens / elapsed, eta_s)
+
+
+@dataclass(frozen=True)
+class JobRates:
+    rows_per_s: float
+    tokens_per_s: float
+    eta_s: float | None
+
 
 class ShardRecord(BaseModel):
     shard_index: int

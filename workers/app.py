@@ -96,6 +96,12 @@ def _transport_options(visibility_timeout_s: float, prefix: str) -> dict:
     return options
 
 
+def queue_length(queue: str) -> int:
+    """Messages waiting on a queue (not those a worker holds): the queue depth `/metrics` reports."""
+    with app.connection_for_read() as connection:
+        return connection.default_channel.queue_declare(queue).message_count
+
+
 def unacked_index_key() -> str:
     """Kombu's Redis transport keeps each unacknowledged message's delivery tag here, scored with the time it
     was taken; once that is older than the visibility timeout, the message goes back to its queue."""

@@ -19,9 +19,11 @@ class JobExistsError(ValueError):
 
 
 def submit_job(spec: JobSpec, store: JobStore) -> int:
-    """Validate, register and enqueue a job; returns its number of shards. Raises JobInputError (whole-file
-    problem, or a model whose generation_config.json has bad sampling values) or JobOutputError (the output
-    directory holds another job) before anything is written or queued."""
+    """Validate, register and enqueue a job; returns its number of shards. The one way a job enters the queue:
+    `batchgen submit`, scheduled definitions and the Batch API (`batchgen.api`) all come through here. Raises
+    JobInputError (whole-file problem) or JobOutputError (the output directory holds another job) before
+    anything is written or queued (a model whose generation_config.json has bad sampling values is a JobInputError
+    too); `batchgen.jobs.readers.input_report` then says what validation found."""
     if spec.generation_config == "model" and spec.model_sampling is None:
         # recorded now if the model's files are readable here (else the first shard's worker supplies them),
         # so that every shard, and a resumed job, samples alike

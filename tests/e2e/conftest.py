@@ -32,8 +32,7 @@ class Workers:
 
     def wait_idle(self, timeout_s: float = 120) -> None:
         """Until the default model's queue is empty and no worker runs a shard."""
-        from batchgen.workers.app import job_store, queue_name
-        from queues import queue_length
+        from batchgen.workers.app import job_store, queue_length, queue_name
 
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:

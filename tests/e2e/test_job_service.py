@@ -17,8 +17,7 @@ from click.testing import CliRunner
 
 from batchgen.cli import EXIT_CANCELLED, main
 from batchgen.jobs.output_dir import list_parts, load_stats, read_shard_stats
-from batchgen.workers.app import app, job_store, queue_name
-from queues import queue_length
+from batchgen.workers.app import app, job_store, queue_length, queue_name
 
 pytestmark = pytest.mark.slow   # two real worker processes on the default model
 

@@ -11,8 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from batchgen.cli import main
-from batchgen.workers.app import job_store, queue_name
-from queues import queue_length
+from batchgen.workers.app import job_store, queue_length, queue_name
 from harness import reference_texts
 
 INPUTS = Path(__file__).with_name("inputs")

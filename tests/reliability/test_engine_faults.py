@@ -13,8 +13,7 @@ from batchgen import SamplingParams
 from batchgen.cli import EXIT_CANCELLED, main
 from batchgen.engine.engine import MAX_SOLO_FAILURES
 from batchgen.jobs.output_dir import list_parts, load_stats
-from batchgen.workers.app import job_store, queue_name
-from queues import queue_length
+from batchgen.workers.app import job_store, queue_length, queue_name
 from harness import every_row_once, reference_texts, wait_until, write_jsonl
 
 pytestmark = pytest.mark.slow   # real worker processes

@@ -22,8 +22,7 @@ from batchgen.jobs.paths import check_roots
 from batchgen.jobs.readers import validate_input
 from batchgen.jobs.spec import JobSpec
 from batchgen.jobs.store import MemoryJobStore
-from batchgen.workers.app import SHARD_TASK, job_store, key_prefix, make_app, queue_name
-from queues import queue_length
+from batchgen.workers.app import SHARD_TASK, job_store, key_prefix, make_app, queue_length, queue_name
 from harness import cli_process, free_port, reference_texts, store_at, write_jsonl
 
 PLANTED_S3_SECRET = "planted-s3-secret-9c41"

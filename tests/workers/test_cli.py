@@ -13,8 +13,7 @@ from batchgen.jobs import execute
 from batchgen.jobs.output_dir import load_spec, save_spec
 from batchgen.jobs.readers import validate_input
 from batchgen.jobs.spec import JobSpec
-from batchgen.workers.app import job_store, queue_name
-from queues import queue_length
+from batchgen.workers.app import job_store, queue_length, queue_name
 
 UNSERVED_MODEL = "cli-test-model"
 

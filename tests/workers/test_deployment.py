@@ -37,7 +37,8 @@ def _interpolate(text: str) -> str:
 def test_compose_file_follows_the_compose_specification():
     # YAML merge keys (`<<: *batchgen`) resolved first, as Compose does; JSON is YAML
     parsed = PyCompose.from_yaml(json.dumps(_compose())).to_dict()
-    assert set(parsed["services"]) == {"redis", "worker-gpu0", "worker-gpu1", "beat", "cli"}
+    assert set(parsed["services"]) == {"redis", "worker-gpu0", "worker-gpu1", "beat", "cli", "api"}
+    assert parsed["services"]["api"]["command"][0] == "serve" and parsed["services"]["api"]["profiles"] == ["api"]
     assert parsed["services"]["worker-gpu0"]["restart"] == "unless-stopped"
     broken = _compose()
     broken["services"]["worker-gpu0"]["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] = "gpu"

@@ -10,8 +10,7 @@ import pytest
 from celery.schedules import crontab
 
 from batchgen.jobs.output_dir import load_spec
-from batchgen.workers.app import FIRE_SCHEDULE_TASK, job_store, queue_name
-from queues import queue_length
+from batchgen.workers.app import FIRE_SCHEDULE_TASK, job_store, queue_length, queue_name
 from batchgen.workers.schedules import ScheduleDefinition, beat_schedule, fire, load_definition, load_definitions
 
 REPO = Path(__file__).resolve().parents[2]
