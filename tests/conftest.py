@@ -66,7 +66,16 @@ def default_model_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory, default_model_dir):
+def tokenizer_dir() -> Path:
+    """The default model's tokenizer files: from $BATCHGEN_TEST_TOKENIZER_DIR where the default model can't be
+    installed (the GPU lease takes at most 64 MiB and its GGUF is 94 MB), else from the converted model. Tests of
+    the default model's weights use `default_model_dir` and still need it."""
+    override = os.environ.get("BATCHGEN_TEST_TOKENIZER_DIR")
+    return Path(override) if override else ensure_default_model()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tokenizer_dir):
     """Factory `tiny_model_dir(arch, **overrides) -> Path` for arch in llama / mistral / qwen2 / qwen3: a
     2-layer random-weight Hugging Face model directory (safetensors, fp32) with the default model's tokenizer.
     `overrides` are transformers config fields (e.g. tie_word_embeddings=True, rope_parameters={...}).
@@ -78,7 +87,7 @@ def tiny_model_dir(tmp_path_factory, default_model_dir):
         key = json.dumps([arch, overrides], sort_keys=True)
         if key not in built:
             out_dir = root / f"{arch}-{hashlib.sha1(key.encode()).hexdigest()[:10]}"
-            save_tiny_model(out_dir, arch, overrides, default_model_dir)
+            save_tiny_model(out_dir, arch, overrides, tokenizer_dir)
             built[key] = out_dir
         return built[key]
 
