@@ -10,6 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
+from batchgen.kernels.paged_attention import _dot_precision
+
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max   # 448
 # the smallest scale: a row of zeros (padding) quantizes to zeros instead of dividing by zero
@@ -62,8 +64,9 @@ def _quantize_fp8_kernel(x_ptr, out_ptr, scale_ptr, num_cols, group_size, stride
     cols = group * group_size + tl.arange(0, BLOCK)
     mask = (tl.arange(0, BLOCK) < group_size) & (cols < num_cols)
     x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-    scale = tl.maximum(tl.max(tl.abs(x), 0) / fp8_max, min_scale)
-    quantized = tl.clamp(tl.div_rn(x, scale), -fp8_max, fp8_max)   # IEEE division, as the reference
+    # IEEE divisions, as the reference (Triton's `/` is an approximate division on the GPU)
+    scale = tl.maximum(tl.div_rn(tl.max(tl.abs(x), 0), fp8_max), min_scale)
+    quantized = tl.clamp(tl.div_rn(x, scale), -fp8_max, fp8_max)
     tl.store(out_ptr + row * stride_o + cols, quantized.to(out_ptr.dtype.element_ty), mask=mask)
     tl.store(scale_ptr + row * stride_s + group, scale)
 
@@ -88,7 +91,8 @@ def quantize_fp8(x: torch.Tensor, group_size: int | None = None,
 @triton.jit
 def _fp8_block_gemm_kernel(x_ptr, x_scale_ptr, w_ptr, w_scale_ptr, out_ptr, num_rows, num_cols, depth,
                            stride_x, stride_xs, stride_w, stride_ws, stride_o, scale_block_n,
-                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                           DOT_PRECISION: tl.constexpr):
     """One program per [BLOCK_M, BLOCK_N] output tile; BLOCK_K is the scale block's width, so each step over K
     multiplies one scale group: its fp32 product is scaled by the token's and the weight rows' scales."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -104,7 +108,7 @@ def _fp8_block_gemm_kernel(x_ptr, x_scale_ptr, w_ptr, w_scale_ptr, out_ptr, num_
         w = tl.load(w_rows + k[None, :], mask=col_mask[:, None], other=0.0)
         x_scale = tl.load(x_scale_ptr + rows * stride_xs + group, mask=row_mask, other=0.0)
         w_scale = tl.load(w_scale_ptr + (cols // scale_block_n) * stride_ws + group, mask=col_mask, other=0.0)
-        acc += tl.dot(x, tl.trans(w)) * x_scale[:, None] * w_scale[None, :]
+        acc += tl.dot(x, tl.trans(w), input_precision=DOT_PRECISION) * x_scale[:, None] * w_scale[None, :]
     out = out_ptr + rows.to(tl.int64)[:, None] * stride_o + cols[None, :]
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
 
@@ -123,5 +127,6 @@ def fp8_block_gemm(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, 
         _fp8_block_gemm_kernel[grid](
             x_q, x_scale, w_q, w_scale, out, num_rows, num_cols, depth, x_q.stride(0), x_scale.stride(0),
             w_q.stride(0), w_scale.stride(0), out.stride(0), block_n, BLOCK_M=block_m, BLOCK_N=128,
-            BLOCK_K=block_k, num_warps=8 if block_m >= 64 else 4, num_stages=3)
+            BLOCK_K=block_k, DOT_PRECISION=_dot_precision(x_q.dtype), num_warps=8 if block_m >= 64 else 4,
+            num_stages=3)
     return out

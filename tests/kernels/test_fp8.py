@@ -1,26 +1,26 @@
 """fp8 activation quantization (alone and fused into RMSNorm and SiLU-and-mul) and the block-scaled fp8 GEMM
-(Triton) against their torch references. Triton's interpreter rounds some values to fp8 wrongly, so the
-quantizing kernels are checked with their scaled values carried unrounded in fp32 and rounded here by torch."""
+(Triton) against their torch references. Triton's interpreter rounds some values to fp8 wrongly, so there the
+quantizing kernels are checked with their scaled values carried unrounded in fp32 and rounded here by torch; on
+the GPU the kernels store fp8 themselves and the hardware rounds."""
 import pytest
 import torch
 
 from batchgen.kernels.activation import silu_and_mul_fp8, silu_and_mul_fp8_ref
 from batchgen.kernels.fp8 import FP8, fp8_block_gemm, fp8_block_gemm_ref, quantize_fp8, quantize_fp8_ref
 from batchgen.kernels.rms_norm import rms_norm_fp8, rms_norm_fp8_ref
-from batchgen.kernels.testing import relative_l2
+from batchgen.kernels.testing import TEST_DEVICE as DEVICE, TEST_DTYPES as DTYPES, relative_l2
 
-DTYPES = [torch.float32, torch.float16]
+# what the quantizing kernels store: fp8 on the GPU, the unrounded scaled values under the interpreter
+KERNEL_OUT = FP8 if DEVICE.type == "cuda" else torch.float32
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("group_size", [None, 16])
 def test_quantize_fp8_matches_the_reference_exactly(dtype, group_size):
-    x = (torch.randn(9, 64) * torch.logspace(-3, 2, 9)[:, None]).to(dtype)
+    x = (torch.randn(9, 64) * torch.logspace(-3, 2, 9)[:, None]).to(DEVICE, dtype)
     x[4] = 0.0   # an all-zero row (padding) quantizes to zeros with the smallest scale, never NaN
     x[6, :16] = 0.0
-    # unrounded scaled values in fp32, rounded here by torch: the interpreter's own fp8 cast is wrong for some
-    # values (on the GPU the kernel stores fp8 and the hardware rounds)
-    scaled, scales = quantize_fp8(x, group_size, out_dtype=torch.float32)
+    scaled, scales = quantize_fp8(x, group_size, out_dtype=KERNEL_OUT)
     quantized = scaled.to(FP8)
     want_quantized, want_scales = quantize_fp8_ref(x, group_size)
     assert scales.shape == want_scales.shape == (9, 64 // (group_size or 64))
@@ -29,30 +29,37 @@ def test_quantize_fp8_matches_the_reference_exactly(dtype, group_size):
     # and the reference is what it says: per row (group) amax maps to 448
     groups = x.float().view(9, -1, group_size or 64)
     assert torch.allclose(want_scales[5], groups[5].abs().amax(-1) / 448.0)
-    assert torch.equal(quantized[4].float(), torch.zeros(64))
+    assert torch.equal(quantized[4].float(), torch.zeros(64, device=DEVICE))
 
 
-@pytest.mark.parametrize("carrier", [FP8, torch.float32, torch.float16], ids=str)
-@pytest.mark.parametrize("num_rows, block", [(5, (16, 16)), (37, (32, 16))])
+# relative L2 error allowed: the products are exact and summed in fp32, but 16-bit tensor-core sums may round
+# early, and Hopper's fp8 tensor cores keep only 13 mantissa bits of each scale block's sum (about 5e-5 here)
+BLOCK_GEMM_TOLERANCE = {FP8: 1e-3 if DEVICE.type == "cuda" else 1e-6, torch.float32: 1e-6,
+                        torch.float16: 1e-3, torch.bfloat16: 1e-3}
+
+
+@pytest.mark.parametrize("carrier", [FP8] + DTYPES, ids=str)
+@pytest.mark.parametrize("num_rows, block", [(5, (16, 32)), (37, (48, 32))])   # fp8 tl.dot needs K >= 32
 def test_fp8_block_gemm_matches_the_reference(num_rows, block, carrier):
-    """The quantized operands as fp8, or carried exactly in fp32/fp16 (every fp8 value is one of theirs)."""
+    """The quantized operands as fp8, or carried exactly in a wider dtype (every fp8 value is one of theirs)."""
     generator = torch.Generator().manual_seed(0)
-    num_cols, depth = 150, 64   # a partial output tile and a partial last block row
+    num_cols, depth = 150, 96   # a partial output tile and a partial last block row
     x_q, x_scale = quantize_fp8_ref(torch.randn(num_rows, depth, generator=generator), block[1])
     w_q = (torch.randn(num_cols, depth, generator=generator) * 100).clamp(-448, 448).to(FP8)
     w_scale = torch.rand(-(-num_cols // block[0]), depth // block[1], generator=generator) + 0.5
+    x_q, x_scale, w_q, w_scale = (t.to(DEVICE) for t in (x_q, x_scale, w_q, w_scale))
     want = fp8_block_gemm_ref(x_q, x_scale, w_q, w_scale, block, torch.float32)
     out = fp8_block_gemm(x_q.to(carrier), x_scale, w_q.to(carrier), w_scale, block, torch.float32)
     assert out.shape == (num_rows, num_cols)
-    assert relative_l2(out, want) < (1e-6 if carrier != torch.float16 else 1e-3)
+    assert relative_l2(out, want) < BLOCK_GEMM_TOLERANCE[carrier]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("with_residual", [False, True])
 def test_rms_norm_fp8_matches_the_reference(dtype, with_residual):
-    x, weight = torch.randn(7, 96).to(dtype), (torch.rand(96) + 0.5).to(dtype)
-    residual = torch.randn(7, 96).to(dtype) if with_residual else None
-    out = rms_norm_fp8(x, weight, 1e-6, residual, out_dtype=torch.float32)
+    x, weight = torch.randn(7, 96).to(DEVICE, dtype), (torch.rand(96) + 0.5).to(DEVICE, dtype)
+    residual = torch.randn(7, 96).to(DEVICE, dtype) if with_residual else None
+    out = rms_norm_fp8(x, weight, 1e-6, residual, out_dtype=KERNEL_OUT)
     want = rms_norm_fp8_ref(x, weight, 1e-6, residual)
     if with_residual:
         (out, new_residual), (want, want_residual) = out, want
@@ -67,8 +74,8 @@ def test_rms_norm_fp8_matches_the_reference(dtype, with_residual):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("intermediate", [48, 2100])   # one block, several blocks with a partial last one
 def test_silu_and_mul_fp8_matches_the_reference(dtype, intermediate):
-    x = (torch.randn(5, 2 * intermediate) * 3).to(dtype)
-    scaled, scales = silu_and_mul_fp8(x, out_dtype=torch.float32)
+    x = (torch.randn(5, 2 * intermediate) * 3).to(DEVICE, dtype)
+    scaled, scales = silu_and_mul_fp8(x, out_dtype=KERNEL_OUT)
     want_q, want_scales = silu_and_mul_fp8_ref(x)
     assert torch.allclose(scales, want_scales, rtol=1e-6, atol=0)
     assert (scaled.to(FP8).float() == want_q.float()).float().mean() > 0.99

@@ -1,9 +1,9 @@
-"""The fused MoE kernel (Triton, interpreter on the CPU) against its torch reference, and the expert grouping."""
+"""The fused MoE kernel (Triton, the interpreter without a GPU) against its torch reference, and the expert grouping."""
 import pytest
 import torch
 
 from batchgen.kernels.fused_moe import fused_moe, fused_moe_ref, group_by_expert
-from batchgen.kernels.testing import TOLERANCE, relative_l2
+from batchgen.kernels.testing import TEST_DEVICE as DEVICE, TEST_DTYPES as DTYPES, TOLERANCE, relative_l2
 
 NUM_EXPERTS, TOP_K, HIDDEN, INTERMEDIATE = 8, 2, 64, 32
 
@@ -15,10 +15,10 @@ def random_moe_inputs(num_tokens: int, dtype: torch.dtype, seed: int = 0):
     w_down = (torch.randn(NUM_EXPERTS, HIDDEN, INTERMEDIATE, generator=gen) / INTERMEDIATE ** 0.5).to(dtype)
     logits = torch.randn(num_tokens, NUM_EXPERTS, generator=gen)
     topk_weights, topk_ids = logits.softmax(-1).topk(TOP_K, dim=-1)
-    return hidden, w_gate_up, w_down, topk_weights, topk_ids
+    return tuple(t.to(DEVICE) for t in (hidden, w_gate_up, w_down, topk_weights, topk_ids))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("num_tokens", [1, 3, 17, 40])
 def test_fused_moe_matches_reference(num_tokens, dtype):
     inputs = random_moe_inputs(num_tokens, dtype, seed=num_tokens)
@@ -31,8 +31,8 @@ def test_fused_moe_matches_reference(num_tokens, dtype):
 def test_fused_moe_weights_only_its_chosen_experts():
     """Every token on one expert with weight 1 is that expert's MLP; a zero weight removes an expert."""
     hidden, w_gate_up, w_down, _, _ = random_moe_inputs(5, torch.float32)
-    ids = torch.tensor([[3, 6]] * 5)
-    weights = torch.tensor([[1.0, 0.0]] * 5)
+    ids = torch.tensor([[3, 6]] * 5, device=DEVICE)
+    weights = torch.tensor([[1.0, 0.0]] * 5, device=DEVICE)
     expected = torch.nn.functional.linear(
         torch.nn.functional.silu(hidden @ w_gate_up[3, :INTERMEDIATE].T) * (hidden @ w_gate_up[3, INTERMEDIATE:].T),
         w_down[3])
