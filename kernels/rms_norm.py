@@ -102,5 +102,6 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.T
         _rms_norm_kernel[(rows.shape[0],)](
             rows, residual_rows, weight, out, residual_out, scales, hidden_size, eps, rows.stride(0),
             residual_rows.stride(0), out.stride(0), residual_out.stride(0), FP8_MAX, MIN_SCALE,
-            HAS_RESIDUAL=residual is not None, UNIT_OFFSET=unit_offset, QUANTIZE=quantize, BLOCK=block, num_warps=min(max(block // 512, 1), 16))
+            HAS_RESIDUAL=residual is not None, UNIT_OFFSET=unit_offset, QUANTIZE=quantize, BLOCK=block,
+            num_warps=min(max(block // 512, 1), 16))
     return out, scales, residual_out
