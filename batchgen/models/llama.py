@@ -258,7 +258,8 @@ def _text_model_name(checkpoint_name: str) -> str:
     return checkpoint_name
 
 
-def _dense_checkpoint_keys(modules: dict, checkpoint_name: str, tensor: torch.Tensor) -> list[tuple[tuple, torch.Tensor]]:
+def _dense_checkpoint_keys(modules: dict, checkpoint_name: str,
+                           tensor: torch.Tensor) -> list[tuple[tuple, torch.Tensor]]:
     """[(model key, tensor)] of a dense checkpoint tensor: one, or one per part of a fused layer stored whole
     (Phi-3's qkv_proj and gate_up_proj)."""
     module_name, name, part = _model_key(checkpoint_name)
