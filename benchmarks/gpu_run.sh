@@ -48,4 +48,6 @@ bench "${T_MIXTRAL_W1:-300}" --model benchmarks/configs/mixtral-8x7b --load-form
 # fp32 log-softmax, gather) on the first 256 of the same prompts
 bench "${T_SCORE:-150}" --model benchmarks/configs/llama-3.1-8b --load-format dummy --name W1-score \
   --num-requests 1000 --input-len 512 --max-model-len 1024 --score --hf-static-batch 16 --hf-sample 256
+# Gemma 3 and Phi-4-mini (issue 12): bf16 logits vs HF, sliding-window kernels vs reference and against global
+timeout "${T_FAMILIES:-150}" python3 benchmarks/families_gpu.py 2>>"$OUT/stderr.log" | tee -a "$OUT/gpu.jsonl"
 tail -n 30 "$OUT/stderr.log"

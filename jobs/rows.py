@@ -327,6 +327,9 @@ def _content(value: Any, field_name: str) -> str:
     if isinstance(value, list):   # OpenAI content parts; only text parts can be served
         texts = []
         for part in value:
+            if isinstance(part, dict) and part.get("type") in ("image_url", "image", "input_image"):
+                raise _RowError(field_name, f"has an image ({part['type']} content part): batchgen runs text only "
+                                "(a multimodal checkpoint such as Gemma 3 4B+ is served without its vision tower)")
             if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
                 raise _RowError(field_name, "only {\"type\": \"text\", \"text\": ...} content parts are supported")
             texts.append(part["text"])

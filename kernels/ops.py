@@ -19,24 +19,31 @@ def store_kv(key, value, k_cache, v_cache, slot_mapping) -> None:
     fn(key, value, k_cache, v_cache, slot_mapping)
 
 
-def paged_prefill_attention(q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale, max_query_len):
-    fn = paged_attention.paged_prefill_attention if _triton(q) else paged_attention.paged_prefill_attention_ref
-    return fn(q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale, max_query_len)
+def _triton_attention(q: torch.Tensor) -> bool:
+    # other head sizes (Phi-3-mini's 96) run the torch references, on the GPU too: slower, same results
+    return _triton(q) and paged_attention.supports_head_dim(q.shape[-1])
 
 
-def paged_decode_attention(q, k_cache, v_cache, seq_lens, block_tables, scale):
-    fn = paged_attention.paged_decode_attention if _triton(q) else paged_attention.paged_decode_attention_ref
-    return fn(q, k_cache, v_cache, seq_lens, block_tables, scale)
+def paged_prefill_attention(q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale, max_query_len,
+                            sliding_window=None):
+    triton_kernel = _triton_attention(q)
+    fn = paged_attention.paged_prefill_attention if triton_kernel else paged_attention.paged_prefill_attention_ref
+    return fn(q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale, max_query_len, sliding_window)
 
 
-def rms_norm(x, weight, eps, residual=None):
+def paged_decode_attention(q, k_cache, v_cache, seq_lens, block_tables, scale, sliding_window=None):
+    fn = paged_attention.paged_decode_attention if _triton_attention(q) else paged_attention.paged_decode_attention_ref
+    return fn(q, k_cache, v_cache, seq_lens, block_tables, scale, sliding_window)
+
+
+def rms_norm(x, weight, eps, residual=None, unit_offset=False):
     fn = _rms_norm.rms_norm if _triton(x) else _rms_norm.rms_norm_ref
-    return fn(x, weight, eps, residual)
+    return fn(x, weight, eps, residual, unit_offset)
 
 
-def rms_norm_fp8(x, weight, eps, residual=None):
+def rms_norm_fp8(x, weight, eps, residual=None, unit_offset=False):
     fn = _rms_norm.rms_norm_fp8 if _triton(x) else _rms_norm.rms_norm_fp8_ref
-    return fn(x, weight, eps, residual)
+    return fn(x, weight, eps, residual, unit_offset)
 
 
 def rotary_embedding(positions, q, k, cos_sin_cache):
@@ -51,6 +58,16 @@ def silu_and_mul(x):
 
 def silu_and_mul_fp8(x):
     fn = activation.silu_and_mul_fp8 if _triton(x) else activation.silu_and_mul_fp8_ref
+    return fn(x)
+
+
+def gelu_tanh_and_mul(x):
+    fn = activation.gelu_tanh_and_mul if _triton(x) else activation.gelu_tanh_and_mul_ref
+    return fn(x)
+
+
+def gelu_tanh_and_mul_fp8(x):
+    fn = activation.gelu_tanh_and_mul_fp8 if _triton(x) else activation.gelu_tanh_and_mul_fp8_ref
     return fn(x)
 
 

@@ -5,6 +5,10 @@ blocks in order. Queries of a step form one flat batch: sequence b owns query ro
 `query_start_loc[b]:query_start_loc[b+1]`, which are its last tokens, so query row j of a chunk of length
 q sits at position `seq_lens[b] - q + j` and sees keys at positions up to and including its own (causal).
 That one rule covers prefill, chunked prefill on top of cached context (prefix hits) and decode.
+
+A sliding-window layer (`sliding_window=W`) lets the query at position p see only keys in (p - W, p], as
+Hugging Face's sliding-window mask does for every family (`kv_idx > q_idx - sliding_window`); the kernels skip
+key tiles wholly outside the window. None means global attention.
 """
 import functools
 
@@ -22,16 +26,23 @@ def _gather_blocks(cache: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor
     return flat.view(-1, num_kv_heads, head_dim)
 
 
-def _gather_context(cache: torch.Tensor, block_table: torch.Tensor, seq_len: int) -> torch.Tensor:
-    """[seq_len, Hkv, D] keys (or values) of one sequence, in position order."""
+def _gather_context(cache: torch.Tensor, block_table: torch.Tensor, start: int, seq_len: int) -> torch.Tensor:
+    """[seq_len - start, Hkv, D] keys (or values) of positions [start, seq_len) of one sequence, in order."""
     block_size = cache.shape[1]
-    num_blocks = (seq_len + block_size - 1) // block_size
-    return _gather_blocks(cache, block_table[:num_blocks])[:seq_len]
+    first_block, num_blocks = start // block_size, (seq_len + block_size - 1) // block_size
+    return _gather_blocks(cache, block_table[first_block:num_blocks])[start - first_block * block_size:
+                                                                       seq_len - first_block * block_size]
+
+
+def _window_start(query_start: int, sliding_window: int | None) -> int:
+    """The first key position a query at position query_start (or later) may see."""
+    return 0 if sliding_window is None else max(0, query_start - sliding_window + 1)
 
 
 def paged_prefill_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                                 query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
-                                block_tables: torch.Tensor, scale: float, max_query_len: int) -> torch.Tensor:
+                                block_tables: torch.Tensor, scale: float, max_query_len: int,
+                                sliding_window: int | None = None) -> torch.Tensor:
     """q [T, Hq, D] -> out [T, Hq, D]; varlen causal attention of query chunks to their paged context."""
     out = torch.empty_like(q)
     starts = query_start_loc.tolist()
@@ -39,16 +50,21 @@ def paged_prefill_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache:
         start, end = starts[b], starts[b + 1]
         if end == start:
             continue
+        first_query = seq_len - (end - start)
+        first_key = _window_start(first_query, sliding_window)
         # [1, heads, tokens, head_dim]: the batched layout takes torch's fused CPU kernels
-        keys = _gather_context(k_cache, block_tables[b], seq_len).transpose(0, 1)[None]
-        values = _gather_context(v_cache, block_tables[b], seq_len).transpose(0, 1)[None]
+        keys = _gather_context(k_cache, block_tables[b], first_key, seq_len).transpose(0, 1)[None]
+        values = _gather_context(v_cache, block_tables[b], first_key, seq_len).transpose(0, 1)[None]
         query = q[start:end].transpose(0, 1)[None]
-        if end - start == seq_len:   # no cached context: plain causal attention, torch's fast path
+        if first_query == first_key == 0 and sliding_window is None:   # plain causal attention: the fast path
             attended = F.scaled_dot_product_attention(query, keys, values, is_causal=True, scale=scale,
                                                       enable_gqa=True)
         else:
-            query_pos = torch.arange(seq_len - (end - start), seq_len, device=q.device)
-            mask = torch.arange(seq_len, device=q.device)[None, :] <= query_pos[:, None]
+            query_pos = torch.arange(first_query, seq_len, device=q.device)[:, None]
+            key_pos = torch.arange(first_key, seq_len, device=q.device)[None, :]
+            mask = key_pos <= query_pos
+            if sliding_window is not None:
+                mask &= key_pos > query_pos - sliding_window
             attended = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scale,
                                                       enable_gqa=True)
         out[start:end] = attended[0].transpose(0, 1)
@@ -56,7 +72,8 @@ def paged_prefill_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache:
 
 
 def paged_decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                               seq_lens: torch.Tensor, block_tables: torch.Tensor, scale: float) -> torch.Tensor:
+                               seq_lens: torch.Tensor, block_tables: torch.Tensor, scale: float,
+                               sliding_window: int | None = None) -> torch.Tensor:
     """q [B, Hq, D], one query token per sequence at position seq_lens[b] - 1 -> out [B, Hq, D]."""
     batch, num_heads, head_dim = q.shape
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
@@ -64,7 +81,11 @@ def paged_decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: 
     tables = block_tables[:, :num_blocks]
     keys = _gather_blocks(k_cache, tables).view(batch, -1, num_kv_heads, head_dim).transpose(1, 2)
     values = _gather_blocks(v_cache, tables).view(batch, -1, num_kv_heads, head_dim).transpose(1, 2)
-    mask = torch.arange(keys.shape[2], device=q.device)[None, :] < seq_lens[:, None].to(q.device)
+    key_pos = torch.arange(keys.shape[2], device=q.device)[None, :]
+    seq_lens = seq_lens[:, None].to(q.device)
+    mask = key_pos < seq_lens
+    if sliding_window is not None:
+        mask &= key_pos >= seq_lens - sliding_window
     # the query heads sharing a KV head become that head's query rows: no K/V repeated per query head
     grouped = q.view(batch, num_kv_heads, num_heads // num_kv_heads, head_dim)
     attended = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=mask[:, None, None, :], scale=scale)
@@ -77,15 +98,21 @@ def paged_decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: 
 # Softmax runs in base 2 with the scale folded into qk_scale = scale * log2(e); accumulation is fp32.
 # ---------------------------------------------------------------------------------------------------------------
 _LOG2E = 1.4426950408889634
+_NO_WINDOW = 1 << 30   # the window of a global layer: wider than any context
+
+
+def _window(sliding_window: int | None) -> int:
+    return _NO_WINDOW if sliding_window is None else sliding_window
 
 
 @triton.jit
 def _attend_key_tile(acc, m_i, l_i, q, q_pos, key_start, block_table_row, k_cache_ptr, v_cache_ptr, kv_head,
-                     seq_len, qk_scale, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+                     seq_len, window, qk_scale, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
                      PAGE: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr,
                      DOT_PRECISION: tl.constexpr):
     """One online-softmax step: fold keys [key_start, key_start + BLOCK_N) into (acc, m_i, l_i).
-    MASKED tiles apply the causal rule key_pos <= q_pos and the end of the context; the others need neither."""
+    MASKED tiles apply the causal rule key_pos <= q_pos, the window key_pos > q_pos - window and the end of the
+    context; the others need none of them. A row that sees no key of a masked tile leaves its state as it was."""
     key_pos = key_start + tl.arange(0, BLOCK_N)
     dims = tl.arange(0, HEAD_DIM)
     in_context = key_pos < seq_len
@@ -102,11 +129,14 @@ def _attend_key_tile(acc, m_i, l_i, q, q_pos, key_start, block_table_row, k_cach
         k_t = tl.load(k_cache_ptr + k_rows[None, :] + dims[:, None])
     qk = tl.dot(q, k_t, input_precision=DOT_PRECISION) * qk_scale
     if MASKED:
-        visible = (key_pos[None, :] <= q_pos[:, None]) & in_context[None, :]
+        visible = ((key_pos[None, :] <= q_pos[:, None]) & (key_pos[None, :] > q_pos[:, None] - window)
+                   & in_context[None, :])
         qk = tl.where(visible, qk, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(qk, 1))
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(qk - m_new[:, None])
+    # rows with nothing visible so far keep m = -inf; exp2 of (-inf) - (-inf) would be NaN
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(qk - m_safe[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     if MASKED:
         v = tl.load(v_cache_ptr + v_rows[:, None] + dims[None, :], mask=in_context[:, None], other=0.0)
@@ -118,11 +148,11 @@ def _attend_key_tile(acc, m_i, l_i, q, q_pos, key_start, block_table_row, k_cach
 
 @triton.jit
 def _prefill_tile(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, block_table_row, q_start, q_len, seq_len, first_token,
-                  kv_head, qk_scale, stride_qt, stride_qh, stride_ot, stride_oh, stride_kb, stride_ks, stride_kh,
-                  stride_vb, stride_vs, stride_vh, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
-                  ROWS: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                  kv_head, window, qk_scale, stride_qt, stride_qh, stride_ot, stride_oh, stride_kb, stride_ks,
+                  stride_kh, stride_vb, stride_vs, stride_vh, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
+                  PAGE: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Attention of ROWS // GROUP query tokens from first_token on, x the GROUP heads of kv_head (row r: token
-    r // GROUP, head r % GROUP of the group), over their causal context."""
+    r // GROUP, head r % GROUP of the group), over their causal context (within the window)."""
     TOKENS: tl.constexpr = ROWS // GROUP
     cached_len = seq_len - q_len
     rows = tl.arange(0, ROWS)
@@ -137,19 +167,28 @@ def _prefill_tile(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, block_table_row, q_s
     m_i = tl.full([ROWS], float("-inf"), tl.float32)
     l_i = tl.zeros([ROWS], tl.float32)
     acc = tl.zeros([ROWS, HEAD_DIM], tl.float32)
-    # keys every row of the tile sees need no mask; key tiles past the tile's last query position are skipped
-    last_token = tl.minimum(first_token + TOKENS, q_len) - 1
-    unmasked_end = (cached_len + first_token + 1) // BLOCK_N * BLOCK_N
-    causal_end = cached_len + last_token + 1
-    for key_start in range(0, unmasked_end, BLOCK_N):
+    # Key tiles that every row of the tile sees whole need no mask: those at or after the last row's window
+    # start and before the first row's position. Tiles before the first row's window start and past the last
+    # row's position are skipped; the rest are masked.
+    first_pos = cached_len + first_token
+    last_pos = cached_len + tl.minimum(first_token + TOKENS, q_len) - 1
+    window_start = tl.maximum(first_pos - window + 1, 0) // BLOCK_N * BLOCK_N
+    unmasked_end = (first_pos + 1) // BLOCK_N * BLOCK_N
+    unmasked_start = tl.minimum(tl.cdiv(tl.maximum(last_pos - window + 1, 0), BLOCK_N) * BLOCK_N, unmasked_end)
+    for key_start in range(window_start, unmasked_start, BLOCK_N):
         acc, m_i, l_i = _attend_key_tile(acc, m_i, l_i, q, q_pos, key_start, block_table_row, k_cache_ptr,
-                                         v_cache_ptr, kv_head, seq_len, qk_scale, stride_kb, stride_ks, stride_kh,
-                                         stride_vb, stride_vs, stride_vh, PAGE, BLOCK_N, HEAD_DIM, False,
+                                         v_cache_ptr, kv_head, seq_len, window, qk_scale, stride_kb, stride_ks,
+                                         stride_kh, stride_vb, stride_vs, stride_vh, PAGE, BLOCK_N, HEAD_DIM, True,
                                          DOT_PRECISION)
-    for key_start in range(unmasked_end, causal_end, BLOCK_N):
+    for key_start in range(unmasked_start, unmasked_end, BLOCK_N):
         acc, m_i, l_i = _attend_key_tile(acc, m_i, l_i, q, q_pos, key_start, block_table_row, k_cache_ptr,
-                                         v_cache_ptr, kv_head, seq_len, qk_scale, stride_kb, stride_ks, stride_kh,
-                                         stride_vb, stride_vs, stride_vh, PAGE, BLOCK_N, HEAD_DIM, True,
+                                         v_cache_ptr, kv_head, seq_len, window, qk_scale, stride_kb, stride_ks,
+                                         stride_kh, stride_vb, stride_vs, stride_vh, PAGE, BLOCK_N, HEAD_DIM, False,
+                                         DOT_PRECISION)
+    for key_start in range(unmasked_end, last_pos + 1, BLOCK_N):
+        acc, m_i, l_i = _attend_key_tile(acc, m_i, l_i, q, q_pos, key_start, block_table_row, k_cache_ptr,
+                                         v_cache_ptr, kv_head, seq_len, window, qk_scale, stride_kb, stride_ks,
+                                         stride_kh, stride_vb, stride_vs, stride_vh, PAGE, BLOCK_N, HEAD_DIM, True,
                                          DOT_PRECISION)
     out = acc / l_i[:, None]
     out_offsets = (q_start + row_token)[:, None] * stride_ot + row_head[:, None] * stride_oh + dims[None, :]
@@ -160,7 +199,7 @@ def _prefill_tile(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, block_table_row, q_s
 # value that is 1 or a multiple of 16): a compile in the middle of a job costs seconds.
 @triton.jit(do_not_specialize=["num_seqs", "stride_bt"])
 def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, query_start_loc_ptr, seq_lens_ptr,
-                    block_tables_ptr, qk_scale, num_seqs,
+                    block_tables_ptr, window, qk_scale, num_seqs,
                     stride_qt, stride_qh, stride_ot, stride_oh, stride_kb, stride_ks, stride_kh,
                     stride_vb, stride_vs, stride_vh, stride_bt,
                     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -190,19 +229,19 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, query_start_loc_pt
     if q_len * GROUP <= SHORT_ROWS:
         # decode rows (and other tiny chunks) of a mixed batch: a 16-row tile instead of BLOCK_M mostly-empty rows
         _prefill_tile(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, block_table_row, q_start, q_len, seq_len,
-                      first_token, kv_head, qk_scale, stride_qt, stride_qh, stride_ot, stride_oh, stride_kb,
+                      first_token, kv_head, window, qk_scale, stride_qt, stride_qh, stride_ot, stride_oh, stride_kb,
                       stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, GROUP, HEAD_DIM, PAGE, SHORT_ROWS,
                       BLOCK_N, DOT_PRECISION)
     else:
         _prefill_tile(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, block_table_row, q_start, q_len, seq_len,
-                      first_token, kv_head, qk_scale, stride_qt, stride_qh, stride_ot, stride_oh, stride_kb,
+                      first_token, kv_head, window, qk_scale, stride_qt, stride_qh, stride_ot, stride_oh, stride_kb,
                       stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, GROUP, HEAD_DIM, PAGE, BLOCK_M,
                       BLOCK_N, DOT_PRECISION)
 
 
 @triton.jit(do_not_specialize=["keys_per_split", "num_splits", "stride_bt"])
 def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, partial_out_ptr, partial_lse_ptr, seq_lens_ptr,
-                         block_tables_ptr, qk_scale, keys_per_split, num_splits, num_heads,
+                         block_tables_ptr, window, qk_scale, keys_per_split, num_splits, num_heads,
                          stride_qb, stride_qh, stride_ob, stride_oh, stride_kb, stride_ks, stride_kh,
                          stride_vb, stride_vs, stride_vh, stride_bt,
                          GROUP: tl.constexpr, GROUP_ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
@@ -211,7 +250,8 @@ def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, partial_out_p
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + seq)
-    split_start = split * keys_per_split
+    # splits cover the keys the query sees: [seq_len - window, seq_len) for a sliding-window layer
+    split_start = tl.maximum(seq_len - window, 0) + split * keys_per_split
     if SPLIT:
         if split_start >= seq_len:
             return  # the reduction reads only splits that hold keys
@@ -232,8 +272,8 @@ def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, partial_out_p
     block_table_row = block_tables_ptr + seq * stride_bt
     for key_start in range(split_start, split_end, BLOCK_N):
         acc, m_i, l_i = _attend_key_tile(acc, m_i, l_i, q, q_pos, key_start, block_table_row, k_cache_ptr,
-                                         v_cache_ptr, kv_head, seq_len, qk_scale, stride_kb, stride_ks, stride_kh,
-                                         stride_vb, stride_vs, stride_vh, PAGE, BLOCK_N, HEAD_DIM, True,
+                                         v_cache_ptr, kv_head, seq_len, window, qk_scale, stride_kb, stride_ks,
+                                         stride_kh, stride_vb, stride_vs, stride_vh, PAGE, BLOCK_N, HEAD_DIM, True,
                                          DOT_PRECISION)
     if not SPLIT:
         # an empty context (padding rows of a graph batch) yields zeros, not NaN
@@ -248,12 +288,13 @@ def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, partial_out_p
 
 
 @triton.jit(do_not_specialize=["keys_per_split", "num_splits"])
-def _decode_reduce_kernel(partial_out_ptr, partial_lse_ptr, out_ptr, seq_lens_ptr, keys_per_split, num_splits,
-                          num_heads, stride_ob, stride_oh, HEAD_DIM: tl.constexpr, MAX_SPLITS: tl.constexpr):
+def _decode_reduce_kernel(partial_out_ptr, partial_lse_ptr, out_ptr, seq_lens_ptr, window, keys_per_split,
+                          num_splits, num_heads, stride_ob, stride_oh, HEAD_DIM: tl.constexpr,
+                          MAX_SPLITS: tl.constexpr):
     seq = tl.program_id(0)
     head = tl.program_id(1)
     seq_len = tl.load(seq_lens_ptr + seq)
-    num_used = tl.minimum(tl.cdiv(seq_len, keys_per_split), num_splits)
+    num_used = tl.minimum(tl.cdiv(tl.minimum(seq_len, window), keys_per_split), num_splits)
     splits = tl.arange(0, MAX_SPLITS)
     used = splits < num_used
     partial_row = (seq * num_heads + head) * num_splits + splits
@@ -267,11 +308,16 @@ def _decode_reduce_kernel(partial_out_ptr, partial_lse_ptr, out_ptr, seq_lens_pt
     tl.store(out_ptr + seq * stride_ob + head * stride_oh + dims, out.to(out_ptr.dtype.element_ty))
 
 
+def supports_head_dim(head_dim: int) -> bool:
+    """The Triton kernels tile head_dim whole: a power of two, at least 16."""
+    return head_dim >= 16 and head_dim & (head_dim - 1) == 0
+
+
 def _check_attention_shapes(q: torch.Tensor, k_cache: torch.Tensor) -> int:
     """Returns the GQA group size."""
     num_heads, head_dim = q.shape[1], q.shape[2]
     num_kv_heads = k_cache.shape[2]
-    if head_dim < 16 or head_dim & (head_dim - 1):
+    if not supports_head_dim(head_dim):
         raise ValueError(f"Triton paged attention needs a power-of-two head_dim >= 16, got {head_dim}")
     if num_heads % num_kv_heads:
         raise ValueError(f"num_heads {num_heads} is not a multiple of num_kv_heads {num_kv_heads}")
@@ -306,7 +352,7 @@ def prefill_launch_config(head_dim: int, group: int, max_query_len: int, dtype: 
 
 
 def _paged_prefill(q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale, max_query_len, out,
-                   config: dict) -> torch.Tensor:
+                   config: dict, sliding_window: int | None = None) -> torch.Tensor:
     group = _check_attention_shapes(q, k_cache)
     num_tokens, num_seqs = q.shape[0], seq_lens.shape[0]
     if num_tokens == 0:
@@ -315,7 +361,8 @@ def _paged_prefill(q, k_cache, v_cache, query_start_loc, seq_lens, block_tables,
     assert tokens_per_tile >= 1, "BLOCK_M must hold a whole group of query heads"
     grid = (num_tokens // tokens_per_tile + num_seqs, k_cache.shape[2])
     _prefill_kernel[grid](
-        q, k_cache, v_cache, out, query_start_loc, seq_lens, block_tables, scale * _LOG2E, num_seqs,
+        q, k_cache, v_cache, out, query_start_loc, seq_lens, block_tables, _window(sliding_window), scale * _LOG2E,
+        num_seqs,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3],
         block_tables.stride(0), GROUP=group, HEAD_DIM=q.shape[2], PAGE=k_cache.shape[1],
         SHORT_ROWS=min(config["BLOCK_M"], _short_rows(group)), DOT_PRECISION=_dot_precision(q.dtype), **config)
@@ -324,12 +371,12 @@ def _paged_prefill(q, k_cache, v_cache, query_start_loc, seq_lens, block_tables,
 
 def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                             query_start_loc: torch.Tensor, seq_lens: torch.Tensor, block_tables: torch.Tensor,
-                            scale: float, max_query_len: int) -> torch.Tensor:
+                            scale: float, max_query_len: int, sliding_window: int | None = None) -> torch.Tensor:
     """Triton twin of `paged_prefill_attention_ref` (power-of-two head_dim >= 16)."""
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     config = prefill_launch_config(q.shape[2], q.shape[1] // k_cache.shape[2], max_query_len, q.dtype)
     return _paged_prefill(q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale, max_query_len, out,
-                          config)
+                          config, sliding_window)
 
 
 _DECODE_MAX_SPLITS = 64
@@ -351,7 +398,8 @@ def decode_launch_config(batch: int, num_kv_heads: int, head_dim: int, max_keys:
                 num_warps=4, num_stages=2 if dtype == torch.float32 else 3)
 
 
-def _paged_decode(q, k_cache, v_cache, seq_lens, block_tables, scale, out, config: dict) -> torch.Tensor:
+def _paged_decode(q, k_cache, v_cache, seq_lens, block_tables, scale, out, config: dict,
+                  sliding_window: int | None = None) -> torch.Tensor:
     group = _check_attention_shapes(q, k_cache)
     batch, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
@@ -367,24 +415,26 @@ def _paged_decode(q, k_cache, v_cache, seq_lens, block_tables, scale, out, confi
     else:
         partial_out = partial_lse = out  # unused: the split kernel writes `out` directly
     _decode_split_kernel[(batch, num_kv_heads, num_splits)](
-        q, k_cache, v_cache, out, partial_out, partial_lse, seq_lens, block_tables, scale * _LOG2E,
-        keys_per_split, num_splits, num_heads, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        q, k_cache, v_cache, out, partial_out, partial_lse, seq_lens, block_tables, _window(sliding_window),
+        scale * _LOG2E, keys_per_split, num_splits, num_heads, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         *k_cache.stride()[:3], *v_cache.stride()[:3], block_tables.stride(0),
         GROUP=group, GROUP_ROWS=_short_rows(group), HEAD_DIM=head_dim, PAGE=k_cache.shape[1],
         BLOCK_N=config["BLOCK_N"], SPLIT=num_splits > 1, DOT_PRECISION=_dot_precision(q.dtype),
         num_warps=config["num_warps"], num_stages=config["num_stages"])
     if num_splits > 1:
         _decode_reduce_kernel[(batch, num_heads)](
-            partial_out, partial_lse, out, seq_lens, keys_per_split, num_splits, num_heads, out.stride(0),
+            partial_out, partial_lse, out, seq_lens, _window(sliding_window), keys_per_split, num_splits, num_heads,
+            out.stride(0),
             out.stride(1), HEAD_DIM=head_dim, MAX_SPLITS=_DECODE_MAX_SPLITS, num_warps=4)
     return out
 
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seq_lens: torch.Tensor,
-                           block_tables: torch.Tensor, scale: float) -> torch.Tensor:
+                           block_tables: torch.Tensor, scale: float, sliding_window: int | None = None) -> torch.Tensor:
     """Triton twin of `paged_decode_attention_ref` (flash-decoding); never reads device memory on the host, so
-    it can be captured in a CUDA graph. Sequences of length 0 (graph padding) get zeros."""
+    it can be captured in a CUDA graph. Sequences of length 0 (graph padding) get zeros. A sliding-window
+    layer splits only the window's keys."""
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    max_keys = block_tables.shape[1] * k_cache.shape[1]
+    max_keys = min(block_tables.shape[1] * k_cache.shape[1], _window(sliding_window))
     config = decode_launch_config(q.shape[0], k_cache.shape[2], q.shape[2], max_keys, q.device, q.dtype)
-    return _paged_decode(q, k_cache, v_cache, seq_lens, block_tables, scale, out, config)
+    return _paged_decode(q, k_cache, v_cache, seq_lens, block_tables, scale, out, config, sliding_window)

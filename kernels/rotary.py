@@ -6,14 +6,17 @@ import triton.language as tl
 
 def rotary_embedding_ref(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                          cos_sin_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """positions [T]; q [T, Hq, D]; k [T, Hkv, D]; cos_sin_cache [max_pos, D] fp32 holding cos in its first
-    D/2 columns and sin in the last D/2 (any rope scaling is already folded in). Returns rotated (q, k)."""
+    """positions [T]; q [T, Hq, D]; k [T, Hkv, D]; cos_sin_cache [max_pos, R] fp32 holding cos in its first
+    R/2 columns and sin in the last R/2 (any rope scaling is already folded in). The first R <= D dims of each
+    head rotate (partial rotary when R < D), the rest pass through. Returns rotated (q, k)."""
+    rotary_dim = cos_sin_cache.shape[1]
     cos, sin = cos_sin_cache[positions].chunk(2, dim=-1)
     cos, sin = cos[:, None, :], sin[:, None, :]
 
     def rotate(x: torch.Tensor) -> torch.Tensor:
-        x1, x2 = x.float().chunk(2, dim=-1)
-        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+        x1, x2 = x[..., :rotary_dim].float().chunk(2, dim=-1)
+        rotated = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+        return torch.cat((rotated, x[..., rotary_dim:]), dim=-1)
 
     return rotate(q), rotate(k)
 
@@ -55,11 +58,15 @@ def rotary_embedding(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
     cos/sin load; q and k may be strided views (of a fused qkv projection, say) and are not modified."""
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads = k.shape[1]
-    q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    k_out = torch.empty(k.shape, dtype=k.dtype, device=k.device)
-    assert q.stride(2) == k.stride(2) == cos_sin_cache.stride(1) == 1 and head_dim % 2 == 0
+    rotary_dim = cos_sin_cache.shape[1]
+    if rotary_dim < head_dim:   # partial rotary: the kernel writes the rotated dims over a copy
+        q_out, k_out = q.contiguous().clone(), k.contiguous().clone()
+    else:
+        q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        k_out = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    assert q.stride(2) == k.stride(2) == cos_sin_cache.stride(1) == 1 and rotary_dim % 2 == 0
     if num_tokens:
-        half = head_dim // 2
+        half = rotary_dim // 2
         _rotary_kernel[(num_tokens,)](
             positions, q, k, q_out, k_out, cos_sin_cache, num_heads, num_kv_heads, half, q.stride(0), q.stride(1),
             k.stride(0), k.stride(1), q_out.stride(0), q_out.stride(1), k_out.stride(0), k_out.stride(1),

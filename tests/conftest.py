@@ -24,7 +24,8 @@ from batchgen.default_model import ensure_default_model  # noqa: E402  (batchgen
 TINY_VOCAB_SIZE = 49152
 TINY_CONFIG_CLASSES = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Config",
                        "qwen3": "Qwen3Config", "mixtral": "MixtralConfig", "qwen2_moe": "Qwen2MoeConfig",
-                       "qwen3_moe": "Qwen3MoeConfig"}
+                       "qwen3_moe": "Qwen3MoeConfig", "gemma3": "Gemma3TextConfig", "phi3": "Phi3Config",
+                       "gemma3_multimodal": "Gemma3Config"}
 TINY_FIELDS = dict(vocab_size=TINY_VOCAB_SIZE, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                    num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=2048,
                    rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2, pad_token_id=2, tie_word_embeddings=False,
@@ -39,7 +40,15 @@ TINY_ARCH_FIELDS = {
                       shared_expert_intermediate_size=48),
     "qwen3_moe": dict(head_dim=32, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
                       norm_topk_prob=True),
+    # one sliding and one global layer (real Gemma 3: five to one), a window shorter than the test prompts,
+    # scaling on the global rope only, as in Gemma 3 4B and up
+    "gemma3": dict(query_pre_attn_scalar=24, sliding_window=16, layer_types=["sliding_attention", "full_attention"],
+                   rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                                    "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1e6}}),
 }
+# Gemma3ForConditionalGeneration: the fields above go to its text_config; a tiny vision tower beside it
+TINY_VISION_CONFIG = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                          image_size=28, patch_size=14)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
 
@@ -76,8 +85,8 @@ def tokenizer_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, tokenizer_dir):
-    """Factory `tiny_model_dir(arch, **overrides) -> Path` for arch in llama / mistral / qwen2 / qwen3: a
-    2-layer random-weight Hugging Face model directory (safetensors, fp32) with the default model's tokenizer.
+    """Factory `tiny_model_dir(arch, **overrides) -> Path` for arch in TINY_CONFIG_CLASSES: a 2-layer
+    random-weight Hugging Face model directory (safetensors, fp32) with the default model's tokenizer.
     `overrides` are transformers config fields (e.g. tie_word_embeddings=True, rope_parameters={...}).
     Built once per session for each distinct set of arguments."""
     root = tmp_path_factory.mktemp("tiny_models")
@@ -111,10 +120,18 @@ def model_dir_with_sampling(tiny_model_dir, tmp_path_factory):
 def save_tiny_model(out_dir: Path, arch: str, overrides: dict, tokenizer_dir: Path) -> None:
     import transformers
 
-    fields = {**TINY_FIELDS, **TINY_ARCH_FIELDS.get(arch, {}), **overrides}
-    config = getattr(transformers, TINY_CONFIG_CLASSES[arch])(**fields)
+    if arch == "gemma3_multimodal":
+        text = {**TINY_FIELDS, **TINY_ARCH_FIELDS["gemma3"], **overrides}
+        config = transformers.Gemma3Config(text_config=text, vision_config=TINY_VISION_CONFIG, mm_tokens_per_image=4,
+                                           image_token_index=TINY_VOCAB_SIZE - 1, boi_token_index=TINY_VOCAB_SIZE - 2,
+                                           eoi_token_index=TINY_VOCAB_SIZE - 3, initializer_range=0.3)
+        model_class = transformers.AutoModelForImageTextToText
+    else:
+        fields = {**TINY_FIELDS, **TINY_ARCH_FIELDS.get(arch, {}), **overrides}
+        config = getattr(transformers, TINY_CONFIG_CLASSES[arch])(**fields)
+        model_class = transformers.AutoModelForCausalLM
     torch.manual_seed(zlib.crc32(arch.encode()))
-    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model = model_class.from_config(config, dtype=torch.float32)
     with torch.no_grad():
         # transformers initialises norms to one and biases to zero; randomise them so a tensor mapped to the
         # wrong place shows up as a logits mismatch

@@ -111,7 +111,8 @@ class Engine:
         self.scheduler = Scheduler(self.kv_cache, config.resolved_max_num_seqs(self.device), max_num_batched_tokens,
                                    config.enable_chunked_prefill,
                                    is_ready=lambda r: r.params.structured is None or r.grammar is not None,
-                                   max_model_len=self.max_model_len)
+                                   max_model_len=self.max_model_len,
+                                   rope_position_offset=self.model_config.rope_position_offset)
 
     def _context_len(self) -> int:
         """The longest sequence asked for (config, capped by the model), before the cache caps it too."""

@@ -90,7 +90,7 @@ class StepInputs:
     """A step's flat inputs on the device, decodes first. A token sampled last step is not known on the host
     yet: its slot in `input_ids` holds 0 until `execute` fills it in on the device."""
     input_ids: torch.Tensor
-    positions: torch.Tensor
+    positions: torch.Tensor               # rotary-table rows: the position plus the request's rope_position_offset
     meta: AttentionMetadata
     logits_indices: torch.Tensor          # rows (last token of each request that reached its end) to sample
     sampling_requests: list[Request]
@@ -185,11 +185,11 @@ class ModelRunner:
                 pending_requests.append(request)
                 input_ids.append(0)
             if num_new == 1:
-                positions[offset] = start
+                positions[offset] = start + request.rope_position_offset
                 slot_mapping[offset] = request.block_ids[start // size] * size + start % size
             else:
                 pos = np.arange(start, end)
-                positions[offset:offset + num_new] = pos
+                positions[offset:offset + num_new] = pos + request.rope_position_offset
                 slot_mapping[offset:offset + num_new] = np.asarray(request.block_ids)[pos // size] * size + pos % size
             if request.scores_prompt:
                 prompt_positions.add(request, offset, start, end)

@@ -52,6 +52,7 @@ class Request:
     stop_reason: str | int | None = None
     error: str | None = None
     grammar: Any = None              # per-request grammar matcher when structured output is asked for
+    rope_position_offset: int = 0    # rotary-table row of position 0 (LongRoPE's long-factor half, or 0)
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -31,18 +31,31 @@ class ScheduledBatch:
 class Scheduler:
     def __init__(self, kv_cache: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int,
                  enable_chunked_prefill: bool = True, is_ready: Callable[[Request], bool] = lambda r: True,
-                 max_model_len: int = 1 << 62):
+                 max_model_len: int = 1 << 62, rope_position_offset: Callable[[int], int] = lambda length: 0):
         self.kv_cache = kv_cache
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.enable_chunked_prefill = enable_chunked_prefill
         self.is_ready = is_ready     # e.g. its grammar has compiled
         self.max_model_len = max_model_len
+        # the rotary-table offset a sequence of a given length uses (LongRoPE: long factors past a length)
+        self.rope_position_offset = rope_position_offset
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
 
     def add(self, request: Request) -> None:
+        self._set_rope_position_offset(request, self.rope_position_offset(request.num_tokens))
         self.waiting.append(request)
+
+    @staticmethod
+    def _set_rope_position_offset(request: Request, offset: int) -> None:
+        """The same tokens at another offset have other K/V: the offset is part of the prefix-cache key."""
+        request.rope_position_offset = offset
+        request.cache_extra_keys = tuple(key for key in request.cache_extra_keys
+                                         if not (isinstance(key, tuple) and key[:1] == ("rope_position_offset",)))
+        if offset:
+            request.cache_extra_keys += (("rope_position_offset", offset),)
+        request.block_hashes = []
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
@@ -59,6 +72,13 @@ class Scheduler:
             request = self.running[index]
             if request.pending_token_is_last(self.max_model_len):
                 index += 1
+                continue
+            offset = self.rope_position_offset(request.num_tokens + request.num_pending_tokens)
+            if offset != request.rope_position_offset:
+                # LongRoPE switches to its long factors once a sequence passes the original context, and every
+                # K/V changes with them: recompute the sequence, as Hugging Face's generate does there
+                self._preempt(self.running.pop(index))
+                self._set_rope_position_offset(request, offset)
                 continue
             num_new = min(request.num_tokens + request.num_pending_tokens - request.num_computed_tokens, budget)
             while not self.kv_cache.allocate(request, num_new):

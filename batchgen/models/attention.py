@@ -40,9 +40,14 @@ class AttentionMetadata:
 
 
 class Attention(nn.Module):
-    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float):
+    """One layer's attention; `sliding_window` W (None: global) lets a query at position p see keys in
+    (p - W, p] only."""
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
+                 sliding_window: int | None = None):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim, self.scale = num_heads, num_kv_heads, head_dim, scale
+        self.sliding_window = sliding_window
         # [num_blocks, block_size, num_kv_heads, head_dim] each; views into the runner's cache tensor
         self.k_cache = torch.empty(0)
         self.v_cache = torch.empty(0)
@@ -61,8 +66,9 @@ class Attention(nn.Module):
         return out.reshape(q.shape[0], self.num_heads * self.head_dim)
 
     def _decode(self, q, seq_lens, block_tables):
-        return ops.paged_decode_attention(q, self.k_cache, self.v_cache, seq_lens, block_tables, self.scale)
+        return ops.paged_decode_attention(q, self.k_cache, self.v_cache, seq_lens, block_tables, self.scale,
+                                          self.sliding_window)
 
     def _prefill(self, q, meta: AttentionMetadata):
         return ops.paged_prefill_attention(q, self.k_cache, self.v_cache, meta.query_start_loc, meta.seq_lens,
-                                           meta.block_tables, self.scale, meta.max_query_len)
+                                           meta.block_tables, self.scale, meta.max_query_len, self.sliding_window)

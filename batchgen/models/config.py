@@ -7,6 +7,12 @@ import torch
 
 # the dtypes models run in and checkpoints may declare, by name: the one map engine, loader and config use
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+HIDDEN_ACTIVATIONS = ("silu", "gelu_pytorch_tanh")
+LAYER_TYPES = ("full_attention", "sliding_attention")
+# architectures whose config.json leaves fields to transformers' defaults (hub Gemma 3 configs name only what
+# differs): parsed after transformers' own config class has filled them in
+_FILLED_BY_TRANSFORMERS = {"Gemma3ForCausalLM": "gemma3_text", "Gemma3ForConditionalGeneration": "gemma3_text",
+                           "Phi3ForCausalLM": "phi3"}
 
 
 @dataclass(frozen=True)
@@ -14,7 +20,9 @@ class ModelConfig:
     """A Llama-family decoder as described by config.json (+ generation_config.json).
 
     Architecture quirks become flags here so one model class serves them all: Qwen2 has a bias on q/k/v
-    (not on o_proj), Qwen3 RMS-normalises q and k per head, Llama may carry biases everywhere.
+    (not on o_proj), Qwen3 RMS-normalises q and k per head, Llama may carry biases everywhere, Gemma 3 has
+    (1 + w) norms around each sublayer, a GELU MLP, scaled embeddings and 5 sliding-window layers per global
+    one with their own rope, Phi-3 partial rotary and LongRoPE.
     """
     architecture: str
     vocab_size: int
@@ -35,20 +43,37 @@ class ModelConfig:
     dtype: torch.dtype           # the checkpoint's dtype
     bos_token_id: int | None
     eos_token_ids: tuple[int, ...]
-    sliding_window: int | None   # set only when a window actually limits attention (see max_model_len)
+    sliding_window: int | None   # the window of "sliding_attention" layers; None when it limits nothing
     moe: "MoEConfig | None" = None  # mixture-of-experts models only
+    # defaults below: the Llama family
+    layer_types: tuple[str, ...] = ()        # per layer, one of LAYER_TYPES; () = all full attention
+    sliding_rope_parameters: dict | None = None  # rope of sliding layers when it differs (Gemma 3's local base)
+    hidden_act: str = "silu"
+    attention_scale: float | None = None     # None: head_dim ** -0.5 (Gemma 3: query_pre_attn_scalar ** -0.5)
+    norm_unit_offset: bool = False           # RMSNorm weights stored as w - 1 (Gemma)
+    sandwich_norms: bool = False             # norms on each sublayer's output too (Gemma's post-attention/-feedforward)
+    embedding_scale: float | None = None     # embeddings multiplied by this, rounded to the model dtype (Gemma)
+    final_logit_softcapping: float | None = None
+
+    def layer_window(self, layer: int) -> int | None:
+        """The sliding window of one layer, None for global attention."""
+        if self.sliding_window is None or not self.layer_types:
+            return None
+        return self.sliding_window if self.layer_types[layer] == "sliding_attention" else None
+
+    def rope_position_offset(self, sequence_length: int) -> int:
+        """Where the tokens of a sequence of this length start in the rotary table: 0, or for a LongRoPE model
+        past original_max_position_embeddings, the table's long-factor half (see layers.RotaryEmbedding)."""
+        params = self.rope_parameters
+        if params["rope_type"] != "longrope" or sequence_length <= params["original_max_position_embeddings"]:
+            return 0
+        return self.max_model_len
 
     @property
     def max_model_len(self) -> int:
-        """Longest context this model computes exactly.
-
-        batchgen always attends over the full context. A sliding-window model (e.g. Mistral 7B v0.1, window
-        4096 in a 32k context) attends to the same keys as long as the whole sequence fits in the window, so
-        the engine caps its max_model_len here and results stay exact.
-        """
-        if self.sliding_window is None:
-            return self.max_position_embeddings
-        return min(self.max_position_embeddings, self.sliding_window)
+        """Longest context this model computes exactly: sliding-window layers attend within their window at any
+        length, so the window caps nothing."""
+        return self.max_position_embeddings
 
     @classmethod
     def from_dir(cls, path: str | Path) -> "ModelConfig":
@@ -69,15 +94,21 @@ class ModelConfig:
         if not architectures:
             raise ValueError("config.json names no architecture (its 'architectures' list is missing or empty)")
         architecture = architectures[0]
+        top_level = config
+        if architecture in _FILLED_BY_TRANSFORMERS:
+            config = _filled_by_transformers(architecture, config)
 
         def required(key: str):
             if config.get(key) is None:
                 raise ValueError(f"config.json of this {architecture} model lacks '{key}'")
             return config[key]
 
-        hidden_act = config.get("hidden_act", "silu")
-        if hidden_act != "silu":
-            raise ValueError(f"hidden_act '{hidden_act}' is not supported (only 'silu')")
+        hidden_act = config.get("hidden_activation") or config.get("hidden_act", "silu")
+        if hidden_act not in HIDDEN_ACTIVATIONS:
+            raise ValueError(f"hidden_act '{hidden_act}' is not supported (one of {', '.join(HIDDEN_ACTIVATIONS)})")
+        for key in ("attn_logit_softcapping", "use_bidirectional_attention"):
+            if config.get(key):
+                raise ValueError(f"config.json sets {key}={config[key]!r}, which batchgen does not implement")
 
         hidden_size, num_heads = required("hidden_size"), required("num_attention_heads")
         num_layers = required("num_hidden_layers")
@@ -93,7 +124,14 @@ class ModelConfig:
             qkv_bias = o_proj_bias = bias
 
         bos = generation_config.get("bos_token_id", config.get("bos_token_id"))
-        eos_ids = _id_list(config.get("eos_token_id")) + _id_list(generation_config.get("eos_token_id"))
+        eos_ids = (_id_list(top_level.get("eos_token_id")) + _id_list(config.get("eos_token_id"))
+                   + _id_list(generation_config.get("eos_token_id")))
+        gemma = architecture.startswith("Gemma3")
+        rope_parameters = config.get("rope_parameters") or {}
+        sliding_rope = None
+        if set(rope_parameters) <= set(LAYER_TYPES) and rope_parameters:   # per layer type (Gemma 3)
+            sliding_rope = _rope_parameters(config, rope_parameters.get("sliding_attention"), max_position_embeddings)
+            rope_parameters = rope_parameters["full_attention"]
 
         return cls(
             architecture=architecture,
@@ -110,13 +148,23 @@ class ModelConfig:
             attention_bias=qkv_bias,
             o_proj_bias=o_proj_bias,
             mlp_bias=architecture == "LlamaForCausalLM" and bool(config.get("mlp_bias")),
-            qk_norm=architecture in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM"),
-            rope_parameters=_rope_parameters(config, max_position_embeddings),
-            dtype=_checkpoint_dtype(config),
+            qk_norm=architecture in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM") or gemma,
+            rope_parameters=_rope_parameters(config, rope_parameters or None, max_position_embeddings),
+            dtype=_checkpoint_dtype(top_level),
             bos_token_id=bos,
             eos_token_ids=tuple(dict.fromkeys(eos_ids)),
             sliding_window=_active_sliding_window(config, max_position_embeddings),
             moe=MoEConfig.from_dict(config, architecture, num_layers),
+            layer_types=_layer_types(architecture, config, num_layers),
+            sliding_rope_parameters=sliding_rope,
+            hidden_act=hidden_act,
+            attention_scale=config["query_pre_attn_scalar"] ** -0.5 if gemma else None,
+            norm_unit_offset=gemma,
+            sandwich_norms=gemma,
+            embedding_scale=hidden_size ** 0.5 if gemma else None,
+            # transformers' Gemma3ForConditionalGeneration never applies its text config's softcapping
+            final_logit_softcapping=(None if architecture == "Gemma3ForConditionalGeneration"
+                                     else config.get("final_logit_softcapping")),
         )
 
 
@@ -126,8 +174,39 @@ def _id_list(value) -> list[int]:
     return [value] if isinstance(value, int) else list(value)
 
 
-def _rope_parameters(config: dict, max_position_embeddings: int) -> dict:
-    params = config.get("rope_parameters")
+def _filled_by_transformers(architecture: str, config: dict) -> dict:
+    """The text model's config.json content with transformers' defaults filled in. Gemma 3 multimodal
+    checkpoints nest it under text_config, and tie the output embedding by their own top-level flag."""
+    from transformers import AutoConfig
+
+    text = config
+    if architecture == "Gemma3ForConditionalGeneration":
+        text = {**config.get("text_config", {}), "tie_word_embeddings": config.get("tie_word_embeddings", True)}
+    text = {key: value for key, value in text.items() if key not in ("architectures", "model_type")}
+    return AutoConfig.for_model(_FILLED_BY_TRANSFORMERS[architecture], **text).to_dict()
+
+
+def _layer_types(architecture: str, config: dict, num_layers: int) -> tuple[str, ...]:
+    """Each layer's attention as transformers runs it: `layer_types` when the config lists them, else Qwen's
+    `use_sliding_window` from layer `max_window_layers` on, else the window (if any) on every layer."""
+    layer_types = config.get("layer_types")
+    if layer_types is None:
+        if config.get("sliding_window") is None:
+            layer_types = ["full_attention"] * num_layers
+        elif architecture.startswith("Qwen"):
+            use_window = config.get("use_sliding_window")
+            first_sliding = config.get("max_window_layers", num_layers) if use_window else num_layers
+            layer_types = ["full_attention" if i < first_sliding else "sliding_attention" for i in range(num_layers)]
+        else:
+            layer_types = ["sliding_attention"] * num_layers
+    unknown = sorted(set(layer_types) - set(LAYER_TYPES))
+    if unknown or len(layer_types) != num_layers:
+        raise ValueError(f"config.json layer_types={layer_types!r} is not supported: batchgen needs one of "
+                         f"{', '.join(LAYER_TYPES)} for each of the {num_layers} layers")
+    return tuple(layer_types)
+
+
+def _rope_parameters(config: dict, params: dict | None, max_position_embeddings: int) -> dict:
     if params is None:
         params = config.get("rope_scaling") or {}
     if any(isinstance(value, dict) for value in params.values()):
@@ -156,8 +235,8 @@ def _active_sliding_window(config: dict, max_position_embeddings: int) -> int | 
     """The window, if any layer uses one that is shorter than the model's context.
 
     Qwen2/Qwen3 configs carry a `sliding_window` value even when `use_sliding_window` is false, and
-    transformers 5 lists per-layer `layer_types`; either can switch the window off. When a window is on for
-    only some layers we still report it: capping the context there is exact for every layer.
+    transformers 5 lists per-layer `layer_types`; either can switch the window off. Which layers use it is
+    `layer_types`' business.
     """
     window = config.get("sliding_window")
     if window is None or config.get("use_sliding_window") is False:

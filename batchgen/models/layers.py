@@ -9,60 +9,69 @@ from torch import nn
 from batchgen.kernels import ops
 from batchgen.models.config import ModelConfig
 
-# rope types whose frequencies do not depend on the sequence being processed, so one table serves all positions
-_STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+# rope types one table serves: fixed frequencies, or LongRoPE's two sets (see RotaryEmbedding)
+_SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "longrope")
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, hidden_size: int, eps: float):
+    def __init__(self, hidden_size: int, eps: float, unit_offset: bool = False):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.eps = eps
+        self.unit_offset = unit_offset   # Gemma: the weight is stored as w - 1, applied as (1 + w)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, fp8: bool = False):
         """Without residual: normed x. With residual: (normed(x + residual), x + residual), the residual add
         of the decoder layer fused into the norm that follows it. fp8: the normed x comes quantized per token,
         (fp8 [T, H], scales [T, 1]), for an fp8 projection."""
-        return (ops.rms_norm_fp8 if fp8 else ops.rms_norm)(x, self.weight, self.eps, residual)
+        return (ops.rms_norm_fp8 if fp8 else ops.rms_norm)(x, self.weight, self.eps, residual, self.unit_offset)
 
 
 class RotaryEmbedding(nn.Module):
-    """Applies rotary position embedding from a precomputed fp32 table `cos_sin_cache` [max_positions, head_dim]
-    holding cos in its first head_dim/2 columns and sin in the rest.
+    """Applies rotary position embedding from a precomputed fp32 table `cos_sin_cache` [rows, rotary_dim]
+    holding cos in its first rotary_dim/2 columns and sin in the rest; the first rotary_dim dims of each head
+    rotate (rotary_dim < head_dim: partial rotary).
+
+    Row p holds position p. LongRoPE (Phi-3 128k) has two frequency sets, and Hugging Face picks one per
+    forward pass: the long factors once the sequence is longer than original_max_position_embeddings, and
+    `generate` recomputes the whole sequence when it first passes that length. So the table holds rows
+    [0, max_len) with short factors, then rows [max_len, 2 max_len) with long factors, for sequences longer
+    than that (`ModelConfig.rope_position_offset`; the scheduler recomputes a sequence that crosses it).
 
     The table is computed on the CPU (also when the model is built on the meta device) and follows the model
     with `.to(device)`; it stays fp32 whatever the model dtype, so never cast the model as a whole.
     """
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, params: dict):
         super().__init__()
+        max_len = config.max_model_len
         with torch.device("cpu"):
-            inv_freq, attention_scaling = rope_inv_freq(config)
-            angles = torch.arange(config.max_model_len, dtype=torch.float32)[:, None] * inv_freq[None, :]
+            positions = torch.arange(max_len, dtype=torch.float32)[:, None]
+            inv_freq, attention_scaling = rope_inv_freq(config, params)
+            angles = positions * inv_freq[None, :]
+            if params["rope_type"] == "longrope":
+                long_inv_freq, _ = rope_inv_freq(config, params, long_factors=True)
+                angles = torch.cat((angles, positions * long_inv_freq[None, :]))
             cos_sin = torch.cat((angles.cos(), angles.sin()), dim=-1) * attention_scaling
         self.register_buffer("cos_sin_cache", cos_sin, persistent=False)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
-        """positions [T]; q [T, Hq, D]; k [T, Hkv, D] -> rotated (q, k)."""
+        """positions [T] (table rows); q [T, Hq, D]; k [T, Hkv, D] -> rotated (q, k)."""
         return ops.rotary_embedding(positions, q, k, self.cos_sin_cache)
 
 
-def rope_inv_freq(config: ModelConfig) -> tuple[torch.Tensor, float]:
-    """(inverse frequencies [head_dim/2] fp32, cos/sin scaling) for the config's rope type.
+def rope_inv_freq(config: ModelConfig, params: dict, long_factors: bool = False) -> tuple[torch.Tensor, float]:
+    """(inverse frequencies [rotary_dim/2] fp32, cos/sin scaling) for rope parameters `params` of the model.
 
     Scaled types come from transformers' own init functions, so batchgen's positions mean exactly what they
     mean in the checkpoint's reference implementation. Types whose frequencies change with the sequence
-    length (dynamic NTK, longrope) are refused: one fixed table cannot reproduce them.
+    length in other ways than LongRoPE's two sets (dynamic NTK) are refused: a table cannot reproduce them.
     """
-    params = config.rope_parameters
     rope_type = params["rope_type"]
-    if rope_type not in _STATIC_ROPE_TYPES:
-        raise ValueError(f"rope type '{rope_type}' is not supported: batchgen supports "
-                         f"{', '.join(_STATIC_ROPE_TYPES)} (frequencies fixed for all positions)")
-    if params.get("partial_rotary_factor", 1.0) != 1.0:
-        raise ValueError(f"partial rotary embedding (partial_rotary_factor={params['partial_rotary_factor']}) "
-                         "is not supported")
-    dim = config.head_dim
+    if rope_type not in _SUPPORTED_ROPE_TYPES:
+        raise ValueError(f"rope_parameters rope_type '{rope_type}' is not supported: batchgen supports "
+                         f"{', '.join(_SUPPORTED_ROPE_TYPES)}")
+    dim = int(config.head_dim * params.get("partial_rotary_factor", 1.0))
     if rope_type == "default":
         exponents = torch.arange(0, dim, 2, dtype=torch.float32) / dim
         return 1.0 / (params["rope_theta"] ** exponents), 1.0
@@ -72,7 +81,9 @@ def rope_inv_freq(config: ModelConfig) -> tuple[torch.Tensor, float]:
 
     # The init functions read these fields of a transformers config; the Llama one has them all.
     hf_config = LlamaConfig(hidden_size=config.hidden_size, num_attention_heads=config.num_attention_heads,
-                            head_dim=dim, max_position_embeddings=config.max_position_embeddings,
+                            head_dim=config.head_dim, max_position_embeddings=config.max_position_embeddings,
                             rope_parameters=dict(params))
-    inv_freq, attention_scaling = ROPE_INIT_FUNCTIONS[rope_type](hf_config, torch.device("cpu"))
+    # LongRoPE's long set is what transformers computes for a sequence past the original length
+    seq_len = params["original_max_position_embeddings"] + 1 if long_factors else None
+    inv_freq, attention_scaling = ROPE_INIT_FUNCTIONS[rope_type](hf_config, torch.device("cpu"), seq_len=seq_len)
     return inv_freq.float(), float(attention_scaling)

@@ -1,10 +1,11 @@
-"""One decoder for the Llama family: Llama 2/3.x, Mistral, Qwen2/2.5, Qwen3 and tied-embedding variants
-(SmolLM2), told apart by `ModelConfig` flags, and for its mixture-of-experts relatives (Mixtral, Qwen2-MoE,
-Qwen3-MoE), whose layers differ only in the MLP (`decoder_mlp`).
+"""One decoder for the Llama family and its relatives: Llama 2/3.x, Mistral, Qwen2/2.5, Qwen3, tied-embedding
+variants (SmolLM2), Gemma 3 (text) and Phi-3/3.5/4-mini, told apart by `ModelConfig` flags (norm style and
+placement, MLP activation, each layer's sliding window and rope), and its mixture-of-experts relatives (Mixtral,
+Qwen2-MoE, Qwen3-MoE), whose layers differ only in the MLP (`decoder_mlp`).
 
 Module names follow the Hugging Face checkpoints, except that q/k/v and gate/up projections are fused;
-`load_weights` maps the checkpoint's separate tensors into the fused ones. Projections are `Linear` layers, whose
-weight format (bf16, fp8, ...) the loader chooses.
+`load_weights` maps the checkpoint's separate tensors into the fused ones (Phi-3 stores them fused already).
+Projections are `Linear` layers, whose weight format (bf16, fp8, ...) the loader chooses.
 """
 from collections.abc import Iterable
 
@@ -22,11 +23,23 @@ from batchgen.models.moe import SparseMoeBlock, expert_checkpoint_keys
 # checkpoint projection name -> the fused module holding it as a part of that name
 _FUSED_PROJECTIONS = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj",
                       "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj"}
+# Gemma 3 multimodal checkpoints: prefixes of the text model's tensors (hub layout, then what transformers 5
+# may write) -> ours, and of the vision tower's, which batchgen does not load
+_TEXT_PREFIXES = {"language_model.model.": "model.", "model.language_model.": "model.",
+                  "language_model.lm_head.": "lm_head."}
+_VISION_PREFIXES = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector.")
+# activation -> (act(gate) * up, the same quantized per token for an fp8 down projection)
+_ACTIVATIONS = {"silu": (ops.silu_and_mul, ops.silu_and_mul_fp8),
+                "gelu_pytorch_tanh": (ops.gelu_tanh_and_mul, ops.gelu_tanh_and_mul_fp8)}
 _MAX_NAMES_IN_ERROR = 20
 
 
+def _norm(config: ModelConfig, size: int) -> RMSNorm:
+    return RMSNorm(size, config.rms_norm_eps, config.norm_unit_offset)
+
+
 class LlamaAttention(nn.Module):
-    def __init__(self, config: ModelConfig, rotary_emb: RotaryEmbedding):
+    def __init__(self, config: ModelConfig, rotary_emb: RotaryEmbedding, sliding_window: int | None):
         super().__init__()
         self.num_heads, self.num_kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.head_dim = config.head_dim
@@ -36,11 +49,12 @@ class LlamaAttention(nn.Module):
                                bias=config.attention_bias, parallel="column")
         self.o_proj = Linear(q_size, config.hidden_size, bias=config.o_proj_bias, parallel="row")
         if config.qk_norm:
-            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
-            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+            self.q_norm = _norm(config, self.head_dim)
+            self.k_norm = _norm(config, self.head_dim)
         self.qk_norm = config.qk_norm
-        self.rotary_emb = rotary_emb  # shared by all layers: one table per model
-        self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, scale=self.head_dim ** -0.5)
+        self.rotary_emb = rotary_emb  # shared by the layers of one rope: one table per model (or layer type)
+        scale = config.attention_scale or self.head_dim ** -0.5
+        self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, scale, sliding_window)
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor | tuple, meta: AttentionMetadata) -> torch.Tensor:
         num_tokens = positions.shape[0]
@@ -62,6 +76,7 @@ class LlamaMLP(nn.Module):
         self.gate_up_proj = Linear(config.hidden_size, {"gate_proj": size, "up_proj": size}, bias=config.mlp_bias,
                                    parallel="column")
         self.down_proj = Linear(size, config.hidden_size, bias=config.mlp_bias, parallel="row")
+        self.act_and_mul, self.act_and_mul_fp8 = _ACTIVATIONS[config.hidden_act]
 
     @property
     def fp8_token_input(self) -> bool:
@@ -71,8 +86,8 @@ class LlamaMLP(nn.Module):
     def forward(self, hidden: torch.Tensor | tuple) -> torch.Tensor:
         gate_up = self.gate_up_proj(hidden)
         if self.down_proj.weight_format.fp8_token_input:
-            return self.down_proj(ops.silu_and_mul_fp8(gate_up))
-        return self.down_proj(ops.silu_and_mul(gate_up))
+            return self.down_proj(self.act_and_mul_fp8(gate_up))
+        return self.down_proj(self.act_and_mul(gate_up))
 
 
 def decoder_mlp(config: ModelConfig, layer: int) -> nn.Module:
@@ -86,11 +101,19 @@ def decoder_mlp(config: ModelConfig, layer: int) -> nn.Module:
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, rotary_emb: RotaryEmbedding, mlp: nn.Module):
+    """Pre-norm attention and MLP. With sandwich_norms (Gemma) each sublayer's output is normed too, and the
+    norm before the MLP is `pre_feedforward_layernorm`; without, that norm is `post_attention_layernorm`."""
+
+    def __init__(self, config: ModelConfig, rotary_emb: RotaryEmbedding, sliding_window: int | None,
+                 mlp: nn.Module):
         super().__init__()
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = LlamaAttention(config, rotary_emb)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.input_layernorm = _norm(config, config.hidden_size)
+        self.self_attn = LlamaAttention(config, rotary_emb, sliding_window)
+        self.post_attention_layernorm = _norm(config, config.hidden_size)
+        self.sandwich_norms = config.sandwich_norms
+        if config.sandwich_norms:
+            self.pre_feedforward_layernorm = _norm(config, config.hidden_size)
+            self.post_feedforward_layernorm = _norm(config, config.hidden_size)
         self.mlp = mlp
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None,
@@ -103,6 +126,10 @@ class LlamaDecoderLayer(nn.Module):
         else:
             hidden, residual = self.input_layernorm(hidden, residual, fp8=fp8_qkv)
         hidden = self.self_attn(positions, hidden, meta)
+        if self.sandwich_norms:
+            hidden, residual = self.pre_feedforward_layernorm(self.post_attention_layernorm(hidden), residual,
+                                                              fp8=self.mlp.fp8_token_input)
+            return self.post_feedforward_layernorm(self.mlp(hidden)), residual
         hidden, residual = self.post_attention_layernorm(hidden, residual, fp8=self.mlp.fp8_token_input)
         return self.mlp(hidden), residual
 
@@ -111,13 +138,26 @@ class LlamaModel(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.rotary_emb = RotaryEmbedding(config)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config, self.rotary_emb, decoder_mlp(config, layer))
-                                    for layer in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.embedding_scale = config.embedding_scale
+        self.rotary_emb = RotaryEmbedding(config, config.rope_parameters)
+        # Gemma 3's sliding layers rotate with their own base
+        sliding_rope = config.sliding_rope_parameters
+        self.sliding_rotary_emb = None if sliding_rope is None else RotaryEmbedding(config, sliding_rope)
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(config, self._rotary_emb(config, layer), config.layer_window(layer),
+                              decoder_mlp(config, layer))
+            for layer in range(config.num_hidden_layers))
+        self.norm = _norm(config, config.hidden_size)
+
+    def _rotary_emb(self, config: ModelConfig, layer: int) -> RotaryEmbedding:
+        if self.sliding_rotary_emb is not None and config.layer_window(layer) is not None:
+            return self.sliding_rotary_emb
+        return self.rotary_emb
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         hidden, residual = self.embed_tokens(input_ids), None
+        if self.embedding_scale is not None:   # as transformers does: the scale rounded to the model dtype
+            hidden = hidden * torch.tensor(self.embedding_scale, dtype=hidden.dtype)
         for layer in self.layers:
             hidden, residual = layer(positions, hidden, residual, meta)
         hidden, _ = self.norm(hidden, residual)
@@ -148,8 +188,11 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [S, hidden_size] (only the rows that sample) -> float32 logits [S, vocab_size]."""
         if self.lm_head is None:
-            return F.linear(hidden, self.model.embed_tokens.weight).float()
-        return self.lm_head(hidden).float()
+            logits = F.linear(hidden, self.model.embed_tokens.weight).float()
+        else:
+            logits = self.lm_head(hidden).float()
+        cap = self.config.final_logit_softcapping
+        return logits if cap is None else torch.tanh(logits / cap) * cap
 
     @torch.no_grad()
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
@@ -171,11 +214,13 @@ class LlamaForCausalLM(nn.Module):
 
         found, unexpected, mismatched = set(), [], []
         for checkpoint_name, tensor in weights:
-            if checkpoint_name.endswith("rotary_emb.inv_freq"):
-                continue  # old checkpoints saved rope buffers; ours are computed from the config
+            if checkpoint_name.endswith("rotary_emb.inv_freq") or checkpoint_name.startswith(_VISION_PREFIXES):
+                continue  # old checkpoints saved rope buffers (ours come from the config); no vision tower here
+            checkpoint_name = _text_model_name(checkpoint_name)
             if checkpoint_name == "lm_head.weight" and self.config.tie_word_embeddings:
                 continue  # some tied checkpoints store the shared matrix twice
-            keys = expert_checkpoint_keys(checkpoint_name, tensor) or [((*_model_key(checkpoint_name), None), tensor)]
+            keys = (expert_checkpoint_keys(checkpoint_name, tensor)
+                    or _dense_checkpoint_keys(modules, checkpoint_name, tensor))
             if any(key not in expected for key, _ in keys):
                 unexpected.append(checkpoint_name)
                 continue
@@ -203,6 +248,33 @@ class LlamaForCausalLM(nn.Module):
             raise ValueError(f"checkpoint does not fit {self.config.architecture} "
                              f"(hidden {self.config.hidden_size}, {self.config.num_hidden_layers} layers): "
                              + "; ".join(problems))
+
+
+def _text_model_name(checkpoint_name: str) -> str:
+    """A Gemma 3 multimodal checkpoint's text-model tensor under its text-only name; other names unchanged."""
+    for prefix, ours in _TEXT_PREFIXES.items():
+        if checkpoint_name.startswith(prefix):
+            return ours + checkpoint_name[len(prefix):]
+    return checkpoint_name
+
+
+def _dense_checkpoint_keys(modules: dict, checkpoint_name: str,
+                           tensor: torch.Tensor) -> list[tuple[tuple, torch.Tensor]]:
+    """[(model key, tensor)] of a dense checkpoint tensor: one, or one per part of a fused layer stored whole
+    (Phi-3's qkv_proj and gate_up_proj)."""
+    module_name, name, part = _model_key(checkpoint_name)
+    module = modules.get(module_name)
+    if part is None and isinstance(module, Linear) and None not in module.part_rows:
+        return [((module_name, name, p, None), piece) for p, piece in _split_parts(module, tensor)]
+    return [((module_name, name, part, None), tensor)]
+
+
+def _split_parts(module: Linear, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+    """A checkpoint tensor of a whole fused layer cut into its parts along the output rows (weights, biases
+    and per-row scales alike: each part's share of the rows is its share of the layer's outputs)."""
+    total = sum(size for _, size in module.part_rows.values())
+    sizes = [tensor.shape[0] * size // total for _, size in module.part_rows.values()]
+    return list(zip(module.part_rows, tensor.split(sizes)))
 
 
 def _model_key(checkpoint_name: str) -> tuple[str, str, str | None]:

@@ -171,6 +171,6 @@ def _fill_dummy_weights(model: nn.Module, device: torch.device, dtype: torch.dty
             continue
         for param in module.parameters(recurse=False):
             if isinstance(module, RMSNorm):
-                param.fill_(1.0)
+                param.fill_(0.0 if module.unit_offset else 1.0)   # a scale of one either way
             else:
                 param.normal_(0.0, _DUMMY_STD, generator=generator)

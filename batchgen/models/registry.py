@@ -11,6 +11,9 @@ MODEL_CLASSES: dict[str, type[nn.Module]] = {
     "MixtralForCausalLM": LlamaForCausalLM,
     "Qwen2MoeForCausalLM": LlamaForCausalLM,
     "Qwen3MoeForCausalLM": LlamaForCausalLM,
+    "Gemma3ForCausalLM": LlamaForCausalLM,
+    "Gemma3ForConditionalGeneration": LlamaForCausalLM,   # the text model; the vision tower is not loaded
+    "Phi3ForCausalLM": LlamaForCausalLM,
 }
 
 

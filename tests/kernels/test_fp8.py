@@ -5,7 +5,8 @@ the GPU the kernels store fp8 themselves and the hardware rounds."""
 import pytest
 import torch
 
-from batchgen.kernels.activation import silu_and_mul_fp8, silu_and_mul_fp8_ref
+from batchgen.kernels.activation import (gelu_tanh_and_mul_fp8, gelu_tanh_and_mul_fp8_ref, silu_and_mul_fp8,
+                                         silu_and_mul_fp8_ref)
 from batchgen.kernels.fp8 import FP8, fp8_block_gemm, fp8_block_gemm_ref, quantize_fp8, quantize_fp8_ref
 from batchgen.kernels.rms_norm import rms_norm_fp8, rms_norm_fp8_ref
 from batchgen.kernels.testing import TEST_DEVICE as DEVICE, TEST_DTYPES as DTYPES, relative_l2
@@ -73,10 +74,13 @@ def test_rms_norm_fp8_matches_the_reference(dtype, with_residual):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("intermediate", [48, 2100])   # one block, several blocks with a partial last one
-def test_silu_and_mul_fp8_matches_the_reference(dtype, intermediate):
+@pytest.mark.parametrize("act_and_mul_fp8,reference", [(silu_and_mul_fp8, silu_and_mul_fp8_ref),
+                                                        (gelu_tanh_and_mul_fp8, gelu_tanh_and_mul_fp8_ref)],
+                         ids=["silu", "gelu"])
+def test_act_and_mul_fp8_matches_the_reference(act_and_mul_fp8, reference, dtype, intermediate):
     x = (torch.randn(5, 2 * intermediate) * 3).to(DEVICE, dtype)
-    scaled, scales = silu_and_mul_fp8(x, out_dtype=KERNEL_OUT)
-    want_q, want_scales = silu_and_mul_fp8_ref(x)
+    scaled, scales = act_and_mul_fp8(x, out_dtype=KERNEL_OUT)
+    want_q, want_scales = reference(x)
     assert torch.allclose(scales, want_scales, rtol=1e-6, atol=0)
     assert (scaled.to(FP8).float() == want_q.float()).float().mean() > 0.99
     assert relative_l2(scaled.to(FP8).float() * scales, want_q.float() * want_scales) < 1e-2

@@ -144,3 +144,82 @@ def test_store_kv_then_prefill_sees_the_new_tokens():
     out = pa.paged_prefill_attention(batch.q, k_cache, v_cache, batch.query_start_loc, batch.seq_lens,
                                      batch.block_tables, batch.scale, batch.max_query_len)
     assert relative_l2(out, expected) < TOLERANCE[torch.float16]
+
+
+# sliding windows: smaller than a key tile, across several tiles, one token (only itself)
+WINDOWS = [5, 40, 1]
+
+
+def _dense_windowed_attention(batch, sliding_window):
+    """Attention of each query over its sequence's whole context with an explicit (p - W, p] mask, no paging
+    tricks: keys and values read position by position through the block table."""
+    k_cache, v_cache = batch.clean_caches()
+    block_size, group = k_cache.shape[1], batch.q.shape[1] // k_cache.shape[2]
+    out = torch.empty(batch.q.shape, dtype=torch.float64)
+    starts = batch.query_start_loc.tolist()
+    for b, seq_len in enumerate(batch.seq_lens.tolist()):
+        positions = torch.arange(seq_len)
+        blocks = batch.block_tables[b, positions // block_size].long()
+        keys = k_cache[blocks, positions % block_size].double().repeat_interleave(group, dim=1)
+        values = v_cache[blocks, positions % block_size].double().repeat_interleave(group, dim=1)
+        for row in range(starts[b], starts[b + 1]):
+            query_pos = seq_len - (starts[b + 1] - row)
+            visible = (positions <= query_pos) & (positions > query_pos - sliding_window)
+            scores = torch.einsum("hd,khd->hk", batch.q[row].double(), keys) * batch.scale
+            weights = scores.masked_fill(~visible, float("-inf")).softmax(-1)
+            out[row] = torch.einsum("hk,khd->hd", weights, values)
+    return out
+
+
+@pytest.mark.parametrize("window", WINDOWS)
+@pytest.mark.parametrize("mix", PREFILL_MIXES)
+def test_sliding_window_references_match_dense_masked_attention(mix, window):
+    chunks, block_size = PREFILL_MIXES[mix]
+    batch = random_paged_batch(chunks, num_heads=4, num_kv_heads=2, head_dim=32, block_size=block_size,
+                               dtype=torch.float32, seed=window)
+    k_cache, v_cache = batch.clean_caches()
+    prefill = pa.paged_prefill_attention_ref(batch.q, k_cache, v_cache, batch.query_start_loc, batch.seq_lens,
+                                             batch.block_tables, batch.scale, batch.max_query_len, window)
+    dense = _dense_windowed_attention(batch, window)
+    assert relative_l2(prefill, dense) < 1e-6
+    last_rows = (batch.query_start_loc[1:] - 1).long()
+    decode = pa.paged_decode_attention_ref(batch.q[last_rows], k_cache, v_cache, batch.seq_lens, batch.block_tables,
+                                           batch.scale, window)
+    assert relative_l2(decode, dense[last_rows]) < 1e-6
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("window", WINDOWS)
+@pytest.mark.parametrize("mix", PREFILL_MIXES)
+def test_sliding_window_prefill_matches_reference(mix, window, dtype):
+    chunks, block_size = PREFILL_MIXES[mix]
+    batch = random_paged_batch(chunks, num_heads=4, num_kv_heads=2, head_dim=32, block_size=block_size,
+                               dtype=dtype, seed=window + 1)
+    # 16-key, 16-row tiles: windows of 5 and 40 give rows of one tile different window starts, and tiles wholly
+    # before every row's window (skipped), partly inside (masked) and wholly inside (unmasked)
+    config = dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1)
+    out = pa._paged_prefill(batch.q, batch.k_cache, batch.v_cache, batch.query_start_loc, batch.seq_lens,
+                            batch.block_tables, batch.scale, batch.max_query_len, torch.empty_like(batch.q), config,
+                            window)
+    k_cache, v_cache = batch.clean_caches()
+    ref = pa.paged_prefill_attention_ref(batch.q.float(), k_cache.float(), v_cache.float(), batch.query_start_loc,
+                                         batch.seq_lens, batch.block_tables, batch.scale, batch.max_query_len, window)
+    assert relative_l2(out, ref) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("window", WINDOWS)
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_sliding_window_decode_matches_reference(num_splits, window):
+    batch = random_paged_batch([(n - 1, 1) for n in DECODE_LENGTHS], num_heads=8, num_kv_heads=2, head_dim=32,
+                               block_size=16, dtype=torch.float32, seed=window)
+    max_keys = min(batch.block_tables.shape[1] * 16, window)
+    config = pa.decode_launch_config(len(DECODE_LENGTHS), 2, 32, max_keys, batch.q.device, torch.float32, num_splits)
+    out = pa._paged_decode(batch.q, batch.k_cache, batch.v_cache, batch.seq_lens, batch.block_tables, batch.scale,
+                           torch.empty_like(batch.q), config, window)
+    k_cache, v_cache = batch.clean_caches()
+    ref = pa.paged_decode_attention_ref(batch.q, k_cache, v_cache, batch.seq_lens, batch.block_tables, batch.scale,
+                                        window)
+    assert relative_l2(out, ref) < TOLERANCE[torch.float32]
+    public = pa.paged_decode_attention(batch.q, batch.k_cache, batch.v_cache, batch.seq_lens, batch.block_tables,
+                                       batch.scale, window)
+    assert relative_l2(public, ref) < TOLERANCE[torch.float32]

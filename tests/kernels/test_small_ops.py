@@ -1,8 +1,8 @@
-"""store_kv, rms_norm, rotary_embedding and silu_and_mul (Triton) against their torch references."""
+"""store_kv, rms_norm, rotary_embedding and the gated activations (Triton) against their torch references."""
 import pytest
 import torch
 
-from batchgen.kernels.activation import silu_and_mul, silu_and_mul_ref
+from batchgen.kernels.activation import gelu_tanh_and_mul, gelu_tanh_and_mul_ref, silu_and_mul, silu_and_mul_ref
 from batchgen.kernels.rms_norm import rms_norm, rms_norm_ref
 from batchgen.kernels.rotary import rotary_embedding, rotary_embedding_ref
 from batchgen.kernels.store_kv import store_kv, store_kv_ref
@@ -37,13 +37,14 @@ def test_store_kv_writes_exactly_the_reference_slots(num_kv_heads, head_dim, blo
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", [(7, 96), (2, 3, 64)])
 @pytest.mark.parametrize("with_residual", [False, True])
-def test_rms_norm_matches_reference(with_residual, shape, dtype):
+@pytest.mark.parametrize("unit_offset", [False, True], ids=["llama_weight", "gemma_weight"])
+def test_rms_norm_matches_reference(unit_offset, with_residual, shape, dtype):
     x = torch.randn(shape).to(DEVICE, dtype)
     weight = (1 + 0.1 * torch.randn(shape[-1])).to(DEVICE, dtype)
     residual = torch.randn(shape).to(DEVICE, dtype) if with_residual else None
     x_before = x.clone()
-    out = rms_norm(x, weight, 1e-6, residual)
-    ref = rms_norm_ref(x.float(), weight.float(), 1e-6, None if residual is None else residual.float())
+    out = rms_norm(x, weight, 1e-6, residual, unit_offset)
+    ref = rms_norm_ref(x.float(), weight.float(), 1e-6, None if residual is None else residual.float(), unit_offset)
     assert torch.equal(x, x_before)
     if with_residual:
         (out, new_residual), (ref, ref_residual) = out, ref
@@ -67,24 +68,45 @@ def _cos_sin_cache(max_positions, head_dim):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("num_heads,num_kv_heads,head_dim", [(6, 2, 32), (4, 4, 64), (3, 1, 24)])
-def test_rotary_matches_reference(num_heads, num_kv_heads, head_dim, dtype):
+@pytest.mark.parametrize("num_heads,num_kv_heads,head_dim,rotary_dim",
+                         [(6, 2, 32, 32), (4, 4, 64, 64), (3, 1, 24, 24), (4, 2, 32, 24), (3, 1, 64, 16)])
+def test_rotary_matches_reference(num_heads, num_kv_heads, head_dim, rotary_dim, dtype):
     q, k, _ = _fused_qkv(9, num_heads, num_kv_heads, head_dim, dtype)
     positions = torch.randint(0, 100, (9,)).to(DEVICE)
-    cos_sin_cache = _cos_sin_cache(100, head_dim)
+    cos_sin_cache = _cos_sin_cache(100, rotary_dim)
     q_before, k_before = q.clone(), k.clone()
     q_out, k_out = rotary_embedding(positions, q, k, cos_sin_cache)
     q_ref, k_ref = rotary_embedding_ref(positions, q.float(), k.float(), cos_sin_cache)
     assert torch.equal(q, q_before) and torch.equal(k, k_before)
     assert q_out.dtype == k_out.dtype == dtype
     assert relative_l2(q_out, q_ref) < TOLERANCE[dtype] and relative_l2(k_out, k_ref) < TOLERANCE[dtype]
+    # dims past rotary_dim pass through untouched (partial rotary, Phi-3 / Phi-4-mini)
+    assert torch.equal(q_out[..., rotary_dim:], q[..., rotary_dim:])
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", [(5, 160), (2, 3, 2 * 1500)])
-def test_silu_and_mul_matches_reference(shape, dtype):
+@pytest.mark.parametrize("act_and_mul,reference", [(silu_and_mul, silu_and_mul_ref),
+                                                    (gelu_tanh_and_mul, gelu_tanh_and_mul_ref)], ids=["silu", "gelu"])
+def test_gated_activation_matches_reference(act_and_mul, reference, shape, dtype):
     x = (2 * torch.randn(shape)).to(DEVICE, dtype)
-    out = silu_and_mul(x)
-    ref = silu_and_mul_ref(x.float())
+    out = act_and_mul(x)
+    ref = reference(x.float())
     assert out.shape == ref.shape and out.dtype == dtype
     assert relative_l2(out, ref) < TOLERANCE[dtype]
+
+
+def test_attention_on_a_head_dim_the_triton_kernels_do_not_tile_runs_the_reference():
+    # Phi-3-mini: head_dim 96
+    from batchgen.kernels import ops, paged_attention as pa
+    from batchgen.kernels.testing import random_paged_batch
+
+    assert not pa.supports_head_dim(96) and pa.supports_head_dim(128)
+    batch = random_paged_batch([(5, 3), (0, 4)], num_heads=4, num_kv_heads=2, head_dim=96, block_size=16,
+                               dtype=torch.float32, device=DEVICE)
+    k_cache, v_cache = batch.clean_caches()
+    out = ops.paged_prefill_attention(batch.q, k_cache, v_cache, batch.query_start_loc, batch.seq_lens,
+                                      batch.block_tables, batch.scale, batch.max_query_len)
+    ref = pa.paged_prefill_attention_ref(batch.q, k_cache, v_cache, batch.query_start_loc, batch.seq_lens,
+                                         batch.block_tables, batch.scale, batch.max_query_len)
+    assert torch.equal(out, ref)

@@ -6,7 +6,6 @@ import torch
 import transformers
 
 from batchgen.models.config import ModelConfig
-from batchgen.models.layers import RotaryEmbedding
 
 CONFIG_CLASSES = {"LlamaForCausalLM": transformers.LlamaConfig, "MistralForCausalLM": transformers.MistralConfig,
                   "Qwen2ForCausalLM": transformers.Qwen2Config, "Qwen3ForCausalLM": transformers.Qwen3Config}
@@ -100,18 +99,65 @@ def test_architecture_flags():
     assert (mistral.attention_bias, mistral.o_proj_bias, mistral.head_dim) == (False, False, 128)
 
 
-def test_sliding_window_caps_the_context_only_when_it_limits_attention():
+def test_sliding_window_layers_as_transformers_runs_them_and_no_context_cap():
     mistral = ModelConfig.from_dict(MISTRAL_V01_HUB_CONFIG)
-    assert (mistral.sliding_window, mistral.max_model_len) == (4096, 4096)
-    assert ModelConfig.from_dict({**MISTRAL_V01_HUB_CONFIG, "sliding_window": None}).max_model_len == 32768
+    assert (mistral.sliding_window, mistral.max_model_len) == (4096, 32768)
+    assert [mistral.layer_window(i) for i in (0, 31)] == [4096, 4096]
+    assert ModelConfig.from_dict({**MISTRAL_V01_HUB_CONFIG, "sliding_window": None}).layer_window(0) is None
     qwen25 = ModelConfig.from_dict(QWEN25_HUB_CONFIG)  # window switched off by use_sliding_window
-    assert (qwen25.sliding_window, qwen25.max_model_len) == (None, 32768)
+    assert (qwen25.sliding_window, qwen25.max_model_len, qwen25.layer_window(23)) == (None, 32768, None)
+    # transformers' own layer_types: sliding from max_window_layers on
     qwen_on = {**QWEN25_HUB_CONFIG, "use_sliding_window": True, "sliding_window": 4096}
-    assert ModelConfig.from_dict(qwen_on).max_model_len == 4096
+    expected = transformers.Qwen2Config(**qwen_on).layer_types
+    ours = ModelConfig.from_dict(qwen_on)
+    assert list(ours.layer_types) == expected and ours.max_model_len == 32768
+    assert [ours.layer_window(i) for i in (20, 21)] == [None, 4096]
     all_full = hf_config_dict("Qwen2ForCausalLM", use_sliding_window=True, sliding_window=4096,
                               max_window_layers=28, num_hidden_layers=28)
     assert "sliding_attention" not in all_full["layer_types"]
     assert ModelConfig.from_dict(all_full).sliding_window is None
+
+
+# google/gemma-3-4b-it's config.json: the text config names only what differs from transformers' defaults
+GEMMA3_4B_HUB_CONFIG = {
+    "architectures": ["Gemma3ForConditionalGeneration"], "model_type": "gemma3", "boi_token_index": 255999,
+    "eoi_token_index": 256000, "eos_token_id": [1, 106], "image_token_index": 262144, "mm_tokens_per_image": 256,
+    "text_config": {"hidden_size": 2560, "intermediate_size": 10240, "model_type": "gemma3_text",
+                    "num_hidden_layers": 34, "rope_scaling": {"factor": 8.0, "rope_type": "linear"},
+                    "sliding_window": 1024},
+    "torch_dtype": "bfloat16",
+    "vision_config": {"hidden_size": 1152, "image_size": 896, "intermediate_size": 4304,
+                      "model_type": "siglip_vision_model",
+                      "num_attention_heads": 16, "num_hidden_layers": 27, "patch_size": 14, "vision_use_head": False},
+}
+
+
+def test_gemma3_multimodal_hub_config_reads_the_text_model_with_transformers_defaults():
+    ours = ModelConfig.from_dict(GEMMA3_4B_HUB_CONFIG)
+    theirs = transformers.Gemma3Config(**GEMMA3_4B_HUB_CONFIG).text_config
+    assert (ours.vocab_size, ours.num_attention_heads, ours.num_key_value_heads, ours.head_dim) == (
+        theirs.vocab_size, theirs.num_attention_heads, theirs.num_key_value_heads, theirs.head_dim)
+    assert list(ours.layer_types) == theirs.layer_types and ours.layer_types[:6].count("sliding_attention") == 5
+    assert ours.rope_parameters["rope_type"] == "linear" and ours.rope_parameters["rope_theta"] == 1e6
+    assert ours.sliding_rope_parameters["rope_type"] == "default"
+    assert ours.sliding_rope_parameters["rope_theta"] == 10000.0
+    assert ours.attention_scale == theirs.query_pre_attn_scalar ** -0.5
+    assert ours.embedding_scale == 2560 ** 0.5 and ours.hidden_act == "gelu_pytorch_tanh"
+    assert ours.tie_word_embeddings and ours.dtype == torch.bfloat16 and set(ours.eos_token_ids) == {1, 106}
+
+
+@pytest.mark.parametrize(("change", "named"), [
+    ({"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}, "rope_type 'dynamic'"),
+    ({"hidden_act": "relu"}, "hidden_act 'relu'"),
+    ({"layer_types": ["chunked_attention"] * 32}, "layer_types="),
+])
+def test_configs_batchgen_cannot_honour_fail_at_load_naming_key_and_value(change, named, tmp_path):
+    from batchgen.models.llama import LlamaForCausalLM
+
+    with pytest.raises(ValueError, match=named):
+        config = ModelConfig.from_dict({**LLAMA31_HUB_CONFIG, "num_hidden_layers": 32, **change})
+        with torch.device("meta"):
+            LlamaForCausalLM(config)
 
 
 def test_checkpoint_dtype_from_either_key():
@@ -135,14 +181,3 @@ def test_bad_config_content_is_a_clear_error(change, message):
 def test_missing_config_json_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="no config.json"):
         ModelConfig.from_dir(tmp_path)
-
-
-@pytest.mark.parametrize("rope, message", [
-    ({"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}, "rope type 'dynamic'"),
-    ({"rope_scaling": {"rope_type": "longrope", "short_factor": [1.0], "long_factor": [1.0]}}, "rope type 'longrope'"),
-    ({"partial_rotary_factor": 0.5}, "partial_rotary_factor=0.5"),
-])
-def test_rope_that_one_table_cannot_reproduce_is_refused(rope, message):
-    config = ModelConfig.from_dict({**LLAMA31_HUB_CONFIG, **rope, "max_position_embeddings": 64})
-    with pytest.raises(ValueError, match=message):
-        RotaryEmbedding(config)

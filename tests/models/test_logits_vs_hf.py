@@ -36,6 +36,11 @@ TINY_CASES = {
     "qwen3_moe": ("qwen3_moe", {}),
     "qwen3_moe-mlp-only-layers": ("qwen3_moe", {"mlp_only_layers": [0]}),
     "qwen2_moe-sparse-step-2-norm-topk": ("qwen2_moe", {"decoder_sparse_step": 2, "norm_topk_prob": True}),
+    # windows of 4 inside sequences of up to 17 tokens: decode and chunk steps reach past them
+    "gemma3": ("gemma3", {"sliding_window": 4}),
+    "gemma3-multimodal": ("gemma3_multimodal", {"sliding_window": 4}),
+    "phi3-sliding-partial-rotary": ("phi3", {"sliding_window": 4, "partial_rotary_factor": 0.75}),
+    "qwen2-sliding-upper-layer": ("qwen2", {"use_sliding_window": True, "sliding_window": 4, "max_window_layers": 1}),
 }
 
 
