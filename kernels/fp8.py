@@ -64,8 +64,9 @@ def _quantize_fp8_kernel(x_ptr, out_ptr, scale_ptr, num_cols, group_size, stride
     cols = group * group_size + tl.arange(0, BLOCK)
     mask = (tl.arange(0, BLOCK) < group_size) & (cols < num_cols)
     x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-    # IEEE divisions, as the reference (Triton's `/` is an approximate division on the GPU)
-    scale = tl.maximum(tl.div_rn(tl.max(tl.abs(x), 0), fp8_max), min_scale)
+    # the scale as the reference gets it: on the H200 `/` matched torch's division by the scalar bit for bit and
+    # div_rn did not; the scaled values are an IEEE division, as torch's tensor / tensor
+    scale = tl.maximum(tl.max(tl.abs(x), 0) / fp8_max, min_scale)
     quantized = tl.clamp(tl.div_rn(x, scale), -fp8_max, fp8_max)
     tl.store(out_ptr + row * stride_o + cols, quantized.to(out_ptr.dtype.element_ty), mask=mask)
     tl.store(scale_ptr + row * stride_s + group, scale)

@@ -194,7 +194,7 @@ def test_sliding_window_references_match_dense_masked_attention(mix, window):
 def test_sliding_window_prefill_matches_reference(mix, window, dtype):
     chunks, block_size = PREFILL_MIXES[mix]
     batch = random_paged_batch(chunks, num_heads=4, num_kv_heads=2, head_dim=32, block_size=block_size,
-                               dtype=dtype, seed=window + 1)
+                               dtype=dtype, device=DEVICE, seed=window + 1)
     # 16-key, 16-row tiles: windows of 5 and 40 give rows of one tile different window starts, and tiles wholly
     # before every row's window (skipped), partly inside (masked) and wholly inside (unmasked)
     config = dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1)
@@ -211,7 +211,7 @@ def test_sliding_window_prefill_matches_reference(mix, window, dtype):
 @pytest.mark.parametrize("num_splits", [1, 3])
 def test_sliding_window_decode_matches_reference(num_splits, window):
     batch = random_paged_batch([(n - 1, 1) for n in DECODE_LENGTHS], num_heads=8, num_kv_heads=2, head_dim=32,
-                               block_size=16, dtype=torch.float32, seed=window)
+                               block_size=16, dtype=torch.float32, device=DEVICE, seed=window)
     max_keys = min(batch.block_tables.shape[1] * 16, window)
     config = pa.decode_launch_config(len(DECODE_LENGTHS), 2, 32, max_keys, batch.q.device, torch.float32, num_splits)
     out = pa._paged_decode(batch.q, batch.k_cache, batch.v_cache, batch.seq_lens, batch.block_tables, batch.scale,
