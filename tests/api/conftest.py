@@ -47,10 +47,11 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def worker_process(default_model_dir, tmp_path_factory):
-    """One `batchgen worker --model default` process, started (see `worker` for one that is ready); heartbeats
-    every second, so a stopped shard shows at once."""
+    """One `batchgen worker --model default` process per test module, started (see `worker` for one that is
+    ready); heartbeats every second, so a stopped shard shows at once. Stopped with its module: a worker left
+    running would take the shards of later tests' jobs on the same queue."""
     log = tmp_path_factory.mktemp("api-worker") / "worker.log"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "BATCHGEN_HEARTBEAT_TTL": "3"}
     with open(log, "wb") as out:
@@ -67,7 +68,7 @@ def worker_process(default_model_dir, tmp_path_factory):
         process.wait()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def worker(worker_process):
     """The worker, once its heartbeat says it serves the queue."""
     from batchgen.workers.app import job_store

@@ -7,7 +7,7 @@ import urllib.request
 import openai
 import pytest
 
-from conftest import KEYS, MAX_UPLOAD_BYTES
+from conftest import KEYS, MAX_UPLOAD_BYTES, free_port
 
 
 def chat_line(custom_id: str, content: str, model: str = "default", **body) -> dict:
@@ -128,7 +128,6 @@ def test_serve_command(tmp_path):
 
     import openai
 
-    from conftest import free_port
 
     command = [sys.executable, "-m", "batchgen.cli", "serve", "--port", str(free_port())]
     env = {**os.environ, "BATCHGEN_API_STORAGE": str(tmp_path)}
