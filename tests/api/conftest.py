@@ -13,9 +13,8 @@ from dataclasses import dataclass
 
 import pytest
 
-KEYS = ("sk-tenant-a-0123456789", "sk-tenant-b-9876543210")
-MAX_UPLOAD_BYTES = 64 * 1024
-SHARD_SIZE = 2
+from api_harness import KEYS, MAX_UPLOAD_BYTES, SHARD_SIZE, free_port
+
 WORKER_START_TIMEOUT_S = 240
 
 
@@ -39,12 +38,6 @@ class Server:
         import openai
 
         return openai.OpenAI(base_url=f"{self.url}/v1", api_key=key, max_retries=0, timeout=30)
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ from batchgen import LLM, SamplingParams
 from batchgen.sampling_params import StructuredOutput
 from batchgen.api.settings import cache_salt_of
 from batchgen.workers.app import job_store
-from conftest import KEYS, SHARD_SIZE
+from api_harness import KEYS, SHARD_SIZE
 from test_requests import chat_line, upload, wait_for
 
 pytestmark = pytest.mark.slow   # a real worker process on the default model, and the model in this process
@@ -20,7 +20,7 @@ SCHEMA = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required
 GREEDY = {"temperature": 0, "max_tokens": 4}
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def reference(worker_process):
     """The default model in this process, loaded while the worker starts. One torch thread: beside the worker
     and the server on two shared cores, more threads only wait on each other (a 4-token chat took 7 s with

@@ -7,7 +7,7 @@ import urllib.request
 import openai
 import pytest
 
-from conftest import KEYS, MAX_UPLOAD_BYTES, free_port
+from api_harness import KEYS, MAX_UPLOAD_BYTES, free_port
 
 
 def chat_line(custom_id: str, content: str, model: str = "default", **body) -> dict:
