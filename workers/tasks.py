@@ -162,6 +162,10 @@ def _start_heartbeats(**_) -> None:
 
 
 @worker_shutdown.connect
-def _stop_heartbeats(**_) -> None:
+def _shut_down(**_) -> None:
+    """After the last task: stop beating (gone from `status` at once rather than after the TTL), then stop the
+    engine's loop thread and its grammar threads."""
     _heartbeat_stop.set()
-    _beat_once(ttl_s=0.001)   # gone from `status` at once rather than after the TTL
+    _beat_once(ttl_s=0.001)
+    if _executor is not None:
+        _executor.engine.close()
