@@ -16,10 +16,12 @@ from collections import OrderedDict
 from batchgen.engine.request import Request
 
 
-def root_digest(cache_salt: str | None, extra_keys: tuple = ()) -> bytes:
-    """The digest a request's block chain starts from. Extra keys are written with repr, so they must be
-    values whose repr says what they are (str, int, float, bool, None, tuples of these)."""
-    return hashlib.sha256(repr(("batchgen-kv-v1", cache_salt, tuple(extra_keys))).encode()).digest()
+def root_digest(request: Request) -> bytes:
+    """The digest a request's block chain starts from: its cache salt, its extra keys and its rotary-table
+    offset (the same tokens at another LongRoPE offset have other K/V). Extra keys are written with repr, so
+    they must be values whose repr says what they are (str, int, float, bool, None, tuples of these)."""
+    scope = ("batchgen-kv-v1", request.cache_salt, tuple(request.cache_extra_keys), request.rope_position_offset)
+    return hashlib.sha256(repr(scope).encode()).digest()
 
 
 def block_digest(parent: bytes, token_ids: list[int]) -> bytes:
@@ -49,7 +51,7 @@ class KVCacheManager:
         """Hash every full block among the request's first `num_tokens` tokens not hashed yet."""
         hashes, size = request.block_hashes, self.block_size
         for index in range(len(hashes), num_tokens // size):
-            parent = hashes[-1] if hashes else root_digest(request.cache_salt, request.cache_extra_keys)
+            parent = hashes[-1] if hashes else root_digest(request)
             hashes.append(block_digest(parent, request.token_ids_slice(index * size, (index + 1) * size)))
 
     def find_cached_prefix(self, request: Request) -> list[int]:

@@ -25,7 +25,7 @@ class Request:
     group_index: int = 0
     sample_index: int = 0
     # the prefix cache's scope: blocks are shared only between requests with equal salts and extra keys
-    # (a job's or tenant's salt; later a LoRA adapter, a rope-scaling choice)
+    # (a job's or tenant's salt; later a LoRA adapter) and rotary-table offset (rope_position_offset, below)
     cache_salt: str | None = None
     cache_extra_keys: tuple = ()
 

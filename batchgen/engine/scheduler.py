@@ -49,12 +49,9 @@ class Scheduler:
 
     @staticmethod
     def _set_rope_position_offset(request: Request, offset: int) -> None:
-        """The same tokens at another offset have other K/V: the offset is part of the prefix-cache key."""
+        """The same tokens at another offset have other K/V: the offset roots the prefix-cache digests, so the
+        request's are made again."""
         request.rope_position_offset = offset
-        request.cache_extra_keys = tuple(key for key in request.cache_extra_keys
-                                         if not (isinstance(key, tuple) and key[:1] == ("rope_position_offset",)))
-        if offset:
-            request.cache_extra_keys += (("rope_position_offset", offset),)
         request.block_hashes = []
 
     def has_unfinished(self) -> bool:

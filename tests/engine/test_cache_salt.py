@@ -1,5 +1,5 @@
-"""Prefix-cache scope: blocks are named by SHA-256 digests chained from a root made of the request's cache salt
-and extra keys, so only requests with equal salts and keys share K/V blocks."""
+"""Prefix-cache scope: blocks are named by SHA-256 digests chained from a root made of the request's cache salt,
+extra keys and rotary-table offset, so only requests with equal scopes share K/V blocks."""
 import hashlib
 from array import array
 
@@ -24,7 +24,7 @@ def test_block_digests_are_sha256_chained_from_the_scope():
     kv = KVCacheManager(num_blocks=16, block_size=4)
     salted = request(cache_salt="job-1")
     kv.find_cached_prefix(salted)
-    digest = hashlib.sha256(repr(("batchgen-kv-v1", "job-1", ())).encode()).digest()
+    digest = hashlib.sha256(repr(("batchgen-kv-v1", "job-1", (), 0)).encode()).digest()
     for index, block_digest in enumerate(salted.block_hashes):
         digest = hashlib.sha256(digest + array("q", PROMPT[4 * index:4 * index + 4]).tobytes()).digest()
         assert block_digest == digest
@@ -33,6 +33,7 @@ def test_block_digests_are_sha256_chained_from_the_scope():
 
 def test_equal_scopes_share_blocks_and_different_ones_never_do():
     assert cached_blocks_for(request(), request()) == 3
+    assert cached_blocks_for(request(), request(rope_position_offset=64)) == 0   # LongRoPE's long factors
     assert cached_blocks_for(request(cache_salt="a"), request(cache_salt="a")) == 3
     assert cached_blocks_for(request(cache_salt="a"), request(cache_salt="b")) == 0
     assert cached_blocks_for(request(cache_salt="a"), request()) == 0
