@@ -1,5 +1,6 @@
 """The engine against Hugging Face transformers on the same weights (fp32, CPU): greedy tokens must be
-identical, whatever the engine does underneath (preemption, chunked prefill, prefix caching, n > 1)."""
+identical, whatever the engine does underneath (preemption, chunked prefill, prefix caching, n > 1). On a CUDA
+machine the engine also runs on the GPU (Triton kernels, CUDA graphs) against the same CPU reference."""
 import random
 import zlib
 
@@ -12,6 +13,7 @@ from batchgen import LLM, SamplingParams
 ARCHS = ["llama", "mistral", "qwen2", "qwen3"]
 MOE_ARCHS = ["mixtral", "qwen2_moe", "qwen3_moe"]
 MAX_NEW = 12
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 def mixed_prompts(seed: int, count: int = 16, vocab: int = 2000, shared_prefix: int = 0) -> list[list[int]]:
@@ -69,10 +71,11 @@ def tiny_arch(request, tiny_model_dir):
     return model_dir, prompts, hf_greedy(model_dir, prompts, MAX_NEW)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("tiny_arch,variant", ARCH_VARIANTS, indirect=["tiny_arch"])
-def test_greedy_matches_hf_token_for_token(tiny_arch, variant):
+def test_greedy_matches_hf_token_for_token(tiny_arch, variant, device):
     model_dir, prompts, expected = tiny_arch
-    llm = LLM(str(model_dir), dtype="float32", device="cpu", **ENGINE_VARIANTS[variant])
+    llm = LLM(str(model_dir), dtype="float32", device=device, **ENGINE_VARIANTS[variant])
     outputs = engine_greedy(llm, prompts, MAX_NEW)
     assert [o.outputs[0].token_ids for o in outputs] == expected
     if variant == "preemption":
