@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # What a GPU run needs beside the repo, into .whl/ (git-ignored): the wheels the machine's image lacks, for python
 # 3.12 x86_64, at the versions installed here, and the default model's tokenizer (borrowed by the dummy-weight
-# structured-output benchmark). The image has torch, triton, transformers, safetensors, pyarrow, click, gguf,
-# pyyaml; it lacks pydantic, llguidance, jsonschema (seen 2026-11-30: `batchgen bench` failed on its import),
-# redis-py and Celery's stack (the CLI imports kombu's errors).
+# structured-output benchmark). The image has torch, triton, transformers, safetensors, pyarrow, click, pyyaml;
+# it lacks (seen 2026-11-30) gguf and accelerate (converting the default model), pydantic, llguidance, jsonschema
+# (`batchgen bench` failed on its import), redis-py and Celery's stack (the CLI imports kombu's errors).
 # Carry `.whl` with the device call; benchmarks/gpu_run.sh installs them, then batchgen itself:
 #   python3 -m pip install -q --no-index --no-deps .whl/*.whl
 #   python3 -m pip install -q --no-deps --no-build-isolation .
@@ -15,7 +15,7 @@ python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -
   --platform manylinux_2_35_x86_64 --platform manylinux_2_34_x86_64 --platform manylinux_2_31_x86_64 \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 \
   --platform manylinux2014_x86_64 -d .whl annotated_types typing_inspection \
-  $(pinned accelerate pydantic pydantic_core llguidance celery kombu amqp vine billiard click-didyoumean click-plugins \
+  $(pinned accelerate gguf pydantic pydantic_core llguidance celery kombu amqp vine billiard click-didyoumean click-plugins \
     click-repl tzlocal jsonschema jsonschema-specifications referencing rpds-py redis)
 mkdir .whl/tokenizer
 model_dir=$(python3 -c "from batchgen.default_model import ensure_default_model; print(ensure_default_model())")
