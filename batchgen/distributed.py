@@ -78,6 +78,8 @@ def all_gather(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     """Every rank's `x` concatenated along `dim`, in rank order; x itself at size 1."""
     if _state.size == 1:
         return x
-    gathered = torch.empty((_state.size, *x.shape), dtype=x.dtype, device=x.device)
-    dist.all_gather_into_tensor(gathered, x.contiguous(), group=_state.group)
-    return torch.cat(gathered.unbind(0), dim=dim)
+    gathered = torch.empty((_state.size * x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)
+    dist.all_gather_single(gathered, x.contiguous(), group=_state.group)   # rank blocks along dim 0
+    if dim in (0, -x.dim()):
+        return gathered
+    return torch.cat(gathered.chunk(_state.size), dim=dim)
