@@ -5,18 +5,18 @@ checkpoint tensors, dummy weights, online and block-wise fp8, and the block-fp8 
 Both ranks run the paged batch of test_logits_vs_hf (chunked prefill, then decodes); each must return the whole
 vocabulary's logits, identical on both ranks. One pair of ranks serves the whole module.
 """
-import json
+import os
 
 import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
 
-from batchgen.distributed import tensor_parallel
+from batchgen.distributed import MULTICAST_OFF_ENV, all_gather, all_reduce, tensor_parallel
 from batchgen.models import load_model
 from paged_runner import run_paged
 from test_logits_vs_hf import TINY_CASES, hf_logits, random_sequences
-from test_quant import write_checkpoint
+from test_quant import LOGITS_TOLERANCE, fp8_input_hooks, reference_logits, round_to_fp8, write_checkpoint
 from tp_ranks import Ranks, RankFailed
 
 CPU = torch.device("cpu")
@@ -84,7 +84,7 @@ def test_two_ranks_match_one_rank_and_hf(ranks, tiny_model_dir, case):
     model_dir = tiny_model_dir(arch, **overrides)
     tp2 = tp2_logits(ranks, model_dir)
     assert_close(tp2, paged_logits(model_dir, {}), TP_TOLERANCE)
-    assert_close(tp2, hf_logits(model_dir, random_sequences(49152)), HF_TOLERANCE)
+    assert_close(tp2, hf_logits(model_dir, random_sequences(tp2[0].shape[-1])), HF_TOLERANCE)
 
 
 def test_phi3_checkpoint_stores_fused_projections(tiny_model_dir):
@@ -102,15 +102,20 @@ def test_dummy_weights_are_the_one_rank_model_s_shards(ranks, tiny_model_dir, ar
                  TP_TOLERANCE)
 
 
-def test_online_fp8_matches_one_rank_fp8(ranks, tiny_model_dir):
-    """Weights are quantized per output channel over whole rows on every rank, as on one; the row-parallel
-    layers' inputs are quantized per token over each rank's slice, a finer scale than one rank's, so the two
-    differ by activation rounding only: far less than fp8 differs from fp32."""
+@pytest.mark.parametrize("source", ["online", "checkpoint"])
+def test_per_channel_fp8_matches_its_reference(ranks, tiny_model_dir, tmp_path, source):
+    """Per-channel fp8, quantized as it loads or from a checkpoint's weights and per-row scales, against
+    transformers on the dequantized weights with each projection's input rounded to fp8 as the ranks round it:
+    per token, and per token and rank for the row-parallel o_proj and down_proj (each rank quantizes its slice
+    of the input). Weight scales are those of whole rows on every rank, as on one."""
     model_dir = tiny_model_dir("qwen2")
-    tp2 = torch.from_numpy(np.concatenate(tp2_logits(ranks, model_dir, quantization="fp8")))
-    tp1 = torch.from_numpy(np.concatenate(paged_logits(model_dir, {"quantization": "fp8"})))
-    fp32 = torch.from_numpy(np.concatenate(paged_logits(model_dir, {})))
-    assert (tp2 - tp1).norm() < 0.5 * (tp1 - fp32).norm()
+    fp8_dir, reference_dir = write_checkpoint(model_dir, tmp_path, "ct-channel")
+    hooks = {name: (lambda x: round_to_fp8(x, x.shape[-1] // 2)) if name.endswith(("o_proj", "down_proj")) else hook
+             for name, hook in fp8_input_hooks(reference_dir, None, "online").items()}
+    got = torch.from_numpy(np.concatenate(
+        tp2_logits(ranks, model_dir, quantization="fp8") if source == "online" else tp2_logits(ranks, fp8_dir)))
+    want = reference_logits(reference_dir, random_sequences(got.shape[-1]), hooks)
+    assert (got - want).norm() / want.norm() < LOGITS_TOLERANCE
 
 
 def test_block_fp8_matches_one_rank_where_shards_hold_whole_blocks(ranks, tiny_model_dir, tmp_path):
@@ -127,6 +132,29 @@ def test_block_fp8_shard_that_cuts_a_block_is_refused(ranks, tiny_model_dir, tmp
     for message in ranks.run(load_error, fp8_dir, {}):
         assert "model.layers.0.self_attn.qkv_proj" in message and "k_proj" in message
         assert "tensor_parallel_size 2" in message and "32 k_proj rows" in message and "16" in message
+
+
+def test_kv_heads_that_do_not_divide_over_the_ranks_are_refused(ranks, tiny_model_dir):
+    model_dir = tiny_model_dir("llama", hidden_size=96, num_attention_heads=6, num_key_value_heads=3)
+    for message in ranks.run(load_error, model_dir, {}):
+        assert "tensor_parallel_size 2" in message and "6 attention heads" in message and "3 KV heads" in message
+
+
+def collectives(values: torch.Tensor) -> tuple[dict, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Runs on each rank: its multicast switches, and all_reduce / all_gather (dims 0 and 1) of its row of
+    `values`."""
+    mine = values[tensor_parallel().rank]
+    return ({name: os.environ.get(name) for name in MULTICAST_OFF_ENV}, all_reduce(mine.clone()),
+            all_gather(mine, dim=0), all_gather(mine, dim=1))
+
+
+def test_collectives_and_multicast_off(ranks):
+    values = torch.randn(2, 3, 5, generator=torch.Generator().manual_seed(0))
+    for env, reduced, gathered_0, gathered_1 in ranks.run(collectives, values):
+        assert env == MULTICAST_OFF_ENV
+        assert torch.allclose(reduced, values[0] + values[1])
+        assert torch.equal(gathered_0, torch.cat(list(values), dim=0))
+        assert torch.equal(gathered_1, torch.cat(list(values), dim=1))
 
 
 def test_a_rank_that_raises_fails_the_job_and_the_ranks_restart(ranks, tmp_path):
