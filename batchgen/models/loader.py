@@ -52,6 +52,11 @@ def load_model(path: str | Path, dtype: torch.dtype | str, device: torch.device 
 
     Linear layers store their weights as the checkpoint's quantization_config says (fp8 checkpoints), or
     quantized to fp8 as each tensor loads with quantization="fp8"; the model is never held in `dtype` whole.
+
+    Under tensor parallelism (`batchgen.distributed.init_tensor_parallel` called first) the model is this
+    rank's shard: each checkpoint tensor is read whole, one at a time, and every layer copies its rank's slice
+    of it; dummy weights are drawn whole with the same seed as on one GPU, then sliced, so ranks together hold
+    exactly the single-GPU model.
     """
     path = Path(path)
     dtype = _model_dtype(dtype)

@@ -95,6 +95,7 @@ class Fp8PerChannel:
         else:   # online: this part's rows quantized on the device, one tensor in memory at a time
             # whole rows: a row-parallel rank's columns share the scale of the full row, as on one GPU
             float_rows = layer.shard(tensor, part, in_dim=None).to(layer.weight.device, self.dtype)
+            layer.check_rows(layer.weight, part, expert, layer.shard(float_rows, part, out_dim=None))
             quantized, scales = quantize_fp8_ref(float_rows)
             layer.copy_rows(layer.weight, part, expert, layer.shard(quantized, part, out_dim=None))
             layer.copy_rows(layer.weight_scale, part, expert, scales.squeeze(-1))
