@@ -80,6 +80,7 @@ def all_gather(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
         return x
     gathered = torch.empty((_state.size * x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)
     dist.all_gather_single(gathered, x.contiguous(), group=_state.group)   # rank blocks along dim 0
-    if dim in (0, -x.dim()):
+    dim %= x.dim()
+    if dim == 0:
         return gathered
-    return torch.cat(gathered.chunk(_state.size), dim=dim)
+    return gathered.view(_state.size, *x.shape).movedim(0, dim).flatten(dim, dim + 1)

@@ -140,21 +140,23 @@ def test_kv_heads_that_do_not_divide_over_the_ranks_are_refused(ranks, tiny_mode
         assert "tensor_parallel_size 2" in message and "6 attention heads" in message and "3 KV heads" in message
 
 
-def collectives(values: torch.Tensor) -> tuple[dict, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Runs on each rank: its multicast switches, and all_reduce / all_gather (dims 0 and 1) of its row of
-    `values`."""
+def collectives(values: torch.Tensor) -> tuple[dict, torch.Tensor, list[torch.Tensor]]:
+    """Runs on each rank: its multicast switches, all_reduce of its slice of `values` [ranks, ...], and
+    all_gather of it along each dim."""
     mine = values[tensor_parallel().rank]
     return ({name: os.environ.get(name) for name in MULTICAST_OFF_ENV}, all_reduce(mine.clone()),
-            all_gather(mine, dim=0), all_gather(mine, dim=1))
+            [all_gather(mine, dim) for dim in range(-mine.dim(), mine.dim())])
 
 
-def test_collectives_and_multicast_off(ranks):
-    values = torch.randn(2, 3, 5, generator=torch.Generator().manual_seed(0))
-    for env, reduced, gathered_0, gathered_1 in ranks.run(collectives, values):
+@pytest.mark.parametrize("shape", [(2, 3, 4, 5), (2, 0, 5)])   # no rows: a step where no sequence samples
+def test_collectives_and_multicast_off(ranks, shape):
+    values = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    for env, reduced, gathered in ranks.run(collectives, values):
         assert env == MULTICAST_OFF_ENV
         assert torch.allclose(reduced, values[0] + values[1])
-        assert torch.equal(gathered_0, torch.cat(list(values), dim=0))
-        assert torch.equal(gathered_1, torch.cat(list(values), dim=1))
+        dims = range(-values[0].dim(), values[0].dim())
+        for dim, got in zip(dims, gathered, strict=True):
+            assert torch.equal(got, torch.cat(list(values), dim=dim)), dim
 
 
 def test_a_rank_that_raises_fails_the_job_and_the_ranks_restart(ranks, tmp_path):
