@@ -6,6 +6,7 @@ Both ranks run the paged batch of test_logits_vs_hf (chunked prefill, then decod
 vocabulary's logits, identical on both ranks. One pair of ranks serves the whole module.
 """
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -48,9 +49,12 @@ def ranks():
     pair.close()
 
 
-def paged_logits(model_dir, load_options: dict) -> list[np.ndarray]:
-    """Runs on each rank (and on one, in the test process): the paged batch's logits per sequence."""
-    model, config = load_model(model_dir, torch.float32, CPU, **load_options)
+def paged_logits(model_dir, load_options: dict, dtype: torch.dtype = torch.float32,
+                 on_gpu: bool = False) -> list[np.ndarray]:
+    """Runs on each rank (and on one, in the test process): the paged batch's logits per sequence (fp32 logits
+    whatever the model's dtype), on the CPU or on rank r's GPU."""
+    device = torch.device("cuda", tensor_parallel().rank) if on_gpu else CPU
+    model, config = load_model(model_dir, dtype, device, **load_options)
     return [rows.numpy() for rows in run_paged(model, config, random_sequences(config.vocab_size))]
 
 
@@ -70,9 +74,9 @@ def assert_close(got: list[np.ndarray], want: list, tolerance: float) -> None:
         assert torch.equal(ours.argmax(-1), theirs.argmax(-1))
 
 
-def tp2_logits(ranks, model_dir, **load_options) -> list[np.ndarray]:
+def tp2_logits(ranks, model_dir, dtype: torch.dtype = torch.float32, **load_options) -> list[np.ndarray]:
     """Rank 0's logits, after checking that rank 1 computed exactly the same (every rank samples from them)."""
-    rank0, rank1 = ranks.run(paged_logits, model_dir, load_options)
+    rank0, rank1 = ranks.run(paged_logits, model_dir, load_options, dtype, ranks.device_type == "cuda")
     for seq, (a, b) in enumerate(zip(rank0, rank1)):
         assert np.array_equal(a, b), f"sequence {seq}: the ranks' logits differ"
     return rank0
@@ -167,3 +171,22 @@ def test_a_rank_that_raises_fails_the_job_and_the_ranks_restart(ranks, tmp_path)
 
 def rank_and_size() -> tuple[int, int]:
     return tensor_parallel().rank, tensor_parallel().size
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="two GPUs: NCCL, Triton kernels, bf16")
+def test_two_gpus_match_one_on_a_real_shape():
+    """Qwen3-0.6B's shape with dummy weights (the same on both sides): bf16 logits of two GPUs within the
+    relative L2 that the single-GPU check allows against transformers, fp32 ones within fp32 rounding."""
+    model_dir = Path(__file__).parents[2] / "benchmarks" / "configs" / "qwen3-0.6b"
+    gpus = Ranks(2, "cuda")
+    try:
+        for dtype, bound in ((torch.bfloat16, 2e-2), (torch.float32, 1e-4)):
+            tp2 = torch.from_numpy(np.concatenate(tp2_logits(gpus, model_dir, dtype, load_format="dummy")))
+            tp1 = torch.from_numpy(np.concatenate(paged_logits(model_dir, {"load_format": "dummy"}, dtype, True)))
+            error = ((tp2 - tp1).norm() / tp1.norm()).item()
+            print(f"{dtype}: relative L2 of two GPUs' logits to one's {error:.2e}")
+            assert error < bound
+            if dtype == torch.float32:
+                assert torch.equal(tp2.argmax(-1), tp1.argmax(-1))
+    finally:
+        gpus.close()

@@ -1,6 +1,7 @@
-"""Tensor-parallel ranks on the CPU for model tests: `size` processes spawned once, joined in a gloo group, each
-running the jobs it is sent (a module-level function and its arguments) in the same order as its peers. A rank
-that raises, dies or stops answering fails the test within a timeout, never hangs it; the pool then restarts."""
+"""Tensor-parallel ranks for model tests: `size` processes spawned once, joined in a gloo group on the CPU (an NCCL
+one on GPUs: rank r on cuda:r), each running the jobs it is sent (a module-level function and its arguments) in
+the same order as its peers. A rank that raises, dies or stops answering fails the test within a timeout, never
+hangs it; the pool then restarts."""
 import queue
 import socket
 import time
@@ -25,10 +26,11 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def _serve(rank: int, size: int, init_method: str, jobs, results) -> None:
+def _serve(rank: int, size: int, device_type: str, init_method: str, jobs, results) -> None:
     torch.set_num_threads(1)   # two ranks on a two-core machine
+    device = torch.device(device_type, rank) if device_type == "cuda" else torch.device("cpu")
     try:
-        init_tensor_parallel(rank, size, init_method, torch.device("cpu"), COLLECTIVE_TIMEOUT_S)
+        init_tensor_parallel(rank, size, init_method, device, COLLECTIVE_TIMEOUT_S)
         while (job := jobs.get()) is not None:
             function, args = job
             try:
@@ -42,8 +44,8 @@ def _serve(rank: int, size: int, init_method: str, jobs, results) -> None:
 class Ranks:
     """`run(function, *args)` -> [rank 0's return value, rank 1's, ...]; raises RankFailed."""
 
-    def __init__(self, size: int = 2):
-        self.size = size
+    def __init__(self, size: int = 2, device_type: str = "cpu"):
+        self.size, self.device_type = size, device_type
         self.processes = []
 
     def _start(self) -> None:
@@ -51,8 +53,8 @@ class Ranks:
         self.results = context.Queue()
         self.jobs = [context.Queue() for _ in range(self.size)]
         init_method = f"tcp://127.0.0.1:{free_port()}"
-        self.processes = [context.Process(target=_serve, args=(rank, self.size, init_method, self.jobs[rank],
-                                                                self.results), daemon=True)
+        self.processes = [context.Process(target=_serve, args=(rank, self.size, self.device_type, init_method,
+                                                                self.jobs[rank], self.results), daemon=True)
                           for rank in range(self.size)]
         for process in self.processes:
             process.start()
