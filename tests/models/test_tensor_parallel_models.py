@@ -37,6 +37,7 @@ TP_CASES = {
     "llama-one-kv-head": ("llama", {"num_key_value_heads": 1}),
     # Phi-3 stores qkv_proj and gate_up_proj fused: split per part, then per rank (with one KV head, unevenly)
     "phi3-fused-one-kv-head": ("phi3", {"num_key_value_heads": 1}),
+    # LongRoPE's table (its short factors here: the engine's scheduler offsets longer sequences into the long ones)
     "phi3-longrope": ("phi3", {"rope_parameters": LONGROPE, "original_max_position_embeddings": 64,
                                "max_position_embeddings": 256}),
 }
@@ -66,7 +67,7 @@ def load_error(model_dir, load_options: dict) -> str:
 
 
 def assert_close(got: list[np.ndarray], want: list, tolerance: float) -> None:
-    for seq, (ours, theirs) in enumerate(zip(got, want)):
+    for seq, (ours, theirs) in enumerate(zip(got, want, strict=True)):
         ours, theirs = torch.from_numpy(ours), torch.as_tensor(theirs)
         assert ours.shape == theirs.shape
         error = (ours - theirs).abs().max().item()
