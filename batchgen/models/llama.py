@@ -39,7 +39,7 @@ def _norm(config: ModelConfig, size: int) -> RMSNorm:
     return RMSNorm(size, config.rms_norm_eps, config.norm_unit_offset)
 
 
-def kv_head_slices(config: ModelConfig) -> int:
+def _kv_head_slices(config: ModelConfig) -> int:
     """How many slices tensor parallelism cuts the KV heads into: one per rank, or one per head when there are
     fewer heads than ranks (each rank then keeps the head its query heads attend with). Refuses head counts
     that do not divide."""
@@ -55,7 +55,7 @@ class LlamaAttention(nn.Module):
 
     def __init__(self, config: ModelConfig, rotary_emb: RotaryEmbedding, sliding_window: int | None):
         super().__init__()
-        kv_slices = kv_head_slices(config)
+        kv_slices = _kv_head_slices(config)
         self.num_heads = config.num_attention_heads // tensor_parallel().size
         self.num_kv_heads = config.num_key_value_heads // kv_slices
         self.head_dim = config.head_dim
