@@ -1,13 +1,17 @@
-"""Building blocks of a Llama-family decoder: RMSNorm, rotary embedding (projections: linear.py).
+"""Building blocks of a Llama-family decoder: RMSNorm, rotary embedding, the token embedding (projections:
+linear.py).
 
 Every layer runs its math through `batchgen.kernels.ops`, so the same module uses Triton on the GPU and the
 torch references on the CPU.
 """
 import torch
 from torch import nn
+from torch.nn import functional as F
 
+from batchgen.distributed import all_reduce, tensor_parallel
 from batchgen.kernels import ops
 from batchgen.models.config import ModelConfig
+from batchgen.models.linear import ShapeMismatch
 
 # rope types one table serves: fixed frequencies, or LongRoPE's two sets (see RotaryEmbedding)
 _SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "longrope")
@@ -25,6 +29,39 @@ class RMSNorm(nn.Module):
         of the decoder layer fused into the norm that follows it. fp8: the normed x comes quantized per token,
         (fp8 [T, H], scales [T, 1]), for an fp8 projection."""
         return (ops.rms_norm_fp8 if fp8 else ops.rms_norm)(x, self.weight, self.eps, residual, self.unit_offset)
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Token embedding whose vocabulary rows are split across the tensor-parallel ranks: each rank looks up the
+    tokens in its slice, zeros for the others, and an all-reduce sums the ranks' rows. A tied LM head
+    multiplies by the same slice (`weight` [vocab / ranks, hidden])."""
+
+    def __init__(self, vocab_size: int, hidden_size: int):
+        super().__init__()
+        tp = tensor_parallel()
+        if vocab_size % tp.size:
+            raise ValueError(f"tensor_parallel_size {tp.size} does not divide the vocabulary of {vocab_size} "
+                             "tokens (the embedding and LM head split it into equal slices)")
+        self.vocab_size, self.tp_size = vocab_size, tp.size
+        rows = vocab_size // tp.size
+        self.vocab_start = tp.rank * rows
+        self.weight = nn.Parameter(torch.empty(rows, hidden_size))
+
+    def load(self, weight: torch.Tensor) -> None:
+        """Copy this rank's rows of the full checkpoint matrix [vocab, hidden]."""
+        rows = self.weight.shape[0]
+        if weight.shape != (self.vocab_size, self.weight.shape[1]):
+            raise ShapeMismatch(f"checkpoint {tuple(weight.shape)}, model expects ({self.vocab_size}, "
+                                f"{self.weight.shape[1]})")
+        self.weight.copy_(weight.narrow(0, self.vocab_start, rows))
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.tp_size == 1:
+            return F.embedding(input_ids, self.weight)
+        local_ids = input_ids - self.vocab_start
+        in_slice = (local_ids >= 0) & (local_ids < self.weight.shape[0])
+        rows = F.embedding(local_ids.clamp(0, self.weight.shape[0] - 1), self.weight)
+        return all_reduce(rows.masked_fill(~in_slice.unsqueeze(-1), 0.0))
 
 
 class RotaryEmbedding(nn.Module):

@@ -11,6 +11,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from batchgen.distributed import all_reduce, tensor_parallel
 from batchgen.models.quant import Unquantized, WeightFormat
 
 
@@ -19,30 +20,46 @@ class ShapeMismatch(ValueError):
 
 
 class Linear(nn.Module):
-    """y = x W^T + b.
+    """y = x W^T + b, over this rank's shard of W.
 
-    parallel: how tensor parallelism shards it: "column" splits the output (each part split across ranks),
-    "row" splits the input (ranks' partial sums are added by an all-reduce), "replicated" keeps it whole.
-    Rank and world size are fixed at 0 and 1 until the engine runs several ranks.
+    parallel: how tensor parallelism (`batchgen.distributed`, read when the layer is built) shards it:
+    "column" splits the output, each fused part across the ranks; "row" splits the input and all-reduces the
+    ranks' partial sums (the bias added once, after the sum); "replicated" keeps it whole on every rank.
+    part_shards: parts that split into fewer slices than there are ranks (KV heads fewer than ranks): rank r
+    holds slice r * slices // ranks, shared with its neighbours.
+    reduce_output: False leaves a row-parallel layer's partial sum for its caller to all-reduce together with
+    other partial sums (an MoE block reduces its experts and its shared expert once); rank 0 adds the bias.
     num_experts: a leading expert dimension, weights [E, out, in] (mixture-of-experts layers multiply them
     with their own kernel; `forward` is for plain layers).
     """
 
     def __init__(self, in_features: int, out_features: int | dict[str, int], bias: bool,
-                 parallel: Literal["column", "row", "replicated"] = "replicated", num_experts: int | None = None):
+                 parallel: Literal["column", "row", "replicated"] = "replicated", num_experts: int | None = None,
+                 part_shards: dict[str, int] | None = None, reduce_output: bool = True):
         super().__init__()
-        self.parallel, self.tp_rank, self.tp_size = parallel, 0, 1
-        parts = out_features if isinstance(out_features, dict) else {None: out_features}
-        out_split = self.tp_size if parallel == "column" else 1
-        self.in_features = in_features // (self.tp_size if parallel == "row" else 1)
+        tp = tensor_parallel()
+        self.parallel, self.tp_rank, self.tp_size = parallel, tp.rank, tp.size
+        self.reduce_output = reduce_output
+        # the checkpoint's (unsharded) sizes: what the loader reads and dummy weights draw
+        self.checkpoint_parts = out_features if isinstance(out_features, dict) else {None: out_features}
+        self.checkpoint_in_features = in_features
+        # part -> (slices it splits into, the one this rank holds)
+        self.part_slices: dict[str | None, tuple[int, int]] = {}
         self.part_rows: dict[str | None, tuple[int, int]] = {}
         start = 0
-        for name, size in parts.items():
-            self.part_rows[name] = (start, size // out_split)
-            start += size // out_split
+        for name, size in self.checkpoint_parts.items():
+            slices = (part_shards or {}).get(name, tp.size) if parallel == "column" else 1
+            _check_split(f"{name or 'output'} of {size} rows", size, slices, tp.size)
+            self.part_slices[name] = (slices, tp.rank * slices // tp.size)
+            self.part_rows[name] = (start, size // slices)
+            start += size // slices
         self.out_features = start
+        in_slices = tp.size if parallel == "row" else 1
+        _check_split(f"input of {in_features} columns", in_features, in_slices, tp.size)
+        self.in_features = in_features // in_slices
         self.num_experts = num_experts
         self.has_bias = bias
+        self.adds_bias = bias and (parallel != "row" or reduce_output or tp.rank == 0)
         self.weight_shape = (*(() if num_experts is None else (num_experts,)), self.out_features, self.in_features)
         self.set_format(Unquantized(torch.get_default_dtype()))
 
@@ -65,7 +82,7 @@ class Linear(nn.Module):
         """Load one checkpoint tensor (the whole, unsharded one) of one part (and expert). Raises
         ShapeMismatch when it does not fit."""
         if name == "bias":
-            self.copy_rows(self.bias, part, expert, self.shard(tensor, in_dim=None))
+            self.copy_rows(self.bias, part, expert, self.shard(tensor, part, in_dim=None))
         else:
             self.weight_format.load(self, name, part, tensor, expert)
 
@@ -76,7 +93,9 @@ class Linear(nn.Module):
             out, leading = self.weight_format.apply(self, x), x[0].shape[:-1]
         else:
             out, leading = self.weight_format.apply(self, x.reshape(-1, x.shape[-1])), x.shape[:-1]
-        if self.bias is not None:
+        if self.parallel == "row" and self.reduce_output:
+            out = all_reduce(out)
+        if self.adds_bias:
             out = out + self.bias
         return out.view(*leading, self.out_features)
 
@@ -85,15 +104,24 @@ class Linear(nn.Module):
         return self.weight_format.dequantized_weight(self)
 
     # -- helpers the formats load through ---------------------------------------------------------------
-    def shard(self, tensor: torch.Tensor, out_dim: int | None = 0, in_dim: int | None = 1) -> torch.Tensor:
-        """This rank's slice of a full checkpoint tensor whose dims `out_dim`/`in_dim` run over output/input
-        features (or blocks of them); None where the tensor has no such dim (a per-channel scale has no input
-        dim, a per-tensor scale neither)."""
-        dim = {"column": out_dim, "row": in_dim}.get(self.parallel)
-        if dim is None or self.tp_size == 1:
+    def checkpoint_shape(self, name: str, part: str | None) -> tuple[int, ...]:
+        """The shape of one expert's float checkpoint tensor `name` ("weight" or "bias") of `part`, unsharded."""
+        rows = self.checkpoint_parts[part]
+        return (rows,) if name == "bias" else (rows, self.checkpoint_in_features)
+
+    def shard(self, tensor: torch.Tensor, part: str | None, out_dim: int | None = 0,
+              in_dim: int | None = 1) -> torch.Tensor:
+        """This rank's slice of a full checkpoint tensor of `part` whose dims `out_dim`/`in_dim` run over output/
+        input features (or blocks of them); None where the tensor has no such dim (a per-channel scale has no
+        input dim, a per-tensor scale neither)."""
+        if self.parallel == "column" and out_dim is not None:
+            dim, (slices, index) = out_dim, self.part_slices[part]
+        elif self.parallel == "row" and in_dim is not None:
+            dim, slices, index = in_dim, self.tp_size, self.tp_rank
+        else:
             return tensor
-        size = tensor.shape[dim] // self.tp_size
-        return tensor.narrow(dim, self.tp_rank * size, size)
+        size = tensor.shape[dim] // slices
+        return tensor.narrow(dim, index * size, size)
 
     def rows(self, param: torch.Tensor, part: str | None, expert: int | None, unit: int = 1) -> torch.Tensor:
         """The view of `param` holding `part` (of `expert`); `unit` output rows per param row (block scales)."""
@@ -111,3 +139,9 @@ class Linear(nn.Module):
     def copy_rows(self, param: torch.Tensor, part: str | None, expert: int | None, tensor: torch.Tensor,
                   unit: int = 1) -> None:
         self.check_rows(param, part, expert, tensor, unit).copy_(tensor)
+
+
+def _check_split(what: str, size: int, slices: int, tp_size: int) -> None:
+    if size % slices or tp_size % slices:
+        raise ValueError(f"tensor parallelism cannot split the {what} into {slices} equal slices for "
+                         f"tensor_parallel_size {tp_size}")

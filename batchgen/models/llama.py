@@ -13,10 +13,11 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from batchgen.distributed import all_gather, tensor_parallel
 from batchgen.kernels import ops
 from batchgen.models.attention import Attention, AttentionMetadata
 from batchgen.models.config import ModelConfig
-from batchgen.models.layers import RMSNorm, RotaryEmbedding
+from batchgen.models.layers import RMSNorm, RotaryEmbedding, VocabParallelEmbedding
 from batchgen.models.linear import Linear, ShapeMismatch
 from batchgen.models.moe import SparseMoeBlock, expert_checkpoint_keys
 
@@ -38,15 +39,31 @@ def _norm(config: ModelConfig, size: int) -> RMSNorm:
     return RMSNorm(size, config.rms_norm_eps, config.norm_unit_offset)
 
 
+def _kv_head_slices(config: ModelConfig) -> int:
+    """How many slices tensor parallelism cuts the KV heads into: one per rank, or one per head when there are
+    fewer heads than ranks (each rank then keeps the head its query heads attend with). Refuses head counts
+    that do not divide."""
+    num_heads, num_kv_heads, tp_size = config.num_attention_heads, config.num_key_value_heads, tensor_parallel().size
+    if num_heads % tp_size or (num_kv_heads % tp_size and tp_size % num_kv_heads):
+        raise ValueError(f"tensor_parallel_size {tp_size} does not divide the model's {num_heads} attention heads "
+                         f"and {num_kv_heads} KV heads (each must be a multiple of it, or the KV heads a divisor)")
+    return min(num_kv_heads, tp_size)
+
+
 class LlamaAttention(nn.Module):
+    """Self-attention over this rank's heads: its share of the query heads and the KV heads they attend with."""
+
     def __init__(self, config: ModelConfig, rotary_emb: RotaryEmbedding, sliding_window: int | None):
         super().__init__()
-        self.num_heads, self.num_kv_heads = config.num_attention_heads, config.num_key_value_heads
+        kv_slices = _kv_head_slices(config)
+        self.num_heads = config.num_attention_heads // tensor_parallel().size
+        self.num_kv_heads = config.num_key_value_heads // kv_slices
         self.head_dim = config.head_dim
-        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        self.split_sizes = [q_size, kv_size, kv_size]
+        q_size, kv_size = config.num_attention_heads * self.head_dim, config.num_key_value_heads * self.head_dim
         self.qkv_proj = Linear(config.hidden_size, {"q_proj": q_size, "k_proj": kv_size, "v_proj": kv_size},
-                               bias=config.attention_bias, parallel="column")
+                               bias=config.attention_bias, parallel="column",
+                               part_shards={"k_proj": kv_slices, "v_proj": kv_slices})
+        self.split_sizes = [size for _, size in self.qkv_proj.part_rows.values()]
         self.o_proj = Linear(q_size, config.hidden_size, bias=config.o_proj_bias, parallel="row")
         if config.qk_norm:
             self.q_norm = _norm(config, self.head_dim)
@@ -70,12 +87,16 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, config: ModelConfig, intermediate_size: int | None = None):
+    """Gated MLP over this rank's share of the intermediate size. reduce_output=False: the caller all-reduces
+    the partial sum (an MoE block's shared expert)."""
+
+    def __init__(self, config: ModelConfig, intermediate_size: int | None = None, reduce_output: bool = True):
         super().__init__()
         size = intermediate_size or config.intermediate_size
         self.gate_up_proj = Linear(config.hidden_size, {"gate_proj": size, "up_proj": size}, bias=config.mlp_bias,
                                    parallel="column")
-        self.down_proj = Linear(size, config.hidden_size, bias=config.mlp_bias, parallel="row")
+        self.down_proj = Linear(size, config.hidden_size, bias=config.mlp_bias, parallel="row",
+                                reduce_output=reduce_output)
         self.act_and_mul, self.act_and_mul_fp8 = _ACTIVATIONS[config.hidden_act]
 
     @property
@@ -97,7 +118,7 @@ def decoder_mlp(config: ModelConfig, layer: int) -> nn.Module:
     if moe is None or layer not in moe.sparse_layers:
         return LlamaMLP(config)
     shared_size = moe.shared_expert_intermediate_size
-    return SparseMoeBlock(config, LlamaMLP(config, shared_size) if shared_size else None)
+    return SparseMoeBlock(config, LlamaMLP(config, shared_size, reduce_output=False) if shared_size else None)
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -137,7 +158,7 @@ class LlamaDecoderLayer(nn.Module):
 class LlamaModel(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
         self.embedding_scale = config.embedding_scale
         self.rotary_emb = RotaryEmbedding(config, config.rope_parameters)
         # Gemma 3's sliding layers rotate with their own base
@@ -186,11 +207,13 @@ class LlamaForCausalLM(nn.Module):
         return self.model(input_ids, positions, meta)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [S, hidden_size] (only the rows that sample) -> float32 logits [S, vocab_size]."""
+        """hidden [S, hidden_size] (only the rows that sample) -> float32 logits [S, vocab_size], the whole
+        vocabulary on every rank (each rank computes its slice of it)."""
         if self.lm_head is None:
-            logits = F.linear(hidden, self.model.embed_tokens.weight).float()
+            logits = F.linear(hidden, self.model.embed_tokens.weight)
         else:
-            logits = self.lm_head(hidden).float()
+            logits = self.lm_head(hidden)
+        logits = all_gather(logits, dim=-1).float()
         cap = self.config.final_logit_softcapping
         return logits if cap is None else torch.tanh(logits / cap) * cap
 
@@ -231,6 +254,8 @@ class LlamaForCausalLM(nn.Module):
                 try:
                     if isinstance(module, Linear):
                         module.load(name, part, piece, expert)
+                    elif isinstance(module, VocabParallelEmbedding):
+                        module.load(piece)
                     else:
                         target = getattr(module, name)
                         if target.shape != piece.shape:
@@ -271,10 +296,11 @@ def _dense_checkpoint_keys(modules: dict, checkpoint_name: str,
 
 def _split_parts(module: Linear, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
     """A checkpoint tensor of a whole fused layer cut into its parts along the output rows (weights, biases
-    and per-row scales alike: each part's share of the rows is its share of the layer's outputs)."""
-    total = sum(size for _, size in module.part_rows.values())
-    sizes = [tensor.shape[0] * size // total for _, size in module.part_rows.values()]
-    return list(zip(module.part_rows, tensor.split(sizes)))
+    and per-row scales alike: each part's share of the rows is its share of the layer's outputs); each part
+    is then sharded like a separately stored one."""
+    total = sum(module.checkpoint_parts.values())
+    sizes = [tensor.shape[0] * size // total for size in module.checkpoint_parts.values()]
+    return list(zip(module.checkpoint_parts, tensor.split(sizes)))
 
 
 def _model_key(checkpoint_name: str) -> tuple[str, str, str | None]:

@@ -10,7 +10,7 @@ from torch import nn
 
 from batchgen.default_model import ensure_default_model
 from batchgen.models.config import DTYPES, ModelConfig
-from batchgen.models.layers import RMSNorm
+from batchgen.models.layers import RMSNorm, VocabParallelEmbedding
 from batchgen.models.linear import Linear
 from batchgen.models.quant import QuantConfig, Unquantized, quant_config
 from batchgen.models.registry import model_class
@@ -52,6 +52,11 @@ def load_model(path: str | Path, dtype: torch.dtype | str, device: torch.device 
 
     Linear layers store their weights as the checkpoint's quantization_config says (fp8 checkpoints), or
     quantized to fp8 as each tensor loads with quantization="fp8"; the model is never held in `dtype` whole.
+
+    Under tensor parallelism (`batchgen.distributed.init_tensor_parallel` called first) the model is this
+    rank's shard: each checkpoint tensor is read whole, one at a time, and every layer copies its rank's slice
+    of it; dummy weights are drawn whole with the same seed as on one GPU, then sliced, so ranks together hold
+    exactly the single-GPU model.
     """
     path = Path(path)
     dtype = _model_dtype(dtype)
@@ -95,7 +100,10 @@ def _set_weight_formats(model: nn.Module, quant: QuantConfig | None, dtype: torc
             parent = module_name.rpartition(".")[0]
             names = [module_name] if None in module.part_rows else \
                 [f"{parent}.{part}".lstrip(".") for part in module.part_rows]
-            module.set_format(quant.format_for(names, dtype))
+            try:
+                module.set_format(quant.format_for(names, dtype))
+            except ValueError as error:
+                raise ValueError(f"{module_name}: {error}") from error
 
 
 def _materialize_parameters(model: nn.Module, dtype: torch.dtype, device: torch.device) -> None:
@@ -151,8 +159,9 @@ def _read_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
 
 @torch.no_grad()
 def _fill_dummy_weights(model: nn.Module, device: torch.device, dtype: torch.dtype, quant: QuantConfig | None) -> None:
-    """Seeded noise; Linear weights are drawn per checkpoint tensor in `dtype` and loaded through their format
-    (online fp8 quantizes them as it would a checkpoint's)."""
+    """Seeded noise; Linear weights and the embedding are drawn per checkpoint tensor in `dtype`, whole, and
+    loaded through their layers, so under tensor parallelism each rank holds its shard of the single-GPU
+    model's weights (online fp8 quantizes them as it would a checkpoint's)."""
     if quant is not None and quant.weight_scale != "online":
         raise ValueError(f"dummy weights for a {quant.method} checkpoint config are not supported: remove its "
                          "quantization_config and pass quantization='fp8'")
@@ -165,9 +174,11 @@ def _fill_dummy_weights(model: nn.Module, device: torch.device, dtype: torch.dty
         if isinstance(module, Linear):
             for name, part in sorted(module.checkpoint_tensors(), key=str):
                 for expert in range(module.num_experts or 1):
-                    module.load(name, part, noise(module.part_rows[part][1], *([] if name == "bias" else
-                                                                              [module.in_features])),
+                    module.load(name, part, noise(*module.checkpoint_shape(name, part)),
                                 None if module.num_experts is None else expert)
+            continue
+        if isinstance(module, VocabParallelEmbedding):
+            module.load(noise(module.vocab_size, module.weight.shape[1]))
             continue
         for param in module.parameters(recurse=False):
             if isinstance(module, RMSNorm):

@@ -13,6 +13,7 @@ import re
 import torch
 from torch import nn
 
+from batchgen.distributed import all_reduce
 from batchgen.kernels import ops
 from batchgen.models.config import ModelConfig
 from batchgen.models.linear import Linear
@@ -75,7 +76,9 @@ def route(router_logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[t
 
 class SparseMoeBlock(nn.Module):
     """Router + experts (+ Qwen2-MoE's shared expert, which every token passes through, scaled by
-    sigmoid(shared_expert_gate(x)))."""
+    sigmoid(shared_expert_gate(x))). Under tensor parallelism each rank runs its slice of every expert's (and the
+    shared expert's) intermediate size; the router and the shared expert's gate stay whole; the block's output is
+    all-reduced once."""
     fp8_token_input = False  # the router and the kernel take their input in the compute dtype
 
     def __init__(self, config: ModelConfig, shared_expert: nn.Module | None):
@@ -96,4 +99,4 @@ class SparseMoeBlock(nn.Module):
         out = self.experts(hidden, topk_weights, topk_ids)
         if self.shared_expert is not None:
             out = out + torch.sigmoid(self.shared_expert_gate(hidden)) * self.shared_expert(hidden)
-        return out
+        return all_reduce(out)   # the experts' and the shared expert's partial sums over this rank's slice

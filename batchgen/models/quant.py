@@ -46,7 +46,7 @@ class Unquantized:
         return {("weight", part) for part in layer.part_rows}
 
     def load(self, layer: "Linear", name: str, part: str | None, tensor: torch.Tensor, expert: int | None) -> None:
-        layer.copy_rows(layer.weight, part, expert, layer.shard(tensor))
+        layer.copy_rows(layer.weight, part, expert, layer.shard(tensor, part))
 
     def dequantized_weight(self, layer: "Linear") -> torch.Tensor:
         return layer.weight
@@ -88,15 +88,16 @@ class Fp8PerChannel:
         elif name == "weight_scale" and tensor.numel() == 1:   # per-tensor scale, expanded to its part's rows
             layer.rows(layer.weight_scale, part, expert).fill_(tensor.reshape(()))
         elif name == "weight_scale":
-            layer.copy_rows(layer.weight_scale, part, expert, layer.shard(tensor.reshape(-1), in_dim=None))
+            layer.copy_rows(layer.weight_scale, part, expert, layer.shard(tensor.reshape(-1), part, in_dim=None))
         elif self.checkpoint_scale:
             _check_fp8(name, tensor)
-            layer.copy_rows(layer.weight, part, expert, layer.shard(tensor))
+            layer.copy_rows(layer.weight, part, expert, layer.shard(tensor, part))
         else:   # online: this part's rows quantized on the device, one tensor in memory at a time
-            float_weight = layer.shard(tensor).to(layer.weight.device, self.dtype)
-            layer.check_rows(layer.weight, part, expert, float_weight)
-            quantized, scales = quantize_fp8_ref(float_weight)
-            layer.copy_rows(layer.weight, part, expert, quantized)
+            # whole rows: a row-parallel rank's columns share the scale of the full row, as on one GPU
+            float_rows = layer.shard(tensor, part, in_dim=None).to(layer.weight.device, self.dtype)
+            layer.check_rows(layer.weight, part, expert, layer.shard(float_rows, part, out_dim=None))
+            quantized, scales = quantize_fp8_ref(float_rows)
+            layer.copy_rows(layer.weight, part, expert, layer.shard(quantized, part, out_dim=None))
             layer.copy_rows(layer.weight_scale, part, expert, scales.squeeze(-1))
 
     def dequantized_weight(self, layer: "Linear") -> torch.Tensor:
@@ -124,6 +125,7 @@ class Fp8Block:
 
     def create(self, layer: "Linear") -> None:
         block_n, block_k = self.block
+        _check_block_aligned_shards(layer, self.block)
         misaligned = [f"{part} at row {start}" for part, (start, _) in layer.part_rows.items() if start % block_n]
         if misaligned or layer.in_features % block_k:
             raise ValueError(f"block-wise fp8 with blocks {list(self.block)} needs parts starting on a block row "
@@ -140,9 +142,10 @@ class Fp8Block:
     def load(self, layer: "Linear", name: str, part: str | None, tensor: torch.Tensor, expert: int | None) -> None:
         if name == "weight":
             _check_fp8(name, tensor)
-            layer.copy_rows(layer.weight, part, expert, layer.shard(tensor))
+            layer.copy_rows(layer.weight, part, expert, layer.shard(tensor, part))
         else:
-            layer.copy_rows(getattr(layer, self.scale_name), part, expert, layer.shard(tensor), unit=self.block[0])
+            layer.copy_rows(getattr(layer, self.scale_name), part, expert, layer.shard(tensor, part),
+                            unit=self.block[0])
 
     def dequantized_weight(self, layer: "Linear") -> torch.Tensor:
         block_n, block_k = self.block
@@ -156,6 +159,20 @@ class Fp8Block:
 
 
 WeightFormat = Unquantized | Fp8PerChannel | Fp8Block
+
+
+def _check_block_aligned_shards(layer: "Linear", block: tuple[int, int]) -> None:
+    """Each rank's slice of a block-scaled weight must hold whole blocks, or its scales would straddle ranks."""
+    block_n, block_k = block
+    splits = [(f"{part or 'output'} rows", layer.checkpoint_parts[part], slices, block_n)
+              for part, (slices, _) in layer.part_slices.items() if slices > 1]
+    if layer.parallel == "row" and layer.tp_size > 1:
+        splits.append(("input columns", layer.checkpoint_in_features, layer.tp_size, block_k))
+    for what, size, slices, unit in splits:
+        if size // slices % unit:
+            raise ValueError(f"block-wise fp8 with blocks {list(block)} cannot shard {size} {what} over "
+                             f"tensor_parallel_size {layer.tp_size}: each rank's {size // slices} is not a "
+                             f"multiple of {unit}")
 
 
 def _check_fp8(name: str, tensor: torch.Tensor) -> None:

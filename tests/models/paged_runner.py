@@ -17,10 +17,11 @@ class PagedSequences:
     def __init__(self, model, config, seed: int = 0):
         self.model = model
         generator = torch.Generator().manual_seed(seed)
-        shape = (NUM_BLOCKS, BLOCK_SIZE, config.num_key_value_heads, config.head_dim)
         weight = model.model.embed_tokens.weight
         self.device = weight.device
         for layer in model.attention_layers:
+            # the KV heads this (tensor-parallel) rank caches
+            shape = (NUM_BLOCKS, BLOCK_SIZE, layer.num_kv_heads, config.head_dim)
             # garbage rather than zeros: reading a slot nobody wrote changes the logits
             layer.k_cache = torch.randn(shape, generator=generator).to(weight)
             layer.v_cache = torch.randn(shape, generator=generator).to(weight)

@@ -160,14 +160,19 @@ def fp8_input_hooks(reference_dir, fp8_dir, layout: str):
         for name in [name.removesuffix(".weight")]}
 
 
-def logits_error(model, config, reference_dir, input_hooks=None) -> float:
-    sequences = random_sequences(config.vocab_size)
-    ours = torch.cat(run_paged(model, config, sequences))
+def reference_logits(reference_dir, sequences, input_hooks=None) -> torch.Tensor:
+    """transformers' logits of `sequences`, concatenated, each projection's input rounded by its hook."""
     reference = AutoModelForCausalLM.from_pretrained(reference_dir, dtype=torch.float32).eval()
     for name, round_input in (input_hooks or {}).items():
         reference.get_submodule(name).register_forward_pre_hook(lambda module, args, f=round_input: (f(args[0]),))
     with torch.no_grad():
-        want = torch.cat([reference(torch.tensor([tokens])).logits[0] for tokens in sequences])
+        return torch.cat([reference(torch.tensor([tokens])).logits[0] for tokens in sequences])
+
+
+def logits_error(model, config, reference_dir, input_hooks=None) -> float:
+    sequences = random_sequences(config.vocab_size)
+    ours = torch.cat(run_paged(model, config, sequences))
+    want = reference_logits(reference_dir, sequences, input_hooks)
     return ((ours - want).norm() / want.norm()).item()
 
 
