@@ -11,11 +11,17 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from batchgen.kernels import ops
+from batchgen.kernels.fp8 import FP8
+from batchgen.kernels.fused_moe import fused_moe, fused_moe_ref
+from batchgen.kernels.testing import relative_l2
 from batchgen.models import load_model
 from batchgen.models.config import ModelConfig
-from batchgen.models.moe import SparseMoeBlock
+from batchgen.models.linear import Linear
+from batchgen.models.moe import Experts, SparseMoeBlock
 from batchgen.models.registry import model_class
-from test_logits_vs_hf import assert_logits_match
+from paged_runner import run_paged
+from test_logits_vs_hf import assert_logits_match, random_sequences
 
 # as the hub's Qwen/Qwen3-30B-A3B config.json writes it
 QWEN3_30B_A3B_HUB_CONFIG = {
@@ -109,3 +115,30 @@ def test_benchmark_configs_build_transformers_parameter_count(model):
         ours = model_class(config.architecture)(config)
         theirs = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(config_dir))
     assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in theirs.parameters())
+
+
+@pytest.mark.parametrize("kernel", ["reference", "triton"])
+def test_fp8_experts_multiply_their_fp8_weights_without_a_dequantized_copy(tiny_model_dir, monkeypatch, kernel):
+    """Online fp8: the experts stay fp8 with per-row scales, and the fused MoE kernel (or its reference on CPU)
+    takes them as they are; the logits match the path that dequantizes every layer's experts each step."""
+    model, config = load_model(tiny_model_dir("qwen3_moe"), torch.float32, "cpu", quantization="fp8")
+    experts = model.model.layers[0].mlp.experts
+    assert experts.gate_up_proj.weight.dtype == experts.down_proj.weight.dtype == FP8
+    sequences = random_sequences(config.vocab_size)
+
+    def dequantizing_forward(self, hidden, topk_weights, topk_ids):
+        return fused_moe_ref(hidden, self.gate_up_proj.dequantized_weight(), self.down_proj.dequantized_weight(),
+                             topk_weights, topk_ids)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Experts, "forward", dequantizing_forward)
+        expected = run_paged(model, config, sequences)
+
+    def refuse(layer):
+        raise AssertionError("an fp8 expert layer was dequantized in forward")
+
+    monkeypatch.setattr(Linear, "dequantized_weight", refuse)
+    if kernel == "triton":   # the Triton launcher on CPU tensors (TRITON_INTERPRET=1)
+        monkeypatch.setattr(ops, "fused_moe", fused_moe)
+    for got, want in zip(run_paged(model, config, sequences), expected):
+        assert relative_l2(got, want) < 1e-5
