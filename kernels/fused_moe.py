@@ -39,8 +39,10 @@ def fused_moe_ref(hidden: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.T
     fp8 weights come with scales (per row, or per block of `block`); each expert a token chose is dequantized
     to hidden's dtype where it is used.
 
-    Expert by expert, like transformers' own loop: the product with the routing weight happens in the wider of
-    the two dtypes, and the sum over a token's experts in hidden's dtype, in ascending expert order.
+    Expert by expert, like transformers' eager experts loop: the product with the routing weight happens in the
+    wider of the two dtypes, and the sum over a token's experts in hidden's dtype, in ascending expert order.
+    (transformers' default grouped_mm experts, and the kernel, sum in fp32; on the logits the difference is
+    below what bf16 routing near-ties cause: docs/benchmarks.md, MoE logits on CPU.)
     """
     out = torch.zeros_like(hidden)
     for expert in topk_ids.unique().tolist():
