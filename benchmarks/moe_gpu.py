@@ -8,8 +8,9 @@
 --mode logits (~1 min): bf16 logits of the engine (scheduler, chunked prefill, decode CUDA graphs, the fused
    kernel) against transformers bf16 on the same random weights, a few Qwen3-30B-A3B layers; and each of the two
    against transformers in fp32 on the same weights, with the share of (token, layer) routings where HF's bf16
-   picks other experts than its fp32, and HF bf16 made to pick fp32's experts: how much of the bf16 error is
-   near-tied routing. Gate: batchgen vs HF relative L2 < 2e-2 per sequence.
+   picks other experts than its fp32 (and where its bf16 router logits tie at the top-k boundary), and HF bf16
+   made to pick fp32's experts: how much of the bf16 error is near-tied routing. Gate: batchgen vs HF
+   relative L2 < 2e-2 per sequence (the issue's bound).
 --mode throughput --model qwen3-30b-a3b|mixtral-8x7b --workload W1|1000-1000: batchgen output tok/s on the
    full shape (dummy bf16 weights, outputs forced to full length), beside HF transformers' static `generate`
    (bf16, sdpa, its default grouped_mm experts) on the first --hf-sample of the same prompts, in the same run.
@@ -212,15 +213,17 @@ def run_kernels() -> None:
 
 # -- logits -----------------------------------------------------------------------------------------------------
 def router_hooks(model, record: list, replay: list | None = None) -> list:
-    """Forward hooks on HF's Qwen3-MoE routers: each call's expert ids appended to `record`; with `replay`, the
-    router instead picks the experts `replay` holds (recorded from another run of the same tokens), weighted as
-    HF weights its own choice (fp32 softmax over all experts, renormalized over the chosen, model dtype)."""
+    """Forward hooks on HF's Qwen3-MoE routers: each call's (expert ids, whether each token's k-th and k+1-th
+    router logits are equal: a tie that the index order decides) appended to `record`; with `replay`, the router
+    instead picks the experts `replay` holds (recorded from another run of the same tokens), weighted as HF
+    weights its own choice (fp32 softmax over all experts, renormalized over the chosen, model dtype)."""
     def hook(module, args, output):
         logits, weights, ids = output
-        record.append(ids)
+        boundary = logits.float().topk(ids.shape[-1] + 1, dim=-1).values[:, -2:]
+        record.append((ids, boundary[:, 0] == boundary[:, 1]))
         if replay is None:
             return None
-        ids = replay[len(record) - 1]
+        ids = replay[len(record) - 1][0]
         chosen = torch.softmax(logits, dim=-1, dtype=torch.float32).gather(-1, ids)
         return logits, (chosen / chosen.sum(-1, keepdim=True)).to(weights.dtype), ids
 
@@ -229,7 +232,7 @@ def router_hooks(model, record: list, replay: list | None = None) -> list:
 
 
 def hf_logits(model, sequences: list[list[int]], replay: list | None = None) -> tuple[list[torch.Tensor], list]:
-    """HF's logits of each whole sequence (fp32, CPU) and its routers' expert ids, call by call."""
+    """HF's logits of each whole sequence (fp32, CPU) and its routers' `router_hooks` records, call by call."""
     record: list = []
     hooks = router_hooks(model, record, replay)
     with torch.inference_mode():
@@ -263,8 +266,9 @@ def run_logits() -> None:
     del fp32_model
     hf_bf16_fp32_routing, _ = hf_logits(hf, sequences, replay=fp32_routing)
     other_experts = sum(int((a.sort(-1).values != b.sort(-1).values).any(-1).sum())
-                        for a, b in zip(bf16_routing, fp32_routing))
-    routings = sum(ids.shape[0] for ids in fp32_routing)
+                        for (a, _), (b, _) in zip(bf16_routing, fp32_routing))
+    tied = sum(int(ties.sum()) for _, ties in bf16_routing)
+    routings = sum(ids.shape[0] for ids, _ in fp32_routing)
 
     def errors(outs, refs):
         values = [relative_l2(out, ref) for out, ref in zip(outs, refs)]
@@ -281,10 +285,12 @@ def run_logits() -> None:
     emit(dict(type="check", check="bf16 logits vs HF bf16 and HF fp32", model="qwen3-30b-a3b", shape=shape,
               sequences=len(sequences), max_len=max(lengths), cuda_graphs=graphs, **figures,
               hf_bf16_routings_with_other_experts_than_fp32=f"{other_experts}/{routings}",
+              hf_bf16_routings_tied_at_top_k=f"{tied}/{routings}",
               experts_implementation=hf.config._experts_implementation, ok=ok))
     for name, value in figures.items():
         TABLE.append(f"{name:36s} max {value['max']:.4f}  mean {value['mean']:.4f}")
-    TABLE.append(f"HF bf16 routings (token, layer) with other experts than fp32: {other_experts}/{routings}")
+    TABLE.append(f"HF bf16 routings (token, layer) with other experts than fp32: {other_experts}/{routings}; "
+                 f"with the k-th and k+1-th bf16 router logits equal: {tied}/{routings}")
 
 
 # -- throughput -------------------------------------------------------------------------------------------------
