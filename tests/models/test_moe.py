@@ -19,6 +19,7 @@ from batchgen.models import load_model
 from batchgen.models.config import ModelConfig
 from batchgen.models.linear import Linear
 from batchgen.models.moe import Experts, SparseMoeBlock
+from batchgen.models.quant import Fp8Block, Fp8PerChannel
 from batchgen.models.registry import model_class
 from paged_runner import run_paged
 from test_logits_vs_hf import assert_logits_match, random_sequences
@@ -142,3 +143,27 @@ def test_fp8_experts_multiply_their_fp8_weights_without_a_dequantized_copy(tiny_
         monkeypatch.setattr(ops, "fused_moe", fused_moe)
     for got, want in zip(run_paged(model, config, sequences), expected):
         assert relative_l2(got, want) < 1e-5
+
+
+@pytest.mark.parametrize("kernel", ["reference", "triton"])
+@pytest.mark.parametrize("weight_format", [Fp8PerChannel(torch.float32, "channel"),
+                                           Fp8Block(torch.float32, (16, 32), "weight_scale_inv")],
+                         ids=["channel", "block"])
+def test_fp8_expert_layers_hand_their_scales_to_the_kernel(weight_format, kernel, monkeypatch):
+    """Each fp8 format's scales (per-channel `weight_scale`, block-wise under the checkpoint's name) reach the
+    kernel with the weights: the experts compute what their dequantized weights compute."""
+    generator = torch.Generator().manual_seed(0)
+    experts = Experts(num_experts=4, hidden_size=64, intermediate_size=32)
+    for layer in (experts.gate_up_proj, experts.down_proj):
+        layer.set_format(weight_format)
+        layer.weight.copy_((torch.randn(layer.weight.shape, generator=generator) * 100).to(FP8))
+        for name, scale in layer.named_parameters():
+            if name != "weight":
+                scale.copy_((torch.rand(scale.shape, generator=generator) + 0.5) / 800)
+    hidden = torch.randn(9, 64, generator=generator)
+    topk_weights, topk_ids = torch.rand(9, 4, generator=generator).softmax(-1).topk(2, dim=-1)
+    expected = fused_moe_ref(hidden, experts.gate_up_proj.dequantized_weight(), experts.down_proj.dequantized_weight(),
+                             topk_weights, topk_ids)
+    if kernel == "triton":
+        monkeypatch.setattr(ops, "fused_moe", fused_moe)
+    assert relative_l2(experts(hidden, topk_weights, topk_ids), expected) < 1e-5
