@@ -21,6 +21,7 @@ One JSON line per figure (card, commit), a short table on stderr; exit status 1 
 
     python benchmarks/moe_gpu.py --mode kernels
     python benchmarks/moe_gpu.py --mode throughput --model mixtral-8x7b --workload W1 --num-requests 1000
+    python benchmarks/moe_gpu.py --mode throughput --model qwen3-30b-a3b --workload W1 --quantization fp8
     python benchmarks/moe_gpu.py --mode logits --smoke   # CPU: a reduced Qwen3-MoE shape, torch references
     python benchmarks/moe_gpu.py --mode kernels --smoke  # CPU: tiny shapes, Triton under the interpreter (fp16/fp32)
 """
@@ -44,6 +45,8 @@ ARGS.add_argument("--workload", choices=list(WORKLOADS), default="W1")
 ARGS.add_argument("--num-requests", type=int, default=1000)
 ARGS.add_argument("--hf-sample", type=int, default=64, help="HF runs the first N of the same prompts")
 ARGS.add_argument("--hf-batch", type=int, default=64, help="HF static batch size")
+ARGS.add_argument("--quantization", choices=["fp8"], help="throughput mode: batchgen with online fp8 weights "
+                  "(the experts' too; HF stays bf16)")
 ARGS.add_argument("--layers", type=int, default=4, help="logits mode: decoder layers of the Qwen3-30B-A3B shape")
 OPTS = ARGS.parse_args()
 if OPTS.smoke:
@@ -326,7 +329,7 @@ def run_throughput() -> None:
     release_memory()
     emit({"type": "throughput", "model": OPTS.model, **hf_figures})
     llm = LLM(str(config_dir), load_format="dummy", dtype="bfloat16", device=str(DEVICE), seed=0,
-              generation_config="none", **engine_args)
+              quantization=OPTS.quantization, generation_config="none", **engine_args)
     figures, _ = run_batchgen(llm, workload)
     llm.close()
     emit({"type": "throughput", "model": OPTS.model, **figures})
