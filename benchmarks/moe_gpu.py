@@ -265,6 +265,7 @@ def run_logits() -> None:
     release_memory()
     hf_bf16, bf16_routing = hf_logits(hf, sequences)
     fp32_model = copy.deepcopy(hf).float()
+    fp32_model.set_experts_implementation("eager")   # torch's grouped GEMM may take bf16 only on CUDA
     fp32, fp32_routing = hf_logits(fp32_model, sequences)
     del fp32_model
     hf_bf16_fp32_routing, _ = hf_logits(hf, sequences, replay=fp32_routing)
@@ -289,7 +290,7 @@ def run_logits() -> None:
               sequences=len(sequences), max_len=max(lengths), cuda_graphs=graphs, **figures,
               hf_bf16_routings_with_other_experts_than_fp32=f"{other_experts}/{routings}",
               hf_bf16_routings_tied_at_top_k=f"{tied}/{routings}",
-              experts_implementation=hf.config._experts_implementation, ok=ok))
+              hf_bf16_experts_implementation=hf.config._experts_implementation, ok=ok))
     for name, value in figures.items():
         TABLE.append(f"{name:36s} max {value['max']:.4f}  mean {value['mean']:.4f}")
     TABLE.append(f"HF bf16 routings (token, layer) with other experts than fp32: {other_experts}/{routings}; "
