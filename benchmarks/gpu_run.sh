@@ -36,14 +36,14 @@ bench "${T_JSON:-120}" --model benchmarks/configs/llama-3.1-8b --load-format dum
 timeout "${T_FP8:-240}" python3 benchmarks/fp8_gpu.py 2>>"$OUT/stderr.log" | tee -a "$OUT/gpu.jsonl"
 bench "${T_FP8_W:-300}" --model benchmarks/configs/llama-3.1-8b --load-format dummy --quantization fp8 \
   --name fp8-1000-1000 --num-requests 1000 --input-len 1000 --output-len 1000 --max-model-len 2048
-# mixture-of-experts (issue 12): fused MoE kernel checks and timings, bf16 logits vs HF on Qwen3-30B-A3B layers;
-# then the W1 shape on the full Qwen3-30B-A3B and Mixtral-8x7B shapes (dummy weights; HF beside them does not fit
-# on the card together with the engine's copy)
-timeout "${T_MOE:-180}" python3 benchmarks/moe_gpu.py 2>>"$OUT/stderr.log" | tee -a "$OUT/gpu.jsonl"
-bench "${T_MOE_W1:-300}" --model benchmarks/configs/qwen3-30b-a3b --load-format dummy --name qwen3-30b-a3b-W1 \
-  --num-requests 1000 --input-len 512 --output-len 256 --max-model-len 1024
-bench "${T_MIXTRAL_W1:-300}" --model benchmarks/configs/mixtral-8x7b --load-format dummy --name mixtral-8x7b-W1 \
-  --num-requests 1000 --input-len 512 --output-len 256 --max-model-len 1024
+# mixture-of-experts (issue 12): fused MoE kernel checks and timings (bf16 and fp8 experts), bf16 logits vs HF bf16
+# and fp32 on Qwen3-30B-A3B layers; then the W1 shape on the full Qwen3-30B-A3B and Mixtral-8x7B shapes (dummy
+# weights), HF static generate first on a sample of the same prompts, freed before the engine starts
+moe() { timeout "$1" python3 benchmarks/moe_gpu.py "${@:2}" 2>>"$OUT/stderr.log" | tee -a "$OUT/gpu.jsonl"; }
+moe "${T_MOE:-120}" --mode kernels
+moe "${T_MOE_LOGITS:-120}" --mode logits
+moe "${T_MOE_W1:-300}" --mode throughput --model qwen3-30b-a3b --workload W1
+moe "${T_MIXTRAL_W1:-300}" --mode throughput --model mixtral-8x7b --workload W1
 # scoring: W1's prompts (512 tokens), every prompt token's logprob, nothing generated; HF's forward pass (logits,
 # fp32 log-softmax, gather) on the first 256 of the same prompts
 bench "${T_SCORE:-150}" --model benchmarks/configs/llama-3.1-8b --load-format dummy --name W1-score \

@@ -5,6 +5,11 @@ Expert weights are 3-D, `w_gate_up` [E, 2I, H] (gate rows then up rows) and `w_d
 parallelism can shard every expert along I. The Triton path groups the (token, choice) pairs by expert, each
 expert's group padded to a whole number of BLOCK_M rows, so every row block of the two grouped GEMMs reads one
 expert's weights; the down GEMM multiplies each row by its routing weight before storing it.
+
+fp8 expert weights (float8_e4m3fn) come with their scales: one per expert per output row (per-channel), or one
+per expert per [block_n, block_k] block. The kernel upcasts them to the activations' dtype as it loads them
+(exact: every fp8 value is a bf16/fp16 value) and applies the scales to its fp32 sums, after the loop over K
+(per-channel) or per K step (block-scaled), so no dequantized copy of the weights is ever made.
 """
 import torch
 import torch.nn.functional as F
@@ -14,17 +19,37 @@ import triton.language as tl
 from batchgen.kernels.activation import silu_and_mul, silu_and_mul_ref
 
 
-def fused_moe_ref(hidden: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, topk_weights: torch.Tensor,
-                  topk_ids: torch.Tensor) -> torch.Tensor:
-    """hidden [T, H]; topk_weights [T, K] (any float dtype), topk_ids [T, K] -> [T, H] in hidden's dtype.
+def dequantized_expert(weight: torch.Tensor, scale: torch.Tensor | None, block: tuple[int, int] | None,
+                       expert: int, dtype: torch.dtype) -> torch.Tensor:
+    """One expert's weight [N, K] in `dtype`: fp8 values times their scales (per row [E, N], or per block
+    [E, ceil(N / block_n), K / block_k]), rounded to dtype once, as the fp8 linear layers dequantize."""
+    if scale is None:
+        return weight[expert]
+    scale = scale[expert]
+    if block is None:
+        return (weight[expert].float() * scale[:, None]).to(dtype)
+    rows = scale.repeat_interleave(block[0], 0)[:weight.shape[1]]
+    return (weight[expert].float() * rows.repeat_interleave(block[1], 1)).to(dtype)
 
-    Expert by expert, like transformers' own loop: the product with the routing weight happens in the wider of
-    the two dtypes, and the sum over a token's experts in hidden's dtype, in ascending expert order.
+
+def fused_moe_ref(hidden: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, topk_weights: torch.Tensor,
+                  topk_ids: torch.Tensor, gate_up_scale: torch.Tensor | None = None,
+                  down_scale: torch.Tensor | None = None, block: tuple[int, int] | None = None) -> torch.Tensor:
+    """hidden [T, H]; topk_weights [T, K] (any float dtype), topk_ids [T, K] -> [T, H] in hidden's dtype.
+    fp8 weights come with scales (per row, or per block of `block`); each expert a token chose is dequantized
+    to hidden's dtype where it is used.
+
+    Expert by expert, like transformers' eager experts loop: the product with the routing weight happens in the
+    wider of the two dtypes, and the sum over a token's experts in hidden's dtype, in ascending expert order.
+    (transformers' default grouped_mm experts, and the kernel, sum in fp32; on the logits the difference is
+    below what bf16 routing near-ties cause: docs/benchmarks.md, MoE logits on CPU.)
     """
     out = torch.zeros_like(hidden)
     for expert in topk_ids.unique().tolist():
         tokens, choice = torch.where(topk_ids == expert)
-        expert_out = F.linear(silu_and_mul_ref(F.linear(hidden[tokens], w_gate_up[expert])), w_down[expert])
+        gate_up = F.linear(hidden[tokens], dequantized_expert(w_gate_up, gate_up_scale, block, expert, hidden.dtype))
+        expert_out = F.linear(silu_and_mul_ref(gate_up),
+                              dequantized_expert(w_down, down_scale, block, expert, hidden.dtype))
         # a token picks an expert at most once, so this adds each row once (and is much faster than index_add_)
         out.index_put_((tokens,), (expert_out * topk_weights[tokens, choice, None]).to(out.dtype), accumulate=True)
     return out
@@ -58,14 +83,17 @@ def group_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> t
 
 
 @triton.jit
-def _grouped_gemm_kernel(a_ptr, b_ptr, c_ptr, weights_ptr, sorted_pairs_ptr, block_expert_ptr,
+def _grouped_gemm_kernel(a_ptr, b_ptr, b_scale_ptr, c_ptr, weights_ptr, sorted_pairs_ptr, block_expert_ptr,
                          num_pairs, top_k, N, K, stride_am, stride_be, stride_bn, stride_bk, stride_cm,
-                         GATHER_TOKENS: tl.constexpr, SCATTER_PAIRS: tl.constexpr, IEEE: tl.constexpr,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                         stride_se, stride_sn, stride_sk, scale_block_n, scale_block_k,
+                         WEIGHT_SCALE: tl.constexpr, GATHER_TOKENS: tl.constexpr, SCATTER_PAIRS: tl.constexpr,
+                         IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """C[row] = A[row] @ B[expert]^T for one row block (one expert) and one column block.
 
     Rows of A are tokens (GATHER_TOKENS: row = pair // top_k) or sorted positions; rows of C are pairs, each
-    scaled by its routing weight (SCATTER_PAIRS), or sorted positions.
+    scaled by its routing weight (SCATTER_PAIRS), or sorted positions. WEIGHT_SCALE "channel" / "block": B is
+    fp8 with scales per output row / per [scale_block_n, scale_block_k] block (BLOCK_K divides scale_block_k,
+    so each K step lies in one block column); "none": B is in A's dtype.
     """
     block = tl.program_id(0)
     expert = tl.load(block_expert_ptr + block).to(tl.int64)
@@ -83,16 +111,24 @@ def _grouped_gemm_kernel(a_ptr, b_ptr, c_ptr, weights_ptr, sorted_pairs_ptr, blo
     a_ptrs = a_ptr + a_rows[:, None] * stride_am + ks[None, :]
     b_ptrs = b_ptr + expert * stride_be + cols[None, :] * stride_bn + ks[:, None] * stride_bk
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    scale_ptrs = b_scale_ptr + expert * stride_se
     for k in range(0, K, BLOCK_K):
         k_mask = ks + k < K
         a = tl.load(a_ptrs, mask=valid[:, None] & k_mask[None, :], other=0.0)
-        b = tl.load(b_ptrs, mask=k_mask[:, None] & (cols[None, :] < N), other=0.0)
+        b = tl.load(b_ptrs, mask=k_mask[:, None] & (cols[None, :] < N), other=0.0).to(a.dtype)
         if IEEE:
-            acc += tl.dot(a, b, input_precision="ieee")
+            product = tl.dot(a, b, input_precision="ieee")
         else:
-            acc += tl.dot(a, b)
+            product = tl.dot(a, b)
+        if WEIGHT_SCALE == "block":
+            block_scales = tl.load(scale_ptrs + (cols // scale_block_n) * stride_sn + (k // scale_block_k) * stride_sk,
+                                   mask=cols < N, other=0.0)
+            product *= block_scales[None, :]
+        acc += product
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K * stride_bk
+    if WEIGHT_SCALE == "channel":
+        acc *= tl.load(scale_ptrs + cols * stride_sn, mask=cols < N, other=0.0)[None, :]
     if SCATTER_PAIRS:
         acc *= tl.load(weights_ptr + pairs, mask=valid, other=0.0).to(tl.float32)[:, None]
         c_rows = pairs.to(tl.int64)
@@ -107,20 +143,29 @@ def _block_m(num_pairs: int, num_experts: int) -> int:
     return min(64, max(16, triton.next_power_of_2(num_pairs // num_experts)))
 
 
-def _grouped_gemm(a, b, c, weights, sorted_pairs, block_expert, num_pairs, top_k, block_m, gather_tokens):
+def _grouped_gemm(a, b, b_scale, block, c, weights, sorted_pairs, block_expert, num_pairs, top_k, block_m,
+                  gather_tokens):
     n, k = b.shape[1], b.shape[2]
     block_n = min(128, max(16, triton.next_power_of_2(n)))
     block_k = min(64, max(16, triton.next_power_of_2(k)))
+    weight_scale = "none" if b_scale is None else "channel" if block is None else "block"
+    scale_block_n, scale_block_k = block or (1, k)
+    if weight_scale == "block":   # the largest power of two dividing the scale block's width
+        block_k = min(block_k, scale_block_k & -scale_block_k)
+        assert block_k >= 16, f"fp8 block width {scale_block_k} is not a multiple of 16"
+    scales = b if b_scale is None else b_scale.view(b_scale.shape[0], b_scale.shape[1], -1)
     grid = (block_expert.shape[0], triton.cdiv(n, block_n))
     _grouped_gemm_kernel[grid](
-        a, b, c, weights, sorted_pairs, block_expert, num_pairs, top_k, n, k, a.stride(0), b.stride(0),
-        b.stride(1), b.stride(2), c.stride(0), GATHER_TOKENS=gather_tokens, SCATTER_PAIRS=not gather_tokens,
-        IEEE=a.dtype == torch.float32, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-        num_warps=8 if block_m * block_n >= 64 * 128 else 4, num_stages=3)
+        a, b, scales, c, weights, sorted_pairs, block_expert, num_pairs, top_k, n, k, a.stride(0), b.stride(0),
+        b.stride(1), b.stride(2), c.stride(0), scales.stride(0), scales.stride(1), scales.stride(2),
+        scale_block_n, scale_block_k, WEIGHT_SCALE=weight_scale, GATHER_TOKENS=gather_tokens,
+        SCATTER_PAIRS=not gather_tokens, IEEE=a.dtype == torch.float32, BLOCK_M=block_m, BLOCK_N=block_n,
+        BLOCK_K=block_k, num_warps=8 if block_m * block_n >= 64 * 128 else 4, num_stages=3)
 
 
 def fused_moe(hidden: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, topk_weights: torch.Tensor,
-              topk_ids: torch.Tensor) -> torch.Tensor:
+              topk_ids: torch.Tensor, gate_up_scale: torch.Tensor | None = None,
+              down_scale: torch.Tensor | None = None, block: tuple[int, int] | None = None) -> torch.Tensor:
     """Triton twin of `fused_moe_ref`: gate-up grouped GEMM, SiLU-and-mul, down grouped GEMM weighted per pair,
     then the sum over each token's K experts."""
     num_tokens, top_k = topk_ids.shape
@@ -134,10 +179,10 @@ def fused_moe(hidden: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tenso
     sorted_pairs, block_expert = group_by_expert(topk_ids, num_experts, block_m)
     weights = topk_weights.contiguous()
     gate_up = torch.empty(sorted_pairs.shape[0], 2 * intermediate, dtype=hidden.dtype, device=hidden.device)
-    _grouped_gemm(hidden, w_gate_up, gate_up, weights, sorted_pairs, block_expert, num_pairs, top_k, block_m,
-                  gather_tokens=True)
+    _grouped_gemm(hidden, w_gate_up, gate_up_scale, block, gate_up, weights, sorted_pairs, block_expert, num_pairs,
+                  top_k, block_m, gather_tokens=True)
     activated = silu_and_mul(gate_up)
     pair_out = torch.empty(num_pairs, hidden_size, dtype=hidden.dtype, device=hidden.device)
-    _grouped_gemm(activated, w_down, pair_out, weights, sorted_pairs, block_expert, num_pairs, top_k, block_m,
-                  gather_tokens=False)
+    _grouped_gemm(activated, w_down, down_scale, block, pair_out, weights, sorted_pairs, block_expert, num_pairs,
+                  top_k, block_m, gather_tokens=False)
     return pair_out.view(num_tokens, top_k, hidden_size).sum(dim=1)

@@ -91,6 +91,6 @@ def fp8_block_gemm(x_q, x_scale, w_q, w_scale, block, out_dtype):
     return fn(x_q, x_scale, w_q, w_scale, block, out_dtype)
 
 
-def fused_moe(hidden, w_gate_up, w_down, topk_weights, topk_ids):
+def fused_moe(hidden, w_gate_up, w_down, topk_weights, topk_ids, gate_up_scale=None, down_scale=None, block=None):
     fn = _fused_moe.fused_moe if _triton(hidden) else _fused_moe.fused_moe_ref
-    return fn(hidden, w_gate_up, w_down, topk_weights, topk_ids)
+    return fn(hidden, w_gate_up, w_down, topk_weights, topk_ids, gate_up_scale, down_scale, block)

@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from batchgen.kernels.fused_moe import fused_moe, fused_moe_ref, group_by_expert
+from batchgen.kernels.fp8 import FP8, quantize_fp8_ref
+from batchgen.kernels.fused_moe import dequantized_expert, fused_moe, fused_moe_ref, group_by_expert
 from batchgen.kernels.testing import TEST_DEVICE as DEVICE, TEST_DTYPES as DTYPES, TOLERANCE, relative_l2
 
 NUM_EXPERTS, TOP_K, HIDDEN, INTERMEDIATE = 8, 2, 64, 32
@@ -26,6 +27,54 @@ def test_fused_moe_matches_reference(num_tokens, dtype):
     ref = fused_moe_ref(*(x.float() if x.is_floating_point() else x for x in inputs))
     assert out.shape == (num_tokens, HIDDEN) and out.dtype == dtype
     assert relative_l2(out, ref) < TOLERANCE[dtype]
+
+
+FP8_UNIT = 200.0   # block scales around 1/200 put the test weights (~0.1..0.2) in fp8's normal range
+
+
+def fp8_experts(weight: torch.Tensor, block: tuple[int, int] | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """[E, N, K] -> (fp8 weight, scales [E, N] per row, or [E, N / block_n, K / block_k] per block): per-row
+    scales as the online quantizer draws them; block scales random, so every block multiplies differently."""
+    if block is None:
+        quantized, scales = zip(*(quantize_fp8_ref(expert) for expert in weight.float()))
+        return torch.stack(quantized), torch.stack(scales).squeeze(-1)
+    num_experts, rows, cols = weight.shape
+    scales = torch.rand(num_experts, -(-rows // block[0]), cols // block[1], generator=torch.Generator().manual_seed(1))
+    scales = (scales + 0.5) / FP8_UNIT
+    expanded = scales.repeat_interleave(block[0], 1)[:, :rows].repeat_interleave(block[1], 2)
+    return (weight.float() / expanded).clamp(-448, 448).to(FP8), scales
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("block", [None, (16, 32), (48, 16)], ids=["per-channel", "block16x32", "block48x16"])
+@pytest.mark.parametrize("num_tokens", [1, 17, 40])
+def test_fused_moe_fp8_experts_match_the_reference(num_tokens, block, dtype):
+    """fp8 weights with their scales, dequantized inside the kernel; the reference dequantizes each chosen
+    expert (in fp32 here, so only the kernel's own rounding to `dtype` is measured). A 48-row block straddles
+    the gate/up boundary of neither layer and leaves a partial last block row in down [E, 64, 32]."""
+    hidden, w_gate_up, w_down, topk_weights, topk_ids = random_moe_inputs(num_tokens, dtype, seed=num_tokens)
+    gate_up_q, gate_up_scale = (t.to(DEVICE) for t in fp8_experts(w_gate_up.cpu(), block))
+    down_q, down_scale = (t.to(DEVICE) for t in fp8_experts(w_down.cpu(), block))
+    out = fused_moe(hidden, gate_up_q, down_q, topk_weights, topk_ids, gate_up_scale, down_scale, block)
+    ref = fused_moe_ref(hidden.float(), gate_up_q, down_q, topk_weights, topk_ids, gate_up_scale, down_scale, block)
+    assert out.shape == (num_tokens, HIDDEN) and out.dtype == dtype
+    assert relative_l2(out, ref) < TOLERANCE[dtype]
+    # and the scales matter: the fp8 weights alone, unscaled, are far from it
+    assert relative_l2(fused_moe_ref(hidden.float(), gate_up_q.float(), down_q.float(), topk_weights, topk_ids),
+                       ref) > 0.5
+
+
+@pytest.mark.parametrize("block", [None, (16, 32)], ids=["per-channel", "block16x32"])
+def test_dequantized_expert_is_the_weight_the_scales_stand_for(block):
+    _, w_gate_up, _, _, _ = random_moe_inputs(1, torch.float32)
+    quantized, scales = fp8_experts(w_gate_up.cpu(), block)
+    dequantized = dequantized_expert(quantized, scales, block, 5, torch.float32)
+    assert dequantized.shape == w_gate_up.shape[1:]
+    # fp8 keeps 3 mantissa bits: within half a step (1/16 relative) of the original weights
+    assert relative_l2(dequantized, w_gate_up[5].cpu()) < 0.04
+    rows, cols = (3, 7)
+    row_scale = scales[5, rows] if block is None else scales[5, rows // block[0], cols // block[1]]
+    assert dequantized[rows, cols] == quantized[5, rows, cols].float() * row_scale
 
 
 def test_fused_moe_weights_only_its_chosen_experts():

@@ -11,11 +11,18 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from batchgen.kernels import ops
+from batchgen.kernels.fp8 import FP8
+from batchgen.kernels.fused_moe import fused_moe, fused_moe_ref
+from batchgen.kernels.testing import relative_l2
 from batchgen.models import load_model
 from batchgen.models.config import ModelConfig
-from batchgen.models.moe import SparseMoeBlock
+from batchgen.models.linear import Linear
+from batchgen.models.moe import Experts, SparseMoeBlock
+from batchgen.models.quant import Fp8Block, Fp8PerChannel
 from batchgen.models.registry import model_class
-from test_logits_vs_hf import assert_logits_match
+from paged_runner import run_paged
+from test_logits_vs_hf import assert_logits_match, random_sequences
 
 # as the hub's Qwen/Qwen3-30B-A3B config.json writes it
 QWEN3_30B_A3B_HUB_CONFIG = {
@@ -109,3 +116,54 @@ def test_benchmark_configs_build_transformers_parameter_count(model):
         ours = model_class(config.architecture)(config)
         theirs = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(config_dir))
     assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in theirs.parameters())
+
+
+@pytest.mark.parametrize("kernel", ["reference", "triton"])
+def test_fp8_experts_multiply_their_fp8_weights_without_a_dequantized_copy(tiny_model_dir, monkeypatch, kernel):
+    """Online fp8: the experts stay fp8 with per-row scales, and the fused MoE kernel (or its reference on CPU)
+    takes them as they are; the logits match the path that dequantizes every layer's experts each step."""
+    model, config = load_model(tiny_model_dir("qwen3_moe"), torch.float32, "cpu", quantization="fp8")
+    experts = model.model.layers[0].mlp.experts
+    assert experts.gate_up_proj.weight.dtype == experts.down_proj.weight.dtype == FP8
+    sequences = random_sequences(config.vocab_size)
+
+    def dequantizing_forward(self, hidden, topk_weights, topk_ids):
+        return fused_moe_ref(hidden, self.gate_up_proj.dequantized_weight(), self.down_proj.dequantized_weight(),
+                             topk_weights, topk_ids)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Experts, "forward", dequantizing_forward)
+        expected = run_paged(model, config, sequences)
+
+    def refuse(layer):
+        raise AssertionError("an fp8 expert layer was dequantized in forward")
+
+    monkeypatch.setattr(Linear, "dequantized_weight", refuse)
+    if kernel == "triton":   # the Triton launcher on CPU tensors (TRITON_INTERPRET=1)
+        monkeypatch.setattr(ops, "fused_moe", fused_moe)
+    for got, want in zip(run_paged(model, config, sequences), expected):
+        assert relative_l2(got, want) < 1e-5
+
+
+@pytest.mark.parametrize("kernel", ["reference", "triton"])
+@pytest.mark.parametrize("weight_format", [Fp8PerChannel(torch.float32, "channel"),
+                                           Fp8Block(torch.float32, (16, 32), "weight_scale_inv")],
+                         ids=["channel", "block"])
+def test_fp8_expert_layers_hand_their_scales_to_the_kernel(weight_format, kernel, monkeypatch):
+    """Each fp8 format's scales (per-channel `weight_scale`, block-wise under the checkpoint's name) reach the
+    kernel with the weights: the experts compute what their dequantized weights compute."""
+    generator = torch.Generator().manual_seed(0)
+    experts = Experts(num_experts=4, hidden_size=64, intermediate_size=32)
+    for layer in (experts.gate_up_proj, experts.down_proj):
+        layer.set_format(weight_format)
+        layer.weight.copy_((torch.randn(layer.weight.shape, generator=generator) * 100).to(FP8))
+        for name, scale in layer.named_parameters():
+            if name != "weight":
+                scale.copy_((torch.rand(scale.shape, generator=generator) + 0.5) / 800)
+    hidden = torch.randn(9, 64, generator=generator)
+    topk_weights, topk_ids = torch.rand(9, 4, generator=generator).softmax(-1).topk(2, dim=-1)
+    expected = fused_moe_ref(hidden, experts.gate_up_proj.dequantized_weight(), experts.down_proj.dequantized_weight(),
+                             topk_weights, topk_ids)
+    if kernel == "triton":
+        monkeypatch.setattr(ops, "fused_moe", fused_moe)
+    assert relative_l2(experts(hidden, topk_weights, topk_ids), expected) < 1e-5
