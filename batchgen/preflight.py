@@ -69,11 +69,13 @@ def weight_bytes(model: nn.Module, dtype: torch.dtype) -> int:
     return total
 
 
-def check_weights_fit(model: nn.Module, device: torch.device, dtype: torch.dtype, *, tensor_parallel_size: int = 1,
+def check_weights_fit(model: nn.Module, device: torch.device, dtype: torch.dtype,
                       free_bytes: int | None = None) -> None:
     """Before any weight is loaded: raise ValueError saying what to do when this rank's weights (the model as
     built on the meta device) need more than the device's free memory (`free_bytes`, default: what CUDA reports
     free now; other devices are not checked)."""
+    from batchgen.models.linear import Linear
+
     if free_bytes is None:
         if device.type != "cuda":
             return
@@ -81,10 +83,11 @@ def check_weights_fit(model: nn.Module, device: torch.device, dtype: torch.dtype
     needed = weight_bytes(model, dtype)
     if needed <= free_bytes:
         return
-    remedies = [f"split it over more GPUs with --tensor-parallel-size {2 * tensor_parallel_size} "
-                f"(LLM(..., tensor_parallel_size={2 * tensor_parallel_size}))"]
+    size = max((module.tp_size for module in model.modules() if isinstance(module, Linear)), default=1)
+    remedies = [f"split it over more GPUs with --tensor-parallel-size {2 * size} (LLM(..., "
+                f"tensor_parallel_size={2 * size}))"]
     if not any(param.element_size() == 1 for param in model.parameters()):
         remedies.append("store the weights in fp8 with --quantization fp8 (about half the bytes)")
-    raise ValueError(f"the model's weights need {needed / 2**30:.1f} GiB per GPU at tensor-parallel size "
-                     f"{tensor_parallel_size}, but {device} has {free_bytes / 2**30:.1f} GiB free (and the KV cache "
-                     f"needs room beside them): {', or '.join(remedies)}")
+    raise ValueError(f"the model's weights need {needed / 2**30:.1f} GiB per GPU at tensor-parallel size {size}, "
+                     f"but {device} has {free_bytes / 2**30:.1f} GiB free (and the KV cache needs room beside "
+                     f"them): {', or '.join(remedies)}")

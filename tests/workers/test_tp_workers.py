@@ -21,6 +21,7 @@ from batchgen.jobs import execute
 from batchgen.jobs.output_dir import load_stats, read_shard_stats
 from batchgen.jobs.stats import render_stats
 from batchgen.models import loader
+from batchgen.models.linear import Linear
 from batchgen.preflight import check_weights_fit
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -124,10 +125,11 @@ def test_weights_that_do_not_fit_fail_before_loading(tiny_model_dir, monkeypatch
 
 def test_the_memory_check_names_the_next_tensor_parallel_size():
     with torch.device("meta"):
-        model = torch.nn.Linear(1024, 1024)
+        layer = Linear(1024, 1024, bias=False, parallel="column")
+    layer.tp_size = 2        # as rank 0 of 2 builds it
     with pytest.raises(ValueError, match=r"need 0\.0 GiB per GPU at tensor-parallel size 2, but cuda:1 has 0\.0 GiB "
                                          r"free .*--tensor-parallel-size 4"):
-        check_weights_fit(model, torch.device("cuda", 1), torch.bfloat16, tensor_parallel_size=2, free_bytes=0)
+        check_weights_fit(layer, torch.device("cuda", 1), torch.bfloat16, free_bytes=0)
 
 
 def test_cpu_is_not_checked_without_a_free_memory_figure():
