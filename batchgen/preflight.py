@@ -60,7 +60,7 @@ def weight_bytes(model: nn.Module, dtype: torch.dtype) -> int:
     """Bytes the model's parameters and buffers take once materialized, from the model as built on the meta
     device: a Linear's parameters in the dtypes its weight format chose, every other parameter in `dtype` (as
     the loader materializes them). Under tensor parallelism the model holds this rank's shard only."""
-    from batchgen.models.linear import Linear
+    from batchgen.models.linear import Linear   # not at the top: the models package imports this module
 
     total = sum(buffer.numel() * buffer.element_size() for buffer in model.buffers())
     for module in model.modules():
