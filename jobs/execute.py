@@ -88,9 +88,9 @@ def worker_name() -> str:
 def device_label(device, tensor_parallel_size: int = 1) -> str:
     """'cpu', or 'cuda:N <name>' with N the physical GPU (CUDA_VISIBLE_DEVICES maps the process's cuda:0); a
     tensor-parallel engine names every GPU of its group, 'cuda:2,3 <name>' (rank r runs on the r-th device
-    from the engine's)."""
+    from the engine's), or its ranks on the CPU, 'cpu x2'."""
     if device.type != "cuda":
-        return device.type
+        return device.type if tensor_parallel_size == 1 else f"{device.type} x{tensor_parallel_size}"
     import torch
 
     first = device.index or 0

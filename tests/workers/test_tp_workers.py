@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
@@ -93,7 +94,25 @@ def test_single_gpu_label_is_unchanged(monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5,6")
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda index: f"Card {index}")
     assert execute.device_label(torch.device("cuda", 1)) == "cuda:6 Card 1"
-    assert execute.device_label(torch.device("cpu"), 2) == "cpu"
+    assert execute.device_label(torch.device("cpu")) == "cpu"
+
+
+def test_run_with_two_ranks_writes_the_rows_of_one(tiny_model_dir, tmp_path):
+    """`batchgen run --tensor-parallel-size 2` on the CPU (two gloo ranks): greedy rows equal one rank's, and
+    the shard stats say which ran them."""
+    lines = "".join(json.dumps({"id": f"r{i}", "prompt": f"count with me: {i}, {i + 1},"}) + "\n" for i in range(6))
+    (tmp_path / "in.jsonl").write_text(lines)
+    rows, labels = {}, {}
+    for size in (1, 2):
+        out = tmp_path / f"tp{size}"
+        result = CliRunner().invoke(main, ["run", str(tmp_path / "in.jsonl"), "-o", str(out), "--model",
+                                           str(tiny_model_dir("llama")), "--device", "cpu", "--temperature", "0",
+                                           "--max-tokens", "8", "--tensor-parallel-size", str(size)])
+        assert result.exit_code == 0, result.output
+        rows[size] = pq.read_table(out / "parts").sort_by("id").select(["id", "text", "completion_tokens"])
+        [labels[size]] = {shard.gpu for shard in read_shard_stats(str(out))}
+    assert rows[2].to_pylist() == rows[1].to_pylist()
+    assert labels == {1: "cpu", 2: "cpu x2"}
 
 
 # ---------------------------------------------------------------------------------------------------------
