@@ -254,14 +254,14 @@ def run(file: str, output: str, dtype: str, device: str, quantization: str | Non
                    **_engine_settings(dtype, device, quantization, tensor_parallel_size, engine_args,
                                       allow_pickle_weights))
 
-    llm = _load_model(spec.model, load)
-    if spec.generation_config == "model":
-        spec.model_sampling = llm.engine.default_sampling
-    prepare_output(spec, replace=True)
-    save_spec(spec)
-    progress = _Progress()
-    record = run_job_locally(spec, Executor.for_llm(llm), progress.update)
-    progress.close()
+    with _load_model(spec.model, load) as llm:   # closing stops a tensor-parallel engine's other ranks
+        if spec.generation_config == "model":
+            spec.model_sampling = llm.engine.default_sampling
+        prepare_output(spec, replace=True)
+        save_spec(spec)
+        progress = _Progress()
+        record = run_job_locally(spec, Executor.for_llm(llm), progress.update)
+        progress.close()
     if record.status != "completed":
         raise click.ClickException(f"job {record.job_id} {record.status}: {record.error}")
     click.echo(f"{record.rows_done:,} rows ({record.rows_failed:,} failed), "
