@@ -287,7 +287,7 @@ def throughput(args, device: torch.device) -> None:
     llm = LLM(str(config), tensor_parallel_size=args.tensor_parallel_size, **settings)
     workload = workload_of(args, llm.engine.model_config.vocab_size)
     figures, _ = run_batchgen(llm, workload)
-    emit("throughput", device, model=args.config, **figures)
+    emit("throughput", device, **{"model": args.config, "kv_cache_dtype": args.kv_cache_dtype, **figures})
     emit("all-reduce share", device, model=args.config, tensor_parallel_size=args.tensor_parallel_size,
          **all_reduce_share(llm, args))
     llm.close()
@@ -364,7 +364,8 @@ def table(rows: list[dict]) -> str:
         elif "passed" in row:
             note = ("passed " if row["passed"] else "FAILED ") + json.dumps(
                 {k: row[k] for k in ("max_rel_l2", "identical") if k in row})
-        lines.append((row["figure"], str(row.get("system", row.get("quantization") or "")),
+        system = " ".join(filter(None, (row.get("system"), row.get("quantization"), row.get("kv_cache_dtype"))))
+        lines.append((row["figure"], system,
                       str(row.get("tensor_parallel_size", "")), str(row.get("workload", "")),
                       str(row.get("output_tok_per_s", "")), str(row.get("total_tok_per_s", "")),
                       str(row.get("kv_capacity_tokens", "")), note))
