@@ -7,7 +7,6 @@ import os
 import re
 import subprocess
 import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import pyarrow.parquet as pq
@@ -25,9 +24,8 @@ from batchgen.models import loader
 from batchgen.models.linear import Linear
 from batchgen.preflight import check_weights_fit
 
-sys.path.insert(0, str(Path(__file__).parent))
-from test_deployment import REPO, _compose, _interpolate  # noqa: E402
-from test_execute import FakeEngine, FakeTokenizer, job, prompts  # noqa: E402,F401  (job: a fixture)
+from test_deployment import REPO, _compose, _interpolate
+from test_execute import FakeEngine, FakeTokenizer, job, prompts  # noqa: F401  (job: a fixture)
 
 MULTICAST_OFF_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
