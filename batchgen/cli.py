@@ -71,6 +71,7 @@ def main(verbose: bool) -> None:
     \b
     In-process:  batchgen run prompts.jsonl -o out/
     On a queue:  batchgen worker --model M --gpu 0        (one per GPU; Redis at $BATCHGEN_REDIS_URL)
+                 batchgen worker --model M --gpu 0,1,2,3 --tensor-parallel-size 2   (one per GPU pair)
                  batchgen submit prompts.parquet --model M --output out/ --wait
     """
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, stream=sys.stderr,
@@ -132,7 +133,14 @@ def _job_options(command):
     return command
 
 
+tensor_parallel_option = click.option(
+    "--tensor-parallel-size", type=click.IntRange(1), default=1, show_default=True,
+    help="GPUs one model is split across (tensor parallel): for a model whose weights and KV cache don't fit "
+         "one GPU.")
+
+
 def _engine_options(command):
+    command = tensor_parallel_option(command)
     command = click.option("--engine-arg", "engine_args", multiple=True, callback=_parse_engine_args,
                            metavar="NAME=VALUE",
                            help="Any other engine setting (batchgen.config.EngineConfig), e.g. max_num_seqs=128 "
@@ -150,11 +158,12 @@ def _engine_options(command):
                         help="Weights and activations; auto: fp32 on CPU, bf16/fp16 on GPU.")(command)
 
 
-def _engine_settings(dtype: str, device: str, quantization: str | None, engine_args: dict,
-                     allow_pickle_weights: bool) -> dict:
+def _engine_settings(dtype: str, device: str, quantization: str | None, tensor_parallel_size: int,
+                     engine_args: dict, allow_pickle_weights: bool) -> dict:
     """EngineConfig fields from the engine options."""
     return {"dtype": dtype, "device": device, **({"quantization": quantization} if quantization else {}),
-            **engine_args, **({"allow_pickle_weights": True} if allow_pickle_weights else {})}
+            "tensor_parallel_size": tensor_parallel_size, **engine_args,
+            **({"allow_pickle_weights": True} if allow_pickle_weights else {})}
 
 
 def _parse_engine_args(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> dict:
@@ -227,9 +236,8 @@ def _report_input(spec: JobSpec) -> None:
 @click.option("-o", "--output", required=True, help="Output directory (replaced if it holds an earlier run).")
 @_job_options
 @_engine_options
-def run(file: str, output: str, dtype: str, device: str, quantization: str | None, engine_args: dict,
-        allow_pickle_weights: bool,
-        **options) -> None:
+def run(file: str, output: str, dtype: str, device: str, quantization: str | None, tensor_parallel_size: int,
+        engine_args: dict, allow_pickle_weights: bool, **options) -> None:
     """Run a job in this process (no Redis, no workers).
 
     The same readers, engine and writers as the queue.
@@ -243,16 +251,17 @@ def run(file: str, output: str, dtype: str, device: str, quantization: str | Non
     def load():
         from batchgen import LLM
         return LLM(spec.model, generation_config=spec.generation_config,
-                   **_engine_settings(dtype, device, quantization, engine_args, allow_pickle_weights))
+                   **_engine_settings(dtype, device, quantization, tensor_parallel_size, engine_args,
+                                      allow_pickle_weights))
 
-    llm = _load_model(spec.model, load)
-    if spec.generation_config == "model":
-        spec.model_sampling = llm.engine.default_sampling
-    prepare_output(spec, replace=True)
-    save_spec(spec)
-    progress = _Progress()
-    record = run_job_locally(spec, Executor.for_llm(llm), progress.update)
-    progress.close()
+    with _load_model(spec.model, load) as llm:   # closing stops a tensor-parallel engine's other ranks
+        if spec.generation_config == "model":
+            spec.model_sampling = llm.engine.default_sampling
+        prepare_output(spec, replace=True)
+        save_spec(spec)
+        progress = _Progress()
+        record = run_job_locally(spec, Executor.for_llm(llm), progress.update)
+        progress.close()
     if record.status != "completed":
         raise click.ClickException(f"job {record.job_id} {record.status}: {record.error}")
     click.echo(f"{record.rows_done:,} rows ({record.rows_failed:,} failed), "
@@ -282,14 +291,15 @@ def run(file: str, output: str, dtype: str, device: str, quantization: str | Non
 @_engine_options
 @click.pass_context
 def score(ctx: click.Context, on_queue: bool, wait_for_it: bool, dtype: str, device: str, quantization: str | None,
-          engine_args: dict, allow_pickle_weights: bool, **options) -> None:
+          tensor_parallel_size: int, engine_args: dict, allow_pickle_weights: bool, **options) -> None:
     """Score every row's text: total_logprob, scored_tokens and perplexity columns; nothing is generated.
 
     The same job as `run` (or `submit`) with --max-tokens 0: prefill only."""
     if on_queue:
         ctx.invoke(submit, wait_for_it=wait_for_it, max_tokens=0, **options)
     else:
-        ctx.invoke(run, dtype=dtype, device=device, quantization=quantization, engine_args=engine_args,
+        ctx.invoke(run, dtype=dtype, device=device, quantization=quantization,
+                   tensor_parallel_size=tensor_parallel_size, engine_args=engine_args,
                    allow_pickle_weights=allow_pickle_weights, max_tokens=0, **options)
 
 
@@ -465,28 +475,31 @@ def results(job: str, show: int, shards: bool) -> None:
 
 @main.command()
 @click.option("--model", default="default", show_default=True, help="The model this worker serves (its queue).")
-@click.option("--gpu", help="GPU index, or a comma-separated list: one worker process per GPU.")
+@click.option("--gpu", help="GPU index, or a comma-separated list: one worker process per GPU, or per group of "
+                            "--tensor-parallel-size GPUs.")
 @click.option("--concurrency", type=click.IntRange(1), default=2, show_default=True,
               help="Shard tasks in flight per process (they share one engine).")
 @_engine_options
 @click.option("--loglevel", default="INFO", show_default=True)
 def worker(model: str, gpu: str | None, concurrency: int, dtype: str, device: str, quantization: str | None,
-           engine_args: dict, allow_pickle_weights: bool, loglevel: str) -> None:
+           tensor_parallel_size: int, engine_args: dict, allow_pickle_weights: bool, loglevel: str) -> None:
     """Serve one model's shards from the queue.
 
-    The model is loaded once per process and reused for every shard; --gpu 0,1 starts one process per GPU."""
-    gpus = [g.strip() for g in (gpu or "").split(",") if g.strip()]
-    if len(gpus) > 1:
-        sys.exit(_worker_per_gpu(gpus, [sys.executable, "-m", "batchgen.cli", "worker", "--model", model,
-                                        "--concurrency", str(concurrency), "--dtype", dtype, "--device", device,
-                                        "--loglevel", loglevel, *(f"--engine-arg={name}={json.dumps(value)}"
-                                                                  for name, value in engine_args.items()),
-                                        *(["--quantization", quantization] if quantization else []),
-                                        *(["--allow-pickle-weights"] if allow_pickle_weights else [])]))
-    if gpus:
-        os.environ["CUDA_VISIBLE_DEVICES"] = gpus[0]
+    The model is loaded once per process and reused for every shard; --gpu 0,1 starts one process per GPU,
+    --gpu 0,1,2,3 --tensor-parallel-size 2 one per GPU pair (0,1 and 2,3)."""
+    groups = gpu_groups([g.strip() for g in (gpu or "").split(",") if g.strip()], tensor_parallel_size)
+    if len(groups) > 1:
+        sys.exit(_worker_per_group(groups, [
+            sys.executable, "-m", "batchgen.cli", "worker", "--model", model, "--concurrency", str(concurrency),
+            "--dtype", dtype, "--device", device, "--tensor-parallel-size", str(tensor_parallel_size),
+            "--loglevel", loglevel,
+            *(f"--engine-arg={name}={json.dumps(value)}" for name, value in engine_args.items()),
+            *(["--quantization", quantization] if quantization else []),
+            *(["--allow-pickle-weights"] if allow_pickle_weights else [])]))
+    if groups:
+        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(groups[0])
     os.environ.update(BATCHGEN_MODEL=model, BATCHGEN_ENGINE_ARGS=json.dumps(
-        _engine_settings(dtype, device, quantization, engine_args, allow_pickle_weights)))
+        _engine_settings(dtype, device, quantization, tensor_parallel_size, engine_args, allow_pickle_weights)))
     from batchgen.workers import tasks
     from batchgen.workers.app import app, queue_name
 
@@ -548,9 +561,21 @@ def serve(host: str, port: int) -> None:
     uvicorn.run(app, host=host, port=port, log_level="warning")
 
 
-def _worker_per_gpu(gpus: list[str], command: list[str]) -> int:
-    """One child worker per GPU; signals are passed on so a stop stops them all (each finishes its shards)."""
-    children = [subprocess.Popen([*command, "--gpu", gpu]) for gpu in gpus]
+def gpu_groups(gpus: list[str], tensor_parallel_size: int) -> list[list[str]]:
+    """The GPUs of each worker process: consecutive runs of `tensor_parallel_size` from the --gpu list (GPUs
+    listed next to each other are usually the ones NVLink joins)."""
+    if len(gpus) % tensor_parallel_size:
+        raise click.UsageError(f"--gpu lists {len(gpus)} GPU(s) ({','.join(gpus)}), not a multiple of "
+                               f"--tensor-parallel-size {tensor_parallel_size}: each worker takes "
+                               f"{tensor_parallel_size} GPUs")
+    return [gpus[first:first + tensor_parallel_size] for first in range(0, len(gpus), tensor_parallel_size)]
+
+
+def _worker_per_group(groups: list[list[str]], command: list[str]) -> int:
+    """One child worker per GPU group, seeing only its group's GPUs (as cuda:0, cuda:1, ...); signals are passed
+    on so a stop stops them all (each finishes its shards)."""
+    children = [subprocess.Popen(command, env={**os.environ, "CUDA_VISIBLE_DEVICES": ",".join(group)})
+                for group in groups]
 
     def forward(signum, _frame):
         for child in children:

@@ -9,7 +9,7 @@ import json
 
 import click
 
-from batchgen.cli import run, submit
+from batchgen.cli import run, submit, tensor_parallel_option
 
 
 def system_prompt(instruction: str, schema: dict) -> str:
@@ -34,11 +34,12 @@ def system_prompt(instruction: str, schema: dict) -> str:
 @click.option("--wait", "wait_for_it", is_flag=True, help="With --submit: follow the job until it ends.")
 @click.option("--dtype", default="auto", show_default=True, help="In-process only (workers load their own model).")
 @click.option("--device", default="auto", show_default=True, help="In-process only.")
+@tensor_parallel_option
 @click.pass_context
 def extract_command(ctx: click.Context, docs: str, schema_file: str, instruction: str, text_column: str,
                     output: str, model: str, id_column: str, keep_columns: str | None, max_tokens: int,
                     temperature: float, shard_size: int, on_queue: bool, wait_for_it: bool, dtype: str,
-                    device: str) -> None:
+                    device: str, tensor_parallel_size: int) -> None:
     """Extract JSON that fits --schema from every document in DOCS (JSONL or Parquet)."""
     try:
         with open(schema_file) as source:
@@ -52,4 +53,5 @@ def extract_command(ctx: click.Context, docs: str, schema_file: str, instruction
     if on_queue:
         ctx.invoke(submit, wait_for_it=wait_for_it, **options)
     else:
-        ctx.invoke(run, dtype=dtype, device=device, engine_args={}, **options)
+        ctx.invoke(run, dtype=dtype, device=device, tensor_parallel_size=tensor_parallel_size, engine_args={},
+                   **options)

@@ -59,7 +59,7 @@ class Executor:
     engine: Generator
     tokenizer: Tokenizer
     worker: str                      # "host:pid"
-    gpu: str | None = None           # "cpu", or "cuda:0 NVIDIA H100 80GB HBM3" (physical index)
+    gpu: str | None = None           # "cpu", or "cuda:0 NVIDIA H100 80GB HBM3" (physical indices: "cuda:2,3" under TP)
     dtype: str | None = None
     default_sampling: dict[str, Any] = field(default_factory=dict)   # the engine's, from the model's files
 
@@ -68,8 +68,8 @@ class Executor:
         """An executor for a loaded `batchgen.LLM`; `engine` replaces it as the generator (an EngineLoop
         around it)."""
         return cls(engine=engine or llm, tokenizer=llm.tokenizer, worker=worker_name(),
-                   gpu=device_label(llm.engine.device), dtype=str(llm.engine.dtype).removeprefix("torch."),
-                   default_sampling=llm.engine.default_sampling)
+                   gpu=device_label(llm.engine.device, llm.engine.config.tensor_parallel_size),
+                   dtype=str(llm.engine.dtype).removeprefix("torch."), default_sampling=llm.engine.default_sampling)
 
 
 @dataclass(frozen=True)
@@ -85,16 +85,19 @@ def worker_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def device_label(device) -> str:
-    """'cpu', or 'cuda:N <name>' with N the physical GPU (CUDA_VISIBLE_DEVICES maps the process's cuda:0)."""
+def device_label(device, tensor_parallel_size: int = 1) -> str:
+    """'cpu', or 'cuda:N <name>' with N the physical GPU (CUDA_VISIBLE_DEVICES maps the process's cuda:0); a
+    tensor-parallel engine names every GPU of its group, 'cuda:2,3 <name>' (rank r runs on the r-th device
+    from the engine's), or its ranks on the CPU, 'cpu x2'."""
     if device.type != "cuda":
-        return device.type
+        return device.type if tensor_parallel_size == 1 else f"{device.type} x{tensor_parallel_size}"
     import torch
 
-    index = device.index or 0
-    visible = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
-    physical = visible[index].strip() if index < len(visible) else str(index)
-    return f"cuda:{physical} {torch.cuda.get_device_name(index)}"
+    first = device.index or 0
+    visible = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    physical = [visible[index] if index < len(visible) else str(index)
+                for index in range(first, first + tensor_parallel_size)]
+    return f"cuda:{','.join(physical)} {torch.cuda.get_device_name(first)}"
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from batchgen.models.layers import RMSNorm, VocabParallelEmbedding
 from batchgen.models.linear import Linear
 from batchgen.models.quant import QuantConfig, Unquantized, quant_config
 from batchgen.models.registry import model_class
+from batchgen.preflight import check_weights_fit
 
 LOAD_FORMATS = ("safetensors", "dummy")
 # what a hub download fetches: weights, configs, tokenizer, chat template; never pickled weights
@@ -72,6 +73,7 @@ def load_model(path: str | Path, dtype: torch.dtype | str, device: torch.device 
     with torch.device("meta"):
         model = model_cls(config)  # structure only: no memory, no random init that the weights overwrite
         _set_weight_formats(model, quant, dtype)
+    check_weights_fit(model, device, dtype)   # a model too big fails here, not with an out-of-memory crash later
     _materialize_parameters(model, dtype, device)
     model.to(device)  # buffers (the fp32 rotary table) follow the parameters
     if load_format == "dummy":
