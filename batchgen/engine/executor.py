@@ -27,6 +27,7 @@ from multiprocessing.connection import Connection, wait
 from pathlib import Path
 
 import torch
+import torch.distributed
 import torch.distributed.distributed_c10d as c10d
 
 from batchgen.config import EngineConfig
@@ -122,7 +123,7 @@ class Ranks:
         the next call then reports the rank."""
         ready = wait([stop_signal] + [r.process.sentinel for r in self.ranks])
         if stop_signal not in ready and not self.stopped:
-            c10d._abort_process_group()
+            _abort_device_group()
 
     @contextlib.contextmanager
     def together(self) -> Iterator[None]:
@@ -159,7 +160,7 @@ class Ranks:
             except (EOFError, OSError):
                 raise self._failed_rank(FAILURE_REPORT_S) or RankFailure(f"tensor-parallel rank {r.rank} hung up")
             if kind == "error":
-                raise RankFailure(f"tensor-parallel rank {r.rank} raised: {payload}")
+                raise _raised(r, payload)
             results.append(payload)
         return results
 
@@ -176,7 +177,7 @@ class Ranks:
                 try:
                     kind, payload = r.conn.recv()
                     if kind == "error":
-                        return RankFailure(f"tensor-parallel rank {r.rank} raised: {payload}")
+                        return _raised(r, payload)
                 except (EOFError, OSError):   # it is gone: its exit code says how
                     r.process.join(timeout_s)
             code = r.process.exitcode
@@ -186,13 +187,16 @@ class Ranks:
         return None
 
     def stop(self) -> None:
-        """Ask every other rank to exit, kill the ones that don't, and leave the group. Safe to call again."""
+        """Ask every other rank to exit (after a failure: kill them, they may be waiting in a collective), kill
+        the ones that don't, and leave the group. Safe to call again."""
         if self.stopped:
             return
         self.stopped = True
         if self._stop_watching is not None:
             self._stop_watching.send(None)
         for r in self.ranks:
+            if self.failure is not None:
+                r.process.kill()
             with contextlib.suppress(OSError, ValueError):
                 r.conn.send(("close", ()))
         for r in self.ranks:
@@ -201,8 +205,20 @@ class Ranks:
                 r.process.kill()
                 r.process.join()
             r.conn.close()
+        if self.failure is not None and self.device_type == "cuda":
+            _abort_device_group()   # destroying it would wait on collectives a dead rank never joins
         close_tensor_parallel()
         shutil.rmtree(self._rendezvous_dir, ignore_errors=True)
+
+
+def _raised(r: RankProcess, report: str) -> RankFailure:
+    return RankFailure(f"tensor-parallel rank {r.rank} raised {report}")
+
+
+def _abort_device_group() -> None:
+    """NCCL: abort the communicators, so kernels waiting in a collective return and the group is gone."""
+    if torch.distributed.is_initialized():
+        c10d._abort_process_group()
 
 
 class TensorParallelRunner(ModelRunner):
@@ -323,7 +339,7 @@ def run_rank(rank: int, config: EngineConfig, model_path: Path, dtype: torch.dty
         close_tensor_parallel()
     except EOFError:   # rank 0 is gone
         return
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(OSError):
-            conn.send(("error", traceback.format_exc()))
+            conn.send(("error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
         raise SystemExit(1)

@@ -5,6 +5,7 @@ it; close() leaves no rank process behind.
 
 A process holds one tensor-parallel group at a time, and layers read it when they are built: each family's
 single-rank results are made before its two-rank engine starts, and that engine is closed before the next."""
+import multiprocessing
 import os
 import signal
 import threading
@@ -12,14 +13,14 @@ from dataclasses import dataclass
 
 import pytest
 from test_engine_vs_hf import hf_greedy, mixed_prompts
-from test_families_vs_hf import FAMILIES, hf_reference, prompts_for
+from test_families_vs_hf import FAMILIES
 
 from batchgen import LLM, SamplingParams
 from batchgen.engine.errors import EngineBroken
 
-MAX_NEW = 10   # test_families_vs_hf's hf_reference makes this many
+MAX_NEW = 10
 # one engine shape that chunks prompts (16-token budget), preempts (30 blocks of 4 tokens for requests of up to
-# 80) and hits the prefix cache (prompts share a head); 8 rows of prompt logits at a time
+# 80 tokens) and hits the prefix cache (prompts share a head); 8 rows of prompt logits at a time
 ENGINE_ARGS = dict(dtype="float32", device="cpu", block_size=4, num_kv_blocks=30, max_num_batched_tokens=16,
                    max_num_seqs=8)
 GEMMA = "gemma3-softcap-tied"
@@ -43,15 +44,10 @@ class Family:
 
 @pytest.fixture(scope="module", params=["llama", GEMMA])
 def family(request, tiny_model_dir):
-    if request.param == "llama":
-        model_dir = tiny_model_dir("llama")
-        prompts = mixed_prompts(seed=13, count=6, shared_prefix=20)
-        hf_tokens = hf_greedy(model_dir, prompts, MAX_NEW)
-    else:
-        arch, overrides = FAMILIES[request.param]
-        model_dir = tiny_model_dir(arch, **overrides)
-        prompts = prompts_for(request.param)
-        hf_tokens = [tokens for tokens, _ in hf_reference(model_dir, arch, prompts)]
+    arch, overrides = FAMILIES.get(request.param, (request.param, {}))
+    model_dir = tiny_model_dir(arch, **overrides)
+    prompts = mixed_prompts(seed=13, count=6, shared_prefix=20)   # past Gemma's 16-token window
+    hf_tokens = hf_greedy(model_dir, prompts, MAX_NEW)
     tp1 = LLM(str(model_dir), **ENGINE_ARGS)
     single = {"greedy": tp1.generate(prompts, GREEDY), "seeded": tp1.generate(prompts, seeded(len(prompts))),
               "beams": tp1.generate(prompts[:3], BEAMS), "scoring": tp1.generate(prompts, SCORING)}
@@ -138,3 +134,9 @@ def test_a_killed_rank_fails_the_engine_naming_it_and_close_stops_the_rest(tiny_
         llm.generate_tokens([[5, 6, 7]], SamplingParams(max_tokens=2))
     llm.close()
     assert not process.is_alive()
+
+
+def test_a_rank_that_raises_at_start_fails_the_engine_naming_it_and_leaves_no_process(tiny_model_dir):
+    with pytest.raises(EngineBroken, match=r"tensor-parallel rank \d raised RuntimeError: .*allocate"):
+        LLM(str(tiny_model_dir("llama")), tensor_parallel_size=2, dtype="float32", device="cpu", num_kv_blocks=10**12)
+    assert not [p for p in multiprocessing.active_children() if p.name.startswith("batchgen-tp-rank")]
