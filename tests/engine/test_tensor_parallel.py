@@ -4,7 +4,8 @@ prefix caching, n > 1, beam search and prompt logprobs; a rank that dies fails t
 it; close() leaves no rank process behind.
 
 A process holds one tensor-parallel group at a time, and layers read it when they are built: each family's
-single-rank results are made before its two-rank engine starts, and that engine is closed before the next."""
+single-rank results are made before its two-rank engine starts, and that engine is closed before the next.
+BATCHGEN_TEST_TP_DEVICE=cuda runs the same tests on two GPUs (NCCL, CUDA graphs)."""
 import multiprocessing
 import os
 import signal
@@ -18,10 +19,11 @@ from test_families_vs_hf import FAMILIES
 from batchgen import LLM, SamplingParams
 from batchgen.engine.errors import EngineBroken
 
+DEVICE = os.environ.get("BATCHGEN_TEST_TP_DEVICE", "cpu")
 MAX_NEW = 10
 # one engine shape that chunks prompts (16-token budget), preempts (30 blocks of 4 tokens for requests of up to
 # 80 tokens) and hits the prefix cache (prompts share a head); 8 rows of prompt logits at a time
-ENGINE_ARGS = dict(dtype="float32", device="cpu", block_size=4, num_kv_blocks=30, max_num_batched_tokens=16,
+ENGINE_ARGS = dict(dtype="float32", device=DEVICE, block_size=4, num_kv_blocks=30, max_num_batched_tokens=16,
                    max_num_seqs=8)
 GEMMA = "gemma3-softcap-tied"
 GREEDY = SamplingParams(temperature=0.0, max_tokens=MAX_NEW, logprobs=2)
@@ -104,7 +106,7 @@ def test_close_stops_every_rank(family):
 
 
 def test_a_killed_rank_fails_the_engine_naming_it_and_close_stops_the_rest(tiny_model_dir):
-    llm = LLM(str(tiny_model_dir("llama")), tensor_parallel_size=2, dtype="float32", device="cpu",
+    llm = LLM(str(tiny_model_dir("llama")), tensor_parallel_size=2, dtype="float32", device=DEVICE,
               num_kv_blocks=64, max_num_batched_tokens=16)
     (process,) = rank_processes(llm)
     steps = []
@@ -137,6 +139,6 @@ def test_a_killed_rank_fails_the_engine_naming_it_and_close_stops_the_rest(tiny_
 
 
 def test_a_rank_that_raises_at_start_fails_the_engine_naming_it_and_leaves_no_process(tiny_model_dir):
-    with pytest.raises(EngineBroken, match=r"tensor-parallel rank \d raised RuntimeError: .*allocate"):
-        LLM(str(tiny_model_dir("llama")), tensor_parallel_size=2, dtype="float32", device="cpu", num_kv_blocks=10**12)
+    with pytest.raises(EngineBroken, match=r"tensor-parallel rank \d raised \w+Error: .*allocate"):
+        LLM(str(tiny_model_dir("llama")), tensor_parallel_size=2, dtype="float32", device=DEVICE, num_kv_blocks=10**12)
     assert not [p for p in multiprocessing.active_children() if p.name.startswith("batchgen-tp-rank")]
