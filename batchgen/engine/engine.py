@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from batchgen.config import EngineConfig
+from batchgen.distributed import tensor_parallel
 from batchgen.engine.errors import Cancelled, EngineBroken
 from batchgen.engine.executor import Ranks, TensorParallelRunner
 from batchgen.engine.grammar import StructuredOutputError
@@ -58,6 +59,8 @@ class SampledStep:
 
 class Engine:
     def __init__(self, config: EngineConfig):
+        if tensor_parallel().size > 1:   # layers take their shard from the process's one group when built
+            raise RuntimeError("a tensor-parallel engine runs in this process: close it before starting another")
         self.config = config
         self.device = config.resolved_device()
         if config.tensor_parallel_size > 1 and self.device.type == "cuda":

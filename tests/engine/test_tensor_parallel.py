@@ -98,11 +98,16 @@ def test_beam_search_and_prompt_logprobs_equal_one_rank(family):
             assert entry.top.keys() == ref.top.keys()
 
 
-def test_close_stops_every_rank(family):
+def test_close_stops_every_rank_and_then_frees_the_process_for_another_engine(family):
     processes = rank_processes(family.tp2)
     assert processes and all(p.is_alive() for p in processes)
+    model_dir = str(family.tp2.engine.model_path)
+    with pytest.raises(RuntimeError, match="close it"):   # it would build its layers for the running group
+        LLM(model_dir, **ENGINE_ARGS)
     family.tp2.close()
     assert not any(p.is_alive() for p in processes)
+    assert LLM(model_dir, **ENGINE_ARGS).generate(family.prompts[:1], GREEDY)[0].outputs[0].token_ids == \
+        family.single["greedy"][0].outputs[0].token_ids
 
 
 def test_a_killed_rank_fails_the_engine_naming_it_and_close_stops_the_rest(tiny_model_dir):
