@@ -311,6 +311,7 @@ class Engine:
     def _take_tokens(self, step: SampledStep) -> list[Request]:
         """Append a step's sampled tokens (waiting for its sampling only) and apply the stop conditions."""
         sampled = step.sample.result()
+        self.runner.check_healthy()   # tokens of a step whose collectives were aborted are not the model's
         finished = []
         for i, request in enumerate(step.requests):
             request.num_pending_tokens = 0

@@ -10,9 +10,11 @@ reach the other devices at the next step's start (`ModelRunner._pending_tokens`)
 Ranks start, fail and stop together. A rank that raises reports its traceback and exits; one that dies is seen by
 its process sentinel; a collective that waits past COLLECTIVE_TIMEOUT_S raises. On CUDA a watcher thread aborts
 the device group when a rank dies, since NCCL's watchdog does not see collectives replayed from CUDA graphs and
-rank 0 would wait on them forever. Whatever failed, rank 0 stops every rank and the engine fails with
-EngineBroken naming the rank: a step half-run across ranks can't be retried request by request (the peers would
-wait in an all-reduce).
+rank 0 would wait on them forever; the aborted kernels return garbage, so the engine checks the ranks once it has
+waited for a step's tokens (`check_healthy`) and never takes them from a step a rank died in. Whatever failed,
+rank 0 stops every rank and the engine fails with EngineBroken naming the rank: a step half-run across ranks
+can't be retried request by request (the peers would wait in an all-reduce), and restarting the ranks with the
+running requests recomputed is not done here.
 """
 import contextlib
 import multiprocessing
@@ -274,6 +276,11 @@ class TensorParallelRunner(ModelRunner):
         with self.ranks.together():
             self.ranks.send("execute", inputs.host, prompt_rows)
             return super().execute(inputs, pending)
+
+    def check_healthy(self) -> None:
+        """Every rank is alive (so no collective was aborted) and none has failed."""
+        with self.ranks.together():
+            pass
 
     def close(self) -> None:
         self.ranks.stop()

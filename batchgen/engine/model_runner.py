@@ -162,6 +162,10 @@ class ModelRunner:
     def close(self) -> None:
         """Stop what the runner started: nothing on one device (a tensor-parallel runner stops its ranks)."""
 
+    def check_healthy(self) -> None:
+        """Raise if what the device handed back can't be trusted: never on one device (a tensor-parallel runner's
+        collectives are aborted when a rank dies, and the kernels waiting in them return garbage)."""
+
     def measure_peak_bytes(self, run: Callable[[], None]) -> int:
         """CUDA memory `run` holds at its peak above what was held before it: reserved, not allocated, bytes,
         since the card's memory is what the allocator reserves."""
