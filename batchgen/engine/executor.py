@@ -116,7 +116,7 @@ class Ranks:
 
         threading.Thread(target=join, name="batchgen-tp-join", daemon=True).start()
         while not joined.wait(JOIN_POLL_S):
-            self._check_alive()
+            self.check_alive()
         if errors:
             raise errors[0]
 
@@ -134,7 +134,7 @@ class Ranks:
         if self.failure is not None:
             raise EngineBroken(self.failure)
         try:
-            self._check_alive()
+            self.check_alive()
             yield
         except EngineBroken:
             raise
@@ -166,7 +166,7 @@ class Ranks:
             results.append(payload)
         return results
 
-    def _check_alive(self) -> None:
+    def check_alive(self) -> None:
         """Raise RankFailure if a rank has exited (reading no answer from the pipes: a call may await one)."""
         if any(r.process.exitcode is not None for r in self.ranks):
             raise self._failed_rank(FAILURE_REPORT_S)
@@ -275,7 +275,10 @@ class TensorParallelRunner(ModelRunner):
         prompt_rows = PromptPositions(inputs.prompt_positions.flat_rows, inputs.prompt_positions.target_ids)
         with self.ranks.together():
             self.ranks.send("execute", inputs.host, prompt_rows)
-            return super().execute(inputs, pending)
+            logits = super().execute(inputs, pending)
+            if prompt_rows:   # their logprobs were waited for: see check_healthy
+                self.ranks.check_alive()
+            return logits
 
     def check_healthy(self) -> None:
         """Every rank is alive (so no collective was aborted) and none has failed."""
