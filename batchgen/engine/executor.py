@@ -30,7 +30,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed
-import torch.distributed.distributed_c10d as c10d
 
 from batchgen.config import EngineConfig
 from batchgen.distributed import close_tensor_parallel, disable_multicast, init_tensor_parallel
@@ -208,7 +207,7 @@ class Ranks:
                 r.process.join()
             r.conn.close()
         if self.failure is not None and self.device_type == "cuda":
-            _abort_device_group()   # destroying it would wait on collectives a dead rank never joins
+            _abort_device_group()   # a graceful destroy would wait on collectives a dead rank never joins
         close_tensor_parallel()
         shutil.rmtree(self._rendezvous_dir, ignore_errors=True)
 
@@ -218,9 +217,10 @@ def _raised(r: RankProcess, report: str) -> RankFailure:
 
 
 def _abort_device_group() -> None:
-    """NCCL: abort the communicators, so kernels waiting in a collective return and the group is gone."""
+    """NCCL: abort the group's communicators, so kernels waiting in a collective return (the group stays known,
+    for close_tensor_parallel to destroy)."""
     if torch.distributed.is_initialized():
-        c10d._abort_process_group()
+        torch.distributed.group.WORLD.abort()
 
 
 class TensorParallelRunner(ModelRunner):
