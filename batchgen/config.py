@@ -35,6 +35,8 @@ class EngineConfig(BaseModel):
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
     enforce_eager: bool = False            # no CUDA graphs
+    # ranks the model is split over (tensor parallelism): one process per rank, rank r on cuda:r (gloo on CPU)
+    tensor_parallel_size: int = Field(1, ge=1)
 
     @field_validator("device")
     @classmethod

@@ -24,7 +24,7 @@ class LLM:
         self.engine = Engine(config)
 
     def close(self) -> None:
-        """Release the engine's threads (grammar compiles and masks)."""
+        """Release the engine's threads (grammar compiles and masks) and stop its tensor-parallel ranks."""
         self.engine.close()
 
     def __enter__(self) -> "LLM":

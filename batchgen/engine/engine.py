@@ -8,11 +8,13 @@ from dataclasses import dataclass
 import torch
 
 from batchgen.config import EngineConfig
+from batchgen.distributed import tensor_parallel
 from batchgen.engine.errors import Cancelled, EngineBroken
+from batchgen.engine.executor import Ranks, TensorParallelRunner
 from batchgen.engine.grammar import StructuredOutputError
 from batchgen.engine.kv_cache import KVCacheManager
 from batchgen.engine.model_runner import (MemoryProfile, ModelRunner, PendingTokens, StepInputs, cpu_kv_blocks,
-                                           kv_blocks_that_fit, use_expandable_segments)
+                                           use_expandable_segments)
 from batchgen.engine.request import Request
 from batchgen.engine.sampler import PendingSample, Sampler
 from batchgen.engine.scheduler import ScheduledBatch, Scheduler
@@ -57,21 +59,38 @@ class SampledStep:
 
 class Engine:
     def __init__(self, config: EngineConfig):
+        if tensor_parallel().size > 1:   # layers take their shard from the process's one group when built
+            raise RuntimeError("a tensor-parallel engine runs in this process: close it before starting another")
         self.config = config
         self.device = config.resolved_device()
+        if config.tensor_parallel_size > 1 and self.device.type == "cuda":
+            self.device = torch.device("cuda", 0)   # rank r runs on cuda:r
         if self.device.type == "cuda":
             use_expandable_segments()
         self.model_path = resolve_model_path(config.model)
         # SamplingParams fields a request leaves unset take these (the model's generation_config.json)
         self.default_sampling = model_sampling_defaults(self.model_path) if config.generation_config == "model" else {}
         self.dtype = resolve_dtype(config.dtype, self.device, ModelConfig.from_dir(self.model_path).dtype)
+        # the other ranks start first: every rank joins the group before it builds its shard of the model
+        ranks = Ranks(config, self.model_path, self.dtype) if config.tensor_parallel_size > 1 else None
+        try:
+            self._start(ranks)
+        except BaseException:   # the other ranks stop with it
+            if ranks is not None:
+                ranks.stop()
+            raise
+
+    def _start(self, ranks: Ranks | None) -> None:
+        """Load this rank's model, size the KV cache and capture the decode graphs (on every rank)."""
+        config = self.config
         self.model, self.model_config = load_model(self.model_path, self.dtype, self.device, config.load_format,
                                                    config.allow_pickle_weights, config.quantization)
         self.tokenizer = load_tokenizer(config.tokenizer or self.model_path)
         self.eos_token_ids = frozenset(self.model_config.eos_token_ids)
 
-        self.runner = ModelRunner(self.model, self.model_config, config.block_size, self.device, self.dtype,
-                                  logits_chunk_rows=config.resolved_max_num_seqs(self.device))
+        runner_args = (self.model, self.model_config, config.block_size, self.device, self.dtype,
+                       config.resolved_max_num_seqs(self.device))
+        self.runner = ModelRunner(*runner_args) if ranks is None else TensorParallelRunner(ranks, *runner_args)
         self.sampler = Sampler(config.seed)
         self.grammars: GrammarEngine | None = None     # created with the first structured request
         self.sampled_step: SampledStep | None = None   # last step's sampling, its tokens not yet taken
@@ -89,6 +108,8 @@ class Engine:
         if use_graphs:
             try:
                 self.runner.capture_decode_graphs(self.scheduler.max_num_seqs, self.max_model_len)
+            except EngineBroken:   # a tensor-parallel rank failed: no rank can go on
+                raise
             except RuntimeError as exc:   # the engine still works eagerly; say why it is slower
                 log.warning("CUDA graph capture failed, running decode eagerly: %s", exc)
                 self.runner.decode_graphs = None
@@ -119,13 +140,12 @@ class Engine:
         return min(self.config.max_model_len or self.model_config.max_model_len, self.model_config.max_model_len)
 
     def _num_blocks_that_fit(self, use_graphs: bool) -> int:
-        per_block = self.runner.kv_bytes_per_block
         if self.device.type == "cpu":
-            return cpu_kv_blocks(per_block, self.config.block_size, self.config.resolved_max_num_seqs(self.device),
-                                 self._context_len(), self.config.kv_cache_bytes)
+            return cpu_kv_blocks(self.runner.kv_bytes_per_block, self.config.block_size,
+                                 self.config.resolved_max_num_seqs(self.device), self._context_len(),
+                                 self.config.kv_cache_bytes)
         self.memory_profile = self._profile_memory(use_graphs)
-        free, total = torch.cuda.mem_get_info(self.device)
-        return kv_blocks_that_fit(free, total, self.config.gpu_memory_utilization, self.memory_profile, per_block)
+        return self.runner.kv_blocks_that_fit(self.config.gpu_memory_utilization, self.memory_profile)
 
     def profile_requests(self) -> list[Request]:
         """The largest step the scheduler can form: max_num_seqs prompts (or one per token of the budget) that
@@ -153,6 +173,8 @@ class Engine:
         if use_graphs:
             try:
                 graph_pool = self.runner.measure_decode_graph_bytes(self.scheduler.max_num_seqs, self._context_len())
+            except EngineBroken:
+                raise
             except RuntimeError as exc:   # capture will fail again after sizing, and say so
                 log.warning("CUDA graph capture failed while profiling memory: %s", exc)
         self.runner.release_kv_cache()
@@ -161,7 +183,8 @@ class Engine:
         return MemoryProfile(step_peak, graph_pool)
 
     def close(self) -> None:
-        """Stop the grammar threads; the engine takes no work after this."""
+        """Stop the grammar threads and the other tensor-parallel ranks; the engine takes no work after this."""
+        self.runner.close()
         if self.grammars is not None:
             self.grammars.shutdown()
             self.grammars = None
@@ -288,6 +311,7 @@ class Engine:
     def _take_tokens(self, step: SampledStep) -> list[Request]:
         """Append a step's sampled tokens (waiting for its sampling only) and apply the stop conditions."""
         sampled = step.sample.result()
+        self.runner.check_healthy()   # tokens of a step whose collectives were aborted are not the model's
         finished = []
         for i, request in enumerate(step.requests):
             request.num_pending_tokens = 0
@@ -331,7 +355,10 @@ class Engine:
     def _recover(self, requests: list[Request], exc: Exception) -> list[Request]:
         """A step raised. Its K/V writes can't be trusted, so cached prefixes are forgotten and its requests
         are recomputed, each first by itself: a request that fails alone MAX_SOLO_FAILURES times ends with an
-        error, and the rest of the work never notices. Steps that keep failing mean a broken engine."""
+        error, and the rest of the work never notices. Steps that keep failing mean a broken engine, and so
+        does a failed tensor-parallel rank (its peers can't run a request alone: the ranks were stopped)."""
+        if isinstance(exc, EngineBroken):
+            raise exc
         self.consecutive_failed_steps += 1
         if self.consecutive_failed_steps >= MAX_CONSECUTIVE_FAILED_STEPS:
             raise EngineBroken(f"{self.consecutive_failed_steps} steps failed in a row, the last with "

@@ -18,7 +18,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.distributed
 
+from batchgen.distributed import tensor_parallel
 from batchgen.engine.prompt_logprobs import PromptPositions
 from batchgen.engine.request import Request
 from batchgen.engine.scheduler import ScheduledBatch
@@ -86,17 +88,33 @@ class PendingTokens:
 
 
 @dataclass
+class StepArrays:
+    """A step's flat inputs on the host, decodes first: what `prepare` computes, and what rank 0 sends the other
+    tensor-parallel ranks. A token sampled last step is not known on the host yet: its slot in `input_ids` holds
+    0 until `execute` fills it in on the device."""
+    input_ids: np.ndarray
+    positions: np.ndarray                 # rotary-table rows: the position plus the request's rope_position_offset
+    slot_mapping: np.ndarray
+    query_start_loc: np.ndarray
+    seq_lens: np.ndarray
+    block_tables: np.ndarray
+    max_query_len: int
+    num_decodes: int
+    logits_indices: np.ndarray            # rows (last token of each request that reached its end) to sample
+    pending_positions: list[int]          # slots of input_ids taking a token sampled last step
+
+
+@dataclass
 class StepInputs:
-    """A step's flat inputs on the device, decodes first. A token sampled last step is not known on the host
-    yet: its slot in `input_ids` holds 0 until `execute` fills it in on the device."""
+    """A step's inputs on the device, with the host arrays they came from and the requests behind the rows."""
+    host: StepArrays
     input_ids: torch.Tensor
-    positions: torch.Tensor               # rotary-table rows: the position plus the request's rope_position_offset
+    positions: torch.Tensor
     meta: AttentionMetadata
-    logits_indices: torch.Tensor          # rows (last token of each request that reached its end) to sample
-    sampling_requests: list[Request]
-    pending_positions: list[int]          # slots of input_ids taking a token sampled last step ...
-    pending_requests: list[Request]       # ... and whose token it is
+    logits_indices: torch.Tensor
     prompt_positions: PromptPositions     # rows whose next prompt token a request scores (prompt_logprobs)
+    sampling_requests: list[Request]      # the request of each row of logits_indices
+    pending_requests: list[Request]       # whose token each of host.pending_positions takes
 
 
 class ModelRunner:
@@ -108,17 +126,20 @@ class ModelRunner:
         self.block_size = block_size
         self.device = device
         self.dtype = dtype
+        self.num_kv_heads = model.attention_layers[0].num_kv_heads   # this rank's share under tensor parallelism
+        # the group size the model was built for, read when built like its layers read it
+        self.tensor_parallel_size = tensor_parallel().size
         self.kv_cache: torch.Tensor | None = None
         self.decode_graphs: DecodeGraphs | None = None
 
     @property
     def kv_bytes_per_block(self) -> int:
         c = self.model_config
-        return 2 * c.num_hidden_layers * self.block_size * c.num_key_value_heads * c.head_dim * self.dtype.itemsize
+        return 2 * c.num_hidden_layers * self.block_size * self.num_kv_heads * c.head_dim * self.dtype.itemsize
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
         c = self.model_config
-        self.kv_cache = torch.zeros(c.num_hidden_layers, 2, num_blocks, self.block_size, c.num_key_value_heads,
+        self.kv_cache = torch.zeros(c.num_hidden_layers, 2, num_blocks, self.block_size, self.num_kv_heads,
                                     c.head_dim, dtype=self.dtype, device=self.device)
         for layer, layer_cache in zip(self.model.attention_layers, self.kv_cache):
             layer.k_cache, layer.v_cache = layer_cache[0], layer_cache[1]
@@ -132,6 +153,18 @@ class ModelRunner:
 
     def capture_decode_graphs(self, max_batch: int, max_model_len: int) -> None:
         self.decode_graphs = DecodeGraphs(self.model, max_batch, -(-max_model_len // self.block_size), self.device)
+
+    def kv_blocks_that_fit(self, gpu_memory_utilization: float, profile: MemoryProfile) -> int:
+        """Blocks of this device's memory the cache can have, given what the rest of a step takes (`profile`)."""
+        free, total = torch.cuda.mem_get_info(self.device)
+        return kv_blocks_that_fit(free, total, gpu_memory_utilization, profile, self.kv_bytes_per_block)
+
+    def close(self) -> None:
+        """Stop what the runner started: nothing on one device (a tensor-parallel runner stops its ranks)."""
+
+    def check_healthy(self) -> None:
+        """Raise if what the device handed back can't be trusted: never on one device (a tensor-parallel runner's
+        collectives are aborted when a rank dies, and the kernels waiting in them return garbage)."""
 
     def measure_peak_bytes(self, run: Callable[[], None]) -> int:
         """CUDA memory `run` holds at its peak above what was held before it: reserved, not allocated, bytes,
@@ -205,14 +238,21 @@ class ModelRunner:
             num_blocks = -(-int(seq_lens[i]) // size)
             block_tables[i, :num_blocks] = request.block_ids[:num_blocks]
 
+        host = StepArrays(np.asarray(input_ids, dtype=np.int64), positions, slot_mapping, query_start_loc, seq_lens,
+                          block_tables, max(num_new_tokens), num_new_tokens.count(1),
+                          np.asarray(logits_indices, dtype=np.int64), pending_positions)
+        return self.upload(host, prompt_positions, sampling_requests, pending_requests)
+
+    def upload(self, host: StepArrays, prompt_positions: PromptPositions, sampling_requests: list[Request] = (),
+               pending_requests: list[Request] = ()) -> StepInputs:
+        """The step's arrays copied to the device (queued). Ranks other than 0 have no requests, only the rows."""
         meta = AttentionMetadata(
-            query_start_loc=self._to_device(query_start_loc), seq_lens=self._to_device(seq_lens),
-            block_tables=self._to_device(block_tables), slot_mapping=self._to_device(slot_mapping),
-            max_query_len=max(num_new_tokens), max_seq_len=int(seq_lens.max()),
-            num_decodes=num_new_tokens.count(1))
-        return StepInputs(self._to_device(np.asarray(input_ids, dtype=np.int64)), self._to_device(positions), meta,
-                          self._to_device(np.asarray(logits_indices, dtype=np.int64)), sampling_requests,
-                          pending_positions, pending_requests, prompt_positions)
+            query_start_loc=self._to_device(host.query_start_loc), seq_lens=self._to_device(host.seq_lens),
+            block_tables=self._to_device(host.block_tables), slot_mapping=self._to_device(host.slot_mapping),
+            max_query_len=host.max_query_len, max_seq_len=int(host.seq_lens.max()), num_decodes=host.num_decodes)
+        return StepInputs(host, self._to_device(host.input_ids), self._to_device(host.positions), meta,
+                          self._to_device(host.logits_indices), prompt_positions, list(sampling_requests),
+                          list(pending_requests))
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """Hidden states of every token: a captured graph for decode-only steps that fit one, else eager."""
@@ -226,17 +266,31 @@ class ModelRunner:
     def execute(self, inputs: StepInputs, pending: PendingTokens | None = None) -> torch.Tensor:
         """Queue the step (under the caller's inference mode), the tokens sampled last step taken from
         `pending` on the device; logits [S, V] float32, row i for inputs.sampling_requests[i]. A step with
-        prompt positions to score waits for their logprobs."""
+        prompt positions to score waits for their logprobs. Under tensor parallelism every rank executes the
+        same steps in the same order (their collectives pair up); ranks other than 0 pass no `pending`."""
         input_ids = inputs.input_ids
-        if inputs.pending_positions:
-            rows = self._to_device(np.array([pending.rows[r] for r in inputs.pending_requests], dtype=np.int64))
-            input_ids[self._to_device(np.array(inputs.pending_positions, dtype=np.int64))] = pending.token_ids[rows]
+        if inputs.host.pending_positions:
+            slots = self._to_device(np.array(inputs.host.pending_positions, dtype=np.int64))
+            input_ids[slots] = self._pending_tokens(inputs, pending)
         hidden = self.forward(input_ids, inputs.positions, inputs.meta)
         if inputs.prompt_positions:
             inputs.prompt_positions.score(self.model, hidden, self.logits_chunk_rows)
-        if not inputs.sampling_requests:
+        if not len(inputs.host.logits_indices):
             return hidden.new_empty(0, 0, dtype=torch.float32)
         return self.model.compute_logits(hidden[inputs.logits_indices])
+
+    def _pending_tokens(self, inputs: StepInputs, pending: PendingTokens | None) -> torch.Tensor:
+        """The tokens sampled last step for the step's pending slots, on this device. Only rank 0 samples: under
+        tensor parallelism it broadcasts them on the device group, where the others' forward passes wait for
+        them without the host waiting."""
+        if pending is None:
+            tokens = torch.empty(len(inputs.host.pending_positions), dtype=torch.long, device=self.device)
+        else:
+            rows = self._to_device(np.array([pending.rows[r] for r in inputs.pending_requests], dtype=np.int64))
+            tokens = pending.token_ids[rows]
+        if self.tensor_parallel_size > 1:
+            torch.distributed.broadcast(tokens, src=0)
+        return tokens
 
 
 class DecodeGraphs:

@@ -40,7 +40,8 @@ class PromptPositions:
     def score(self, model: torch.nn.Module, hidden: torch.Tensor, chunk_rows: int) -> None:
         """Compute the logprobs and write them into each request's `prompt_logprobs` (a list the engine made
         when the request arrived); waits for the device."""
-        top_k = max(request.params.prompt_logprobs for request, _, _ in self.spans)
+        # (a tensor-parallel rank other than 0 gets the rows without their requests: it only makes the logits)
+        top_k = max((request.params.prompt_logprobs for request, _, _ in self.spans), default=0)
         rows = to_device(self.flat_rows, hidden.device)
         targets = to_device(self.target_ids, hidden.device)
         token_logprobs, top_values, top_ids = [], [], []
