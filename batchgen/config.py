@@ -19,7 +19,6 @@ class EngineConfig(BaseModel):
     # fp8: quantize a float checkpoint's linear layers to fp8 while it loads (fp8 checkpoints need nothing)
     quantization: Literal["fp8"] | None = None
     seed: int = 0
-    tensor_parallel_size: int = Field(1, ge=1)
     # "model": the model's generation_config.json sampling values are the defaults of its requests; "none":
     # SamplingParams' own neutral defaults
     generation_config: Literal["model", "none"] = "model"
