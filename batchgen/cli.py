@@ -145,15 +145,20 @@ def _engine_options(command):
     command = click.option("--quantization", type=click.Choice(["fp8"]),
                            help="Quantize a float checkpoint's weights to fp8 while it loads (fp8 checkpoints "
                                 "are detected without it).")(command)
+    command = click.option("--kv-cache-dtype", type=click.Choice(["auto", "fp8"]), default="auto",
+                           show_default=True,
+                           help="fp8: a float8_e4m3fn KV cache, twice the tokens of bf16 (the checkpoint's K/V "
+                                "scales when it has them, else 1.0); auto: the compute dtype.")(command)
     return click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]), default="auto",
                         show_default=True,
                         help="Weights and activations; auto: fp32 on CPU, bf16/fp16 on GPU.")(command)
 
 
-def _engine_settings(dtype: str, device: str, quantization: str | None, engine_args: dict,
-                     allow_pickle_weights: bool) -> dict:
+def _engine_settings(dtype: str, device: str, quantization: str | None, kv_cache_dtype: str,
+                     engine_args: dict, allow_pickle_weights: bool) -> dict:
     """EngineConfig fields from the engine options."""
     return {"dtype": dtype, "device": device, **({"quantization": quantization} if quantization else {}),
+            **({"kv_cache_dtype": kv_cache_dtype} if kv_cache_dtype != "auto" else {}),
             **engine_args, **({"allow_pickle_weights": True} if allow_pickle_weights else {})}
 
 
@@ -227,8 +232,8 @@ def _report_input(spec: JobSpec) -> None:
 @click.option("-o", "--output", required=True, help="Output directory (replaced if it holds an earlier run).")
 @_job_options
 @_engine_options
-def run(file: str, output: str, dtype: str, device: str, quantization: str | None, engine_args: dict,
-        allow_pickle_weights: bool,
+def run(file: str, output: str, dtype: str, device: str, quantization: str | None, kv_cache_dtype: str,
+        engine_args: dict, allow_pickle_weights: bool,
         **options) -> None:
     """Run a job in this process (no Redis, no workers).
 
@@ -243,7 +248,8 @@ def run(file: str, output: str, dtype: str, device: str, quantization: str | Non
     def load():
         from batchgen import LLM
         return LLM(spec.model, generation_config=spec.generation_config,
-                   **_engine_settings(dtype, device, quantization, engine_args, allow_pickle_weights))
+                   **_engine_settings(dtype, device, quantization, kv_cache_dtype, engine_args,
+                                      allow_pickle_weights))
 
     llm = _load_model(spec.model, load)
     if spec.generation_config == "model":
@@ -282,15 +288,15 @@ def run(file: str, output: str, dtype: str, device: str, quantization: str | Non
 @_engine_options
 @click.pass_context
 def score(ctx: click.Context, on_queue: bool, wait_for_it: bool, dtype: str, device: str, quantization: str | None,
-          engine_args: dict, allow_pickle_weights: bool, **options) -> None:
+          kv_cache_dtype: str, engine_args: dict, allow_pickle_weights: bool, **options) -> None:
     """Score every row's text: total_logprob, scored_tokens and perplexity columns; nothing is generated.
 
     The same job as `run` (or `submit`) with --max-tokens 0: prefill only."""
     if on_queue:
         ctx.invoke(submit, wait_for_it=wait_for_it, max_tokens=0, **options)
     else:
-        ctx.invoke(run, dtype=dtype, device=device, quantization=quantization, engine_args=engine_args,
-                   allow_pickle_weights=allow_pickle_weights, max_tokens=0, **options)
+        ctx.invoke(run, dtype=dtype, device=device, quantization=quantization, kv_cache_dtype=kv_cache_dtype,
+                   engine_args=engine_args, allow_pickle_weights=allow_pickle_weights, max_tokens=0, **options)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -471,7 +477,7 @@ def results(job: str, show: int, shards: bool) -> None:
 @_engine_options
 @click.option("--loglevel", default="INFO", show_default=True)
 def worker(model: str, gpu: str | None, concurrency: int, dtype: str, device: str, quantization: str | None,
-           engine_args: dict, allow_pickle_weights: bool, loglevel: str) -> None:
+           kv_cache_dtype: str, engine_args: dict, allow_pickle_weights: bool, loglevel: str) -> None:
     """Serve one model's shards from the queue.
 
     The model is loaded once per process and reused for every shard; --gpu 0,1 starts one process per GPU."""
@@ -482,11 +488,12 @@ def worker(model: str, gpu: str | None, concurrency: int, dtype: str, device: st
                                         "--loglevel", loglevel, *(f"--engine-arg={name}={json.dumps(value)}"
                                                                   for name, value in engine_args.items()),
                                         *(["--quantization", quantization] if quantization else []),
+                                        *(["--kv-cache-dtype", kv_cache_dtype] if kv_cache_dtype != "auto" else []),
                                         *(["--allow-pickle-weights"] if allow_pickle_weights else [])]))
     if gpus:
         os.environ["CUDA_VISIBLE_DEVICES"] = gpus[0]
     os.environ.update(BATCHGEN_MODEL=model, BATCHGEN_ENGINE_ARGS=json.dumps(
-        _engine_settings(dtype, device, quantization, engine_args, allow_pickle_weights)))
+        _engine_settings(dtype, device, quantization, kv_cache_dtype, engine_args, allow_pickle_weights)))
     from batchgen.workers import tasks
     from batchgen.workers.app import app, queue_name
 
