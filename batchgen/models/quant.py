@@ -25,8 +25,10 @@ if TYPE_CHECKING:
 
 QUANTIZATIONS = ("fp8",)
 # Per-tensor fp8 KV-cache scales, under the names exports give them: compressed-tensors `self_attn.k_scale`
-# (older ones `self_attn.k_proj.output_scale`), ModelOpt `self_attn.k_proj.k_scale`; likewise for v.
-_KV_CACHE_SCALE = re.compile(r"(.+\.self_attn)\.(?:([kv])_scale|([kv])_proj\.(?:\3_scale|output_scale))")
+# (older ones `self_attn.k_proj.output_scale`), ModelOpt `self_attn.k_proj.k_scale`, fused-qkv checkpoints
+# `self_attn.qkv_proj.k_scale`; likewise for v.
+_KV_CACHE_SCALE = re.compile(
+    r"(.+\.self_attn)\.(?:([kv])_scale|([kv])_proj\.(?:\3_scale|output_scale)|qkv_proj\.([kv])_scale)")
 # other attention calibration an fp8-KV checkpoint may carry (queries, probabilities): batchgen keeps them in the
 # compute dtype, where they do not apply
 _UNUSED_ATTENTION_SCALES = ("q_scale", "prob_scale", "output_scale")
@@ -35,7 +37,7 @@ _UNUSED_ATTENTION_SCALES = ("q_scale", "prob_scale", "output_scale")
 def kv_cache_scale(checkpoint_name: str) -> tuple[str, str] | None:
     """('model.layers.N.self_attn', 'k_scale' or 'v_scale') when the tensor is a layer's KV-cache scale."""
     found = _KV_CACHE_SCALE.fullmatch(checkpoint_name)
-    return None if found is None else (found[1], f"{found[2] or found[3]}_scale")
+    return None if found is None else (found[1], f"{found[2] or found[3] or found[4]}_scale")
 
 
 def _parameter(shape, dtype: torch.dtype) -> nn.Parameter:

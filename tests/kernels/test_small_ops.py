@@ -37,7 +37,8 @@ def test_store_kv_writes_exactly_the_reference_slots(num_kv_heads, head_dim, blo
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_store_kv_quantizes_to_fp8_like_the_reference(dtype):
     # bit-exact fp8 bytes: ties and values whose rounding carries into the next power of two (x.96875 * 2^e),
-    # e4m3 subnormals (3.5e-3 is 1.8 steps of 2^-9), values past +-448 * scale (saturate, never inf/NaN), padding rows skipped
+    # e4m3 subnormals (3.5e-3 is 1.8 steps of 2^-9), values past +-448 * scale (saturate, never inf/NaN),
+    # padding rows skipped
     num_tokens, num_kv_heads, head_dim, block_size, k_scale, v_scale = 9, 2, 32, 16, 0.25, 0.0625
     _, key, value = _fused_qkv(num_tokens, 4, num_kv_heads, head_dim, dtype)
     key = key * 20

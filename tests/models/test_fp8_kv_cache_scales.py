@@ -25,9 +25,9 @@ def with_tensors(source, destination, tensors: dict[str, torch.Tensor], config_f
 
 
 @pytest.mark.parametrize("spelling", ["self_attn.{kind}_scale", "self_attn.{kind}_proj.{kind}_scale",
-                                      "self_attn.{kind}_proj.output_scale"])
+                                      "self_attn.{kind}_proj.output_scale", "self_attn.qkv_proj.{kind}_scale"])
 def test_kv_scales_of_every_spelling_reach_the_attention_layers(tiny_model_dir, tmp_path, spelling):
-    # compressed-tensors, ModelOpt and older compressed-tensors exports; distinct values per layer and kind
+    # compressed-tensors, ModelOpt, older compressed-tensors and fused-qkv exports; distinct values per layer/kind
     scales = {(layer, kind): 0.01 * (layer + 1) + (0.5 if kind == "v" else 0.0)
               for layer in range(2) for kind in "kv"}
     model_dir = with_tensors(tiny_model_dir("llama"), tmp_path / "model", {
@@ -38,6 +38,29 @@ def test_kv_scales_of_every_spelling_reach_the_attention_layers(tiny_model_dir, 
         assert attention.kv_scales_loaded
         assert attention.k_scale == pytest.approx(scales[layer, "k"]) and isinstance(attention.k_scale, float)
         assert attention.v_scale == pytest.approx(scales[layer, "v"])
+
+
+def test_checkpoint_kv_scales_set_what_the_fp8_cache_stores(tiny_model_dir, tmp_path):
+    """A scale of 1/4 stores 4 K and 4 V: every first-layer element in e4m3's normal range (2^-6 .. 448, where a
+    power of two scales exactly) is 4 times what a checkpoint without scales stores (later layers' K/V follow
+    attention outputs, which the finer rounding of small values moves slightly), and attention reads back the
+    same."""
+    from batchgen import LLM, SamplingParams
+
+    plain = tiny_model_dir("llama")
+    scaled = with_tensors(plain, tmp_path / "scaled", {
+        f"model.layers.{layer}.self_attn.{kind}_scale": torch.tensor(0.25) for layer in range(2) for kind in "kv"})
+    prompts = [[5, 9, 300, 7, 41, 8, 99, 3], [17, 2000, 12, 5]]
+    caches, logprobs = {}, {}
+    for name, model_dir in (("plain", plain), ("scaled", scaled)):
+        with LLM(str(model_dir), device="cpu", kv_cache_dtype="fp8", num_kv_blocks=16) as llm:
+            outputs = llm.generate(prompts, SamplingParams(max_tokens=0, prompt_logprobs=0))
+            caches[name] = llm.engine.runner.kv_cache[0].float()   # layer 0's K and V
+            logprobs[name] = torch.tensor([p.logprob for o in outputs for p in o.prompt_logprobs[1:]])
+    normal = (caches["plain"].abs() >= 2.0 ** -6) & (caches["plain"].abs() <= 448 / 4)
+    assert normal.sum() > 0.9 * (caches["plain"] != 0).sum()
+    assert torch.equal(caches["scaled"][normal], 4 * caches["plain"][normal])
+    torch.testing.assert_close(logprobs["scaled"], logprobs["plain"], rtol=1e-3, atol=1e-3)
 
 
 @pytest.mark.parametrize("layout", ["ct-tensor", "modelopt"])
