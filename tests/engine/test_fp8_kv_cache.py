@@ -2,12 +2,14 @@
 GPU kernels run): logits and greedy tokens near the compute-dtype cache's, and the capacity it buys."""
 import json
 import logging
+import os
 from collections import defaultdict
 
 import pytest
 import torch
 
 from batchgen import LLM, SamplingParams
+from batchgen.config import EngineConfig
 from test_engine_vs_hf import mixed_prompts
 
 MAX_NEW = 16
@@ -74,26 +76,28 @@ def test_fp8_kv_cache_holds_one_token_per_byte_more(tiny_model_dir, dtype):
     assert capacity["fp8"] == capacity["auto"] * getattr(torch, dtype).itemsize
 
 
-def test_run_cli_kv_cache_dtype_fp8_is_the_api_s_fp8_cache(tiny_model_dir, tmp_path):
-    """`batchgen run --kv-cache-dtype fp8` reaches the engine: its greedy outputs are those of LLM(kv_cache_dtype=
-    "fp8"), which differ from the fp32 cache's (the tiny model's sharp attention turns K rounding into other
-    tokens)."""
-    import pyarrow.parquet as pq
+@pytest.mark.parametrize("command", ["run", "worker"])
+def test_cli_kv_cache_dtype_reaches_the_engine_config(command, tmp_path, monkeypatch):
+    """`--kv-cache-dtype fp8` becomes EngineConfig(kv_cache_dtype="fp8"): what `run` hands LLM, what `worker`
+    hands its executor (recorded where the model would load, which then stops the command)."""
+    import batchgen
     from click.testing import CliRunner
 
     from batchgen.cli import main
+    from batchgen.workers import tasks
 
-    model_dir, prompts = tiny_model_dir("llama"), ["The cat sat on", "Numbers: 1 2 3", "Hello"]
-    (tmp_path / "in.jsonl").write_text("".join(json.dumps({"id": str(i), "prompt": p}) + "\n"
-                                               for i, p in enumerate(prompts)))
-    result = CliRunner().invoke(main, ["run", str(tmp_path / "in.jsonl"), "-o", str(tmp_path / "out"), "--model",
-                                       str(model_dir), "--kv-cache-dtype", "fp8", "--max-tokens", "12",
-                                       "--temperature", "0", "--device", "cpu", "--dtype", "float32"])
-    assert result.exit_code == 0, result.output
-    got = {row["id"]: row["text"] for row in pq.read_table(str(tmp_path / "out")).to_pylist()}
-    greedy = SamplingParams(temperature=0.0, max_tokens=12)
-    want = {}
-    for kv_cache_dtype in ("auto", "fp8"):
-        with LLM(str(model_dir), dtype="float32", device="cpu", kv_cache_dtype=kv_cache_dtype) as llm:
-            want[kv_cache_dtype] = [o.outputs[0].text for o in llm.generate(prompts, greedy)]
-    assert [got[str(i)] for i in range(len(prompts))] == want["fp8"] != want["auto"]
+    seen = {}
+
+    def stop_loading(model="default", **engine_args):
+        seen.update(engine_args or json.loads(os.environ["BATCHGEN_ENGINE_ARGS"]))
+        raise ValueError("recorded")
+
+    monkeypatch.setattr(batchgen, "LLM", stop_loading)
+    monkeypatch.setattr(tasks, "load_executor", stop_loading)
+    monkeypatch.setenv("BATCHGEN_ENGINE_ARGS", "{}")   # restored after the worker command sets it
+    monkeypatch.setenv("BATCHGEN_MODEL", "default")
+    (tmp_path / "in.jsonl").write_text(json.dumps({"prompt": "hi"}) + "\n")
+    arguments = {"run": ["run", str(tmp_path / "in.jsonl"), "-o", str(tmp_path / "out")], "worker": ["worker"]}
+    result = CliRunner().invoke(main, [*arguments[command], "--kv-cache-dtype", "fp8", "--device", "cpu"])
+    assert "recorded" in result.output
+    assert seen["kv_cache_dtype"] == "fp8" and EngineConfig(model="m", **seen).kv_cache_dtype == "fp8"
