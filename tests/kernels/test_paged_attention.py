@@ -238,7 +238,7 @@ def _fp8_caches(batch) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.T
             (quantize_kv_ref(clean_k, k_scale, KV_FP8), quantize_kv_ref(clean_v, v_scale, KV_FP8)))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("window", [None, 5, 40])
 @pytest.mark.parametrize("mix", PREFILL_MIXES)
 def test_fp8_cache_prefill_matches_reference(mix, window, dtype):
@@ -257,7 +257,7 @@ def test_fp8_cache_prefill_matches_reference(mix, window, dtype):
     assert relative_l2(public, ref) < TOLERANCE[dtype]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("window", [None, 40])
 @pytest.mark.parametrize("num_splits", [1, 3])
 def test_fp8_cache_decode_matches_reference(num_splits, window, dtype):
