@@ -110,7 +110,8 @@ class ModelRunner:
         self.device = device
         self.dtype = dtype
         self.kv_cache_dtype = kv_cache_dtype
-        if kv_cache_dtype.itemsize == 1 and not any(layer.kv_scales_loaded for layer in model.attention_layers):
+        scales_loaded = any(layer.kv_scales_loaded for layer in model.attention_layers)
+        if kv_cache_dtype == torch.float8_e4m3fn and not scales_loaded:
             log.warning("fp8 KV cache: the checkpoint has no K/V scales; storing K and V with scale 1.0 (e4m3 "
                         "holds up to +-448 at ~3.6% rms error, and K/V entries are typically below ~100)")
         self.kv_cache: torch.Tensor | None = None
