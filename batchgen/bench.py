@@ -142,6 +142,7 @@ def run_batchgen(llm, workload: Workload) -> tuple[dict, list[int]]:
                     workload.num_prompt_tokens, device, dtype=str(engine.dtype).removeprefix("torch."),
                     quantization=engine.config.quantization,
                     tensor_parallel_size=engine.config.tensor_parallel_size,
+                    kv_cache_dtype=str(engine.runner.kv_cache_dtype).removeprefix("torch."),
                     kv_blocks=engine.kv_cache.num_blocks, block_size=engine.kv_cache.block_size,
                     kv_capacity_tokens=engine.kv_capacity_tokens,
                     max_num_seqs=engine.scheduler.max_num_seqs,
@@ -271,6 +272,8 @@ def _release_memory() -> None:
 @click.option("--device", default="auto", show_default=True)
 @click.option("--quantization", type=click.Choice(["fp8"]), help="fp8 weights, quantized while they load.")
 @tensor_parallel_option
+@click.option("--kv-cache-dtype", type=click.Choice(["auto", "fp8"]), default="auto", show_default=True,
+              help="fp8: a float8_e4m3fn KV cache.")
 @click.option("--max-num-seqs", type=int, default=None)
 @click.option("--max-num-batched-tokens", type=int, default=None)
 @click.option("--max-model-len", type=int, default=None)
@@ -285,6 +288,7 @@ def _release_memory() -> None:
 @click.option("--seed", type=int, default=0, show_default=True)
 def bench_command(model, load_format, name, num_requests, input_len, input_len_max, output_len, output_len_max,
                   prefix_len, dataset, schema_file, tokenizer, dtype, device, quantization, tensor_parallel_size,
+                  kv_cache_dtype,
                   max_num_seqs, max_num_batched_tokens, max_model_len, enforce_eager, score, hf_static_batch,
                   hf_continuous, hf_sample, temperature, top_p, seed):
     """Throughput benchmark; prints one JSON line per system (batchgen, then the HF peers)."""
@@ -296,8 +300,8 @@ def bench_command(model, load_format, name, num_requests, input_len, input_len_m
         engine_args["tokenizer"] = tokenizer
     # the sampling timed is the flags' own, not the model's defaults
     llm = LLM(model, load_format=load_format, dtype=dtype, device=device, quantization=quantization,
-              tensor_parallel_size=tensor_parallel_size, enforce_eager=enforce_eager, seed=seed,
-              generation_config="none", **engine_args)
+              tensor_parallel_size=tensor_parallel_size, kv_cache_dtype=kv_cache_dtype,
+              enforce_eager=enforce_eager, seed=seed, generation_config="none", **engine_args)
     if dataset:
         workload = dataset_workload(name, dataset, llm.tokenizer, num_requests, output_len)
     else:

@@ -153,15 +153,20 @@ def _engine_options(command):
     command = click.option("--quantization", type=click.Choice(["fp8"]),
                            help="Quantize a float checkpoint's weights to fp8 while it loads (fp8 checkpoints "
                                 "are detected without it).")(command)
+    command = click.option("--kv-cache-dtype", type=click.Choice(["auto", "fp8"]), default="auto",
+                           show_default=True,
+                           help="fp8: a float8_e4m3fn KV cache, twice the tokens of bf16 (the checkpoint's K/V "
+                                "scales when it has them, else 1.0); auto: the compute dtype.")(command)
     return click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]), default="auto",
                         show_default=True,
                         help="Weights and activations; auto: fp32 on CPU, bf16/fp16 on GPU.")(command)
 
 
-def _engine_settings(dtype: str, device: str, quantization: str | None, tensor_parallel_size: int,
-                     engine_args: dict, allow_pickle_weights: bool) -> dict:
+def _engine_settings(dtype: str, device: str, quantization: str | None, kv_cache_dtype: str,
+                     tensor_parallel_size: int, engine_args: dict, allow_pickle_weights: bool) -> dict:
     """EngineConfig fields from the engine options."""
     return {"dtype": dtype, "device": device, **({"quantization": quantization} if quantization else {}),
+            **({"kv_cache_dtype": kv_cache_dtype} if kv_cache_dtype != "auto" else {}),
             "tensor_parallel_size": tensor_parallel_size, **engine_args,
             **({"allow_pickle_weights": True} if allow_pickle_weights else {})}
 
@@ -236,8 +241,8 @@ def _report_input(spec: JobSpec) -> None:
 @click.option("-o", "--output", required=True, help="Output directory (replaced if it holds an earlier run).")
 @_job_options
 @_engine_options
-def run(file: str, output: str, dtype: str, device: str, quantization: str | None, tensor_parallel_size: int,
-        engine_args: dict, allow_pickle_weights: bool, **options) -> None:
+def run(file: str, output: str, dtype: str, device: str, quantization: str | None, kv_cache_dtype: str,
+        tensor_parallel_size: int, engine_args: dict, allow_pickle_weights: bool, **options) -> None:
     """Run a job in this process (no Redis, no workers).
 
     The same readers, engine and writers as the queue.
@@ -251,7 +256,7 @@ def run(file: str, output: str, dtype: str, device: str, quantization: str | Non
     def load():
         from batchgen import LLM
         return LLM(spec.model, generation_config=spec.generation_config,
-                   **_engine_settings(dtype, device, quantization, tensor_parallel_size, engine_args,
+                   **_engine_settings(dtype, device, quantization, kv_cache_dtype, tensor_parallel_size, engine_args,
                                       allow_pickle_weights))
 
     with _load_model(spec.model, load) as llm:   # closing stops a tensor-parallel engine's other ranks
@@ -291,14 +296,15 @@ def run(file: str, output: str, dtype: str, device: str, quantization: str | Non
 @_engine_options
 @click.pass_context
 def score(ctx: click.Context, on_queue: bool, wait_for_it: bool, dtype: str, device: str, quantization: str | None,
-          tensor_parallel_size: int, engine_args: dict, allow_pickle_weights: bool, **options) -> None:
+          kv_cache_dtype: str, tensor_parallel_size: int, engine_args: dict, allow_pickle_weights: bool,
+          **options) -> None:
     """Score every row's text: total_logprob, scored_tokens and perplexity columns; nothing is generated.
 
     The same job as `run` (or `submit`) with --max-tokens 0: prefill only."""
     if on_queue:
         ctx.invoke(submit, wait_for_it=wait_for_it, max_tokens=0, **options)
     else:
-        ctx.invoke(run, dtype=dtype, device=device, quantization=quantization,
+        ctx.invoke(run, dtype=dtype, device=device, quantization=quantization, kv_cache_dtype=kv_cache_dtype,
                    tensor_parallel_size=tensor_parallel_size, engine_args=engine_args,
                    allow_pickle_weights=allow_pickle_weights, max_tokens=0, **options)
 
@@ -482,7 +488,7 @@ def results(job: str, show: int, shards: bool) -> None:
 @_engine_options
 @click.option("--loglevel", default="INFO", show_default=True)
 def worker(model: str, gpu: str | None, concurrency: int, dtype: str, device: str, quantization: str | None,
-           tensor_parallel_size: int, engine_args: dict, allow_pickle_weights: bool, loglevel: str) -> None:
+           kv_cache_dtype: str, tensor_parallel_size: int, engine_args: dict, allow_pickle_weights: bool, loglevel: str) -> None:
     """Serve one model's shards from the queue.
 
     The model is loaded once per process and reused for every shard; --gpu 0,1 starts one process per GPU,
@@ -495,11 +501,12 @@ def worker(model: str, gpu: str | None, concurrency: int, dtype: str, device: st
             "--loglevel", loglevel,
             *(f"--engine-arg={name}={json.dumps(value)}" for name, value in engine_args.items()),
             *(["--quantization", quantization] if quantization else []),
+            *(["--kv-cache-dtype", kv_cache_dtype] if kv_cache_dtype != "auto" else []),
             *(["--allow-pickle-weights"] if allow_pickle_weights else [])]))
     if groups:
         os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(groups[0])
     os.environ.update(BATCHGEN_MODEL=model, BATCHGEN_ENGINE_ARGS=json.dumps(
-        _engine_settings(dtype, device, quantization, tensor_parallel_size, engine_args, allow_pickle_weights)))
+        _engine_settings(dtype, device, quantization, kv_cache_dtype, tensor_parallel_size, engine_args, allow_pickle_weights)))
     from batchgen.workers import tasks
     from batchgen.workers.app import app, queue_name
 

@@ -18,6 +18,9 @@ class EngineConfig(BaseModel):
     allow_pickle_weights: bool = False
     # fp8: quantize a float checkpoint's linear layers to fp8 while it loads (fp8 checkpoints need nothing)
     quantization: Literal["fp8"] | None = None
+    # fp8: the KV cache in float8_e4m3fn (half the bytes of bf16: twice the tokens, half the attention reads), with
+    # the checkpoint's per-layer K/V scales, else 1.0 (see kernels/store_kv.py); auto: the compute dtype
+    kv_cache_dtype: Literal["auto", "fp8"] = "auto"
     seed: int = 0
     # "model": the model's generation_config.json sampling values are the defaults of its requests; "none":
     # SamplingParams' own neutral defaults
@@ -28,7 +31,7 @@ class EngineConfig(BaseModel):
     kv_cache_bytes: int | None = Field(None, ge=1)          # CPU budget; default <= 2 GiB, a quarter of free RAM
     gpu_memory_utilization: float = Field(0.90, gt=0.0, le=1.0)
     max_model_len: int | None = Field(None, ge=1)           # default: the model's context, capped by the cache
-    # default: 512 on GPU (a decode step reads the weights once for more tokens: docs/benchmarks.md), 128 on CPU
+    # default: 1024 on GPU (a decode step reads the weights once for more tokens: docs/benchmarks.md), 128 on CPU
     max_num_seqs: int | None = Field(None, ge=1)
     max_num_batched_tokens: int | None = Field(None, ge=1)  # default: 8192 on GPU, 1024 on CPU
     enable_prefix_caching: bool = True
@@ -50,7 +53,11 @@ class EngineConfig(BaseModel):
         return torch.device(self.device)
 
     def resolved_max_num_seqs(self, device: torch.device) -> int:
-        return self.max_num_seqs or (512 if device.type == "cuda" else 128)
+        return self.max_num_seqs or (1024 if device.type == "cuda" else 128)
+
+    def resolved_kv_cache_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        """The KV cache's dtype for a model computing in `dtype`."""
+        return torch.float8_e4m3fn if self.kv_cache_dtype == "fp8" else dtype
 
     def resolved_max_num_batched_tokens(self, device: torch.device) -> int:
         return self.max_num_batched_tokens or (8192 if device.type == "cuda" else 1024)

@@ -1,4 +1,5 @@
-"""KV cache sizing from measured memory, checked on the GPU.
+"""KV cache sizing from measured memory, checked on the GPU; and throughput on TensorRT-LLM's shapes against the
+cost model, with HF transformers in the same run.
 
 The engine sizes its cache at start from a profiling run of its own step at the token budget (and the sampler
 on max_num_seqs rows) plus the decode CUDA graphs' pool. This script builds the engine on a real-shaped
@@ -10,6 +11,15 @@ what the log says. One JSON line per figure; exit 1 if a check fails.
 
     python benchmarks/engine_gpu.py                      # Llama-3.1-8B shape on the GPU (~2 min on an H200)
     python benchmarks/engine_gpu.py --smoke              # tiny model on CPU: the script's path only
+
+Throughput (`--shape`): Llama-3.1-8B shape, dummy weights, random prompts, outputs forced to full length,
+temperature 1; one JSON line per batchgen run (one per `--kv-cache-dtype` given) with its figures, the cost
+model's prediction (benchmarks/cost_model.py) and predicted / measured, then HF transformers' static
+`generate` (bf16) on the first `--hf-sample` prompts. Request counts default to the issue's (TensorRT-LLM's:
+3,000, 1,500 for 2048/2048; W1: 1,000).
+
+    python benchmarks/engine_gpu.py --shape 1000/1000 --quantization fp8 --kv-cache-dtype auto fp8
+    python benchmarks/engine_gpu.py --smoke --shape w1 --kv-cache-dtype auto fp8 --hf-sample 4
 """
 import argparse
 import json
@@ -21,8 +31,13 @@ from pathlib import Path
 import torch
 
 from batchgen import LLM, SamplingParams
+from batchgen.bench import _release_memory, load_hf_model, make_workload, run_batchgen, run_hf_static
+from cost_model import predict
 
 CONFIGS = Path(__file__).parent / "configs"
+# name -> (input tokens, output tokens, requests): TensorRT-LLM's published H200 shapes and batchgen's W1
+SHAPES = {"w1": (512, 256, 1000), "1000/1000": (1000, 1000, 3000), "2048/128": (2048, 128, 3000),
+          "128/2048": (128, 2048, 3000), "500/2000": (500, 2000, 3000), "2048/2048": (2048, 2048, 1500)}
 TINY = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 512, "hidden_size": 64,
         "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
         "head_dim": 16, "max_position_embeddings": 1024, "rms_norm_eps": 1e-6, "bos_token_id": 1,
@@ -37,23 +52,40 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--smoke", action="store_true", help="tiny model on CPU")
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    parser.add_argument("--kv-cache-dtype", nargs="+", choices=["auto", "fp8"], default=["auto"],
+                        help="one run per value (throughput); the sizing check takes the first")
+    parser.add_argument("--quantization", choices=["fp8"], help="fp8 weights, quantized while they load")
+    parser.add_argument("--shape", choices=SHAPES, help="throughput on this shape instead of the sizing check")
+    parser.add_argument("--num-requests", type=int, help="default: the shape's (the issue's request counts)")
+    parser.add_argument("--hf-sample", type=int, default=64,
+                        help="HF static generate on this many of the prompts, one batch (0: no HF run)")
     args = parser.parse_args()
     if args.smoke:
         model_dir = Path(tempfile.mkdtemp()) / "tiny"
         model_dir.mkdir()
         (model_dir / "config.json").write_text(json.dumps(TINY))
         engine_args = dict(device="cpu", dtype="float32", max_num_seqs=8, max_num_batched_tokens=64)
-        num_requests, prompt_len, output_len = 24, 40, 8
     else:
         model_dir = CONFIGS / "llama-3.1-8b"
-        engine_args = dict(device="cuda", gpu_memory_utilization=args.gpu_memory_utilization, max_model_len=2048)
-        num_requests, prompt_len, output_len = 1024, 512, 64
+        engine_args = dict(device="cuda", gpu_memory_utilization=args.gpu_memory_utilization)
+    engine_args["quantization"] = args.quantization
+    if args.shape:
+        return throughput(args, model_dir, engine_args)
+    return kv_sizing_check(args, model_dir, engine_args | dict(kv_cache_dtype=args.kv_cache_dtype[0]))
 
+
+def kv_sizing_check(args, model_dir: Path, engine_args: dict) -> int:
+    if args.smoke:
+        num_requests, prompt_len, output_len = 24, 40, 8
+    else:
+        engine_args["max_model_len"] = 2048
+        num_requests, prompt_len, output_len = 1024, 512, 64
     start = time.perf_counter()
     llm = LLM(str(model_dir), load_format="dummy", **engine_args)
     engine = llm.engine
     profile = engine.memory_profile
-    emit("kv_capacity", model=model_dir.name, kv_capacity_tokens=engine.kv_capacity_tokens,
+    emit("kv_capacity", model=model_dir.name, kv_cache_dtype=str(engine.runner.kv_cache_dtype),
+         kv_capacity_tokens=engine.kv_capacity_tokens,
          kv_blocks=engine.kv_cache.num_blocks, block_size=engine.kv_cache.block_size,
          step_peak_gib=None if profile is None else round(profile.step_peak_bytes / 2**30, 3),
          graph_pool_gib=None if profile is None else round(profile.graph_pool_bytes / 2**30, 3),
@@ -99,6 +131,52 @@ def main() -> int:
     llm.close()
     emit("summary", failed=failed)
     return 1 if failed else 0
+
+
+def throughput(args, model_dir: Path, engine_args: dict) -> int:
+    """batchgen on the shape's prompts, once per KV dtype, each figure against the cost model; then HF."""
+    input_len, output_len, num_requests = SHAPES[args.shape]
+    if args.smoke:
+        input_len, output_len = min(input_len, 48), min(output_len, 16)
+    num_requests = args.num_requests or (16 if args.smoke else num_requests)
+    engine_args = engine_args | dict(max_model_len=input_len + output_len, seed=0, generation_config="none")
+    weights = "fp8" if args.quantization else "bf16"
+    workload = None
+    for kv_cache_dtype in args.kv_cache_dtype:
+        llm = LLM(str(model_dir), load_format="dummy", kv_cache_dtype=kv_cache_dtype, **engine_args)
+        engine = llm.engine
+        if workload is None:
+            workload = make_workload(args.shape, num_requests, input_len, output_len, engine.model_config.vocab_size)
+        figures, _ = run_batchgen(llm, workload)
+        emit("throughput", model=model_dir.name, weights=weights, **figures,
+             **against_cost_model(figures, engine.model_config, weights, engine.runner.kv_cache_dtype.itemsize,
+                                  input_len, output_len))
+        model_path, model_config, dtype, device = engine.model_path, engine.model_config, engine.dtype, engine.device
+        llm.close()
+        del llm, engine
+        _release_memory()
+    if args.hf_sample:
+        dtype = torch.bfloat16 if device.type == "cuda" else dtype
+        hf_model = load_hf_model(model_path, dtype, device, dummy=True)
+        sample = workload.sample(args.hf_sample)
+        figures = run_hf_static(hf_model, sample, batch_size=len(sample.prompts))
+        emit("throughput", model=model_dir.name, weights="bf16", **figures,
+             **against_cost_model(figures, model_config, "bf16", dtype.itemsize, input_len, output_len))
+    return 0
+
+
+def against_cost_model(figures: dict, config, weights: str, kv_element_bytes: int, input_len: int,
+                       output_len: int) -> dict:
+    """The cost model's prediction for the run these figures measured, and predicted / measured."""
+    model = predict(config, weights, kv_element_bytes, figures["requests"], input_len, output_len)
+    return dict(predicted_s=_significant(model.total_s), of_model=_significant(model.total_s / figures["elapsed_s"]),
+                predicted_output_tok_per_s=_significant(figures["requests"] * output_len / model.total_s),
+                predicted_prefill_s=_significant(model.prefill_s), predicted_decode_s=_significant(model.decode_s),
+                predicted_decode_kv_s=_significant(model.decode_kv_s))
+
+
+def _significant(x: float) -> float:
+    return float(f"{x:.4g}")
 
 
 if __name__ == "__main__":

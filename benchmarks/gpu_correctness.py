@@ -6,6 +6,8 @@
    (teacher forcing) through decode steps. The logits of every position are compared with HF's forward of
    the whole sequence: relative L2 error per sequence, bf16.
 2. Greedy: fp32 greedy generation through `LLM.generate` must equal HF `generate` token for token.
+3. fp8 KV cache: the same sequences' logits with an fp8 cache against the bf16 cache's (relative L2, reported);
+   the Triton kernels must be no farther from the bf16 cache than the torch references with the same fp8 cache.
 
 Runs on CPU too (tiny shapes) as a dry run: `python benchmarks/gpu_correctness.py --dry-run`.
 Prints one JSON line per check and exits 1 if any fails.
@@ -13,6 +15,7 @@ Prints one JSON line per check and exits 1 if any fails.
 import argparse
 import gc
 import json
+import os
 import random
 import sys
 import tempfile
@@ -24,6 +27,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from batchgen import LLM, SamplingParams
 from batchgen.engine.request import Request
 from batchgen.engine.scheduler import ScheduledBatch
+from batchgen.kernels.testing import relative_l2
 
 CONFIGS = Path(__file__).parent / "configs"
 
@@ -86,16 +90,21 @@ def logits_errors_vs_hf(llm: LLM, hf_model, sequences: list[list[int]], prompt_l
     return errors
 
 
-def check_logits(args, device) -> dict:
-    config_dir = args.config_dir
-    hf = hf_random_model(config_dir, torch.bfloat16, device, seed=1, overrides=args.overrides)
+def mixed_sequences(args, vocab: int) -> tuple[list[list[int]], list[int]]:
+    """32 sequences of random lengths, and how many of each one's tokens are prompt (the rest decode)."""
     rng = random.Random(0)
-    vocab = hf.config.vocab_size
     sequences, prompt_lens = [], []
     for _ in range(32):
         length = rng.randint(args.min_len, args.max_len)
         sequences.append([rng.randrange(vocab) for _ in range(length)])
         prompt_lens.append(max(1, length - rng.randint(1, args.decode_steps)))
+    return sequences, prompt_lens
+
+
+def check_logits(args, device) -> dict:
+    config_dir = args.config_dir
+    hf = hf_random_model(config_dir, torch.bfloat16, device, seed=1, overrides=args.overrides)
+    sequences, prompt_lens = mixed_sequences(args, hf.config.vocab_size)
     llm = engine_with_weights(config_dir, hf, "bfloat16", max_num_batched_tokens=args.token_budget,
                               max_model_len=args.max_len + 16, device=str(device), **args.engine_args)
     errors = logits_errors_vs_hf(llm, hf, sequences, prompt_lens, device)
@@ -132,6 +141,33 @@ def check_greedy(args, device) -> dict:
             "passed": same == len(prompts)}
 
 
+def check_fp8_kv_logits(args, device) -> dict:
+    hf = hf_random_model(args.config_dir, torch.bfloat16, device, seed=1, overrides=args.overrides)
+    sequences, prompt_lens = mixed_sequences(args, hf.config.vocab_size)
+    logits = {}
+    for name, kv_cache_dtype, kernels in (("bf16", "auto", "triton"), ("fp8", "fp8", "triton"),
+                                          ("fp8-ref", "fp8", "ref")):
+        os.environ["BATCHGEN_KERNELS"] = kernels
+        llm = engine_with_weights(args.config_dir, hf, "bfloat16", kv_cache_dtype=kv_cache_dtype,
+                                  max_num_batched_tokens=args.token_budget, max_model_len=args.max_len + 16,
+                                  device=str(device), **args.engine_args)
+        logits[name] = engine_logits(llm, sequences, prompt_lens)
+        del llm
+        gc.collect()
+    os.environ.pop("BATCHGEN_KERNELS")
+    del hf
+
+    def errors(a: str, b: str) -> list[float]:
+        return [relative_l2(x, y) for x, y in zip(logits[a], logits[b])]
+
+    kernels, references = errors("fp8", "bf16"), errors("fp8-ref", "bf16")
+    return {"check": "fp8 KV logits vs bf16 KV logits (same bf16 weights; kernels vs the fp8 references)",
+            "model": args.model, "sequences": len(sequences), "max_rel_l2": max(kernels),
+            "mean_rel_l2": sum(kernels) / len(kernels), "references_max_rel_l2": max(references),
+            "kernels_vs_references_max_rel_l2": max(errors("fp8", "fp8-ref")),
+            "passed": max(kernels) <= 1.1 * max(references)}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="qwen3-0.6b")
@@ -155,7 +191,7 @@ def main() -> int:
         AutoConfig.from_pretrained(CONFIGS / args.model, **args.overrides).save_pretrained(args.config_dir)
         args.overrides = {}
     results = []
-    for check in (check_logits, check_greedy):
+    for check in (check_logits, check_greedy, check_fp8_kv_logits):
         results.append(check(args, device))
         print(json.dumps(results[-1]), flush=True)
         gc.collect()   # the check's engine and HF model, before the next one sizes its KV cache

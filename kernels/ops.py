@@ -14,9 +14,9 @@ def _triton(x: torch.Tensor) -> bool:
     return x.is_cuda and os.environ.get("BATCHGEN_KERNELS", "triton") != "ref"
 
 
-def store_kv(key, value, k_cache, v_cache, slot_mapping) -> None:
+def store_kv(key, value, k_cache, v_cache, slot_mapping, k_scale=1.0, v_scale=1.0) -> None:
     fn = _store_kv.store_kv if _triton(key) else _store_kv.store_kv_ref
-    fn(key, value, k_cache, v_cache, slot_mapping)
+    fn(key, value, k_cache, v_cache, slot_mapping, k_scale, v_scale)
 
 
 def _triton_attention(q: torch.Tensor) -> bool:
@@ -25,15 +25,17 @@ def _triton_attention(q: torch.Tensor) -> bool:
 
 
 def paged_prefill_attention(q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale, max_query_len,
-                            sliding_window=None):
+                            sliding_window=None, k_scale=1.0, v_scale=1.0):
     triton_kernel = _triton_attention(q)
     fn = paged_attention.paged_prefill_attention if triton_kernel else paged_attention.paged_prefill_attention_ref
-    return fn(q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale, max_query_len, sliding_window)
+    return fn(q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale, max_query_len, sliding_window,
+              k_scale, v_scale)
 
 
-def paged_decode_attention(q, k_cache, v_cache, seq_lens, block_tables, scale, sliding_window=None):
+def paged_decode_attention(q, k_cache, v_cache, seq_lens, block_tables, scale, sliding_window=None, k_scale=1.0,
+                           v_scale=1.0):
     fn = paged_attention.paged_decode_attention if _triton_attention(q) else paged_attention.paged_decode_attention_ref
-    return fn(q, k_cache, v_cache, seq_lens, block_tables, scale, sliding_window)
+    return fn(q, k_cache, v_cache, seq_lens, block_tables, scale, sliding_window, k_scale, v_scale)
 
 
 def rms_norm(x, weight, eps, residual=None, unit_offset=False):

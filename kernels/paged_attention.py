@@ -9,6 +9,9 @@ That one rule covers prefill, chunked prefill on top of cached context (prefix h
 A sliding-window layer (`sliding_window=W`) lets the query at position p see only keys in (p - W, p], as
 Hugging Face's sliding-window mask does for every family (`kv_idx > q_idx - sliding_window`); the kernels skip
 key tiles wholly outside the window. None means global attention.
+
+An fp8 cache (see kernels/store_kv.py) is read as K * k_scale and V * v_scale: the kernels load fp8 tiles, widen
+them to the query's dtype, fold k_scale into the softmax scale and v_scale into the output's normalisation.
 """
 import functools
 
@@ -16,6 +19,8 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+
+from batchgen.kernels.store_kv import dequantize_kv_ref, kv_scales
 
 
 def _gather_blocks(cache: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
@@ -26,12 +31,14 @@ def _gather_blocks(cache: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor
     return flat.view(-1, num_kv_heads, head_dim)
 
 
-def _gather_context(cache: torch.Tensor, block_table: torch.Tensor, start: int, seq_len: int) -> torch.Tensor:
-    """[seq_len - start, Hkv, D] keys (or values) of positions [start, seq_len) of one sequence, in order."""
+def _gather_context(cache: torch.Tensor, block_table: torch.Tensor, start: int, seq_len: int, scale: float,
+                    dtype: torch.dtype) -> torch.Tensor:
+    """[seq_len - start, Hkv, D] keys (or values) of positions [start, seq_len) of one sequence, in order, in
+    `dtype` (dequantized)."""
     block_size = cache.shape[1]
     first_block, num_blocks = start // block_size, (seq_len + block_size - 1) // block_size
-    return _gather_blocks(cache, block_table[first_block:num_blocks])[start - first_block * block_size:
-                                                                       seq_len - first_block * block_size]
+    blocks = _gather_blocks(cache, block_table[first_block:num_blocks])
+    return dequantize_kv_ref(blocks[start - first_block * block_size:seq_len - first_block * block_size], scale, dtype)
 
 
 def _window_start(query_start: int, sliding_window: int | None) -> int:
@@ -42,9 +49,11 @@ def _window_start(query_start: int, sliding_window: int | None) -> int:
 def paged_prefill_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                                 query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
                                 block_tables: torch.Tensor, scale: float, max_query_len: int,
-                                sliding_window: int | None = None) -> torch.Tensor:
+                                sliding_window: int | None = None, k_scale: float = 1.0,
+                                v_scale: float = 1.0) -> torch.Tensor:
     """q [T, Hq, D] -> out [T, Hq, D]; varlen causal attention of query chunks to their paged context."""
     out = torch.empty_like(q)
+    k_scale, v_scale = kv_scales(k_cache, k_scale, v_scale)
     starts = query_start_loc.tolist()
     for b, seq_len in enumerate(seq_lens.tolist()):
         start, end = starts[b], starts[b + 1]
@@ -53,8 +62,8 @@ def paged_prefill_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache:
         first_query = seq_len - (end - start)
         first_key = _window_start(first_query, sliding_window)
         # [1, heads, tokens, head_dim]: the batched layout takes torch's fused CPU kernels
-        keys = _gather_context(k_cache, block_tables[b], first_key, seq_len).transpose(0, 1)[None]
-        values = _gather_context(v_cache, block_tables[b], first_key, seq_len).transpose(0, 1)[None]
+        keys = _gather_context(k_cache, block_tables[b], first_key, seq_len, k_scale, q.dtype).transpose(0, 1)[None]
+        values = _gather_context(v_cache, block_tables[b], first_key, seq_len, v_scale, q.dtype).transpose(0, 1)[None]
         query = q[start:end].transpose(0, 1)[None]
         if first_query == first_key == 0 and sliding_window is None:   # plain causal attention: the fast path
             attended = F.scaled_dot_product_attention(query, keys, values, is_causal=True, scale=scale,
@@ -73,14 +82,18 @@ def paged_prefill_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache:
 
 def paged_decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                                seq_lens: torch.Tensor, block_tables: torch.Tensor, scale: float,
-                               sliding_window: int | None = None) -> torch.Tensor:
+                               sliding_window: int | None = None, k_scale: float = 1.0,
+                               v_scale: float = 1.0) -> torch.Tensor:
     """q [B, Hq, D], one query token per sequence at position seq_lens[b] - 1 -> out [B, Hq, D]."""
     batch, num_heads, head_dim = q.shape
+    k_scale, v_scale = kv_scales(k_cache, k_scale, v_scale)
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     num_blocks = (int(seq_lens.max()) + block_size - 1) // block_size
     tables = block_tables[:, :num_blocks]
-    keys = _gather_blocks(k_cache, tables).view(batch, -1, num_kv_heads, head_dim).transpose(1, 2)
-    values = _gather_blocks(v_cache, tables).view(batch, -1, num_kv_heads, head_dim).transpose(1, 2)
+    keys = dequantize_kv_ref(_gather_blocks(k_cache, tables), k_scale, q.dtype)
+    values = dequantize_kv_ref(_gather_blocks(v_cache, tables), v_scale, q.dtype)
+    keys = keys.view(batch, -1, num_kv_heads, head_dim).transpose(1, 2)
+    values = values.view(batch, -1, num_kv_heads, head_dim).transpose(1, 2)
     key_pos = torch.arange(keys.shape[2], device=q.device)[None, :]
     seq_lens = seq_lens[:, None].to(q.device)
     mask = key_pos < seq_lens
@@ -95,7 +108,8 @@ def paged_decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: 
 # ---------------------------------------------------------------------------------------------------------------
 # Triton kernels. Both attention kernels run one program per (query tile or split, KV head) and pack the query
 # heads that share that KV head into the rows of one tile, so each K/V tile is loaded once per group.
-# Softmax runs in base 2 with the scale folded into qk_scale = scale * log2(e); accumulation is fp32.
+# Softmax runs in base 2 with the scale folded into qk_scale = scale * k_scale * log2(e); accumulation is fp32, and
+# v_scale multiplies the normalised output.
 # ---------------------------------------------------------------------------------------------------------------
 _LOG2E = 1.4426950408889634
 _NO_WINDOW = 1 << 30   # the window of a global layer: wider than any context
@@ -127,7 +141,8 @@ def _attend_key_tile(acc, m_i, l_i, q, q_pos, key_start, block_table_row, k_cach
         k_t = tl.load(k_cache_ptr + k_rows[None, :] + dims[:, None], mask=in_context[None, :], other=0.0)
     else:
         k_t = tl.load(k_cache_ptr + k_rows[None, :] + dims[:, None])
-    qk = tl.dot(q, k_t, input_precision=DOT_PRECISION) * qk_scale
+    # an fp8 cache's tile widened to the query's dtype (a no-op otherwise); k_scale is in qk_scale
+    qk = tl.dot(q, k_t.to(q.dtype), input_precision=DOT_PRECISION) * qk_scale
     if MASKED:
         visible = ((key_pos[None, :] <= q_pos[:, None]) & (key_pos[None, :] > q_pos[:, None] - window)
                    & in_context[None, :])
@@ -142,13 +157,13 @@ def _attend_key_tile(acc, m_i, l_i, q, q_pos, key_start, block_table_row, k_cach
         v = tl.load(v_cache_ptr + v_rows[:, None] + dims[None, :], mask=in_context[:, None], other=0.0)
     else:
         v = tl.load(v_cache_ptr + v_rows[:, None] + dims[None, :])
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT_PRECISION)
     return acc, m_new, l_i
 
 
 @triton.jit
 def _prefill_tile(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, block_table_row, q_start, q_len, seq_len, first_token,
-                  kv_head, window, qk_scale, stride_qt, stride_qh, stride_ot, stride_oh, stride_kb, stride_ks,
+                  kv_head, window, qk_scale, v_scale, stride_qt, stride_qh, stride_ot, stride_oh, stride_kb, stride_ks,
                   stride_kh, stride_vb, stride_vs, stride_vh, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
                   PAGE: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Attention of ROWS // GROUP query tokens from first_token on, x the GROUP heads of kv_head (row r: token
@@ -190,7 +205,7 @@ def _prefill_tile(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, block_table_row, q_s
                                          v_cache_ptr, kv_head, seq_len, window, qk_scale, stride_kb, stride_ks,
                                          stride_kh, stride_vb, stride_vs, stride_vh, PAGE, BLOCK_N, HEAD_DIM, True,
                                          DOT_PRECISION)
-    out = acc / l_i[:, None]
+    out = acc * (v_scale / l_i)[:, None]
     out_offsets = (q_start + row_token)[:, None] * stride_ot + row_head[:, None] * stride_oh + dims[None, :]
     tl.store(out_ptr + out_offsets, out.to(out_ptr.dtype.element_ty), mask=row_valid[:, None])
 
@@ -199,7 +214,7 @@ def _prefill_tile(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, block_table_row, q_s
 # value that is 1 or a multiple of 16): a compile in the middle of a job costs seconds.
 @triton.jit(do_not_specialize=["num_seqs", "stride_bt"])
 def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, query_start_loc_ptr, seq_lens_ptr,
-                    block_tables_ptr, window, qk_scale, num_seqs,
+                    block_tables_ptr, window, qk_scale, v_scale, num_seqs,
                     stride_qt, stride_qh, stride_ot, stride_oh, stride_kb, stride_ks, stride_kh,
                     stride_vb, stride_vs, stride_vh, stride_bt,
                     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -229,19 +244,19 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, query_start_loc_pt
     if q_len * GROUP <= SHORT_ROWS:
         # decode rows (and other tiny chunks) of a mixed batch: a 16-row tile instead of BLOCK_M mostly-empty rows
         _prefill_tile(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, block_table_row, q_start, q_len, seq_len,
-                      first_token, kv_head, window, qk_scale, stride_qt, stride_qh, stride_ot, stride_oh, stride_kb,
-                      stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, GROUP, HEAD_DIM, PAGE, SHORT_ROWS,
-                      BLOCK_N, DOT_PRECISION)
+                      first_token, kv_head, window, qk_scale, v_scale, stride_qt, stride_qh, stride_ot, stride_oh,
+                      stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, GROUP, HEAD_DIM, PAGE,
+                      SHORT_ROWS, BLOCK_N, DOT_PRECISION)
     else:
         _prefill_tile(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, block_table_row, q_start, q_len, seq_len,
-                      first_token, kv_head, window, qk_scale, stride_qt, stride_qh, stride_ot, stride_oh, stride_kb,
-                      stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, GROUP, HEAD_DIM, PAGE, BLOCK_M,
+                      first_token, kv_head, window, qk_scale, v_scale, stride_qt, stride_qh, stride_ot, stride_oh,
+                      stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, GROUP, HEAD_DIM, PAGE, BLOCK_M,
                       BLOCK_N, DOT_PRECISION)
 
 
 @triton.jit(do_not_specialize=["keys_per_split", "num_splits", "stride_bt"])
 def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, partial_out_ptr, partial_lse_ptr, seq_lens_ptr,
-                         block_tables_ptr, window, qk_scale, keys_per_split, num_splits, num_heads,
+                         block_tables_ptr, window, qk_scale, v_scale, keys_per_split, num_splits, num_heads,
                          stride_qb, stride_qh, stride_ob, stride_oh, stride_kb, stride_ks, stride_kh,
                          stride_vb, stride_vs, stride_vh, stride_bt,
                          GROUP: tl.constexpr, GROUP_ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
@@ -277,12 +292,12 @@ def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, partial_out_p
                                          DOT_PRECISION)
     if not SPLIT:
         # an empty context (padding rows of a graph batch) yields zeros, not NaN
-        out = acc / tl.maximum(l_i, 1e-30)[:, None]
+        out = acc * (v_scale / tl.maximum(l_i, 1e-30))[:, None]
         tl.store(out_ptr + seq * stride_ob + head[:, None] * stride_oh + dims[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=row_valid[:, None])
     else:
         partial_row = (seq * num_heads + head) * num_splits + split
-        tl.store(partial_out_ptr + partial_row[:, None] * HEAD_DIM + dims[None, :], acc / l_i[:, None],
+        tl.store(partial_out_ptr + partial_row[:, None] * HEAD_DIM + dims[None, :], acc * (v_scale / l_i)[:, None],
                  mask=row_valid[:, None])
         tl.store(partial_lse_ptr + partial_row, m_i + tl.log2(l_i), mask=row_valid)
 
@@ -352,8 +367,10 @@ def prefill_launch_config(head_dim: int, group: int, max_query_len: int, dtype: 
 
 
 def _paged_prefill(q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale, max_query_len, out,
-                   config: dict, sliding_window: int | None = None) -> torch.Tensor:
+                   config: dict, sliding_window: int | None = None, k_scale: float = 1.0,
+                   v_scale: float = 1.0) -> torch.Tensor:
     group = _check_attention_shapes(q, k_cache)
+    k_scale, v_scale = kv_scales(k_cache, k_scale, v_scale)
     num_tokens, num_seqs = q.shape[0], seq_lens.shape[0]
     if num_tokens == 0:
         return out
@@ -361,8 +378,8 @@ def _paged_prefill(q, k_cache, v_cache, query_start_loc, seq_lens, block_tables,
     assert tokens_per_tile >= 1, "BLOCK_M must hold a whole group of query heads"
     grid = (num_tokens // tokens_per_tile + num_seqs, k_cache.shape[2])
     _prefill_kernel[grid](
-        q, k_cache, v_cache, out, query_start_loc, seq_lens, block_tables, _window(sliding_window), scale * _LOG2E,
-        num_seqs,
+        q, k_cache, v_cache, out, query_start_loc, seq_lens, block_tables, _window(sliding_window),
+        scale * k_scale * _LOG2E, v_scale, num_seqs,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3],
         block_tables.stride(0), GROUP=group, HEAD_DIM=q.shape[2], PAGE=k_cache.shape[1],
         SHORT_ROWS=min(config["BLOCK_M"], _short_rows(group)), DOT_PRECISION=_dot_precision(q.dtype), **config)
@@ -371,12 +388,13 @@ def _paged_prefill(q, k_cache, v_cache, query_start_loc, seq_lens, block_tables,
 
 def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                             query_start_loc: torch.Tensor, seq_lens: torch.Tensor, block_tables: torch.Tensor,
-                            scale: float, max_query_len: int, sliding_window: int | None = None) -> torch.Tensor:
+                            scale: float, max_query_len: int, sliding_window: int | None = None,
+                            k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
     """Triton twin of `paged_prefill_attention_ref` (power-of-two head_dim >= 16)."""
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     config = prefill_launch_config(q.shape[2], q.shape[1] // k_cache.shape[2], max_query_len, q.dtype)
     return _paged_prefill(q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale, max_query_len, out,
-                          config, sliding_window)
+                          config, sliding_window, k_scale, v_scale)
 
 
 _DECODE_MAX_SPLITS = 64
@@ -399,8 +417,9 @@ def decode_launch_config(batch: int, num_kv_heads: int, head_dim: int, max_keys:
 
 
 def _paged_decode(q, k_cache, v_cache, seq_lens, block_tables, scale, out, config: dict,
-                  sliding_window: int | None = None) -> torch.Tensor:
+                  sliding_window: int | None = None, k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
     group = _check_attention_shapes(q, k_cache)
+    k_scale, v_scale = kv_scales(k_cache, k_scale, v_scale)
     batch, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
     num_splits, keys_per_split = config["num_splits"], config["keys_per_split"]
@@ -416,7 +435,8 @@ def _paged_decode(q, k_cache, v_cache, seq_lens, block_tables, scale, out, confi
         partial_out = partial_lse = out  # unused: the split kernel writes `out` directly
     _decode_split_kernel[(batch, num_kv_heads, num_splits)](
         q, k_cache, v_cache, out, partial_out, partial_lse, seq_lens, block_tables, _window(sliding_window),
-        scale * _LOG2E, keys_per_split, num_splits, num_heads, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        scale * k_scale * _LOG2E, v_scale, keys_per_split, num_splits, num_heads, q.stride(0), q.stride(1),
+        out.stride(0), out.stride(1),
         *k_cache.stride()[:3], *v_cache.stride()[:3], block_tables.stride(0),
         GROUP=group, GROUP_ROWS=_short_rows(group), HEAD_DIM=head_dim, PAGE=k_cache.shape[1],
         BLOCK_N=config["BLOCK_N"], SPLIT=num_splits > 1, DOT_PRECISION=_dot_precision(q.dtype),
@@ -430,11 +450,13 @@ def _paged_decode(q, k_cache, v_cache, seq_lens, block_tables, scale, out, confi
 
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seq_lens: torch.Tensor,
-                           block_tables: torch.Tensor, scale: float, sliding_window: int | None = None) -> torch.Tensor:
+                           block_tables: torch.Tensor, scale: float, sliding_window: int | None = None,
+                           k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
     """Triton twin of `paged_decode_attention_ref` (flash-decoding); never reads device memory on the host, so
-    it can be captured in a CUDA graph. Sequences of length 0 (graph padding) get zeros. A sliding-window
-    layer splits only the window's keys."""
+    it can be captured in a CUDA graph (the scales are host floats, fixed per layer). Sequences of length 0
+    (graph padding) get zeros. A sliding-window layer splits only the window's keys."""
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     max_keys = min(block_tables.shape[1] * k_cache.shape[1], _window(sliding_window))
     config = decode_launch_config(q.shape[0], k_cache.shape[2], q.shape[2], max_keys, q.device, q.dtype)
-    return _paged_decode(q, k_cache, v_cache, seq_lens, block_tables, scale, out, config, sliding_window)
+    return _paged_decode(q, k_cache, v_cache, seq_lens, block_tables, scale, out, config, sliding_window, k_scale,
+                         v_scale)

@@ -90,7 +90,9 @@ class Engine:
 
         runner_args = (self.model, self.model_config, config.block_size, self.device, self.dtype,
                        config.resolved_max_num_seqs(self.device))
-        self.runner = ModelRunner(*runner_args) if ranks is None else TensorParallelRunner(ranks, *runner_args)
+        kv_cache_dtype = config.resolved_kv_cache_dtype(self.dtype)
+        self.runner = (ModelRunner(*runner_args, kv_cache_dtype=kv_cache_dtype) if ranks is None
+                       else TensorParallelRunner(ranks, *runner_args, kv_cache_dtype=kv_cache_dtype))
         self.sampler = Sampler(config.seed)
         self.grammars: GrammarEngine | None = None     # created with the first structured request
         self.sampled_step: SampledStep | None = None   # last step's sampling, its tokens not yet taken
@@ -116,9 +118,9 @@ class Engine:
         measured = "" if self.memory_profile is None else (
             f" (measured beside it: a step's peak {self.memory_profile.step_peak_bytes / 2**30:.2f} GiB, CUDA graphs "
             f"{self.memory_profile.graph_pool_bytes / 2**30:.2f} GiB)")
-        log.info("engine ready: %s on %s (%s), KV cache of %d tokens in %d blocks of %d%s, max_model_len %d",
-                 self.model_path, self.device, self.dtype, self.kv_capacity_tokens, num_blocks, config.block_size,
-                 measured, self.max_model_len)
+        log.info("engine ready: %s on %s (%s), %s KV cache of %d tokens in %d blocks of %d%s, max_model_len %d",
+                 self.model_path, self.device, self.dtype, self.runner.kv_cache_dtype, self.kv_capacity_tokens,
+                 num_blocks, config.block_size, measured, self.max_model_len)
 
     def _build_cache(self, num_blocks: int) -> None:
         """A KV cache of `num_blocks` blocks and the scheduler over it (the context is capped by the cache)."""

@@ -227,8 +227,8 @@ class TensorParallelRunner(ModelRunner):
     """Rank 0's ModelRunner: each call goes to the other ranks first, then runs here, so all ranks run it at
     once; calls with a result wait for every rank's."""
 
-    def __init__(self, ranks: Ranks, *runner_args):
-        super().__init__(*runner_args)
+    def __init__(self, ranks: Ranks, *runner_args, **runner_kwargs):
+        super().__init__(*runner_args, **runner_kwargs)
         self.ranks = ranks
         with ranks.together():
             ranks.answers()   # every rank has loaded its shard
@@ -342,7 +342,7 @@ def run_rank(rank: int, config: EngineConfig, model_path: Path, dtype: torch.dty
         model, model_config = load_model(model_path, dtype, device, config.load_format, config.allow_pickle_weights,
                                          config.quantization)
         runner = ModelRunner(model, model_config, config.block_size, device, dtype,
-                             config.resolved_max_num_seqs(device))
+                             config.resolved_max_num_seqs(device), kv_cache_dtype=config.resolved_kv_cache_dtype(dtype))
         conn.send(("ok", None))
         RankWorker(runner, conn).serve()
     except RankClosed:

@@ -41,7 +41,9 @@ class AttentionMetadata:
 
 class Attention(nn.Module):
     """One layer's attention; `sliding_window` W (None: global) lets a query at position p see keys in
-    (p - W, p] only."""
+    (p - W, p] only. `k_scale`/`v_scale` are the layer's fp8 KV-cache scales (an fp8 cache holds K / k_scale and
+    V / v_scale): the checkpoint's calibration when it has one, else 1.0; a cache in the compute dtype ignores
+    them."""
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
                  sliding_window: int | None = None):
@@ -51,10 +53,20 @@ class Attention(nn.Module):
         # [num_blocks, block_size, num_kv_heads, head_dim] each; views into the runner's cache tensor
         self.k_cache = torch.empty(0)
         self.v_cache = torch.empty(0)
+        # host floats, not tensors: fixed once loaded, so CUDA graphs capture them and no step reads the device
+        self.k_scale = self.v_scale = 1.0
+        self.kv_scales_loaded = False
+
+    def load_kv_scale(self, name: str, tensor: torch.Tensor) -> None:
+        """A checkpoint's per-tensor KV-cache scale (name 'k_scale' or 'v_scale')."""
+        if tensor.numel() != 1:
+            raise ValueError(f"KV-cache {name} of shape {tuple(tensor.shape)}: only per-tensor scales are supported")
+        setattr(self, name, float(tensor.float().reshape(())))
+        self.kv_scales_loaded = True
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """q [T, Hq, D], k/v [T, Hkv, D] (rotary already applied) -> [T, Hq * D]."""
-        ops.store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
+        ops.store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping, self.k_scale, self.v_scale)
         if meta.decode_only:
             out = self._decode(q, meta.seq_lens, meta.block_tables)
         elif meta.num_decodes == 0:
@@ -67,8 +79,9 @@ class Attention(nn.Module):
 
     def _decode(self, q, seq_lens, block_tables):
         return ops.paged_decode_attention(q, self.k_cache, self.v_cache, seq_lens, block_tables, self.scale,
-                                          self.sliding_window)
+                                          self.sliding_window, self.k_scale, self.v_scale)
 
     def _prefill(self, q, meta: AttentionMetadata):
         return ops.paged_prefill_attention(q, self.k_cache, self.v_cache, meta.query_start_loc, meta.seq_lens,
-                                           meta.block_tables, self.scale, meta.max_query_len, self.sliding_window)
+                                           meta.block_tables, self.scale, meta.max_query_len, self.sliding_window,
+                                           self.k_scale, self.v_scale)

@@ -20,6 +20,7 @@ from batchgen.models.config import ModelConfig
 from batchgen.models.layers import RMSNorm, RotaryEmbedding, VocabParallelEmbedding
 from batchgen.models.linear import Linear, ShapeMismatch
 from batchgen.models.moe import SparseMoeBlock, expert_checkpoint_keys
+from batchgen.models.quant import kv_cache_scale
 
 # checkpoint projection name -> the fused module holding it as a part of that name
 _FUSED_PROJECTIONS = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj",
@@ -242,6 +243,13 @@ class LlamaForCausalLM(nn.Module):
             checkpoint_name = _text_model_name(checkpoint_name)
             if checkpoint_name == "lm_head.weight" and self.config.tie_word_embeddings:
                 continue  # some tied checkpoints store the shared matrix twice
+            if (kv_scale := kv_cache_scale(checkpoint_name)) is not None:   # optional: not in `expected`
+                attention = modules.get(f"{kv_scale[0]}.attn")
+                if isinstance(attention, Attention):
+                    attention.load_kv_scale(kv_scale[1], tensor)
+                else:
+                    unexpected.append(checkpoint_name)
+                continue
             keys = (expert_checkpoint_keys(checkpoint_name, tensor)
                     or _dense_checkpoint_keys(modules, checkpoint_name, tensor))
             if any(key not in expected for key, _ in keys):

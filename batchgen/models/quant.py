@@ -24,8 +24,20 @@ if TYPE_CHECKING:
     from batchgen.models.linear import Linear
 
 QUANTIZATIONS = ("fp8",)
-# tensors of fp8 KV-cache calibration; batchgen's KV cache stays in the compute dtype, where they do not apply
-_KV_CACHE_SCALES = ("k_scale", "v_scale", "output_scale")
+# Per-tensor fp8 KV-cache scales, under the names exports give them: compressed-tensors `self_attn.k_scale`
+# (older ones `self_attn.k_proj.output_scale`), ModelOpt `self_attn.k_proj.k_scale`, fused-qkv checkpoints
+# `self_attn.qkv_proj.k_scale`; likewise for v.
+_KV_CACHE_SCALE = re.compile(
+    r"(.+\.self_attn)\.(?:([kv])_scale|([kv])_proj\.(?:\3_scale|output_scale)|qkv_proj\.([kv])_scale)")
+# other attention calibration an fp8-KV checkpoint may carry (queries, probabilities): batchgen keeps them in the
+# compute dtype, where they do not apply
+_UNUSED_ATTENTION_SCALES = ("q_scale", "prob_scale", "output_scale")
+
+
+def kv_cache_scale(checkpoint_name: str) -> tuple[str, str] | None:
+    """('model.layers.N.self_attn', 'k_scale' or 'v_scale') when the tensor is a layer's KV-cache scale."""
+    found = _KV_CACHE_SCALE.fullmatch(checkpoint_name)
+    return None if found is None else (found[1], f"{found[2] or found[3] or found[4]}_scale")
 
 
 def _parameter(shape, dtype: torch.dtype) -> nn.Parameter:
@@ -212,9 +224,10 @@ class QuantConfig:
                    for pattern in self.ignore)
 
     def drops(self, checkpoint_name: str) -> bool:
-        """Checkpoint tensors that load into nothing: fp8 KV-cache scales (batchgen keeps K/V in the compute
-        dtype, so the calibration for an fp8 cache does not apply)."""
-        return self.has_kv_cache_scales and checkpoint_name.rpartition(".")[2] in _KV_CACHE_SCALES
+        """Checkpoint tensors that load into nothing: an fp8-KV checkpoint's query and probability scales (the
+        K/V scales load into the attention layers, see `kv_cache_scale`)."""
+        return (self.has_kv_cache_scales and kv_cache_scale(checkpoint_name) is None
+                and checkpoint_name.rpartition(".")[2] in _UNUSED_ATTENTION_SCALES)
 
 
 def quant_config(model_dir: Path, config: dict, quantization: str | None) -> QuantConfig | None:
@@ -260,13 +273,24 @@ def _compressed_tensors(found: dict) -> QuantConfig:
         if len(block) != 2 or not inputs.get("dynamic") or inputs.get("group_size") not in (None, block[1]):
             raise _unsupported(method, "block weights without dynamic per-group activations", groups[0])
         return QuantConfig(method, "block", block=block, ignore=tuple(found.get("ignore", [])),
-                           has_kv_cache_scales=found.get("kv_cache_scheme") is not None)
+                           has_kv_cache_scales=_compressed_tensors_kv_scheme(found))
     if strategy not in ("channel", "tensor"):
         raise _unsupported(method, f"weight strategy '{strategy}'", weights)
     # dynamic activations run per token whatever the checkpoint's granularity: finer than per tensor
     return QuantConfig(method, strategy, static_input_scale=not inputs.get("dynamic", False),
                        ignore=tuple(found.get("ignore", [])),
-                       has_kv_cache_scales=found.get("kv_cache_scheme") is not None)
+                       has_kv_cache_scales=_compressed_tensors_kv_scheme(found))
+
+
+def _compressed_tensors_kv_scheme(found: dict) -> bool:
+    """Whether the checkpoint carries KV-cache scales: per-tensor fp8 is the one kv_cache_scheme supported."""
+    scheme = found.get("kv_cache_scheme")
+    if scheme is None:
+        return False
+    if (scheme.get("type"), scheme.get("num_bits"), scheme.get("strategy", "tensor")) != ("float", 8, "tensor") \
+            or scheme.get("dynamic"):
+        raise _unsupported("compressed-tensors", "a kv_cache_scheme other than static per-tensor fp8", scheme)
+    return True
 
 
 def _fp8_method(found: dict) -> QuantConfig:
@@ -286,6 +310,8 @@ def _fp8_method(found: dict) -> QuantConfig:
 def _modelopt(found: dict) -> QuantConfig:
     if found.get("quant_algo") != "FP8":
         raise _unsupported("modelopt", f"quant_algo '{found.get('quant_algo')}'", found)
+    kv_algo = found.get("kv_cache_quant_algo")
+    if kv_algo not in (None, "FP8"):
+        raise _unsupported("modelopt", f"kv_cache_quant_algo '{kv_algo}'", found)
     return QuantConfig("modelopt", "tensor", static_input_scale=True,
-                       ignore=tuple(found.get("exclude_modules") or ()),
-                       has_kv_cache_scales=found.get("kv_cache_quant_algo") is not None)
+                       ignore=tuple(found.get("exclude_modules") or ()), has_kv_cache_scales=kv_algo is not None)

@@ -5,7 +5,7 @@ import torch
 from batchgen.kernels.activation import gelu_tanh_and_mul, gelu_tanh_and_mul_ref, silu_and_mul, silu_and_mul_ref
 from batchgen.kernels.rms_norm import rms_norm, rms_norm_ref
 from batchgen.kernels.rotary import rotary_embedding, rotary_embedding_ref
-from batchgen.kernels.store_kv import store_kv, store_kv_ref
+from batchgen.kernels.store_kv import KV_FP8, store_kv, store_kv_ref
 from batchgen.kernels.testing import TEST_DEVICE as DEVICE, TEST_DTYPES as DTYPES, TOLERANCE, relative_l2
 
 
@@ -32,6 +32,31 @@ def test_store_kv_writes_exactly_the_reference_slots(num_kv_heads, head_dim, blo
     store_kv_ref(key, value, k_ref, v_ref, slot_mapping)
     store_kv(key, value, k_cache, v_cache, slot_mapping)
     assert torch.equal(k_cache, k_ref) and torch.equal(v_cache, v_ref)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_store_kv_quantizes_to_fp8_like_the_reference(dtype):
+    # bit-exact fp8 bytes: ties and values whose rounding carries into the next power of two (x.96875 * 2^e),
+    # e4m3 subnormals (3.5e-3 is 1.8 steps of 2^-9), values past +-448 * scale (saturate, never inf/NaN),
+    # padding rows skipped
+    num_tokens, num_kv_heads, head_dim, block_size, k_scale, v_scale = 9, 2, 32, 16, 0.25, 0.0625
+    _, key, value = _fused_qkv(num_tokens, 4, num_kv_heads, head_dim, dtype)
+    key = key * 20
+    key[0, 0, :8] = torch.tensor([31.5, 15.75, 7.9, 1.99, 3.5e-3, -31.9, 1e4, -1e4]).to(DEVICE, dtype) * k_scale
+    value[1, 1, :4] = torch.tensor([2.0 ** -9, 3 * 2.0 ** -10, 1e3, -500.0]).to(DEVICE, dtype) * v_scale
+    slot_mapping = torch.randperm(3 * block_size)[:num_tokens].to(DEVICE)
+    slot_mapping[[4, 8]] = -1
+    key[[4, 8]] = float("nan")
+    k_cache = torch.zeros(3, block_size, num_kv_heads, head_dim, dtype=KV_FP8, device=DEVICE)
+    v_cache = torch.zeros_like(k_cache)
+    k_ref, v_ref = k_cache.clone(), v_cache.clone()
+    store_kv_ref(key, value, k_ref, v_ref, slot_mapping, k_scale, v_scale)
+    store_kv(key, value, k_cache, v_cache, slot_mapping, k_scale, v_scale)
+    assert torch.equal(k_cache.view(torch.uint8), k_ref.view(torch.uint8))
+    assert torch.equal(v_cache.view(torch.uint8), v_ref.view(torch.uint8))
+    stored_k = k_ref.float().view(-1, num_kv_heads, head_dim)[slot_mapping[0]]
+    assert stored_k[0, :8].tolist() == [32.0, 16.0, 8.0, 2.0, 2 ** -8, -32.0, 448.0, -448.0]
+    assert torch.isfinite(k_ref.float()).all() and torch.isfinite(v_ref.float()).all()
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
