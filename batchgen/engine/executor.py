@@ -342,7 +342,8 @@ def run_rank(rank: int, config: EngineConfig, model_path: Path, dtype: torch.dty
         model, model_config = load_model(model_path, dtype, device, config.load_format, config.allow_pickle_weights,
                                          config.quantization)
         runner = ModelRunner(model, model_config, config.block_size, device, dtype,
-                             config.resolved_max_num_seqs(device), kv_cache_dtype=config.resolved_kv_cache_dtype(dtype))
+                             config.resolved_max_num_seqs(device),
+                             kv_cache_dtype=config.resolved_kv_cache_dtype(dtype))
         conn.send(("ok", None))
         RankWorker(runner, conn).serve()
     except RankClosed:
