@@ -47,9 +47,12 @@ def engine_with_weights(model_dir: Path, hf_model, dtype: str, **engine_args) ->
     return llm
 
 
-def engine_logits(llm: LLM, sequences: list[list[int]], prompt_lens: list[int]) -> list[torch.Tensor]:
-    """Logits at every position of each sequence, computed by the engine's scheduler and runner; tokens after
-    the prompt are appended one per step as if sampled."""
+def engine_logits(llm: LLM, sequences: list[list[int]], prompt_lens: list[int],
+                  every_position: bool = True) -> list[torch.Tensor]:
+    """Logits of each sequence computed by the engine's scheduler and runner; tokens after the prompt are
+    appended one per step as if sampled. every_position: at every position (the model run directly on the
+    step's inputs); else at the positions a step samples from (each sequence's last one per step), through the
+    runner's own step, which a tensor-parallel engine runs on every rank."""
     engine = llm.engine
     requests = [Request(str(i), seq[:p], SamplingParams(), group_index=i)
                 for i, (seq, p) in enumerate(zip(sequences, prompt_lens))]
@@ -59,17 +62,22 @@ def engine_logits(llm: LLM, sequences: list[list[int]], prompt_lens: list[int]) 
     while engine.scheduler.has_unfinished():
         batch: ScheduledBatch = engine.scheduler.schedule()
         inputs = engine.runner.prepare(batch)
-        input_ids, positions, meta = inputs.input_ids, inputs.positions, inputs.meta
         with torch.inference_mode():
-            logits = engine.model.compute_logits(engine.runner.forward(input_ids, positions, meta)).cpu()
+            if every_position:
+                hidden = engine.runner.forward(inputs.input_ids, inputs.positions, inputs.meta)
+                logits = engine.model.compute_logits(hidden).cpu()
+            else:
+                logits = engine.runner.execute(inputs).cpu()
         offset = 0
         # rows in the runner's order: decodes first (a stable sort, as ModelRunner.prepare does)
         for request, num_new in sorted(zip(batch.requests, batch.num_new_tokens), key=lambda pair: pair[1] != 1):
             index = request.group_index
-            rows[index].append(logits[offset:offset + num_new])
-            offset += num_new
             request.num_computed_tokens += num_new
-            if request.num_computed_tokens == request.num_tokens:
+            reached_end = request.num_computed_tokens == request.num_tokens
+            taken = num_new if every_position else int(reached_end)
+            rows[index].append(logits[offset:offset + taken])
+            offset += taken
+            if reached_end:
                 if request.num_tokens == len(sequences[index]):
                     request.finish("length")
                     engine.scheduler.finish(request)

@@ -26,7 +26,6 @@ import json
 import multiprocessing
 import os
 import random
-import socket
 import subprocess
 import sys
 import tempfile
@@ -44,7 +43,6 @@ from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
 from batchgen import LLM, SamplingParams  # noqa: E402
 from batchgen.bench import card_name, make_workload, run_batchgen, run_hf_static  # noqa: E402
 from batchgen.config import EngineConfig  # noqa: E402
-from batchgen.distributed import init_tensor_parallel  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 from gpu_correctness import engine_logits, hf_random_model  # noqa: E402
@@ -53,7 +51,6 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIGS = Path(__file__).parent / "configs"
 WORKLOADS = {"W1": (512, 256), "1000-1000": (1000, 1000)}   # input, output tokens per request
 LOGITS_BOUND = 2e-2
-RANK_TIMEOUT_S = 600.0
 SMOKE_FIELDS = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                     num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=4096)
 ROWS: list[dict] = []
@@ -92,36 +89,10 @@ def release_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-# ---------------------------------------------------------------------------------------------------------
-# correctness
-
-def logits_rank(rank: int, size: int, init_method: str, checkpoint: str, device_type: str, engine_args: dict,
-                sequences: list[list[int]], prompt_lens: list[int], results) -> None:
-    """One rank of the TP=2 logits check. Each rank joins the group, then builds a single-rank engine: its
-    layers read the group when built, so it holds this rank's shard, and both ranks drive their own scheduler
-    and runner through the same steps (same requests, same KV blocks), so their collectives pair up. Rank 0
-    first computes the TP=1 reference on its own GPU and reports the errors."""
-    device = torch.device("cuda", rank) if device_type == "cuda" else torch.device("cpu")
-    if rank == 0:
-        with LLM(checkpoint, dtype="bfloat16", device=str(device), **engine_args) as llm:
-            reference = engine_logits(llm, sequences, prompt_lens)
-        release_memory()
-    init_tensor_parallel(rank, size, init_method, device, RANK_TIMEOUT_S)
-    with LLM(checkpoint, dtype="bfloat16", device=str(device), **engine_args) as llm:
-        sharded = engine_logits(llm, sequences, prompt_lens)
-        graphs = llm.engine.runner.decode_graphs is not None
-    if rank == 0:
-        errors = [((mine - ref).norm() / ref.norm()).item() for mine, ref in zip(sharded, reference)]
-        results.put({"errors": errors, "cuda_graphs": graphs})
-
-
 def check_logits(checkpoint: Path, device: torch.device, args) -> None:
+    """bf16 logits of LLM(tensor_parallel_size=2) against LLM(tensor_parallel_size=1) on the same steps: the
+    logits each step samples from, through the runner's own step, which a tensor-parallel engine runs on every
+    rank."""
     rng = random.Random(0)
     vocab = AutoConfig.from_pretrained(checkpoint).vocab_size
     sequences, prompt_lens = [], []
@@ -129,30 +100,17 @@ def check_logits(checkpoint: Path, device: torch.device, args) -> None:
         length = rng.randint(args.min_len, args.max_len)
         sequences.append([rng.randrange(vocab) for _ in range(length)])
         prompt_lens.append(max(1, length - rng.randint(1, args.decode_steps)))
-    # the same KV blocks on both ranks (each would size its cache from its own free memory otherwise)
-    engine_args = dict(num_kv_blocks=args.sequences * (args.max_len // 16 + 2), max_num_seqs=args.sequences,
-                       max_num_batched_tokens=args.token_budget, max_model_len=args.max_len + 16)
-    context = multiprocessing.get_context("spawn")
-    results = context.SimpleQueue()
-    init_method = f"tcp://127.0.0.1:{free_port()}"
-    ranks = [context.Process(target=logits_rank, args=(rank, 2, init_method, str(checkpoint), device.type,
-                                                       engine_args, sequences, prompt_lens, results))
-             for rank in range(2)]
-    for process in ranks:
-        process.start()
-    for process in ranks:
-        process.join(RANK_TIMEOUT_S)
-    exit_codes = [process.exitcode for process in ranks]
-    for process in ranks:
-        if process.is_alive():
-            process.kill()
-    if results.empty():
-        emit("bf16 logits TP=2 vs TP=1", device, passed=False, rank_exit_codes=exit_codes)
-        return
-    found = results.get()
-    errors = found["errors"]
+    logits, graphs = {}, False
+    for size in (1, 2):
+        with LLM(str(checkpoint), dtype="bfloat16", device=device.type, tensor_parallel_size=size,
+                 max_num_seqs=args.sequences, max_num_batched_tokens=args.token_budget,
+                 max_model_len=args.max_len + 16) as llm:
+            logits[size] = engine_logits(llm, sequences, prompt_lens, every_position=False)
+            graphs = llm.engine.runner.decode_graphs is not None
+        release_memory()
+    errors = [((mine - ref).norm() / ref.norm()).item() for mine, ref in zip(logits[2], logits[1])]
     emit("bf16 logits TP=2 vs TP=1", device, sequences=len(errors), max_rel_l2=round(max(errors), 5),
-         mean_rel_l2=round(sum(errors) / len(errors), 5), bound=LOGITS_BOUND, cuda_graphs=found["cuda_graphs"],
+         mean_rel_l2=round(sum(errors) / len(errors), 5), bound=LOGITS_BOUND, cuda_graphs=graphs,
          passed=max(errors) < LOGITS_BOUND)
 
 
