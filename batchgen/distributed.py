@@ -79,7 +79,7 @@ def all_gather(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     if _state.size == 1:
         return x
     gathered = torch.empty((_state.size * x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)
-    dist.all_gather_single(gathered, x.contiguous(), group=_state.group)   # rank blocks along dim 0
+    dist.all_gather_into_tensor(gathered, x.contiguous(), group=_state.group)   # rank blocks along dim 0
     dim %= x.dim()
     if dim == 0:
         return gathered
