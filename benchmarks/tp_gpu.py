@@ -100,13 +100,18 @@ def check_logits(checkpoint: Path, device: torch.device, args) -> None:
         length = rng.randint(args.min_len, args.max_len)
         sequences.append([rng.randrange(vocab) for _ in range(length)])
         prompt_lens.append(max(1, length - rng.randint(1, args.decode_steps)))
-    logits, graphs = {}, False
-    for size in (1, 2):
+
+    def sampled_logits(size: int) -> tuple[list[torch.Tensor], bool]:
+        # an engine of its own scope, so its cache is freed before the next one sizes its own
         with LLM(str(checkpoint), dtype="bfloat16", device=device.type, tensor_parallel_size=size,
                  max_num_seqs=args.sequences, max_num_batched_tokens=args.token_budget,
                  max_model_len=args.max_len + 16) as llm:
-            logits[size] = engine_logits(llm, sequences, prompt_lens, every_position=False)
-            graphs = llm.engine.runner.decode_graphs is not None
+            return (engine_logits(llm, sequences, prompt_lens, every_position=False),
+                    llm.engine.runner.decode_graphs is not None)
+
+    logits = {}
+    for size in (1, 2):
+        logits[size], graphs = sampled_logits(size)
         release_memory()
     errors = [((mine - ref).norm() / ref.norm()).item() for mine, ref in zip(logits[2], logits[1])]
     emit("bf16 logits TP=2 vs TP=1", device, sequences=len(errors), max_rel_l2=round(max(errors), 5),
@@ -120,12 +125,15 @@ def check_greedy(checkpoint: Path, device: torch.device, args) -> None:
     vocab = AutoConfig.from_pretrained(checkpoint).vocab_size
     prompts = [[rng.randrange(vocab) for _ in range(rng.randint(args.min_len, args.max_len))] for _ in range(8)]
     params = SamplingParams(temperature=0.0, max_tokens=args.greedy_tokens, ignore_eos=True)
+
+    def greedy_tokens(size: int) -> list[list[int]]:
+        with LLM(str(checkpoint), dtype="float32", device=device.type, tensor_parallel_size=size,
+                 max_model_len=args.max_len + args.greedy_tokens + 16, max_num_seqs=8) as llm:
+            return [output.outputs[0].token_ids for output in llm.generate(prompts, params)]
+
     tokens = {}
     for size in (1, 2):
-        with LLM(str(checkpoint), dtype="float32", device=device.type, tensor_parallel_size=size,
-                 max_model_len=args.max_len + args.greedy_tokens + 16, max_num_seqs=8,
-                 **({"gpu_memory_utilization": 0.5} if device.type == "cuda" else {})) as llm:
-            tokens[size] = [output.outputs[0].token_ids for output in llm.generate(prompts, params)]
+        tokens[size] = greedy_tokens(size)
         release_memory()
     same = sum(a == b for a, b in zip(tokens[1], tokens[2]))
     emit("fp32 greedy TP=2 vs TP=1", device, sequences=len(prompts), tokens_each=args.greedy_tokens,
