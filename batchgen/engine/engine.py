@@ -84,7 +84,7 @@ class Engine:
     def _start(self, ranks: Ranks | None) -> None:
         """Load this rank's model, size the KV cache and capture the decode graphs (on every rank)."""
         config = self.config
-        self.ready = False   # a rank failing before this is set (while profiling) is not worth a restart
+        self.ready = False   # until set (while the cache is sized), a failed rank fails the start: no restart
         self.model, self.model_config = load_model(self.model_path, self.dtype, self.device, config.load_format,
                                                    config.allow_pickle_weights, config.quantization)
         self.tokenizer = load_tokenizer(config.tokenizer or self.model_path)
