@@ -10,7 +10,7 @@ import torch
 from batchgen.config import EngineConfig
 from batchgen.distributed import tensor_parallel
 from batchgen.engine.errors import Cancelled, EngineBroken
-from batchgen.engine.executor import Ranks, TensorParallelRunner
+from batchgen.engine.executor import Ranks, RanksStopped, TensorParallelRunner
 from batchgen.engine.grammar import StructuredOutputError
 from batchgen.engine.kv_cache import KVCacheManager
 from batchgen.engine.model_runner import (MemoryProfile, ModelRunner, PendingTokens, StepInputs, cpu_kv_blocks,
@@ -33,6 +33,7 @@ MAX_SOLO_FAILURES = 3
 # a poison request costs 1 + MAX_SOLO_FAILURES failed steps in a row, two adjacent ones a step less than this:
 # more means the engine itself is broken
 MAX_CONSECUTIVE_FAILED_STEPS = 2 * (1 + MAX_SOLO_FAILURES)
+MAX_TP_RESTARTS = 2   # restarts of the tensor-parallel ranks with no step succeeding between them
 GRAMMAR_POLL_S = 0.002
 
 
@@ -83,6 +84,7 @@ class Engine:
     def _start(self, ranks: Ranks | None) -> None:
         """Load this rank's model, size the KV cache and capture the decode graphs (on every rank)."""
         config = self.config
+        self.ready = False   # until set (while the cache is sized), a failed rank fails the start: no restart
         self.model, self.model_config = load_model(self.model_path, self.dtype, self.device, config.load_format,
                                                    config.allow_pickle_weights, config.quantization)
         self.tokenizer = load_tokenizer(config.tokenizer or self.model_path)
@@ -97,6 +99,8 @@ class Engine:
         self.grammars: GrammarEngine | None = None     # created with the first structured request
         self.sampled_step: SampledStep | None = None   # last step's sampling, its tokens not yet taken
         self.consecutive_failed_steps = 0
+        self.consecutive_tp_restarts = 0
+        self.num_tp_restarts = 0
         self.awaiting_grammar: list[Request] = []
         self.num_computed_prompt_tokens = 0   # prompt tokens run through the model (recomputation counts again)
         # called once a step: (batch launched now, batch whose tokens this step takes); a benchmark's
@@ -121,6 +125,7 @@ class Engine:
         log.info("engine ready: %s on %s (%s), %s KV cache of %d tokens in %d blocks of %d%s, max_model_len %d",
                  self.model_path, self.device, self.dtype, self.runner.kv_cache_dtype, self.kv_capacity_tokens,
                  num_blocks, config.block_size, measured, self.max_model_len)
+        self.ready = True
 
     def _build_cache(self, num_blocks: int) -> None:
         """A KV cache of `num_blocks` blocks and the scheduler over it (the context is capped by the cache)."""
@@ -286,7 +291,7 @@ class Engine:
                     self.sampled_step = self._start_sampling(batch, logits, inputs.sampling_requests)
                 except Exception as exc:
                     return finished + self._recover(batch.requests, exc)
-        self.consecutive_failed_steps = 0
+        self.consecutive_failed_steps = self.consecutive_tp_restarts = 0
         return finished
 
     def _launch(self, batch: ScheduledBatch, inputs: StepInputs, previous: SampledStep | None) -> torch.Tensor:
@@ -357,16 +362,25 @@ class Engine:
     def _recover(self, requests: list[Request], exc: Exception) -> list[Request]:
         """A step raised. Its K/V writes can't be trusted, so cached prefixes are forgotten and its requests
         are recomputed, each first by itself: a request that fails alone MAX_SOLO_FAILURES times ends with an
-        error, and the rest of the work never notices. Steps that keep failing mean a broken engine, and so
-        does a failed tensor-parallel rank (its peers can't run a request alone: the ranks were stopped)."""
-        if isinstance(exc, EngineBroken):
+        error, and the rest of the work never notices. Steps that keep failing mean a broken engine. Under
+        tensor parallelism the ranks were stopped (peers can't run a request alone): they restart, and every
+        request that had K/V in their caches is recomputed, all together."""
+        if isinstance(exc, RanksStopped) and self.ready:
+            self._restart_ranks(exc)
+            requests = requests + self.scheduler.running
+            isolate = False
+        elif isinstance(exc, EngineBroken):
             raise exc
-        self.consecutive_failed_steps += 1
-        if self.consecutive_failed_steps >= MAX_CONSECUTIVE_FAILED_STEPS:
-            raise EngineBroken(f"{self.consecutive_failed_steps} steps failed in a row, the last with "
-                               f"{type(exc).__name__}: {exc}") from exc
+        else:
+            self.consecutive_failed_steps += 1
+            if self.consecutive_failed_steps >= MAX_CONSECUTIVE_FAILED_STEPS:
+                raise EngineBroken(f"{self.consecutive_failed_steps} steps failed in a row, the last with "
+                                   f"{type(exc).__name__}: {exc}") from exc
+            isolate = True
         requests = list(dict.fromkeys(requests))
-        log.warning("step of %d requests failed (%s: %s); isolating them", len(requests), type(exc).__name__, exc)
+        if isolate:
+            log.warning("step of %d requests failed (%s: %s); isolating them", len(requests), type(exc).__name__,
+                        exc)
         self.kv_cache.forget_cached_prefixes()
         finished = []
         for request in requests:
@@ -374,18 +388,34 @@ class Engine:
             if request.is_finished:          # finished earlier in the failed step
                 finished.append(request)
                 continue
-            if len(requests) == 1:
-                request.num_failures += 1
-            if request.num_failures >= MAX_SOLO_FAILURES:
-                request.error = f"the engine failed on this request {request.num_failures} times: " \
-                                f"{type(exc).__name__}: {exc}"
-                request.finish("error")
-                self.scheduler.finish(request)
-                finished.append(request)
-            else:
+            if isolate:
+                if len(requests) == 1:
+                    request.num_failures += 1
+                if request.num_failures >= MAX_SOLO_FAILURES:
+                    request.error = f"the engine failed on this request {request.num_failures} times: " \
+                                    f"{type(exc).__name__}: {exc}"
+                    request.finish("error")
+                    self.scheduler.finish(request)
+                    finished.append(request)
+                    continue
                 request.suspect = True
-                self.scheduler.preempt(request)
+            self.scheduler.preempt(request)
         return finished
+
+    def _restart_ranks(self, exc: RanksStopped) -> None:
+        """Start the stopped tensor-parallel ranks again, at most MAX_TP_RESTARTS times in a row; EngineBroken
+        (naming the failed rank and its error) past that or if they can't start."""
+        if self.consecutive_tp_restarts >= MAX_TP_RESTARTS:
+            raise EngineBroken(f"{exc}; gave up after {self.consecutive_tp_restarts} restarts of the ranks "
+                               "in a row") from exc
+        self.consecutive_tp_restarts += 1
+        log.warning("tensor-parallel step failed: %s; restarting the ranks and recomputing their requests "
+                    "(restart %d of at most %d in a row)", exc, self.consecutive_tp_restarts, MAX_TP_RESTARTS)
+        try:
+            self.runner.restart()
+        except Exception as restart_exc:
+            raise EngineBroken(f"{exc}; restarting the ranks failed: {restart_exc}") from restart_exc
+        self.num_tp_restarts += 1
 
     def _attach_grammars(self) -> list[Request]:
         """Give each constrained request its matcher once its grammar has compiled (compiles run in

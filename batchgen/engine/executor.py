@@ -12,9 +12,10 @@ its process sentinel; a collective that waits past COLLECTIVE_TIMEOUT_S raises. 
 the device group when a rank dies, since NCCL's watchdog does not see collectives replayed from CUDA graphs and
 rank 0 would wait on them forever; the aborted kernels return garbage, so the engine checks the ranks once it has
 waited for a step's tokens (`check_healthy`) and never takes them from a step a rank died in. Whatever failed,
-rank 0 stops every rank and the engine fails with EngineBroken naming the rank: a step half-run across ranks
-can't be retried request by request (the peers would wait in an all-reduce), and restarting the ranks with the
-running requests recomputed is not done here.
+rank 0 stops every rank and the call raises RanksStopped naming the rank. A step half-run across ranks can't be
+retried request by request (the peers would wait in an all-reduce), so the engine restarts the ranks instead
+(`TensorParallelRunner.restart`: new processes, each loading its shard, the same KV cache and decode graphs) and
+recomputes its requests; a restart that fails, or failures that outlast a few restarts, end in EngineBroken.
 """
 import contextlib
 import multiprocessing
@@ -58,6 +59,11 @@ class RankClosed(Exception):
     """Rank 0 closed the engine: the rank's process ends."""
 
 
+class RanksStopped(EngineBroken):
+    """A call every rank makes failed on some rank, and every rank was stopped: the engine can still restart
+    them (`TensorParallelRunner.restart`)."""
+
+
 @dataclass
 class RankProcess:
     rank: int
@@ -67,7 +73,7 @@ class RankProcess:
 
 class Ranks:
     """Rank 0's handle on ranks 1..N-1: starts them and joins their device group (before rank 0 loads its
-    shard), sends them calls and takes their answers, tells what failed, and stops them."""
+    shard), sends them calls and takes their answers, tells what failed, stops them and starts them again."""
 
     def __init__(self, config: EngineConfig, model_path: Path, dtype: torch.dtype):
         size = config.tensor_parallel_size
@@ -75,27 +81,40 @@ class Ranks:
         if device_type == "cuda" and torch.cuda.device_count() < size:
             raise ValueError(f"tensor_parallel_size {size} needs {size} GPUs; {torch.cuda.device_count()} are visible")
         disable_multicast()   # before the spawns: the ranks inherit the environment
+        self.config = config
+        self.model_path = model_path
+        self.dtype = dtype
         self.device_type = device_type
+        self.ranks: list[RankProcess] = []
+        self.start()
+
+    def start(self) -> None:
+        """Spawn ranks 1..N-1 and join their group as rank 0; each then loads its shard and answers when it has.
+        Also how stopped ranks start again: rank 0 keeps its model, whose collectives use the group of the
+        moment."""
         self.failure: str | None = None
         self.stopped = False
         self._stop_watching: Connection | None = None
         self._rendezvous_dir = tempfile.mkdtemp(prefix="batchgen-tp-")
         init_method = f"file://{self._rendezvous_dir}/store"
         context = multiprocessing.get_context("spawn")
-        self.ranks: list[RankProcess] = []
+        size = self.config.tensor_parallel_size
+        self.ranks = []
         for rank in range(1, size):
             ours, theirs = context.Pipe()
             process = context.Process(target=run_rank, name=f"batchgen-tp-rank-{rank}", daemon=True,
-                                      args=(rank, config, model_path, dtype, init_method, COLLECTIVE_TIMEOUT_S, theirs))
+                                      args=(rank, self.config, self.model_path, self.dtype, init_method,
+                                            COLLECTIVE_TIMEOUT_S, theirs))
             process.start()
             theirs.close()
             self.ranks.append(RankProcess(rank, process, ours))
         try:
-            self._join_group(size, init_method, rank_device(device_type, 0))
-        except BaseException:
+            self._join_group(size, init_method, rank_device(self.device_type, 0))
+        except BaseException as exc:   # the others wait for a group that won't form: stop them now
+            self.failure = str(exc) or type(exc).__name__
             self.stop()
             raise
-        if device_type == "cuda":
+        if self.device_type == "cuda":
             stop_signal, self._stop_watching = multiprocessing.Pipe(duplex=False)
             threading.Thread(target=self._watch, args=(stop_signal,), name="batchgen-tp-watch", daemon=True).start()
 
@@ -128,10 +147,10 @@ class Ranks:
 
     @contextlib.contextmanager
     def together(self) -> Iterator[None]:
-        """Rank 0's side of a call every rank makes: a failure anywhere stops every rank and raises EngineBroken
-        (then and for every later call)."""
+        """Rank 0's side of a call every rank makes: a failure anywhere stops every rank and raises RanksStopped
+        (then and for every later call until they start again)."""
         if self.failure is not None:
-            raise EngineBroken(self.failure)
+            raise RanksStopped(self.failure)
         try:
             self.check_alive()
             yield
@@ -141,9 +160,9 @@ class Ranks:
             cause = exc if isinstance(exc, RankFailure) else self._failed_rank(FAILURE_REPORT_S)
             self.failure = str(cause) if cause is not None else \
                 f"tensor-parallel rank 0 raised {type(exc).__name__}: {exc}"
-            self.failure += " (every rank was stopped; the engine must be restarted)"
+            self.failure += " (every rank was stopped)"
             self.stop()
-            raise EngineBroken(self.failure) from exc
+            raise RanksStopped(self.failure) from exc
 
     def send(self, name: str, *args) -> None:
         """Queue `name(*args)` on every other rank; they run it as soon as they read it."""
@@ -230,6 +249,7 @@ class TensorParallelRunner(ModelRunner):
     def __init__(self, ranks: Ranks, *runner_args, **runner_kwargs):
         super().__init__(*runner_args, **runner_kwargs)
         self.ranks = ranks
+        self.decode_graph_shape: tuple[int, int] | None = None   # (max_batch, max_model_len) they were captured for
         with ranks.together():
             ranks.answers()   # every rank has loaded its shard
 
@@ -249,6 +269,21 @@ class TensorParallelRunner(ModelRunner):
 
     def capture_decode_graphs(self, max_batch: int, max_model_len: int) -> None:
         self._everywhere("capture_decode_graphs", max_batch, max_model_len)
+        self.decode_graph_shape = (max_batch, max_model_len)
+
+    def restart(self) -> None:
+        """After a failure stopped the ranks: start ranks 1..N-1 again (new processes, each loading its shard and
+        allocating a KV cache of as many blocks as rank 0's) and capture the decode graphs again if they were, on
+        every rank (they replay the old group's collectives). Rank 0 keeps its model and cache; what the caches
+        held is the engine's to recompute. Raises RanksStopped or RankFailure if the ranks can't start."""
+        self.decode_graphs = None
+        self.ranks.start()
+        with self.ranks.together():
+            self.ranks.answers()   # loaded
+            self.ranks.send("allocate_kv_cache", self.kv_cache.shape[2])
+            self.ranks.answers()
+        if self.decode_graph_shape is not None:
+            self.capture_decode_graphs(*self.decode_graph_shape)
 
     def measure_decode_graph_bytes(self, max_batch: int, max_model_len: int) -> int:
         return self._everywhere("measure_decode_graph_bytes", max_batch, max_model_len)
