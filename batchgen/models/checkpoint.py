@@ -16,9 +16,10 @@ class CheckpointTensor:
 
     def __init__(self, checkpoint, name: str):
         """checkpoint: an open `safetensors.safe_open` handle, which must stay open until the region is read."""
-        self.checkpoint, self.name = checkpoint, name
+        self.name = name
+        self.stored = checkpoint.get_slice(name)   # the tensor's place in the file; nothing read yet
         # per dim of the stored tensor: the range still selected, or the one index chosen (a dim dropped)
-        self.index: tuple[slice | int, ...] = tuple(slice(0, size) for size in checkpoint.get_slice(name).get_shape())
+        self.index: tuple[slice | int, ...] = tuple(slice(0, size) for size in self.stored.get_shape())
 
     @property
     def shape(self) -> torch.Size:
@@ -43,9 +44,7 @@ class CheckpointTensor:
 
     def read(self) -> torch.Tensor:
         """The selected region, read from the file (only its bytes)."""
-        if self.shape == torch.Size(self.checkpoint.get_slice(self.name).get_shape()):
-            return self.checkpoint.get_tensor(self.name)
-        return self.checkpoint.get_slice(self.name)[self.index]
+        return self.stored[self.index]
 
     def _kept_dims(self) -> list[int]:
         return [dim for dim, selected in enumerate(self.index) if isinstance(selected, slice)]

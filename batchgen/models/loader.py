@@ -80,7 +80,7 @@ def load_model(path: str | Path, dtype: torch.dtype | str, device: torch.device 
     if load_format == "dummy":
         _fill_dummy_weights(model, device, dtype, quant)
     else:
-        model.load_weights((name, tensor) for name, tensor in _read_tensors(weight_files)
+        model.load_weights((name, tensor) for name, tensor in _checkpoint_tensors(weight_files)
                            if quant is None or not quant.drops(name))
     return model.eval().requires_grad_(False), config
 
@@ -149,7 +149,7 @@ def _indexed_files(path: Path, index_name: str) -> list[Path]:
     return files
 
 
-def _read_tensors(files: list[Path]) -> Iterator[tuple[str, CheckpointTensor | torch.Tensor]]:
+def _checkpoint_tensors(files: list[Path]) -> Iterator[tuple[str, CheckpointTensor | torch.Tensor]]:
     """(name, tensor) pairs: safetensors tensors not read yet (each layer reads the slice it holds, while its
     file is open), pickled ones whole."""
     for file in files:

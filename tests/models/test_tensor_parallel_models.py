@@ -114,9 +114,6 @@ class CountingCheckpoint:
     def keys(self) -> list[str]:
         return self.checkpoint.keys()
 
-    def get_tensor(self, name: str) -> torch.Tensor:
-        return self.counted(name, self.checkpoint.get_tensor(name))
-
     def get_slice(self, name: str):
         view, counted = self.checkpoint.get_slice(name), self.counted
 
