@@ -10,6 +10,7 @@ from torch.nn import functional as F
 
 from batchgen.distributed import all_reduce, tensor_parallel
 from batchgen.kernels import ops
+from batchgen.models.checkpoint import CheckpointTensor, read
 from batchgen.models.config import ModelConfig
 from batchgen.models.linear import ShapeMismatch
 
@@ -47,13 +48,13 @@ class VocabParallelEmbedding(nn.Module):
         self.vocab_start = tp.rank * rows
         self.weight = nn.Parameter(torch.empty(rows, hidden_size))
 
-    def load(self, weight: torch.Tensor) -> None:
-        """Copy this rank's rows of the full checkpoint matrix [vocab, hidden]."""
+    def load(self, weight: torch.Tensor | CheckpointTensor) -> None:
+        """Copy this rank's rows of the full checkpoint matrix [vocab, hidden] (read from the file only now)."""
         rows = self.weight.shape[0]
         if weight.shape != (self.vocab_size, self.weight.shape[1]):
             raise ShapeMismatch(f"checkpoint {tuple(weight.shape)}, model expects ({self.vocab_size}, "
                                 f"{self.weight.shape[1]})")
-        self.weight.copy_(weight.narrow(0, self.vocab_start, rows))
+        self.weight.copy_(read(weight.narrow(0, self.vocab_start, rows)))
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         if self.tp_size == 1:

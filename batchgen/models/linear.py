@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from batchgen.distributed import all_reduce, tensor_parallel
+from batchgen.models.checkpoint import CheckpointTensor, read
 from batchgen.models.quant import Unquantized, WeightFormat
 
 
@@ -78,9 +79,10 @@ class Linear(nn.Module):
         return self.weight_format.checkpoint_tensors(self) | bias
 
     @torch.no_grad()
-    def load(self, name: str, part: str | None, tensor: torch.Tensor, expert: int | None = None) -> None:
-        """Load one checkpoint tensor (the whole, unsharded one) of one part (and expert). Raises
-        ShapeMismatch when it does not fit."""
+    def load(self, name: str, part: str | None, tensor: torch.Tensor | CheckpointTensor,
+             expert: int | None = None) -> None:
+        """Load one checkpoint tensor (the whole, unsharded one, read from the file only as far as this rank's
+        shard needs) of one part (and expert). Raises ShapeMismatch when it does not fit."""
         if name == "bias":
             self.copy_rows(self.bias, part, expert, self.shard(tensor, part, in_dim=None))
         else:
@@ -109,19 +111,19 @@ class Linear(nn.Module):
         rows = self.checkpoint_parts[part]
         return (rows,) if name == "bias" else (rows, self.checkpoint_in_features)
 
-    def shard(self, tensor: torch.Tensor, part: str | None, out_dim: int | None = 0,
+    def shard(self, tensor: torch.Tensor | CheckpointTensor, part: str | None, out_dim: int | None = 0,
               in_dim: int | None = 1) -> torch.Tensor:
         """This rank's slice of a full checkpoint tensor of `part` whose dims `out_dim`/`in_dim` run over output/
         input features (or blocks of them); None where the tensor has no such dim (a per-channel scale has no
-        input dim, a per-tensor scale neither)."""
+        input dim, a per-tensor scale neither). Read from the file only now, so only the slice is read."""
         if self.parallel == "column" and out_dim is not None:
             dim, (slices, index) = out_dim, self.part_slices[part]
         elif self.parallel == "row" and in_dim is not None:
             dim, slices, index = in_dim, self.tp_size, self.tp_rank
         else:
-            return tensor
+            return read(tensor)
         size = tensor.shape[dim] // slices
-        return tensor.narrow(dim, index * size, size)
+        return read(tensor.narrow(dim, index * size, size))
 
     def rows(self, param: torch.Tensor, part: str | None, expert: int | None, unit: int = 1) -> torch.Tensor:
         """The view of `param` holding `part` (of `expert`); `unit` output rows per param row (block scales)."""

@@ -16,6 +16,7 @@ from torch.nn import functional as F
 from batchgen.distributed import all_gather, tensor_parallel
 from batchgen.kernels import ops
 from batchgen.models.attention import Attention, AttentionMetadata
+from batchgen.models.checkpoint import CheckpointTensor, read
 from batchgen.models.config import ModelConfig
 from batchgen.models.layers import RMSNorm, RotaryEmbedding, VocabParallelEmbedding
 from batchgen.models.linear import Linear, ShapeMismatch
@@ -219,9 +220,10 @@ class LlamaForCausalLM(nn.Module):
         return logits if cap is None else torch.tanh(logits / cap) * cap
 
     @torch.no_grad()
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor | CheckpointTensor]]) -> None:
         """Load checkpoint tensors (Hugging Face names) into this model: `Linear` layers through their weight
-        format, other parameters copied with a cast to their dtype.
+        format, other parameters copied with a cast to their dtype. Each layer reads a `CheckpointTensor` only
+        as far as it holds it (its tensor-parallel slice).
 
         Expert layers take each expert's tensors separately (hub layout) or stacked (see `expert_checkpoint_keys`).
         Raises ValueError listing every missing, unexpected and wrongly shaped tensor, after reading them all.
@@ -246,7 +248,7 @@ class LlamaForCausalLM(nn.Module):
             if (kv_scale := kv_cache_scale(checkpoint_name)) is not None:   # optional: not in `expected`
                 attention = modules.get(f"{kv_scale[0]}.attn")
                 if isinstance(attention, Attention):
-                    attention.load_kv_scale(kv_scale[1], tensor)
+                    attention.load_kv_scale(kv_scale[1], read(tensor))
                 else:
                     unexpected.append(checkpoint_name)
                 continue
@@ -268,7 +270,7 @@ class LlamaForCausalLM(nn.Module):
                         target = getattr(module, name)
                         if target.shape != piece.shape:
                             raise ShapeMismatch(f"checkpoint {tuple(piece.shape)}, model expects {tuple(target.shape)}")
-                        target.copy_(piece)
+                        target.copy_(read(piece))
                 except ShapeMismatch as error:
                     mismatched.append(f"{checkpoint_name}: {error}")
 
@@ -291,8 +293,8 @@ def _text_model_name(checkpoint_name: str) -> str:
     return checkpoint_name
 
 
-def _dense_checkpoint_keys(modules: dict, checkpoint_name: str,
-                           tensor: torch.Tensor) -> list[tuple[tuple, torch.Tensor]]:
+def _dense_checkpoint_keys(modules: dict, checkpoint_name: str, tensor: torch.Tensor | CheckpointTensor
+                           ) -> list[tuple[tuple, torch.Tensor | CheckpointTensor]]:
     """[(model key, tensor)] of a dense checkpoint tensor: one, or one per part of a fused layer stored whole
     (Phi-3's qkv_proj and gate_up_proj)."""
     module_name, name, part = _model_key(checkpoint_name)
@@ -302,13 +304,17 @@ def _dense_checkpoint_keys(modules: dict, checkpoint_name: str,
     return [((module_name, name, part, None), tensor)]
 
 
-def _split_parts(module: Linear, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+def _split_parts(module: Linear, tensor: torch.Tensor | CheckpointTensor
+                 ) -> list[tuple[str, torch.Tensor | CheckpointTensor]]:
     """A checkpoint tensor of a whole fused layer cut into its parts along the output rows (weights, biases
     and per-row scales alike: each part's share of the rows is its share of the layer's outputs); each part
-    is then sharded like a separately stored one."""
-    total = sum(module.checkpoint_parts.values())
-    sizes = [tensor.shape[0] * size // total for size in module.checkpoint_parts.values()]
-    return list(zip(module.checkpoint_parts, tensor.split(sizes)))
+    is then sharded like a separately stored one (and read only then)."""
+    total, start, parts = sum(module.checkpoint_parts.values()), 0, []
+    for part, part_size in module.checkpoint_parts.items():
+        rows = tensor.shape[0] * part_size // total
+        parts.append((part, tensor.narrow(0, start, rows)))
+        start += rows
+    return parts
 
 
 def _model_key(checkpoint_name: str) -> tuple[str, str, str | None]:

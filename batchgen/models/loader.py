@@ -9,6 +9,7 @@ from safetensors import safe_open
 from torch import nn
 
 from batchgen.default_model import ensure_default_model
+from batchgen.models.checkpoint import CheckpointTensor
 from batchgen.models.config import DTYPES, ModelConfig
 from batchgen.models.layers import RMSNorm, VocabParallelEmbedding
 from batchgen.models.linear import Linear
@@ -55,9 +56,9 @@ def load_model(path: str | Path, dtype: torch.dtype | str, device: torch.device 
     quantized to fp8 as each tensor loads with quantization="fp8"; the model is never held in `dtype` whole.
 
     Under tensor parallelism (`batchgen.distributed.init_tensor_parallel` called first) the model is this
-    rank's shard: each checkpoint tensor is read whole, one at a time, and every layer copies its rank's slice
-    of it; dummy weights are drawn whole with the same seed as on one GPU, then sliced, so ranks together hold
-    exactly the single-GPU model.
+    rank's shard: every layer reads its rank's slice of each safetensors tensor from the file, the whole tensor
+    only where it keeps it whole (pickled checkpoints load whole, one file at a time); dummy weights are drawn
+    whole with the same seed as on one GPU, then sliced, so ranks together hold exactly the single-GPU model.
     """
     path = Path(path)
     dtype = _model_dtype(dtype)
@@ -79,7 +80,7 @@ def load_model(path: str | Path, dtype: torch.dtype | str, device: torch.device 
     if load_format == "dummy":
         _fill_dummy_weights(model, device, dtype, quant)
     else:
-        model.load_weights((name, tensor) for name, tensor in _read_tensors(weight_files)
+        model.load_weights((name, tensor) for name, tensor in _checkpoint_tensors(weight_files)
                            if quant is None or not quant.drops(name))
     return model.eval().requires_grad_(False), config
 
@@ -148,13 +149,14 @@ def _indexed_files(path: Path, index_name: str) -> list[Path]:
     return files
 
 
-def _read_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) pairs, one tensor in memory at a time for safetensors."""
+def _checkpoint_tensors(files: list[Path]) -> Iterator[tuple[str, CheckpointTensor | torch.Tensor]]:
+    """(name, tensor) pairs: safetensors tensors not read yet (each layer reads the slice it holds, while its
+    file is open), pickled ones whole."""
     for file in files:
         if file.suffix == ".safetensors":
             with safe_open(file, framework="pt") as checkpoint:
                 for name in checkpoint.keys():
-                    yield name, checkpoint.get_tensor(name)
+                    yield name, CheckpointTensor(checkpoint, name)
         else:
             yield from torch.load(file, map_location="cpu", weights_only=True).items()
 

@@ -15,6 +15,7 @@ from torch import nn
 
 from batchgen.distributed import all_reduce
 from batchgen.kernels import ops
+from batchgen.models.checkpoint import CheckpointTensor
 from batchgen.models.config import ModelConfig
 from batchgen.models.linear import Linear
 from batchgen.models.quant import Fp8Block, Fp8PerChannel
@@ -56,12 +57,13 @@ def _fp8_weight_scale(layer: Linear) -> tuple[torch.Tensor | None, tuple[int, in
     return None, None
 
 
-def expert_checkpoint_keys(checkpoint_name: str, tensor: torch.Tensor):
+def expert_checkpoint_keys(checkpoint_name: str, tensor: torch.Tensor | CheckpointTensor):
     """An MoE checkpoint tensor -> [((module, parameter, part, expert), tensor piece)]; None for other names.
 
     'model.layers.0.block_sparse_moe.experts.3.w1.weight' -> [(('model.layers.0.mlp.experts.gate_up_proj',
     'weight', 'gate_proj', 3), tensor)]; a stacked 'model.layers.0.mlp.experts.gate_up_proj' [E, 2I, H] -> one
-    piece per expert and part; Mixtral's router 'block_sparse_moe.gate.weight' -> the 'mlp.gate' module.
+    piece per expert and part (not read yet: each rank reads its slice); Mixtral's router
+    'block_sparse_moe.gate.weight' -> the 'mlp.gate' module.
     """
     name = checkpoint_name.replace(".block_sparse_moe.", ".mlp.")
     match = _PER_EXPERT_NAME.fullmatch(name)
@@ -71,8 +73,9 @@ def expert_checkpoint_keys(checkpoint_name: str, tensor: torch.Tensor):
     match = _STACKED_NAME.fullmatch(name)
     if match:
         parts = _STACKED_PARTS[match["layer"]]
-        return [((name, "weight", part, expert), piece) for expert in range(tensor.shape[0])
-                for part, piece in zip(parts, tensor[expert].chunk(len(parts)))]
+        rows = tensor.shape[1] // len(parts)
+        return [((name, "weight", part, expert), tensor[expert].narrow(0, index * rows, rows))
+                for expert in range(tensor.shape[0]) for index, part in enumerate(parts)]
     if name != checkpoint_name:
         module_name, _, parameter = name.rpartition(".")
         return [((module_name, parameter, None, None), tensor)]

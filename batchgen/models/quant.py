@@ -19,6 +19,7 @@ from torch.nn import functional as F
 
 from batchgen.kernels import ops
 from batchgen.kernels.fp8 import FP8, quantize_fp8_ref, quantize_fp8_static
+from batchgen.models.checkpoint import CheckpointTensor, read
 
 if TYPE_CHECKING:
     from batchgen.models.linear import Linear
@@ -57,7 +58,8 @@ class Unquantized:
     def checkpoint_tensors(self, layer: "Linear") -> set[tuple[str, str | None]]:
         return {("weight", part) for part in layer.part_rows}
 
-    def load(self, layer: "Linear", name: str, part: str | None, tensor: torch.Tensor, expert: int | None) -> None:
+    def load(self, layer: "Linear", name: str, part: str | None, tensor: torch.Tensor | CheckpointTensor,
+             expert: int | None) -> None:
         layer.copy_rows(layer.weight, part, expert, layer.shard(tensor, part))
 
     def dequantized_weight(self, layer: "Linear") -> torch.Tensor:
@@ -94,16 +96,16 @@ class Fp8PerChannel:
             (["input_scale"] if self.static_input_scale else [])
         return {(name, part) for name in names for part in layer.part_rows}
 
-    def load(self, layer: "Linear", name: str, part: str | None, tensor: torch.Tensor, expert: int | None) -> None:
+    def load(self, layer: "Linear", name: str, part: str | None, tensor: torch.Tensor | CheckpointTensor,
+             expert: int | None) -> None:
         if name == "input_scale":
-            layer.input_scale[list(layer.part_rows).index(part)] = tensor.reshape(())
+            layer.input_scale[list(layer.part_rows).index(part)] = read(tensor).reshape(())
         elif name == "weight_scale" and tensor.numel() == 1:   # per-tensor scale, expanded to its part's rows
-            layer.rows(layer.weight_scale, part, expert).fill_(tensor.reshape(()))
-        elif name == "weight_scale":
-            layer.copy_rows(layer.weight_scale, part, expert, layer.shard(tensor.reshape(-1), part, in_dim=None))
+            layer.rows(layer.weight_scale, part, expert).fill_(read(tensor).reshape(()))
+        elif name == "weight_scale":   # [out] or [out, 1]
+            layer.copy_rows(layer.weight_scale, part, expert, layer.shard(tensor, part, in_dim=None).reshape(-1))
         elif self.checkpoint_scale:
-            _check_fp8(name, tensor)
-            layer.copy_rows(layer.weight, part, expert, layer.shard(tensor, part))
+            layer.copy_rows(layer.weight, part, expert, _check_fp8(name, layer.shard(tensor, part)))
         else:   # online: this part's rows quantized on the device, one tensor in memory at a time
             # whole rows: a row-parallel rank's columns share the scale of the full row, as on one GPU
             float_rows = layer.shard(tensor, part, in_dim=None).to(layer.weight.device, self.dtype)
@@ -151,10 +153,10 @@ class Fp8Block:
     def checkpoint_tensors(self, layer: "Linear") -> set[tuple[str, str | None]]:
         return {(name, part) for name in ("weight", self.scale_name) for part in layer.part_rows}
 
-    def load(self, layer: "Linear", name: str, part: str | None, tensor: torch.Tensor, expert: int | None) -> None:
+    def load(self, layer: "Linear", name: str, part: str | None, tensor: torch.Tensor | CheckpointTensor,
+             expert: int | None) -> None:
         if name == "weight":
-            _check_fp8(name, tensor)
-            layer.copy_rows(layer.weight, part, expert, layer.shard(tensor, part))
+            layer.copy_rows(layer.weight, part, expert, _check_fp8(name, layer.shard(tensor, part)))
         else:
             layer.copy_rows(getattr(layer, self.scale_name), part, expert, layer.shard(tensor, part),
                             unit=self.block[0])
@@ -187,10 +189,11 @@ def _check_block_aligned_shards(layer: "Linear", block: tuple[int, int]) -> None
                              f"multiple of {unit}")
 
 
-def _check_fp8(name: str, tensor: torch.Tensor) -> None:
+def _check_fp8(name: str, tensor: torch.Tensor) -> torch.Tensor:
     if tensor.dtype != FP8:
         raise ValueError(f"checkpoint tensor '{name}' is {tensor.dtype}; this fp8 checkpoint format stores "
                          "float8_e4m3fn weights")
+    return tensor
 
 
 @dataclass(frozen=True)

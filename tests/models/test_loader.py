@@ -5,10 +5,12 @@ from fnmatch import fnmatch
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from batchgen.models import load_model, loader, resolve_model_path
+from batchgen.models.checkpoint import CheckpointTensor, read
 from batchgen.models.config import ModelConfig
 from batchgen.models.llama import LlamaForCausalLM
 from paged_runner import PagedSequences
@@ -33,6 +35,22 @@ def assert_same_parameters(model_a, model_b):
     assert a.keys() == b.keys()
     for name in a:
         assert torch.equal(a[name], b[name]), name
+
+
+def test_checkpoint_tensor_reads_the_region_torch_would_select(tmp_path):
+    stored = {"stacked": torch.randn(3, 4, 6), "scale": torch.tensor(0.5)}
+    save_file(stored, tmp_path / "model.safetensors")
+    with safe_open(tmp_path / "model.safetensors", "pt") as checkpoint:
+        lazy = {name: CheckpointTensor(checkpoint, name) for name in stored}
+        region = lazy["stacked"][1].narrow(1, 2, 3).narrow(0, 1, 2).narrow(-1, 1, 1)
+        assert region.shape == (2, 1) and region.numel() == 2
+        assert torch.equal(region.read(), stored["stacked"][1].narrow(1, 2, 3).narrow(0, 1, 2).narrow(-1, 1, 1))
+        assert torch.equal(read(lazy["stacked"]), stored["stacked"])
+        assert torch.equal(read(lazy["scale"]), stored["scale"])
+        with pytest.raises(IndexError, match="stacked"):
+            lazy["stacked"].narrow(2, 4, 3)
+        with pytest.raises(IndexError, match="stacked"):
+            lazy["stacked"][3]
 
 
 def test_sharded_checkpoint_loads_the_same_weights(tiny_model_dir, tmp_path):

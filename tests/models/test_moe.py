@@ -77,13 +77,18 @@ def test_mixtral_without_renormalisation_is_refused():
         ModelConfig.from_dict(config)
 
 
-@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe", "qwen3_moe"])
-def test_stacked_expert_checkpoint_loads_the_same_weights(tiny_model_dir, tmp_path, arch):
-    hub_dir = tiny_model_dir(arch)
-    stacked_dir = tmp_path / "stacked"
+def save_stacked_experts(hub_dir: Path, stacked_dir: Path) -> Path:
+    """The hub-layout model of `hub_dir` saved with each layer's experts stacked, as transformers 5 saves them."""
     AutoModelForCausalLM.from_pretrained(hub_dir, dtype=torch.float32).save_pretrained(
         stacked_dir, save_original_format=False)
     shutil.copy(hub_dir / "tokenizer.json", stacked_dir / "tokenizer.json")
+    return stacked_dir
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe", "qwen3_moe"])
+def test_stacked_expert_checkpoint_loads_the_same_weights(tiny_model_dir, tmp_path, arch):
+    hub_dir = tiny_model_dir(arch)
+    stacked_dir = save_stacked_experts(hub_dir, tmp_path / "stacked")
     with safe_open(stacked_dir / "model.safetensors", "pt") as checkpoint:
         assert "model.layers.0.mlp.experts.gate_up_proj" in checkpoint.keys()
     with safe_open(hub_dir / "model.safetensors", "pt") as checkpoint:

@@ -1,11 +1,15 @@
 """Tensor-parallel models on two gloo ranks (CPU, fp32) against the same model on one rank and against Hugging Face
 transformers on the same weights: every supported architecture, KV heads fewer than ranks, Phi-3's fused
-checkpoint tensors, dummy weights, online and block-wise fp8, and the block-fp8 shard-alignment refusal.
+checkpoint tensors, stacked experts, dummy weights, online and block-wise fp8, and the block-fp8 shard-alignment
+refusal; and that each rank reads only its slice of each checkpoint tensor from the file.
 
 Both ranks run the paged batch of test_logits_vs_hf (chunked prefill, then decodes); each must return the whole
 vocabulary's logits, identical on both ranks. One pair of ranks serves the whole module.
 """
+import math
 import os
+from collections import Counter
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -14,9 +18,10 @@ import torch
 from safetensors import safe_open
 
 from batchgen.distributed import MULTICAST_OFF_ENV, all_gather, all_reduce, tensor_parallel
-from batchgen.models import load_model
+from batchgen.models import load_model, loader
 from paged_runner import run_paged
 from test_logits_vs_hf import TINY_CASES, hf_logits, random_sequences
+from test_moe import save_stacked_experts
 from test_quant import LOGITS_TOLERANCE, fp8_input_hooks, reference_logits, round_to_fp8, write_checkpoint
 from tp_ranks import Ranks, RankFailed
 
@@ -98,6 +103,68 @@ def test_phi3_checkpoint_stores_fused_projections(tiny_model_dir):
         names = set(checkpoint.keys())
     assert {"model.layers.0.self_attn.qkv_proj.weight", "model.layers.0.mlp.gate_up_proj.weight"} <= names
     assert not any(name.endswith(("k_proj.weight", "up_proj.weight")) and "gate_up" not in name for name in names)
+
+
+class CountingCheckpoint:
+    """A safe_open handle that counts the elements of each tensor read through it, whole or sliced."""
+
+    def __init__(self, checkpoint, counts: Counter):
+        self.checkpoint, self.counts = checkpoint, counts
+
+    def keys(self) -> list[str]:
+        return self.checkpoint.keys()
+
+    def get_slice(self, name: str):
+        view, counted = self.checkpoint.get_slice(name), self.counted
+
+        class CountingSlice:
+            get_shape = view.get_shape
+
+            def __getitem__(self, index):
+                return counted(name, view[index])
+        return CountingSlice()
+
+    def counted(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        self.counts[name] += tensor.numel()
+        return tensor
+
+
+def elements_read(model_dir: Path) -> dict[str, int]:
+    """Runs on each rank: how many elements of each checkpoint tensor loading the model read from the file."""
+    counts, real_safe_open = Counter(), loader.safe_open
+
+    @contextmanager
+    def counting_safe_open(*args, **kwargs):
+        with real_safe_open(*args, **kwargs) as checkpoint:
+            yield CountingCheckpoint(checkpoint, counts)
+
+    loader.safe_open = counting_safe_open
+    try:
+        load_model(model_dir, torch.float32, CPU)
+    finally:
+        loader.safe_open = real_safe_open
+    return dict(counts)
+
+
+@pytest.mark.parametrize("layout", ["separate", "phi3-fused", "stacked-experts"])
+def test_each_rank_reads_only_its_slice_of_the_checkpoint(ranks, tiny_model_dir, tmp_path, layout):
+    """Column- and row-parallel projections, the embedding and the LM head: half of each tensor per rank, whether
+    stored per projection, fused (Phi-3) or with the experts stacked; norms and MoE routers whole."""
+    model_dir = {"separate": lambda: tiny_model_dir("llama"), "phi3-fused": lambda: tiny_model_dir("phi3"),
+                 "stacked-experts": lambda: save_stacked_experts(tiny_model_dir("qwen3_moe"), tmp_path / "stacked")
+                 }[layout]()
+    with safe_open(model_dir / "model.safetensors", "pt") as checkpoint:
+        sizes = {name: math.prod(checkpoint.get_slice(name).get_shape()) for name in checkpoint.keys()}
+    replicated = [name for name in sizes if name.endswith(("norm.weight", "mlp.gate.weight"))]
+    assert replicated and len(replicated) < len(sizes)
+    want = {name: size if name in replicated else size // 2 for name, size in sizes.items()}
+    assert ranks.run(elements_read, model_dir) == [want, want]
+
+
+def test_stacked_expert_checkpoint_matches_one_rank(ranks, tiny_model_dir, tmp_path):
+    hub_dir = tiny_model_dir("qwen3_moe")
+    stacked_dir = save_stacked_experts(hub_dir, tmp_path / "stacked")
+    assert_close(tp2_logits(ranks, stacked_dir), paged_logits(hub_dir, {}), TP_TOLERANCE)
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3_moe"])
