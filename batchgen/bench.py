@@ -6,8 +6,10 @@ Prompts are random token ids (optionally behind one shared prefix), outputs are 
 """
 import gc
 import json
+import os
 import platform
 import random
+import subprocess
 import time
 from dataclasses import dataclass, field, replace
 
@@ -92,6 +94,15 @@ def dataset_workload(name: str, path: str, tokenizer, num_requests: int, output_
                for r in records]
     prompts = [encoded[i % len(encoded)] for i in range(num_requests)]
     return Workload(name, prompts, [output_len] * num_requests, ignore_eos=False)
+
+
+def code_commit() -> str:
+    """The code a benchmark ran, for its figures: $BATCHGEN_COMMIT when set (a copy sent to a GPU machine may
+    carry another commit's git history), else the working directory's git HEAD."""
+    if os.environ.get("BATCHGEN_COMMIT"):
+        return os.environ["BATCHGEN_COMMIT"]
+    described = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True)
+    return described.stdout.strip() or "unknown"
 
 
 def card_name(device: torch.device) -> str:

@@ -30,7 +30,6 @@ import copy
 import gc
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -56,7 +55,7 @@ import torch  # noqa: E402
 from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
 
 from batchgen import LLM  # noqa: E402
-from batchgen.bench import card_name, make_workload, run_batchgen, run_hf_static  # noqa: E402
+from batchgen.bench import card_name, code_commit, make_workload, run_batchgen, run_hf_static  # noqa: E402
 from batchgen.kernels.fp8 import FP8, FP8_MAX, MIN_SCALE, quantize_fp8_ref  # noqa: E402
 from batchgen.kernels.fused_moe import fused_moe, fused_moe_ref  # noqa: E402
 from batchgen.kernels.testing import TOLERANCE, bench_ms, relative_l2  # noqa: E402
@@ -90,14 +89,7 @@ FAILED: list[str] = []
 TABLE: list[str] = []
 
 
-def commit() -> str:
-    """The code that ran: $BATCHGEN_COMMIT where the copy has no git history, else git's HEAD."""
-    found = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=Path(__file__).parent,
-                           capture_output=True, text=True).stdout.strip()
-    return os.environ.get("BATCHGEN_COMMIT") or found or "unknown"
-
-
-COMMIT = commit()
+COMMIT = code_commit()
 
 
 def emit(record: dict) -> None:

@@ -10,9 +10,9 @@ Prints one JSON line per step kind: microseconds per block and the share of the 
 import json
 import platform
 import random
-import subprocess
 import time
 
+from batchgen.bench import code_commit
 from batchgen.engine.kv_cache import KVCacheManager
 from batchgen.engine.request import Request
 from batchgen.sampling_params import SamplingParams
@@ -81,7 +81,7 @@ def digest_seconds_per_block() -> float:
 
 def main() -> None:
     kv = KVCacheManager(num_blocks=40_000, block_size=BLOCK_SIZE)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = code_commit()
     machine = platform.processor() or platform.machine()
     digest_s = digest_seconds_per_block()
     for kind, measure, step_s in (("mixed", mixed_step_seconds, MIXED_STEP_S),

@@ -26,7 +26,6 @@ import json
 import multiprocessing
 import os
 import random
-import subprocess
 import sys
 import tempfile
 import time
@@ -41,13 +40,12 @@ import torch  # noqa: E402
 from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
 
 from batchgen import LLM, SamplingParams  # noqa: E402
-from batchgen.bench import card_name, make_workload, run_batchgen, run_hf_static  # noqa: E402
+from batchgen.bench import card_name, code_commit, make_workload, run_batchgen, run_hf_static  # noqa: E402
 from batchgen.config import EngineConfig  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 from gpu_correctness import engine_logits, hf_random_model  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
 CONFIGS = Path(__file__).parent / "configs"
 WORKLOADS = {"W1": (512, 256), "1000-1000": (1000, 1000)}   # input, output tokens per request
 LOGITS_BOUND = 2e-2
@@ -55,11 +53,6 @@ SMOKE_FIELDS = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_h
                     num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=4096)
 ROWS: list[dict] = []
 FAILED: list[str] = []
-
-
-def commit() -> str:
-    described = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=REPO, capture_output=True, text=True)
-    return described.stdout.strip() or os.environ.get("BATCHGEN_COMMIT", "unknown")
 
 
 def emit(figure: str, device: torch.device, **fields) -> dict:
@@ -369,7 +362,7 @@ def main() -> int:
     return 1 if FAILED else 0
 
 
-COMMIT = commit()
+COMMIT = code_commit()
 
 if __name__ == "__main__":
     sys.exit(main())
