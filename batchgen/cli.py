@@ -488,7 +488,8 @@ def results(job: str, show: int, shards: bool) -> None:
 @_engine_options
 @click.option("--loglevel", default="INFO", show_default=True)
 def worker(model: str, gpu: str | None, concurrency: int, dtype: str, device: str, quantization: str | None,
-           kv_cache_dtype: str, tensor_parallel_size: int, engine_args: dict, allow_pickle_weights: bool, loglevel: str) -> None:
+           kv_cache_dtype: str, tensor_parallel_size: int, engine_args: dict, allow_pickle_weights: bool,
+           loglevel: str) -> None:
     """Serve one model's shards from the queue.
 
     The model is loaded once per process and reused for every shard; --gpu 0,1 starts one process per GPU,
@@ -506,7 +507,8 @@ def worker(model: str, gpu: str | None, concurrency: int, dtype: str, device: st
     if groups:
         os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(groups[0])
     os.environ.update(BATCHGEN_MODEL=model, BATCHGEN_ENGINE_ARGS=json.dumps(
-        _engine_settings(dtype, device, quantization, kv_cache_dtype, tensor_parallel_size, engine_args, allow_pickle_weights)))
+        _engine_settings(dtype, device, quantization, kv_cache_dtype, tensor_parallel_size, engine_args,
+                         allow_pickle_weights)))
     from batchgen.workers import tasks
     from batchgen.workers.app import app, queue_name
 

@@ -141,7 +141,8 @@ class ModelRunner:
     @property
     def kv_bytes_per_block(self) -> int:
         c = self.model_config
-        return 2 * c.num_hidden_layers * self.block_size * self.num_kv_heads * c.head_dim * self.kv_cache_dtype.itemsize
+        return (2 * c.num_hidden_layers * self.block_size * self.num_kv_heads * c.head_dim
+                * self.kv_cache_dtype.itemsize)
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
         c = self.model_config

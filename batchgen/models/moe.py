@@ -18,7 +18,6 @@ from batchgen.kernels import ops
 from batchgen.models.checkpoint import CheckpointTensor
 from batchgen.models.config import ModelConfig
 from batchgen.models.linear import Linear
-from batchgen.models.quant import Fp8Block, Fp8PerChannel
 
 # per-expert checkpoint projection -> (stacked layer, its part)
 _EXPERT_PROJECTIONS = {"gate_proj": ("gate_up_proj", "gate_proj"), "up_proj": ("gate_up_proj", "up_proj"),
@@ -40,21 +39,10 @@ class Experts(nn.Module):
 
     def forward(self, hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
         # fp8 experts reach the kernel as stored, with their scales: it dequantizes as it multiplies
-        gate_up_scale, block = _fp8_weight_scale(self.gate_up_proj)
-        down_scale, _ = _fp8_weight_scale(self.down_proj)
+        gate_up_scale, block = self.gate_up_proj.weight_format.weight_scale(self.gate_up_proj)
+        down_scale, _ = self.down_proj.weight_format.weight_scale(self.down_proj)
         return ops.fused_moe(hidden, self.gate_up_proj.weight, self.down_proj.weight, topk_weights, topk_ids,
                              gate_up_scale, down_scale, block)
-
-
-def _fp8_weight_scale(layer: Linear) -> tuple[torch.Tensor | None, tuple[int, int] | None]:
-    """(the scales of an fp8 expert layer's weight, its scale block or None when per output row); (None, None)
-    for a weight in the compute dtype. Activations stay in the compute dtype: the kernel takes no input scale."""
-    weight_format = layer.weight_format
-    if isinstance(weight_format, Fp8Block):
-        return getattr(layer, weight_format.scale_name), weight_format.block
-    if isinstance(weight_format, Fp8PerChannel):
-        return layer.weight_scale, None
-    return None, None
 
 
 def expert_checkpoint_keys(checkpoint_name: str, tensor: torch.Tensor | CheckpointTensor):

@@ -65,6 +65,11 @@ class Unquantized:
     def dequantized_weight(self, layer: "Linear") -> torch.Tensor:
         return layer.weight
 
+    def weight_scale(self, layer: "Linear") -> tuple[torch.Tensor | None, tuple[int, int] | None]:
+        """(the weight's scales, their [block_n, block_k] block or None when one per output row) for a kernel
+        that multiplies the weight as stored (the fused MoE kernel); (None, None): no scales."""
+        return None, None
+
     def apply(self, layer: "Linear", x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, layer.weight)
 
@@ -117,6 +122,9 @@ class Fp8PerChannel:
     def dequantized_weight(self, layer: "Linear") -> torch.Tensor:
         return (layer.weight.float() * layer.weight_scale[..., None]).to(self.dtype)
 
+    def weight_scale(self, layer: "Linear") -> tuple[torch.Tensor, None]:
+        return layer.weight_scale, None
+
     def apply(self, layer: "Linear", x: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         if isinstance(x, tuple):   # (fp8 [T, K], per-token scales [T, 1]) from a fused producer
             x_q, x_scale = x
@@ -165,6 +173,9 @@ class Fp8Block:
         block_n, block_k = self.block
         scales = getattr(layer, self.scale_name).repeat_interleave(block_n, -2).repeat_interleave(block_k, -1)
         return (layer.weight.float() * scales[..., :layer.weight.shape[-2], :]).to(self.dtype)
+
+    def weight_scale(self, layer: "Linear") -> tuple[torch.Tensor, tuple[int, int]]:
+        return getattr(layer, self.scale_name), self.block
 
     def apply(self, layer: "Linear", x: torch.Tensor) -> torch.Tensor:
         x_q, x_scale = ops.quantize_fp8(x, group_size=self.block[1])
