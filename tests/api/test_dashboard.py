@@ -100,7 +100,10 @@ def test_dashboard_follows_jobs_to_the_end(server, jobs, tmp_path):
 def test_metrics_agree_with_the_job_store(server, worker):
     store = job_store()
     deadline = time.monotonic() + 60
-    while any(not job.finished for job in store.list_jobs()):    # jobs of earlier tests end first
+    # jobs of earlier tests end first, and our worker has said it is idle (a job ends when its last shard's
+    # rows are recorded, a moment before the worker's heartbeat drops the shard)
+    while (any(not job.finished for job in store.list_jobs())
+           or any(w.pid == worker.pid and w.job_id is not None for w in store.live_workers())):
         assert time.monotonic() < deadline
         time.sleep(0.2)
     with urllib.request.urlopen(f"{server.url}/metrics") as response:
