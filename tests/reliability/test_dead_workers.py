@@ -56,9 +56,10 @@ def check_outputs(table: list[dict], rows: list[dict], reference_llm) -> None:
 
 def test_a_worker_killed_mid_shard_loses_no_row(model_alias, start_worker, reference_llm, tmp_path):
     model = model_alias("killed")
-    # The killed worker's running message also comes back once the visibility timeout passes; a long one here
-    # lets the heartbeat requeue (TTL 2 s) be the path under test even on a loaded machine.
-    env = {**SLOW, "BATCHGEN_VISIBILITY_TIMEOUT": "30"}
+    # The killed worker's running message also comes back once the visibility timeout passes; with one longer
+    # than the wait below, only the heartbeat requeue (TTL 2 s) can finish the job in time. Whichever live
+    # worker's heartbeat requeues the shard (another test's worker may be running), so no log is asserted.
+    env = {**SLOW, "BATCHGEN_VISIBILITY_TIMEOUT": "120"}
     doomed, survivor = start_worker(model, env=env), start_worker(model, env=env)
     doomed.wait_ready(), survivor.wait_ready()
     rows = story_rows(12, "k")
@@ -76,7 +77,6 @@ def test_a_worker_killed_mid_shard_loses_no_row(model_alias, start_worker, refer
     for shard in lost:
         assert records[shard.shard_index].attempts >= 2
         assert written_by[shard.shard_index] == survivor.worker_id
-    assert f"its worker {doomed.worker_id} is gone; queued again" in survivor.log_text()
 
 
 def test_a_job_without_live_workers_is_stalled_until_one_comes_back(model_alias, start_worker, reference_llm,
