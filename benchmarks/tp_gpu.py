@@ -247,8 +247,9 @@ def throughput(args, device: torch.device) -> None:
     workload = workload_of(args, llm.engine.model_config.vocab_size)
     figures, _ = run_batchgen(llm, workload)
     emit("throughput", device, **{"model": args.config, "kv_cache_dtype": args.kv_cache_dtype, **figures})
-    emit("all-reduce share", device, model=args.config, tensor_parallel_size=args.tensor_parallel_size,
-         **all_reduce_share(llm, args))
+    if args.tensor_parallel_size > 1:
+        emit("all-reduce share", device, model=args.config, tensor_parallel_size=args.tensor_parallel_size,
+             **all_reduce_share(llm, args))
     llm.close()
     del llm
     release_memory()
