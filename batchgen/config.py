@@ -28,7 +28,9 @@ class EngineConfig(BaseModel):
 
     block_size: int = Field(16, ge=1)
     num_kv_blocks: int | None = Field(None, ge=1)           # overrides the sizing below
-    kv_cache_bytes: int | None = Field(None, ge=1)          # CPU budget; default <= 2 GiB, a quarter of free RAM
+    # the cache's size (per GPU under tensor parallelism) instead of sizing it: on a GPU in place of
+    # gpu_memory_utilization's share (engines sharing a card); on the CPU default <= 2 GiB, a quarter of free RAM
+    kv_cache_bytes: int | None = Field(None, ge=1)
     gpu_memory_utilization: float = Field(0.90, gt=0.0, le=1.0)
     max_model_len: int | None = Field(None, ge=1)           # default: the model's context, capped by the cache
     # default: 1024 on GPU (a decode step reads the weights once for more tokens: docs/benchmarks.md), 128 on CPU

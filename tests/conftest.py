@@ -68,6 +68,33 @@ def _clean_redis_namespace():
         client.delete(*keys[start:start + 500])
 
 
+# On a GPU machine the test processes (`pytest -n 8`) share the card
+GPU_TEST_ENGINE = dict(kv_cache_bytes=1 << 30, max_num_seqs=64)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _small_gpu_engines():
+    """Every CUDA engine a test builds through LLM gets a 1 GiB cache and at most 64 sequences where the test
+    set neither, not 90% of the card and 1,024 (one engine would starve the other test processes, and capturing
+    graphs for 1,024 sequences takes a while); the GPU benchmarks size real caches."""
+    if not torch.cuda.is_available():
+        yield
+        return
+    import batchgen.llm
+
+    engine_config = batchgen.llm.EngineConfig
+
+    def small_on_gpu(**engine_args):
+        config = engine_config(**engine_args)
+        if config.resolved_device().type != "cuda":
+            return config
+        return config.model_copy(update={k: v for k, v in GPU_TEST_ENGINE.items() if getattr(config, k) is None})
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(batchgen.llm, "EngineConfig", small_on_gpu)
+        yield
+
+
 @pytest.fixture(scope="session")
 def default_model_dir() -> Path:
     """The embedded SmolLM2-135M-Instruct as a safetensors directory (converted once per cache)."""

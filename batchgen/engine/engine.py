@@ -147,10 +147,11 @@ class Engine:
         return min(self.config.max_model_len or self.model_config.max_model_len, self.model_config.max_model_len)
 
     def _num_blocks_that_fit(self, use_graphs: bool) -> int:
+        if self.config.kv_cache_bytes:   # a fixed size: nothing to measure
+            return max(1, self.config.kv_cache_bytes // self.runner.kv_bytes_per_block)
         if self.device.type == "cpu":
             return cpu_kv_blocks(self.runner.kv_bytes_per_block, self.config.block_size,
-                                 self.config.resolved_max_num_seqs(self.device), self._context_len(),
-                                 self.config.kv_cache_bytes)
+                                 self.config.resolved_max_num_seqs(self.device), self._context_len())
         self.memory_profile = self._profile_memory(use_graphs)
         return self.runner.kv_blocks_that_fit(self.config.gpu_memory_utilization, self.memory_profile)
 

@@ -135,8 +135,8 @@ class Ranks:
         threading.Thread(target=join, name="batchgen-tp-join", daemon=True).start()
         while not joined.wait(JOIN_POLL_S):
             self.check_alive()
-        if errors:
-            raise errors[0]
+        if errors:   # a rank that failed while the group formed (its peers' sockets closed) says why itself
+            raise self._failed_rank(FAILURE_REPORT_S) or errors[0]
 
     def _watch(self, stop_signal: Connection) -> None:
         """CUDA: abort the device group once a rank dies, so rank 0's kernels stop waiting on its collectives;

@@ -64,12 +64,11 @@ def use_expandable_segments() -> None:
         torch.cuda.memory._set_allocator_settings("expandable_segments:True")
 
 
-def cpu_kv_blocks(bytes_per_block: int, block_size: int, max_num_seqs: int, context: int,
-                  kv_cache_bytes: int | None) -> int:
-    """CPU: `kv_cache_bytes`, else no more than a full batch of full-length sequences can use (small models get
-    small caches), a quarter of free RAM and CPU_KV_CACHE_CAP."""
+def cpu_kv_blocks(bytes_per_block: int, block_size: int, max_num_seqs: int, context: int) -> int:
+    """CPU: no more than a full batch of full-length sequences can use (small models get small caches), a quarter
+    of free RAM and CPU_KV_CACHE_CAP."""
     usable = max_num_seqs * context * bytes_per_block // block_size
-    budget = kv_cache_bytes or min(CPU_KV_CACHE_CAP, available_ram_bytes() // 4, usable)
+    budget = min(CPU_KV_CACHE_CAP, available_ram_bytes() // 4, usable)
     return max(1, budget // bytes_per_block)
 
 
