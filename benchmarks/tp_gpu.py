@@ -23,6 +23,7 @@ wall time and by the summed duration of all kernels on rank 0's GPU (kernels rep
 import argparse
 import gc
 import json
+import logging
 import multiprocessing
 import os
 import random
@@ -351,6 +352,9 @@ def main() -> int:
     throughput_mode.add_argument("--hf-sample", type=int, default=64, help="HF on the first N requests; 0: none")
     throughput_mode.add_argument("--hf-batch", type=int, default=64)
     args = parser.parse_args()
+    # the engine's start-up lines (ranks loaded, KV cache sized, graphs captured) on stderr, with their times: a
+    # call that runs out of time shows where it was
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(processName)s %(name)s: %(message)s")
     if args.smoke:   # a few tiny requests: the script's path, not its figures
         args.num_requests = min(getattr(args, "num_requests", 8), 8)
         args.hf_sample = min(getattr(args, "hf_sample", 4), 4)

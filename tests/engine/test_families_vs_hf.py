@@ -39,10 +39,12 @@ def prompts_for(family: str) -> list[list[int]]:
     return [(head + [rng.randrange(3, 2000) for _ in range(n)])[:n] for n in lengths]
 
 
-def hf_reference(model_dir, arch: str, prompts):
+def hf_reference(model_dir, arch: str, prompts, longrope: bool = False):
     """Greedy tokens and per-step log-softmax of HF `generate`, one prompt at a time, stopping at eos."""
     model_class = AutoModelForImageTextToText if arch == "gemma3_multimodal" else AutoModelForCausalLM
     model = model_class.from_pretrained(model_dir, dtype=torch.float32).eval()
+    if longrope:
+        return [hf_recomputed_greedy(model, prompt) for prompt in prompts]
     results = []
     for prompt in prompts:
         ids = torch.tensor([prompt])
@@ -55,12 +57,29 @@ def hf_reference(model_dir, arch: str, prompts):
     return results
 
 
+def hf_recomputed_greedy(model, prompt: list[int]):
+    """What HF `generate` computes for LongRoPE: the factor follows the sequence's length, and when a sequence
+    crosses the original context its cache is dropped and every position recomputed with the long factor
+    (Phi3ForCausalLM.prepare_inputs_for_generation). Here each step runs the whole sequence: that computation
+    without the cache. transformers 5.24's generate gives the same tokens; 5.17's (the GPU image's) gives others
+    from the crossing on, so generate itself is no reference there."""
+    tokens, logprobs, eos = [], [], model.generation_config.eos_token_id
+    for _ in range(MAX_NEW):
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt + tokens])).logits[0, -1].float()
+        logprobs.append(torch.log_softmax(logits, -1))
+        tokens.append(int(logits.argmax()))
+        if tokens[-1] == eos:
+            break
+    return tokens, logprobs
+
+
 @pytest.fixture(scope="module", params=list(FAMILIES))
 def family(request, tiny_model_dir):
     arch, overrides = FAMILIES[request.param]
     model_dir = tiny_model_dir(arch, **overrides)
     prompts = prompts_for(request.param)
-    return model_dir, prompts, hf_reference(model_dir, arch, prompts)
+    return model_dir, prompts, hf_reference(model_dir, arch, prompts, longrope="longrope" in request.param)
 
 
 @pytest.mark.parametrize("variant", list(ENGINE_VARIANTS))

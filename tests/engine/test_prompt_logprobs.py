@@ -46,7 +46,8 @@ def test_prompt_logprobs_match_hf_with_chunked_prefill(tiny_model_dir, arch):
     model_dir = tiny_model_dir(arch)
     prompts = random_prompts(1, 6)
     # a 7-token budget splits most prompts over several steps, and puts several prompts in one step
-    llm = LLM(str(model_dir), max_num_batched_tokens=7, block_size=4, max_num_seqs=3, generation_config="none")
+    llm = LLM(str(model_dir), dtype="float32", max_num_batched_tokens=7, block_size=4, max_num_seqs=3,
+              generation_config="none")
     outputs = llm.generate(prompts, SamplingParams(max_tokens=0, prompt_logprobs=TOP_K))
     assert_matches_hf(outputs, prompts, hf_logprobs(model_dir, prompts))
     for output in outputs:
@@ -58,7 +59,7 @@ def test_prompt_logprobs_with_the_prefix_already_cached(tiny_model_dir):
     position's logprobs, and a generation request beside it still reuses the cache."""
     model_dir = tiny_model_dir("llama")
     prompts = random_prompts(2, 4, shared_prefix=24)
-    llm = LLM(str(model_dir), block_size=4, max_num_batched_tokens=16, generation_config="none")
+    llm = LLM(str(model_dir), dtype="float32", block_size=4, max_num_batched_tokens=16, generation_config="none")
     first = llm.generate(prompts[:1], SamplingParams(max_tokens=2, temperature=0))
     assert first[0].error is None
     scored = llm.generate(prompts, SamplingParams(max_tokens=3, temperature=0, prompt_logprobs=TOP_K))
@@ -72,7 +73,7 @@ def test_prompt_logprobs_with_the_prefix_already_cached(tiny_model_dir):
 def test_default_model_prompt_logprobs_and_mixed_batch(default_model_dir):
     """The embedded model, prompts of real text; scoring rows and generating rows in the same steps leave the
     generated tokens as they are alone."""
-    llm = LLM("default", max_num_batched_tokens=24, block_size=8, generation_config="none")
+    llm = LLM("default", dtype="float32", max_num_batched_tokens=24, block_size=8, generation_config="none")
     texts = ["The capital of France is Paris. The capital of Italy is", "Tea is a drink made from",
              "One, two, three, four, five, six, seven"]
     prompts = [llm.tokenizer.encode(text) for text in texts]
