@@ -56,16 +56,18 @@ def check_outputs(table: list[dict], rows: list[dict], reference_llm) -> None:
 
 def test_a_worker_killed_mid_shard_loses_no_row(model_alias, start_worker, reference_llm, tmp_path):
     model = model_alias("killed")
-    # The killed worker's running message also comes back once the visibility timeout passes; with one longer
-    # than the wait below, only the heartbeat requeue (TTL 2 s) can finish the job in time. Whichever live
-    # worker's heartbeat requeues the shard (another test's worker may be running), so no log is asserted.
-    env = {**SLOW, "BATCHGEN_VISIBILITY_TIMEOUT": "120"}
+    # The killed worker's messages come back once the visibility timeout passes (the one it had taken but not
+    # started only then); a shard it was running that is done sooner was requeued by a heartbeat (TTL 2 s): any
+    # live worker's, since another test's worker may be running, so no worker's log is asserted.
+    visibility_timeout_s = 30
+    env = {**SLOW, "BATCHGEN_VISIBILITY_TIMEOUT": str(visibility_timeout_s)}
     doomed, survivor = start_worker(model, env=env), start_worker(model, env=env)
     doomed.wait_ready(), survivor.wait_ready()
     rows = story_rows(12, "k")
     job_id = submit(write_jsonl(tmp_path / "in.jsonl", rows), tmp_path / "out", model, shard_size=2)
     store = job_store()
     lost = wait_until(lambda: running_on(store, job_id, doomed.worker_id), 60, "a shard on the doomed worker")
+    killed_at = datetime.now(timezone.utc)
     doomed.kill()
 
     waited = cli("wait", job_id, "--interval", 0.2, "--timeout", 90)
@@ -77,6 +79,7 @@ def test_a_worker_killed_mid_shard_loses_no_row(model_alias, start_worker, refer
     for shard in lost:
         assert records[shard.shard_index].attempts >= 2
         assert written_by[shard.shard_index] == survivor.worker_id
+        assert records[shard.shard_index].finished_at - killed_at < timedelta(seconds=visibility_timeout_s)
 
 
 def test_a_job_without_live_workers_is_stalled_until_one_comes_back(model_alias, start_worker, reference_llm,
