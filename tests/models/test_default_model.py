@@ -21,8 +21,20 @@ def test_converted_directory_is_a_plain_safetensors_model(default_model_dir):
     parsed = ModelConfig.from_dir(default_model_dir)
     assert (parsed.vocab_size, parsed.num_hidden_layers, parsed.tie_word_embeddings) == (49152, 30, True)
     assert 2 in parsed.eos_token_ids  # <|im_end|>, the chat turn end
+    # the GGUF's tokenizer is GPT-2's byte-level BPE (what llguidance reads token bytes by) ending turns with
+    # <|im_end|>; transformers 5.17 converted it to a byte-fallback decoder ending with <|im_start|>
+    tokenizer = json.loads((default_model_dir / "tokenizer.json").read_text())
+    assert tokenizer["decoder"]["type"] == "ByteLevel" and not tokenizer["model"]["byte_fallback"]
+    assert json.loads((default_model_dir / "tokenizer_config.json").read_text())["eos_token"] == "<|im_end|>"
     leftovers = [path for path in default_model_dir.parent.iterdir() if path.is_dir() and path != default_model_dir]
     assert leftovers == []
+
+
+def test_a_transformers_that_converts_the_tokenizer_wrongly_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr("transformers.__version__", "5.17.0")
+    with pytest.raises(RuntimeError, match=r"transformers 5.17.0 converts .*transformers>=5.18"):
+        default_model.convert_gguf(default_model.default_gguf_path(), tmp_path)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_present_model_is_a_fast_no_op(default_model_dir, monkeypatch):
