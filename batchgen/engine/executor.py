@@ -16,8 +16,14 @@ rank 0 stops every rank and the call raises RanksStopped naming the rank. A step
 retried request by request (the peers would wait in an all-reduce), so the engine restarts the ranks instead
 (`TensorParallelRunner.restart`: new processes, each loading its shard, the same KV cache and decode graphs) and
 recomputes its requests; a restart that fails, or failures that outlast a few restarts, end in EngineBroken.
+
+Leaving an NCCL group has two rules (a process that breaks them hangs in C, deaf to signals): NCCL frees a
+communicator, destroyed or aborted, only once every CUDA graph that captured its collectives is gone, so each rank
+drops its decode graphs first; and destroying one is collective, so on close rank 0 destroys its side while the
+other ranks destroy theirs, not after waiting for them to exit.
 """
 import contextlib
+import gc
 import multiprocessing
 import shutil
 import signal
@@ -86,6 +92,8 @@ class Ranks:
         self.dtype = dtype
         self.device_type = device_type
         self.ranks: list[RankProcess] = []
+        # rank 0's CUDA graphs that replay the group's collectives, dropped before it leaves the group (above)
+        self.release_graphs: Callable[[], None] = lambda: None
         self.start()
 
     def start(self) -> None:
@@ -207,27 +215,28 @@ class Ranks:
         return None
 
     def stop(self) -> None:
-        """Ask every other rank to exit (after a failure: kill them, they may be waiting in a collective), kill
-        the ones that don't, and leave the group. Safe to call again."""
+        """Leave the group with every other rank and let them exit (after a failure: kill them, they may be
+        waiting in a collective, and abort the group), kill the ones that don't exit. Safe to call again."""
         if self.stopped:
             return
         self.stopped = True
         if self._stop_watching is not None:
             self._stop_watching.send(None)
+        self.release_graphs()
         for r in self.ranks:
             if self.failure is not None:
                 r.process.kill()
             with contextlib.suppress(OSError, ValueError):
                 r.conn.send(("close", ()))
+        if self.failure is not None and self.device_type == "cuda":
+            _abort_device_group()   # a graceful destroy would wait on collectives a dead rank never joins
+        close_tensor_parallel()   # gracefully: while the others destroy their side (it is collective)
         for r in self.ranks:
             r.process.join(STOP_TIMEOUT_S)
             if r.process.is_alive():
                 r.process.kill()
                 r.process.join()
             r.conn.close()
-        if self.failure is not None and self.device_type == "cuda":
-            _abort_device_group()   # a graceful destroy would wait on collectives a dead rank never joins
-        close_tensor_parallel()
         shutil.rmtree(self._rendezvous_dir, ignore_errors=True)
 
 
@@ -249,6 +258,7 @@ class TensorParallelRunner(ModelRunner):
     def __init__(self, ranks: Ranks, *runner_args, **runner_kwargs):
         super().__init__(*runner_args, **runner_kwargs)
         self.ranks = ranks
+        ranks.release_graphs = lambda: release_decode_graphs(self)
         self.decode_graph_shape: tuple[int, int] | None = None   # (max_batch, max_model_len) they were captured for
         with ranks.together():
             ranks.answers()   # every rank has loaded its shard
@@ -276,7 +286,6 @@ class TensorParallelRunner(ModelRunner):
         allocating a KV cache of as many blocks as rank 0's) and capture the decode graphs again if they were, on
         every rank (they replay the old group's collectives). Rank 0 keeps its model and cache; what the caches
         held is the engine's to recompute. Raises RanksStopped or RankFailure if the ranks can't start."""
-        self.decode_graphs = None
         self.ranks.start()
         with self.ranks.together():
             self.ranks.answers()   # loaded
@@ -322,6 +331,12 @@ class TensorParallelRunner(ModelRunner):
 
     def close(self) -> None:
         self.ranks.stop()
+
+
+def release_decode_graphs(runner: ModelRunner) -> None:
+    """Free the runner's decode graphs now (a graph's collectives keep its NCCL communicator from being freed)."""
+    runner.decode_graphs = None
+    gc.collect()
 
 
 class RankWorker:
@@ -382,6 +397,7 @@ def run_rank(rank: int, config: EngineConfig, model_path: Path, dtype: torch.dty
         conn.send(("ok", None))
         RankWorker(runner, conn).serve()
     except RankClosed:
+        release_decode_graphs(runner)
         close_tensor_parallel()
     except EOFError:   # rank 0 is gone
         return
