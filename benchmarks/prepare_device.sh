@@ -19,8 +19,8 @@ python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -
   --platform manylinux_2_35_x86_64 --platform manylinux_2_34_x86_64 --platform manylinux_2_31_x86_64 \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 \
   --platform manylinux2014_x86_64 -d .whl annotated_types typing_inspection pytest-xdist execnet 'huggingface_hub<2' \
-  $(pinned transformers accelerate gguf pydantic pydantic_core llguidance celery kombu amqp vine billiard click-didyoumean click-plugins \
-    click-repl tzlocal jsonschema jsonschema-specifications referencing rpds-py redis)
+  $(pinned transformers accelerate gguf pydantic pydantic_core llguidance celery kombu amqp vine billiard \
+    click-didyoumean click-plugins click-repl tzlocal jsonschema jsonschema-specifications referencing rpds-py redis)
 mkdir .whl/tokenizer
 model_dir=$(python3 -c "from batchgen.default_model import ensure_default_model; print(ensure_default_model())")
 cp "$model_dir"/tokenizer.json "$model_dir"/tokenizer_config.json "$model_dir"/chat_template.jinja .whl/tokenizer/

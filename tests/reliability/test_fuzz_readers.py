@@ -106,7 +106,8 @@ def parquet_tables(draw) -> pa.Table:
 @given(table=parquet_tables(), shard_size=st.integers(1, 4), row_group_size=st.integers(1, 4),
        cut=st.one_of(st.none(), st.none(), st.floats(0.05, 0.95)))
 # rows 3 and 4 repeat row 0's id (its index, it has none); row 3 is also invalid (no prompt)
-@example(table=pa.table({"prompt": [None, None, None, None, "0"], "id": pa.array([None, None, None, 0, 0], pa.int64())}),
+@example(table=pa.table({"prompt": [None, None, None, None, "0"],
+                         "id": pa.array([None, None, None, 0, 0], pa.int64())}),
          shard_size=1, row_group_size=1, cut=None)
 def test_fuzz_parquet_files(tmp_path, table, shard_size, row_group_size, cut):
     path = tmp_path / "fuzz.parquet"
