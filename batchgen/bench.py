@@ -10,6 +10,7 @@ import os
 import platform
 import random
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field, replace
 
@@ -25,11 +26,14 @@ from batchgen.sampling_params import SamplingParams, StructuredOutput
 class StepProfile:
     """Where the engine's time goes, for benchmarks: steps, tokens and wall seconds by kind of batch, "decode"
     (one token per request) or "mixed" (prefill chunks too). A step call mostly waits for the device to
-    finish the step whose tokens it takes, so its time is booked to that step's kind."""
+    finish the step whose tokens it takes, so its time is booked to that step's kind. Every `report_every`
+    seconds a progress line goes to stderr: a run cut short by a time limit still shows its rate."""
+    report_every: float = 30.0
     steps: dict[str, int] = field(default_factory=lambda: {"decode": 0, "mixed": 0})
     tokens: dict[str, int] = field(default_factory=lambda: {"decode": 0, "mixed": 0})
     seconds: dict[str, float] = field(default_factory=lambda: {"decode": 0.0, "mixed": 0.0})
     _booking: tuple[str, float] | None = None
+    _reported: float = field(default_factory=time.perf_counter)
 
     def record(self, launched: ScheduledBatch, taken: ScheduledBatch | None) -> None:
         now = time.perf_counter()
@@ -41,6 +45,9 @@ class StepProfile:
             self.steps[kind] += 1
             self.tokens[kind] += launched.num_tokens
         self._booking = None if taken is None else (_kind(taken), now)
+        if now - self._reported >= self.report_every:
+            self._reported = now
+            print(f"bench progress: {json.dumps(self.summary())}", file=sys.stderr, flush=True)
 
     def summary(self) -> dict:
         return {kind: {"steps": self.steps[kind], "tokens": self.tokens[kind],
