@@ -166,7 +166,8 @@ def run_batchgen(llm, workload: Workload) -> tuple[dict, list[int]]:
                     max_num_seqs=engine.scheduler.max_num_seqs,
                     max_num_batched_tokens=engine.scheduler.max_num_batched_tokens,
                     cuda_graphs=engine.runner.decode_graphs is not None,
-                    prefix_cache_hit_tokens=engine.kv_cache.num_hit_tokens, steps=profile.summary())
+                    prefix_cache_hit_tokens=engine.kv_cache.num_hit_tokens,
+                    preemptions=sum(o.num_preemptions for o in outputs), steps=profile.summary())
     return figures, [o.completion_tokens for o in outputs]
 
 

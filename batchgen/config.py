@@ -38,6 +38,10 @@ class EngineConfig(BaseModel):
     max_num_batched_tokens: int | None = Field(None, ge=1)  # default: 8192 on GPU, 1024 on CPU
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
+    # "reserve": admit a request only while the KV cache also holds the growth expected of the running ones
+    # (rare preemption); "greedy": admit while its prompt fits (more sequences at once, preempted and recomputed
+    # when the cache runs out). batchgen/engine/scheduler.py says how the growth is estimated.
+    kv_admission: Literal["reserve", "greedy"] = "reserve"
     enforce_eager: bool = False            # no CUDA graphs
     # ranks the model is split over (tensor parallelism): one process per rank, rank r on cuda:r (gloo on CPU)
     tensor_parallel_size: int = Field(1, ge=1)

@@ -140,7 +140,8 @@ class Engine:
                                    config.enable_chunked_prefill,
                                    is_ready=lambda r: r.params.structured is None or r.grammar is not None,
                                    max_model_len=self.max_model_len,
-                                   rope_position_offset=self.model_config.rope_position_offset)
+                                   rope_position_offset=self.model_config.rope_position_offset,
+                                   admission=config.kv_admission)
 
     def _context_len(self) -> int:
         """The longest sequence asked for (config, capped by the model), before the cache caps it too."""

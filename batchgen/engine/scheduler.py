@@ -5,13 +5,26 @@ a chunk of it, for a prefill in progress), then admits waiting requests while bu
 blocks allow. When blocks run out, the most recently admitted running request is preempted: its blocks are
 freed and it goes back to the head of the queue to be recomputed later (its generated tokens are kept, so
 its output doesn't change). The scheduler speaks only in tokens per request; blocks are the KV manager's.
+
+Admission ("reserve", the default) keeps preemption rare: a request is admitted only while the free blocks
+also cover the growth the running requests are expected to need, each the share of its remaining max_tokens
+that finished requests have used (all of it until one finishes, as when outputs run to full length). A
+preempted request's K/V is computed twice: admitting requests the cache cannot finish cost the 1000-in /
+1000-out runs up to 60% of their prompt tokens again (docs/benchmarks.md). Except for a small tail: when
+everything still waiting would fit in TAIL_SHARE of the cache, it is admitted while its prompts fit, since a
+last wave that small would run a whole output length at a few rows a step (each still reading every weight),
+which costs more than recomputing the few requests the overflow preempts. "greedy" admits while the prompt
+fits.
 """
+import math
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from batchgen.engine.kv_cache import KVCacheManager
 from batchgen.engine.request import Request, RequestStatus
+
+TAIL_SHARE = 1 / 8   # of the cache's blocks: see the module docstring
 
 
 @dataclass
@@ -31,7 +44,8 @@ class ScheduledBatch:
 class Scheduler:
     def __init__(self, kv_cache: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int,
                  enable_chunked_prefill: bool = True, is_ready: Callable[[Request], bool] = lambda r: True,
-                 max_model_len: int = 1 << 62, rope_position_offset: Callable[[int], int] = lambda length: 0):
+                 max_model_len: int = 1 << 62, rope_position_offset: Callable[[int], int] = lambda length: 0,
+                 admission: str = "reserve"):
         self.kv_cache = kv_cache
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -40,6 +54,9 @@ class Scheduler:
         self.max_model_len = max_model_len
         # the rotary-table offset a sequence of a given length uses (LongRoPE: long factors past a length)
         self.rope_position_offset = rope_position_offset
+        self.admission = admission   # "reserve" or "greedy": see the module docstring
+        self.finished_output_tokens = 0    # over requests that finished generating (not aborted or failed)
+        self.finished_max_tokens = 0
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
 
@@ -53,6 +70,27 @@ class Scheduler:
         request's are made again."""
         request.rope_position_offset = offset
         request.block_hashes = []
+
+    @property
+    def output_share(self) -> float:
+        """The share of their max_tokens that finished requests generated; 1 until one has finished."""
+        return self.finished_output_tokens / self.finished_max_tokens if self.finished_max_tokens else 1.0
+
+    def _expected_blocks(self, request: Request) -> int:
+        """Blocks the request is expected to hold when it finishes: its sequence grows by output_share of the
+        tokens its max_tokens (and the context) still allow."""
+        length = request.num_tokens + request.num_pending_tokens
+        limit = min(request.num_prompt_tokens + request.params.max_tokens, self.max_model_len)
+        return self.kv_cache.blocks_needed(length + math.ceil(max(0, limit - length) * self.output_share))
+
+    def _waiting_is_a_small_tail(self) -> bool:
+        """Everything waiting is expected to need at most TAIL_SHARE of the cache's blocks."""
+        room = self.kv_cache.num_blocks * TAIL_SHARE
+        for request in self.waiting:
+            room -= self._expected_blocks(request)
+            if room < 0:
+                return False
+        return True
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
@@ -93,6 +131,9 @@ class Scheduler:
         # admitting new work while running requests were just preempted would only thrash
         if batch.num_preempted:
             return batch
+        reserve = self.admission == "reserve" and bool(self.waiting) and not self._waiting_is_a_small_tail()
+        # free blocks the running requests are expected to take as they grow
+        reserved = sum(max(0, self._expected_blocks(r) - len(r.block_ids)) for r in self.running) if reserve else 0
         skipped: list[Request] = []
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             request = self.waiting[0]
@@ -107,8 +148,13 @@ class Scheduler:
                 if not self.enable_chunked_prefill:
                     break
                 num_new = budget
+            if reserve and self.running and \
+                    self._expected_blocks(request) - len(cached_prefix) > self.kv_cache.num_free_blocks - reserved:
+                break
             if not self.kv_cache.allocate(request, num_new, cached_prefix):
                 break
+            if reserve:
+                reserved += max(0, self._expected_blocks(request) - len(request.block_ids))
             self.waiting.popleft()
             request.status = RequestStatus.RUNNING
             request.num_computed_tokens = num_cached
@@ -152,6 +198,9 @@ class Scheduler:
 
     def finish(self, request: Request) -> None:
         """Drop a finished (or aborted) request and release its blocks."""
+        if request.finish_reason in ("stop", "length") and request.params.max_tokens:
+            self.finished_output_tokens += len(request.output_token_ids)
+            self.finished_max_tokens += min(request.params.max_tokens, self.max_model_len - request.num_prompt_tokens)
         if request in self.running:
             self.running.remove(request)
         elif request in self.waiting:

@@ -97,7 +97,7 @@ def test_dashboard_follows_jobs_to_the_end(server, jobs, tmp_path):
     assert job["completion_tokens"] == 6 * 12 and job["rows_per_s"] > 0 and job["eta_s"] is None
 
 
-def test_metrics_agree_with_the_job_store(server, worker):
+def test_metrics_agree_with_the_job_store(server, worker, jobs):   # jobs: our worker has run shards
     store = job_store()
     deadline = time.monotonic() + 60
     # jobs of earlier tests end first, and our worker has said it is idle (a job ends when its last shard's

@@ -52,7 +52,8 @@ def engine_greedy(llm: LLM, prompts, max_new_tokens: int, n: int = 1):
 
 ENGINE_VARIANTS = {
     "plain": {},
-    "preemption": {"num_kv_blocks": 24, "block_size": 4},          # ~100 tokens of KV for 16 prompts
+    # ~100 tokens of KV for 16 prompts, admitted while their prompts fit (the default admission avoids this)
+    "preemption": {"num_kv_blocks": 24, "block_size": 4, "kv_admission": "greedy"},
     "chunked_prefill": {"max_num_batched_tokens": 8},
     "no_prefix_cache": {"enable_prefix_caching": False},
 }

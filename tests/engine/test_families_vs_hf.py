@@ -25,7 +25,8 @@ FAMILIES = {
 }
 ENGINE_VARIANTS = {
     "batched_prefix_cache_n2": ({}, 2),
-    "preemption_chunked_prefill": ({"num_kv_blocks": 28, "block_size": 4, "max_num_batched_tokens": 16}, 1),
+    "preemption_chunked_prefill": ({"num_kv_blocks": 28, "block_size": 4, "max_num_batched_tokens": 16,
+                                    "kv_admission": "greedy"}, 1),
 }
 
 

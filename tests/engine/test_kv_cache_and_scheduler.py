@@ -28,27 +28,35 @@ def check_block_accounting(kv: KVCacheManager, requests: list[Request]) -> None:
     assert all(kv.block_hash[b] is not None for b in range(kv.num_blocks) if owners[b] > 1)
 
 
-def simulate(scheduler: Scheduler, requests: list[Request], max_steps: int = 10_000) -> int:
-    """Run scheduler steps as the engine would, appending a made-up token when a request reaches its end."""
+def simulate(scheduler: Scheduler, requests: list[Request], max_steps: int = 10_000,
+             stops_at: dict[str, int] | None = None) -> int:
+    """Run scheduler steps as the engine would, appending a made-up token when a request reaches its end; a
+    request in `stops_at` ends ("stop", as at an EOS) once it has that many output tokens. Returns the tokens
+    computed in all (a preempted request's are computed again)."""
+    stops_at = stops_at or {}
     for request in requests:
         scheduler.add(request)
-    steps = 0
+    steps = computed = 0
     while scheduler.has_unfinished():
         steps += 1
         assert steps < max_steps, "scheduler made no progress"
         batch = scheduler.schedule()
         assert batch.num_tokens <= scheduler.max_num_batched_tokens
         assert len(scheduler.running) <= scheduler.max_num_seqs
+        computed += batch.num_tokens
         for request, num_new in zip(batch.requests, batch.num_new_tokens):
             assert len(request.block_ids) * scheduler.kv_cache.block_size >= request.num_computed_tokens + num_new
             request.num_computed_tokens += num_new
             if request.num_computed_tokens == request.num_tokens:
                 request.output_token_ids.append(7 + len(request.output_token_ids))
-                if len(request.output_token_ids) >= request.params.max_tokens:
+                if len(request.output_token_ids) == stops_at.get(request.request_id):
+                    request.finish("stop")
+                    scheduler.finish(request)
+                elif len(request.output_token_ids) >= request.params.max_tokens:
                     request.finish("length")
                     scheduler.finish(request)
         check_block_accounting(scheduler.kv_cache, scheduler.running + list(scheduler.waiting))
-    return steps
+    return computed
 
 
 def test_prefix_hit_shares_full_blocks_and_leaves_the_last_token_to_compute():
@@ -107,7 +115,7 @@ def test_budget_splits_long_prompts_into_chunks_and_decodes_go_first():
 
 def test_preemption_recomputes_and_every_request_finishes():
     kv = KVCacheManager(num_blocks=8, block_size=4)           # room for about two requests at a time
-    scheduler = Scheduler(kv, max_num_seqs=8, max_num_batched_tokens=64)
+    scheduler = Scheduler(kv, max_num_seqs=8, max_num_batched_tokens=64, admission="greedy")
     requests = [make_request(i, [i + 1] * 7, max_tokens=10) for i in range(5)]
     simulate(scheduler, requests)
     assert all(r.status is RequestStatus.FINISHED and len(r.output_token_ids) == 10 for r in requests)
@@ -115,11 +123,59 @@ def test_preemption_recomputes_and_every_request_finishes():
     assert kv.num_free_blocks == kv.num_blocks
 
 
+def full_length_workload(num_requests: int = 24) -> list[Request]:
+    """Prompts of 9-16 tokens, 12 output tokens each: 21-28 tokens, 6-7 blocks of 4, where the cache below
+    holds 40 blocks, so at most six run to the end at once."""
+    rng = random.Random(3)
+    return [make_request(i, [rng.randrange(50) for _ in range(rng.randrange(9, 17))], max_tokens=12)
+            for i in range(num_requests)]
+
+
+def test_reserve_admission_runs_only_what_the_cache_can_finish_and_never_preempts():
+    kv = KVCacheManager(num_blocks=40, block_size=4, enable_prefix_caching=False)
+    reserve = Scheduler(kv, max_num_seqs=16, max_num_batched_tokens=64)
+    requests = full_length_workload()
+    computed = simulate(reserve, requests)
+    assert sum(r.num_preemptions for r in requests) == 0
+    # every token computed once: prompts, and each output token but the last (never fed back)
+    assert computed == sum(r.num_prompt_tokens + 11 for r in requests)
+    assert reserve.output_share == 1.0
+
+    greedy_requests = full_length_workload()
+    greedy = Scheduler(KVCacheManager(num_blocks=40, block_size=4, enable_prefix_caching=False), max_num_seqs=16,
+                       max_num_batched_tokens=64, admission="greedy")
+    assert simulate(greedy, greedy_requests) > computed   # admitting what the cache cannot finish: recomputation
+    assert sum(r.num_preemptions for r in greedy_requests) > 0
+    assert [r.output_token_ids for r in greedy_requests] == [r.output_token_ids for r in requests]
+
+
+def test_reserve_admission_learns_how_much_of_max_tokens_requests_use():
+    # outputs end (as at an EOS) after 3 of their 12 allowed tokens: once a few have finished, the growth
+    # reserved for each running request shrinks to a quarter and more of them run at once
+    kv = KVCacheManager(num_blocks=40, block_size=4, enable_prefix_caching=False)
+    scheduler = Scheduler(kv, max_num_seqs=16, max_num_batched_tokens=64)
+    requests = full_length_workload(48)
+    running_at_once = []
+    original_schedule = scheduler.schedule
+
+    def schedule():
+        batch = original_schedule()
+        running_at_once.append(len(scheduler.running))
+        return batch
+
+    scheduler.schedule = schedule
+    simulate(scheduler, requests, stops_at={r.request_id: 3 for r in requests})
+    assert scheduler.output_share == 3 / 12
+    assert all(r.finish_reason == "stop" and len(r.output_token_ids) == 3 for r in requests)
+    assert max(running_at_once[:2]) <= 6 < max(running_at_once)   # full length assumed until one finishes
+
+
 @settings(max_examples=60, deadline=None)
 @given(seed=st.integers(0, 10_000), block_size=st.sampled_from([1, 2, 4, 16]),
-       budget=st.integers(8, 64), max_num_seqs=st.integers(1, 6), prefix_caching=st.booleans())
+       budget=st.integers(8, 64), max_num_seqs=st.integers(1, 6), prefix_caching=st.booleans(),
+       admission=st.sampled_from(["reserve", "greedy"]))
 def test_random_workloads_keep_block_accounting_exact_and_finish(seed, block_size, budget, max_num_seqs,
-                                                                 prefix_caching):
+                                                                 prefix_caching, admission):
     rng = random.Random(seed)
     shared = [rng.randrange(50) for _ in range(rng.randrange(0, 12))]
     requests = [make_request(i, shared + [rng.randrange(50) for _ in range(rng.randrange(1, 12))],
@@ -127,7 +183,7 @@ def test_random_workloads_keep_block_accounting_exact_and_finish(seed, block_siz
     longest = max(r.num_prompt_tokens + r.params.max_tokens for r in requests)
     num_blocks = -(-longest // block_size) + rng.randrange(0, 8)  # at least one request always fits
     kv = KVCacheManager(num_blocks, block_size, enable_prefix_caching=prefix_caching)
-    scheduler = Scheduler(kv, max_num_seqs, budget)
+    scheduler = Scheduler(kv, max_num_seqs, budget, admission=admission)
     simulate(scheduler, requests)
     assert all(len(r.output_token_ids) == r.params.max_tokens for r in requests)
     assert kv.num_free_blocks == num_blocks

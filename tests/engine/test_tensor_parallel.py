@@ -28,9 +28,10 @@ from batchgen.engine.errors import EngineBroken
 DEVICE = os.environ.get("BATCHGEN_TEST_TP_DEVICE", "cpu")
 MAX_NEW = 10
 # one engine shape that chunks prompts (16-token budget), preempts (30 blocks of 4 tokens for requests of up to
-# 80 tokens) and hits the prefix cache (prompts share a head); 8 rows of prompt logits at a time
+# 80 tokens, admitted while their prompts fit) and hits the prefix cache (prompts share a head); 8 rows of
+# prompt logits at a time
 ENGINE_ARGS = dict(dtype="float32", device=DEVICE, block_size=4, num_kv_blocks=30, max_num_batched_tokens=16,
-                   max_num_seqs=8)
+                   max_num_seqs=8, kv_admission="greedy")
 GEMMA = "gemma3-softcap-tied"
 GREEDY = SamplingParams(temperature=0.0, max_tokens=MAX_NEW, logprobs=2)
 BEAMS = SamplingParams(beam_width=3, n=2, max_tokens=5)

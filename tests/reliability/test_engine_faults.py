@@ -62,9 +62,11 @@ def test_a_poison_row_is_retried_a_bounded_number_of_times_then_fails_alone(mode
 
 
 def test_kv_cache_pressure_preempts_and_changes_no_output(model_alias, start_worker, reference_llm, tmp_path):
-    # 12 blocks of 8 tokens: a ~45-token prompt and its 30 new tokens need 10 of them, and 8 rows run at once
+    # 12 blocks of 8 tokens: a ~45-token prompt and its 30 new tokens need 10 of them, and 8 rows are admitted at
+    # once (greedy admission: while their prompts fit)
     model = model_alias("small-cache")
-    worker = start_worker(model, "--engine-arg", "num_kv_blocks=12", "--engine-arg", "block_size=8").wait_ready()
+    worker = start_worker(model, "--engine-arg", "num_kv_blocks=12", "--engine-arg", "block_size=8",
+                          "--engine-arg", "kv_admission=greedy").wait_ready()
     prompts = [f"Report {i}: " + " ".join(f"item{(i * 7 + j) % 23}" for j in range(16)) for i in range(8)]
     lengths = [len(reference_llm.tokenizer.encode(p)) for p in prompts]
     assert all(35 <= n <= 60 for n in lengths), lengths

@@ -1,0 +1,94 @@
+"""The scheduler alone (CPU, no model) on a GPU run's shape: how many tokens each KV admission policy computes.
+
+A preempted request is recomputed: every token of its prompt and output so far runs through the model again, in
+prefill ("mixed") steps. This drives batchgen's own Scheduler and KVCacheManager step by step with outputs forced
+to full length, as `batchgen bench` runs them, on a cache of the size a GPU run reported, and prints per policy
+the tokens computed in mixed steps (the figure a GPU run's `steps.mixed.tokens` reports), preemptions, decode
+steps and their mean rows; for presets taken from a measured run, that run's figures beside them. Prefix caching
+is off (random prompts share nothing) and a step's sampled token is appended at once (the engine's one-step
+overlap is left out).
+
+    python benchmarks/scheduler_sim.py --preset 70b-fp8-tp2
+    python benchmarks/scheduler_sim.py --num-blocks 58252 --input-len 1000 --output-len 1000 --num-requests 1000
+"""
+import argparse
+import json
+import time
+
+from batchgen.engine.kv_cache import KVCacheManager
+from batchgen.engine.request import Request
+from batchgen.engine.scheduler import Scheduler
+from batchgen.sampling_params import SamplingParams
+
+# runs of 2026-11-30 (docs/benchmarks.md, fifth session): KV blocks of 16 tokens, requests, in / out, and what
+# the run (greedy admission, commit c38ffb6 / 097fffa) measured in its mixed steps
+PRESETS = {
+    "70b-fp8-tp2": dict(num_blocks=71887, num_requests=1000, input_len=1000, output_len=1000,
+                        measured=dict(mixed_tokens=1691712, mixed_steps=207, decode_steps=1793)),
+    "8b-fp8-bf16kv": dict(num_blocks=58252, num_requests=1000, input_len=1000, output_len=1000,
+                          measured=dict(mixed_tokens=1636832, mixed_steps=201, decode_steps=1887)),
+    "8b-fp8-fp8kv": dict(num_blocks=116505, num_requests=1000, input_len=1000, output_len=1000,
+                         measured=dict(mixed_tokens=1150793, mixed_steps=141, decode_steps=1079)),
+    "qwen3-30b-a3b": dict(num_blocks=44442, num_requests=700, input_len=1000, output_len=1000,
+                          measured=dict(mixed_tokens=1180172, mixed_steps=145, decode_steps=1914)),
+    "mixtral-8x7b": dict(num_blocks=18113, num_requests=200, input_len=1000, output_len=1000,
+                         measured=dict(mixed_tokens=291742, mixed_steps=37, decode_steps=1545)),
+}
+
+
+def simulate(admission: str, num_blocks: int, num_requests: int, input_len: int, output_len: int,
+             block_size: int, max_num_seqs: int, budget: int) -> dict:
+    kv = KVCacheManager(num_blocks, block_size, enable_prefix_caching=False)
+    scheduler = Scheduler(kv, max_num_seqs, budget, max_model_len=input_len + output_len, admission=admission)
+    params = SamplingParams(max_tokens=output_len, ignore_eos=True)
+    requests = [Request(str(i), [i % 50_000] * input_len, params) for i in range(num_requests)]
+    for request in requests:
+        scheduler.add(request)
+    steps = {"decode": 0, "mixed": 0}
+    tokens = {"decode": 0, "mixed": 0}
+    while scheduler.has_unfinished():
+        batch = scheduler.schedule()
+        kind = "decode" if batch.num_tokens == len(batch) else "mixed"
+        steps[kind] += 1
+        tokens[kind] += batch.num_tokens
+        for request, num_new in zip(batch.requests, batch.num_new_tokens):
+            request.num_computed_tokens += num_new
+            if request.num_computed_tokens == request.num_tokens:
+                request.output_token_ids.append(1)
+                if len(request.output_token_ids) >= output_len:
+                    request.finish("length")
+                    scheduler.finish(request)
+    # each request computes its prompt and every output token but the last once; the rest is recomputation
+    once = num_requests * (input_len + output_len - 1)
+    return dict(admission=admission, mixed_tokens=tokens["mixed"], mixed_steps=steps["mixed"],
+                decode_steps=steps["decode"], mean_decode_rows=round(tokens["decode"] / max(1, steps["decode"]), 1),
+                recomputed_tokens=tokens["mixed"] + tokens["decode"] - once,
+                preemptions=sum(r.num_preemptions for r in requests))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", choices=PRESETS, action="append", help="default: every preset")
+    parser.add_argument("--num-blocks", type=int)
+    parser.add_argument("--num-requests", type=int, default=1000)
+    parser.add_argument("--input-len", type=int, default=1000)
+    parser.add_argument("--output-len", type=int, default=1000)
+    parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--max-num-seqs", type=int, default=1024)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    args = parser.parse_args()
+    shapes = {"custom": dict(num_blocks=args.num_blocks, num_requests=args.num_requests, input_len=args.input_len,
+                             output_len=args.output_len)} if args.num_blocks else \
+        {name: PRESETS[name] for name in args.preset or PRESETS}
+    for name, shape in shapes.items():
+        run_shape = {key: value for key, value in shape.items() if key != "measured"}
+        for admission in ("greedy", "reserve"):
+            start = time.perf_counter()
+            figures = simulate(admission, **run_shape, block_size=args.block_size, max_num_seqs=args.max_num_seqs,
+                               budget=args.max_num_batched_tokens)
+            print(json.dumps({"shape": name, **run_shape, **figures, "measured_greedy_run": shape.get("measured"),
+                              "sim_s": round(time.perf_counter() - start, 1)}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
