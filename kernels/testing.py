@@ -87,12 +87,16 @@ def relative_l2(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
 
 
-def bench_ms(fn, interpreted: bool) -> float:
-    """Median time of fn in ms (triton's do_bench); under the interpreter one run, only to exercise the code."""
+def bench_ms(fn, interpreted: bool, cuda_graph: bool = False) -> float:
+    """Median time of fn in ms (triton's do_bench); under the interpreter one run, only to exercise the code.
+    cuda_graph: fn captured once and replayed, as the engine's decode steps run it, so a short sequence of
+    kernels is not timed at the rate the host launches them."""
     if interpreted:
         start = time.perf_counter()
         fn()
         return (time.perf_counter() - start) * 1e3
     import triton
 
+    if cuda_graph:
+        return triton.testing.do_bench_cudagraph(fn, rep=50, return_mode="median")
     return triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median")
