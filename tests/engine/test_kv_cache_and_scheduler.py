@@ -29,10 +29,11 @@ def check_block_accounting(kv: KVCacheManager, requests: list[Request]) -> None:
 
 
 def simulate(scheduler: Scheduler, requests: list[Request], max_steps: int = 10_000,
-             stops_at: dict[str, int] | None = None) -> int:
+             stops_at: dict[str, int] | None = None, running_counts: list[int] | None = None) -> int:
     """Run scheduler steps as the engine would, appending a made-up token when a request reaches its end; a
-    request in `stops_at` ends ("stop", as at an EOS) once it has that many output tokens. Returns the tokens
-    computed in all (a preempted request's are computed again)."""
+    request in `stops_at` ends ("stop", as at an EOS) once it has that many output tokens; `running_counts`
+    gets the number of running requests after each schedule. Returns the tokens computed in all (a preempted
+    request's are computed again)."""
     stops_at = stops_at or {}
     for request in requests:
         scheduler.add(request)
@@ -43,6 +44,8 @@ def simulate(scheduler: Scheduler, requests: list[Request], max_steps: int = 10_
         batch = scheduler.schedule()
         assert batch.num_tokens <= scheduler.max_num_batched_tokens
         assert len(scheduler.running) <= scheduler.max_num_seqs
+        if running_counts is not None:
+            running_counts.append(len(scheduler.running))
         computed += batch.num_tokens
         for request, num_new in zip(batch.requests, batch.num_new_tokens):
             assert len(request.block_ids) * scheduler.kv_cache.block_size >= request.num_computed_tokens + num_new
@@ -156,15 +159,7 @@ def test_reserve_admission_learns_how_much_of_max_tokens_requests_use():
     scheduler = Scheduler(kv, max_num_seqs=16, max_num_batched_tokens=64)
     requests = full_length_workload(48)
     running_at_once = []
-    original_schedule = scheduler.schedule
-
-    def schedule():
-        batch = original_schedule()
-        running_at_once.append(len(scheduler.running))
-        return batch
-
-    scheduler.schedule = schedule
-    simulate(scheduler, requests, stops_at={r.request_id: 3 for r in requests})
+    simulate(scheduler, requests, stops_at={r.request_id: 3 for r in requests}, running_counts=running_at_once)
     assert scheduler.output_share == 3 / 12
     assert all(r.finish_reason == "stop" and len(r.output_token_ids) == 3 for r in requests)
     assert max(running_at_once[:2]) <= 6 < max(running_at_once)   # full length assumed until one finishes
@@ -187,3 +182,23 @@ def test_random_workloads_keep_block_accounting_exact_and_finish(seed, block_siz
     simulate(scheduler, requests)
     assert all(len(r.output_token_ids) == r.params.max_tokens for r in requests)
     assert kv.num_free_blocks == num_blocks
+
+
+def test_reserve_admission_admits_a_small_last_tail_while_its_prompts_fit():
+    # 80 blocks hold 12 of these requests at full length (6-7 blocks each); the 13th alone needs less than an
+    # eighth of the cache, so it runs beside them rather than as a last wave of one
+    kv = KVCacheManager(num_blocks=80, block_size=4, enable_prefix_caching=False)
+    scheduler = Scheduler(kv, max_num_seqs=16, max_num_batched_tokens=256)
+    requests = full_length_workload(13)
+    running_at_once = []
+    simulate(scheduler, requests, running_counts=running_at_once)
+    assert max(running_at_once) == 13
+    assert all(len(r.output_token_ids) == 12 for r in requests)
+
+    # a cache in which the last one needs more than an eighth: it waits for a place
+    scheduler = Scheduler(KVCacheManager(num_blocks=48, block_size=4, enable_prefix_caching=False), max_num_seqs=16,
+                          max_num_batched_tokens=256)
+    requests = full_length_workload(8)
+    running_at_once = []
+    simulate(scheduler, requests, running_counts=running_at_once)
+    assert max(running_at_once) == 7 and sum(r.num_preemptions for r in requests) == 0
