@@ -20,6 +20,13 @@ model's prediction (benchmarks/cost_model.py) and predicted / measured, then HF 
 
     python benchmarks/engine_gpu.py --shape 1000/1000 --quantization fp8 --kv-cache-dtype auto fp8
     python benchmarks/engine_gpu.py --smoke --shape w1 --kv-cache-dtype auto fp8 --hf-sample 4
+
+Where a decode step's time goes (`--profile-decode ROWS CONTEXT`): ROWS requests with CONTEXT-token prompts
+generate 32 tokens each; once every prompt has run, torch.profiler records the decode steps, and the GPU
+kernels' time per step is printed by kernel (one JSON line, top kernels first) beside the step's wall time.
+ROWS 856 / CONTEXT 1500 is the 1000/1000 fp8 + fp8 KV run's mean decode step:
+
+    python benchmarks/engine_gpu.py --profile-decode 856 1500 --quantization fp8 --kv-cache-dtype fp8
 """
 import argparse
 import json
@@ -57,6 +64,8 @@ def main() -> int:
     parser.add_argument("--quantization", choices=["fp8"], help="fp8 weights, quantized while they load")
     parser.add_argument("--shape", choices=SHAPES, help="throughput on this shape instead of the sizing check")
     parser.add_argument("--num-requests", type=int, help="default: the shape's (the issue's request counts)")
+    parser.add_argument("--profile-decode", nargs=2, type=int, metavar=("ROWS", "CONTEXT"),
+                        help="kernel time of decode steps at ROWS sequences of CONTEXT tokens")
     parser.add_argument("--hf-sample", type=int, default=64,
                         help="HF static generate on this many of the prompts, one batch (0: no HF run)")
     args = parser.parse_args()
@@ -69,6 +78,8 @@ def main() -> int:
         model_dir = CONFIGS / "llama-3.1-8b"
         engine_args = dict(device="cuda", gpu_memory_utilization=args.gpu_memory_utilization)
     engine_args["quantization"] = args.quantization
+    if args.profile_decode:
+        return profile_decode(args, model_dir, engine_args | dict(kv_cache_dtype=args.kv_cache_dtype[0]))
     if args.shape:
         return throughput(args, model_dir, engine_args)
     return kv_sizing_check(args, model_dir, engine_args | dict(kv_cache_dtype=args.kv_cache_dtype[0]))
@@ -162,6 +173,54 @@ def throughput(args, model_dir: Path, engine_args: dict) -> int:
         figures = run_hf_static(hf_model, sample, batch_size=len(sample.prompts))
         emit("throughput", model=model_dir.name, weights="bf16", **figures,
              **against_cost_model(figures, model_config, "bf16", dtype.itemsize, input_len, output_len))
+    return 0
+
+
+def profile_decode(args, model_dir: Path, engine_args: dict) -> int:
+    """GPU kernel time per decode step, by kernel, over the decode steps of ROWS sequences at CONTEXT tokens."""
+    from torch.profiler import DeviceType, ProfilerActivity, profile
+
+    rows, context = args.profile_decode
+    output_len = 8 if args.smoke else 32
+    engine_args = engine_args | dict(max_model_len=context + output_len, max_num_seqs=max(rows, 8))
+    llm = LLM(str(model_dir), load_format="dummy", seed=0, generation_config="none", **engine_args)
+    engine = llm.engine
+    workload = make_workload("profile", rows, context, output_len, engine.model_config.vocab_size)
+    params = SamplingParams(max_tokens=output_len, ignore_eos=True)
+    llm.generate(workload.prompts[:4], params)   # compile and capture outside the profile
+    cuda = engine.device.type == "cuda"
+    profiler = profile(activities=[ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU])
+    decode_steps = []
+
+    def on_step(launched, taken) -> None:
+        # profile from the first step that launches decodes only, until the run ends
+        if launched and launched.num_tokens == len(launched):
+            if not decode_steps:
+                profiler.start()
+            decode_steps.append((time.perf_counter(), len(launched)))
+
+    engine.on_step = on_step
+    llm.generate(workload.prompts, params)
+    if cuda:
+        torch.cuda.synchronize(engine.device)
+    end = time.perf_counter()
+    profiler.stop()
+    llm.close()
+    steps = len(decode_steps)
+    kind = DeviceType.CUDA if cuda else DeviceType.CPU
+    by_kernel: dict[str, float] = {}
+    for event in profiler.events():
+        if event.device_type == kind and (cuda or event.cpu_parent is None):
+            by_kernel[event.name] = by_kernel.get(event.name, 0.0) + event.time_range.elapsed_us()
+    busy_ms = sum(by_kernel.values()) / 1e3
+    top = sorted(by_kernel.items(), key=lambda item: -item[1])[:20]
+    emit("decode_profile", model=model_dir.name, quantization=args.quantization,
+         kv_cache_dtype=str(engine.runner.kv_cache_dtype).removeprefix("torch."), rows=rows, context=context,
+         decode_steps=steps, mean_rows=round(sum(n for _, n in decode_steps) / max(1, steps), 1),
+         wall_ms_per_step=round((end - decode_steps[0][0]) * 1e3 / max(1, steps), 3) if steps else None,
+         kernel_ms_per_step=round(busy_ms / max(1, steps), 3),
+         kernels=[{"name": name[:120], "ms_per_step": round(us / 1e3 / max(1, steps), 4),
+                   "share": round(us / 1e3 / busy_ms, 4)} for name, us in top])
     return 0
 
 
