@@ -83,6 +83,21 @@ def test_greedy_matches_hf_token_for_token(tiny_arch, variant, device):
         assert sum(o.num_preemptions for o in outputs) > 0
 
 
+@pytest.mark.parametrize("tiny_arch", ["llama"], indirect=True)
+def test_reserve_admission_under_a_small_cache_matches_hf_and_preempts_less(tiny_arch):
+    # the "preemption" variant's cache (~100 tokens for 16 prompts): the default admission keeps the running
+    # requests' growth in reserve, so it recomputes less than admitting while prompts fit; tokens never change
+    model_dir, prompts, expected = tiny_arch
+    preemptions = {}
+    for admission in ("reserve", "greedy"):
+        llm = LLM(str(model_dir), dtype="float32", device="cpu", num_kv_blocks=24, block_size=4,
+                  kv_admission=admission)
+        outputs = engine_greedy(llm, prompts, MAX_NEW)
+        assert [o.outputs[0].token_ids for o in outputs] == expected
+        preemptions[admission] = sum(o.num_preemptions for o in outputs)
+    assert preemptions["reserve"] < preemptions["greedy"], preemptions
+
+
 @pytest.mark.parametrize("tiny_arch", ARCHS + MOE_ARCHS, indirect=True)
 def test_n_samples_share_prompt_blocks_and_greedy_samples_match_hf(tiny_arch):
     model_dir, prompts, expected = tiny_arch
