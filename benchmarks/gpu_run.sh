@@ -1,53 +1,129 @@
 #!/usr/bin/env bash
-# First benchmarks/prepare_device.sh here (wheels the image lacks, a tokenizer), then carry .whl.
-# Everything the GPU acceptance needs, in one device call: kernel checks, engine-vs-HF correctness, then the W1/W3/W2
-# throughput workloads with HF peers measured in the same run. Each part has its own time limit so one slow
-# part can't lose the others' figures. JSON lines go to stdout and to $OUT/gpu.jsonl.
+# The GPU runs, as named calls that each fit one device call (10 minutes): `bash benchmarks/gpu_run.sh CALL`.
+# Before the first call, here: `benchmarks/prepare_device.sh` (wheels the image lacks, a tokenizer, into .whl) and
+# `git rev-parse --short HEAD > .commit` (the device's copy has no history of its own); carry .whl and .commit.
+# The first call on a machine installs batchgen as a user would, offline (the carried wheels, then
+# `pip install --no-deps --no-build-isolation .`); later calls on the same warm machine reinstall only batchgen.
+# A machine held idle for 30 s goes back, and a cold one costs its start and the install again: have the next
+# call ready before this one returns. Single-GPU runs go two at a time, one per card, on nvidia-h200-x2.
+#
+#   tp-fp8      x2  70B shape, fp8 weights + fp8 KV, TP=2, 1000/1000 x 1,000 requests; all-reduce share  (~7 min)
+#   tp-bf16     x2  70B shape, bf16, TP=2, 1000/1000 x 300 requests, then HF device_map="auto" on 16      (~8 min)
+#   tp-check    x2  TP=2 vs TP=1 logits and greedy; 8B W1 data parallel (two engines) vs TP=2            (~6 min)
+#   fp8         x2  8B 1000/1000 fp8 weights with bf16 / fp8 KV (one card each), then fp8_gpu.py and the
+#                   decode-step kernel profile                                                           (~6 min)
+#   shapes      x2  8B fp8 + fp8 KV on TensorRT-LLM's shapes: 128/2048, 500/2000 x 1,000, 2048/2048 x 750,
+#                   2048/128 x 3,000 (its count)                                                          (~9 min)
+#   moe         x2  Qwen3-30B-A3B (card 0) and Mixtral-8x7B (card 1), batchgen alone: W1 x 1,000, 1000/1000
+#                   x 1,000 (Mixtral x 500); then the fused MoE kernel and logits                        (~9 min)
+#   moe-hf      x2  HF transformers static generate on the MoE shapes' first prompts (W1: 16, 1000/1000: 8)
+#   engine      x1  8B W1 / W3 and Qwen3-0.6B W2 with HF peers, structured output, scoring, families       (~9 min)
+#
+# Every part has its own time limit (`timeout -s INT`: a run cut short still prints its progress lines); each
+# part's output goes to $OUT/NAME.txt, the part list with exit codes and seconds to $OUT/parts.txt, and the
+# figures' JSON lines are printed at the end.
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out/gpu}
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
-# batchgen installed as a user installs it, offline: the carried wheels, then the project itself (the image has
-# setuptools, torch, triton, transformers). PIP_BREAK_SYSTEM_PACKAGES: the image's python may be Debian's.
-export PIP_BREAK_SYSTEM_PACKAGES=1
-python3 -m pip install -q --no-index --no-deps .whl/*.whl && python3 -m pip install -q --no-deps --no-build-isolation . \
-  || exit 1
+# NVLink multicast stays off in every process (it can take the host's GPUs out of service)
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false PIP_BREAK_SYSTEM_PACKAGES=1 OMP_NUM_THREADS=4
+[ -f .commit ] && export BATCHGEN_COMMIT=$(cat .commit)
+
+if python3 -c "import pydantic, accelerate, transformers, sys; from packaging.version import Version as V
+sys.exit(V(transformers.__version__) < V('5.18'))" 2>/dev/null
+then python3 -m pip install -q --no-deps --no-build-isolation . >"$OUT/pip.txt" 2>&1 || exit 1
+else python3 -m pip install -q --no-index --no-deps .whl/*.whl >"$OUT/pip.txt" 2>&1 &&
+     python3 -m pip install -q --no-deps --no-build-isolation . >>"$OUT/pip.txt" 2>&1 || exit 1
+fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
 
-bench() { timeout "$1" batchgen bench "${@:2}" 2>>"$OUT/stderr.log" | tee -a "$OUT/gpu.jsonl"; }
+part() {   # part NAME SECONDS command...: one run with its own limit
+  local name=$1 limit=$2 start=$SECONDS
+  shift 2
+  timeout -k 10 -s INT "$limit" "$@" >"$OUT/$name.txt" 2>&1
+  echo "$name rc=$? $((SECONDS - start))s" >>"$OUT/parts.txt"
+}
+on_gpu() { (export CUDA_VISIBLE_DEVICES=$1; "${@:2}"); }   # on_gpu 1 part ...: the part sees one card
+BENCH_8B=(batchgen bench --model benchmarks/configs/llama-3.1-8b --load-format dummy)
+MOE=(python3 benchmarks/moe_gpu.py)
 
-timeout "${T_KERNELS:-150}" python3 benchmarks/kernels_gpu.py 2>>"$OUT/stderr.log" | tee "$OUT/kernels.txt" | tail -n 40
-timeout "${T_CHECK:-90}" python3 benchmarks/gpu_correctness.py 2>>"$OUT/stderr.log" | tee -a "$OUT/gpu.jsonl"
-bench "${T_W1:-240}" --model benchmarks/configs/llama-3.1-8b --load-format dummy --name W1 --num-requests 1000 \
-  --input-len 512 --output-len 256 --max-model-len 1024 --hf-static-batch 64 --hf-continuous --hf-sample 64
-bench "${T_W3:-90}" --model benchmarks/configs/llama-3.1-8b --load-format dummy --name W3 --num-requests 1000 \
-  --prefix-len 1024 --input-len 256 --output-len 128 --max-model-len 1536 --hf-static-batch 64 --hf-continuous --hf-sample 64
-bench "${T_W2:-300}" --model benchmarks/configs/qwen3-0.6b --load-format dummy --name W2 --num-requests 256 \
-  --input-len 100 --input-len-max 1024 --output-len 100 --output-len-max 1024 --max-model-len 2048 \
-  --hf-static-batch 64 --hf-continuous --hf-sample 64
-# structured output on the W1 shape: 6-field schema, then the same job unconstrained with each output forced to
-# its constrained length (tokenizer borrowed)
-bench "${T_JSON:-120}" --model benchmarks/configs/llama-3.1-8b --load-format dummy --name W1-json \
-  --num-requests 1000 --input-len 512 --output-len 128 --max-model-len 1024 --tokenizer .whl/tokenizer \
-  --schema benchmarks/schemas/six_fields.json
-# fp8 (issue 11): kernel checks, fp8-vs-bf16 logits, GEMM timings; then TensorRT-LLM's 1000/1000 shape in fp8
-timeout "${T_FP8:-240}" python3 benchmarks/fp8_gpu.py 2>>"$OUT/stderr.log" | tee -a "$OUT/gpu.jsonl"
-bench "${T_FP8_W:-300}" --model benchmarks/configs/llama-3.1-8b --load-format dummy --quantization fp8 \
-  --name fp8-1000-1000 --num-requests 1000 --input-len 1000 --output-len 1000 --max-model-len 2048
-# mixture-of-experts (issue 12): fused MoE kernel checks and timings (bf16 and fp8 experts), bf16 logits vs HF bf16
-# and fp32 on Qwen3-30B-A3B layers; then the W1 shape on the full Qwen3-30B-A3B and Mixtral-8x7B shapes (dummy
-# weights), HF static generate first on a sample of the same prompts, freed before the engine starts
-moe() { timeout "$1" python3 benchmarks/moe_gpu.py "${@:2}" 2>>"$OUT/stderr.log" | tee -a "$OUT/gpu.jsonl"; }
-moe "${T_MOE:-120}" --mode kernels
-moe "${T_MOE_LOGITS:-120}" --mode logits
-moe "${T_MOE_W1:-300}" --mode throughput --model qwen3-30b-a3b --workload W1
-moe "${T_MIXTRAL_W1:-300}" --mode throughput --model mixtral-8x7b --workload W1
-# scoring: W1's prompts (512 tokens), every prompt token's logprob, nothing generated; HF's forward pass (logits,
-# fp32 log-softmax, gather) on the first 256 of the same prompts
-bench "${T_SCORE:-150}" --model benchmarks/configs/llama-3.1-8b --load-format dummy --name W1-score \
-  --num-requests 1000 --input-len 512 --max-model-len 1024 --score --hf-static-batch 16 --hf-sample 256
-# Gemma 3 and Phi-4-mini (issue 12): bf16 logits vs HF, sliding-window kernels vs reference and against global
-timeout "${T_FAMILIES:-150}" python3 benchmarks/families_gpu.py 2>>"$OUT/stderr.log" | tee -a "$OUT/gpu.jsonl"
-tail -n 30 "$OUT/stderr.log"
+call_tp-fp8() {
+  part tp_fp8 540 python3 benchmarks/tp_gpu.py throughput --workload 1000-1000 --quantization fp8 \
+    --kv-cache-dtype fp8 --num-requests 1000 --hf-sample 0
+}
+call_tp-bf16() {
+  part tp_bf16 560 python3 benchmarks/tp_gpu.py throughput --workload 1000-1000 --num-requests 300 \
+    --hf-sample 16 --hf-batch 16
+}
+call_tp-check() {
+  part tp_correctness 200 python3 benchmarks/tp_gpu.py correctness
+  part tp_data_parallel 300 python3 benchmarks/tp_gpu.py data-parallel --workload W1
+}
+call_fp8() {
+  on_gpu 0 part fp8_1000_bf16kv 200 python3 benchmarks/engine_gpu.py --shape 1000/1000 --quantization fp8 \
+    --kv-cache-dtype auto --num-requests 1000 --hf-sample 0 &
+  on_gpu 1 part fp8_1000_fp8kv 200 python3 benchmarks/engine_gpu.py --shape 1000/1000 --quantization fp8 \
+    --kv-cache-dtype fp8 --num-requests 1000 --hf-sample 0 &
+  wait
+  on_gpu 0 part fp8_kernels 300 python3 benchmarks/fp8_gpu.py &
+  on_gpu 1 part decode_profile 150 python3 benchmarks/engine_gpu.py --profile-decode 856 1500 --quantization fp8 \
+    --kv-cache-dtype fp8 &
+  wait
+}
+call_shapes() {
+  on_gpu 0 part shape_128_2048 270 python3 benchmarks/engine_gpu.py --shape 128/2048 --quantization fp8 \
+    --kv-cache-dtype fp8 --num-requests 1000 --hf-sample 8 &
+  on_gpu 1 part shape_500_2000 270 python3 benchmarks/engine_gpu.py --shape 500/2000 --quantization fp8 \
+    --kv-cache-dtype fp8 --num-requests 1000 --hf-sample 0 &
+  wait
+  on_gpu 0 part shape_2048_2048 270 python3 benchmarks/engine_gpu.py --shape 2048/2048 --quantization fp8 \
+    --kv-cache-dtype fp8 --num-requests 750 --hf-sample 0 &
+  on_gpu 1 part shape_2048_128 200 python3 benchmarks/engine_gpu.py --shape 2048/128 --quantization fp8 \
+    --kv-cache-dtype fp8 --num-requests 3000 --hf-sample 8 &
+  wait
+}
+call_moe() {
+  ( on_gpu 0 part qwen3_w1 150 "${MOE[@]}" --mode throughput --model qwen3-30b-a3b --workload W1 --hf-sample 0
+    on_gpu 0 part qwen3_1000 260 "${MOE[@]}" --mode throughput --model qwen3-30b-a3b --workload 1000-1000 --hf-sample 0
+    on_gpu 0 part moe_kernels 90 "${MOE[@]}" --mode kernels ) &
+  ( on_gpu 1 part mixtral_w1 150 "${MOE[@]}" --mode throughput --model mixtral-8x7b --workload W1 --hf-sample 0
+    on_gpu 1 part mixtral_1000 300 "${MOE[@]}" --mode throughput --model mixtral-8x7b --workload 1000-1000 \
+      --num-requests 500 --hf-sample 0
+    on_gpu 1 part moe_logits 90 "${MOE[@]}" --mode logits ) &
+  wait
+}
+call_moe-hf() {   # HF alone (its MoE generate runs at 40-300 tok/s here), on the first prompts of the same workloads
+  ( on_gpu 0 part qwen3_w1_hf 200 "${MOE[@]}" --mode throughput --model qwen3-30b-a3b --workload W1 --hf-only \
+      --hf-sample 16 --hf-batch 16
+    on_gpu 0 part qwen3_1000_hf 300 "${MOE[@]}" --mode throughput --model qwen3-30b-a3b --workload 1000-1000 \
+      --hf-only --hf-sample 8 --hf-batch 8 ) &
+  ( on_gpu 1 part mixtral_w1_hf 200 "${MOE[@]}" --mode throughput --model mixtral-8x7b --workload W1 --hf-only \
+      --hf-sample 16 --hf-batch 16
+    on_gpu 1 part mixtral_1000_hf 300 "${MOE[@]}" --mode throughput --model mixtral-8x7b --workload 1000-1000 \
+      --hf-only --hf-sample 8 --hf-batch 8 ) &
+  wait
+}
+call_engine() {
+  part w1 150 "${BENCH_8B[@]}" --name W1 --num-requests 1000 --input-len 512 --output-len 256 --max-model-len 1024 \
+    --hf-static-batch 64 --hf-continuous --hf-sample 64
+  part w3 80 "${BENCH_8B[@]}" --name W3 --num-requests 1000 --prefix-len 1024 --input-len 256 --output-len 128 \
+    --max-model-len 1536 --hf-static-batch 64 --hf-continuous --hf-sample 64
+  part w2 120 batchgen bench --model benchmarks/configs/qwen3-0.6b --load-format dummy --name W2 --num-requests 256 \
+    --input-len 100 --input-len-max 1024 --output-len 100 --output-len-max 1024 --max-model-len 2048 \
+    --hf-static-batch 64 --hf-continuous --hf-sample 64
+  # structured output on the W1 shape: a 6-field schema (tokenizer borrowed from the default model)
+  part w1_json 80 "${BENCH_8B[@]}" --name W1-json --num-requests 1000 --input-len 512 --output-len 128 \
+    --max-model-len 1024 --tokenizer .whl/tokenizer --schema benchmarks/schemas/six_fields.json
+  part w1_score 60 "${BENCH_8B[@]}" --name W1-score --num-requests 1000 --input-len 512 --max-model-len 1024 --score \
+    --hf-static-batch 16 --hf-sample 256
+  part families 100 python3 benchmarks/families_gpu.py
+}
+
+for call in "$@"; do
+  declare -F "call_$call" >/dev/null || { echo "gpu_run.sh: no call named $call" >&2; exit 2; }
+  "call_$call"
+done
+cat "$OUT/parts.txt"
+cat "$OUT"/*.txt | grep -h '^{' | grep -v '"type": "check"' | cut -c1-600 | tail -n 60

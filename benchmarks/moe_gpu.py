@@ -44,6 +44,7 @@ ARGS.add_argument("--workload", choices=list(WORKLOADS), default="W1")
 ARGS.add_argument("--num-requests", type=int, default=1000)
 ARGS.add_argument("--hf-sample", type=int, default=64, help="HF runs the first N of the same prompts (0: no HF run)")
 ARGS.add_argument("--hf-batch", type=int, default=64, help="HF static batch size")
+ARGS.add_argument("--hf-only", action="store_true", help="throughput mode: HF alone (its generate is slow here)")
 ARGS.add_argument("--quantization", choices=["fp8"], help="throughput mode: batchgen with online fp8 weights "
                   "(the experts' too; HF stays bf16)")
 ARGS.add_argument("--layers", type=int, default=4, help="logits mode: decoder layers of the Qwen3-30B-A3B shape")
@@ -323,6 +324,8 @@ def run_throughput() -> None:
         del hf
         release_memory()
         emit({"type": "throughput", "model": OPTS.model, **hf_figures})
+    if OPTS.hf_only:
+        return
     llm = LLM(str(config_dir), load_format="dummy", dtype="bfloat16", device=str(DEVICE), seed=0,
               quantization=OPTS.quantization, generation_config="none", **engine_args)
     figures, _ = run_batchgen(llm, workload)

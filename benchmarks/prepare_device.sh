@@ -8,7 +8,7 @@
 # Its transformers (5.17) is older than batchgen needs (>= 5.18: 5.17 converts the default model's tokenizer
 # wrongly), so this one's comes too, with the newest huggingface_hub 1.x (transformers >= 5.18 needs >= 1.31;
 # hub 2 would need packages the image lacks, 1.x needs those the image's own 1.x has).
-# Carry `.whl` with the device call; benchmarks/gpu_run.sh installs them, then batchgen itself:
+# Carry `.whl` with the device call; benchmarks/gpu_run.sh CALL installs them, then batchgen itself:
 #   python3 -m pip install -q --no-index --no-deps .whl/*.whl
 #   python3 -m pip install -q --no-deps --no-build-isolation .
 set -euo pipefail
