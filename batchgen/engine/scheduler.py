@@ -8,7 +8,8 @@ its output doesn't change). The scheduler speaks only in tokens per request; blo
 
 Admission ("reserve", the default) keeps preemption rare: a request is admitted only while the free blocks
 also cover the growth the running requests are expected to need, each the share of its remaining max_tokens
-that finished requests have used (all of it until one finishes, as when outputs run to full length). A
+that recently finished requests have used (about the last max_num_seqs of them, so a worker's next job
+is not judged by its last one; all of it until one finishes, as when outputs run to full length). A
 preempted request's K/V is computed twice: admitting requests the cache cannot finish cost the 1000-in /
 1000-out runs up to 60% of their prompt tokens again (docs/benchmarks.md). Except for a small tail: when
 everything still waiting would fit in TAIL_SHARE of the cache, it is admitted while its prompts fit, since a
@@ -55,8 +56,10 @@ class Scheduler:
         # the rotary-table offset a sequence of a given length uses (LongRoPE: long factors past a length)
         self.rope_position_offset = rope_position_offset
         self.admission = admission   # "reserve" or "greedy": see the module docstring
-        self.finished_output_tokens = 0    # over requests that finished generating (not aborted or failed)
-        self.finished_max_tokens = 0
+        # over requests that finished generating (not aborted or failed), each earlier one weighing
+        # 1 - 1 / max_num_seqs less than the next
+        self.finished_output_tokens = 0.0
+        self.finished_max_tokens = 0.0
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
 
@@ -73,7 +76,7 @@ class Scheduler:
 
     @property
     def output_share(self) -> float:
-        """The share of their max_tokens that finished requests generated; 1 until one has finished."""
+        """The share of their max_tokens that recently finished requests generated; 1 until one has finished."""
         return self.finished_output_tokens / self.finished_max_tokens if self.finished_max_tokens else 1.0
 
     def _expected_blocks(self, request: Request) -> int:
@@ -199,8 +202,10 @@ class Scheduler:
     def finish(self, request: Request) -> None:
         """Drop a finished (or aborted) request and release its blocks."""
         if request.finish_reason in ("stop", "length") and request.params.max_tokens:
-            self.finished_output_tokens += len(request.output_token_ids)
-            self.finished_max_tokens += min(request.params.max_tokens, self.max_model_len - request.num_prompt_tokens)
+            keep = 1 - 1 / self.max_num_seqs
+            limit = min(request.params.max_tokens, self.max_model_len - request.num_prompt_tokens)
+            self.finished_output_tokens = self.finished_output_tokens * keep + len(request.output_token_ids)
+            self.finished_max_tokens = self.finished_max_tokens * keep + limit
         if request in self.running:
             self.running.remove(request)
         elif request in self.waiting:

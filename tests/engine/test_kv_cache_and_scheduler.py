@@ -2,6 +2,7 @@
 up, since only token counts and block ownership are under test here."""
 import random
 
+import pytest
 from hypothesis import given, settings, strategies as st
 
 from batchgen.engine.kv_cache import KVCacheManager
@@ -160,9 +161,14 @@ def test_reserve_admission_learns_how_much_of_max_tokens_requests_use():
     requests = full_length_workload(48)
     running_at_once = []
     simulate(scheduler, requests, stops_at={r.request_id: 3 for r in requests}, running_counts=running_at_once)
-    assert scheduler.output_share == 3 / 12
+    assert scheduler.output_share == pytest.approx(3 / 12)
     assert all(r.finish_reason == "stop" and len(r.output_token_ids) == 3 for r in requests)
     assert max(running_at_once[:2]) <= 6 < max(running_at_once)   # full length assumed until one finishes
+
+    # the next job's outputs run to full length: the share follows the recent requests (about the last
+    # max_num_seqs), not the whole history
+    simulate(scheduler, full_length_workload(48))
+    assert scheduler.output_share > 0.9
 
 
 @settings(max_examples=60, deadline=None)
