@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 import click
 import torch
 
-from batchgen.cli import tensor_parallel_option
+from batchgen.cli import engine_options, engine_settings
 from batchgen.engine.scheduler import ScheduledBatch
 from batchgen.sampling_params import SamplingParams, StructuredOutput
 
@@ -287,12 +287,7 @@ def _release_memory() -> None:
                    "complete; output tok/s counts what was generated).")
 @click.option("--tokenizer", help="Tokenizer directory, for a model directory without one (dummy weights); "
               "needed by --schema and --dataset.")
-@click.option("--dtype", default="auto", show_default=True)
-@click.option("--device", default="auto", show_default=True)
-@click.option("--quantization", type=click.Choice(["fp8"]), help="fp8 weights, quantized while they load.")
-@tensor_parallel_option
-@click.option("--kv-cache-dtype", type=click.Choice(["auto", "fp8"]), default="auto", show_default=True,
-              help="fp8: a float8_e4m3fn KV cache.")
+@engine_options
 @click.option("--max-num-seqs", type=int, default=None)
 @click.option("--max-num-batched-tokens", type=int, default=None)
 @click.option("--max-model-len", type=int, default=None)
@@ -307,20 +302,19 @@ def _release_memory() -> None:
 @click.option("--seed", type=int, default=0, show_default=True)
 def bench_command(model, load_format, name, num_requests, input_len, input_len_max, output_len, output_len_max,
                   prefix_len, dataset, schema_file, tokenizer, dtype, device, quantization, tensor_parallel_size,
-                  kv_cache_dtype,
+                  kv_cache_dtype, engine_args, allow_pickle_weights,
                   max_num_seqs, max_num_batched_tokens, max_model_len, enforce_eager, score, hf_static_batch,
                   hf_continuous, hf_sample, temperature, top_p, seed):
     """Throughput benchmark; prints one JSON line per system (batchgen, then the HF peers)."""
     from batchgen.llm import LLM
 
-    engine_args = {k: v for k, v in dict(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-                                         max_model_len=max_model_len).items() if v is not None}
-    if tokenizer:
-        engine_args["tokenizer"] = tokenizer
+    settings = engine_settings(dtype, device, quantization, kv_cache_dtype, tensor_parallel_size, engine_args,
+                               allow_pickle_weights)
+    settings.update({k: v for k, v in dict(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+                                           max_model_len=max_model_len, tokenizer=tokenizer).items() if v})
     # the sampling timed is the flags' own, not the model's defaults
-    llm = LLM(model, load_format=load_format, dtype=dtype, device=device, quantization=quantization,
-              tensor_parallel_size=tensor_parallel_size, kv_cache_dtype=kv_cache_dtype,
-              enforce_eager=enforce_eager, seed=seed, generation_config="none", **engine_args)
+    llm = LLM(model, load_format=load_format, enforce_eager=enforce_eager, seed=seed, generation_config="none",
+              **settings)
     if dataset:
         workload = dataset_workload(name, dataset, llm.tokenizer, num_requests, output_len)
     else:

@@ -139,7 +139,7 @@ tensor_parallel_option = click.option(
          "one GPU.")
 
 
-def _engine_options(command):
+def engine_options(command):
     command = tensor_parallel_option(command)
     command = click.option("--engine-arg", "engine_args", multiple=True, callback=_parse_engine_args,
                            metavar="NAME=VALUE",
@@ -162,7 +162,7 @@ def _engine_options(command):
                         help="Weights and activations; auto: fp32 on CPU, bf16/fp16 on GPU.")(command)
 
 
-def _engine_settings(dtype: str, device: str, quantization: str | None, kv_cache_dtype: str,
+def engine_settings(dtype: str, device: str, quantization: str | None, kv_cache_dtype: str,
                      tensor_parallel_size: int, engine_args: dict, allow_pickle_weights: bool) -> dict:
     """EngineConfig fields from the engine options."""
     return {"dtype": dtype, "device": device, **({"quantization": quantization} if quantization else {}),
@@ -240,7 +240,7 @@ def _report_input(spec: JobSpec) -> None:
 @click.argument("file")
 @click.option("-o", "--output", required=True, help="Output directory (replaced if it holds an earlier run).")
 @_job_options
-@_engine_options
+@engine_options
 def run(file: str, output: str, dtype: str, device: str, quantization: str | None, kv_cache_dtype: str,
         tensor_parallel_size: int, engine_args: dict, allow_pickle_weights: bool, **options) -> None:
     """Run a job in this process (no Redis, no workers).
@@ -256,7 +256,7 @@ def run(file: str, output: str, dtype: str, device: str, quantization: str | Non
     def load():
         from batchgen import LLM
         return LLM(spec.model, generation_config=spec.generation_config,
-                   **_engine_settings(dtype, device, quantization, kv_cache_dtype, tensor_parallel_size, engine_args,
+                   **engine_settings(dtype, device, quantization, kv_cache_dtype, tensor_parallel_size, engine_args,
                                       allow_pickle_weights))
 
     with _load_model(spec.model, load) as llm:   # closing stops a tensor-parallel engine's other ranks
@@ -293,7 +293,7 @@ def run(file: str, output: str, dtype: str, device: str, quantization: str | Non
               help="Also a prompt_logprobs column: each token's logprob and the top K alternatives.")
 @click.option("--submit", "on_queue", is_flag=True, help="Queue the job for the workers instead of running it here.")
 @click.option("--wait", "wait_for_it", is_flag=True, help="With --submit: follow the job until it ends.")
-@_engine_options
+@engine_options
 @click.pass_context
 def score(ctx: click.Context, on_queue: bool, wait_for_it: bool, dtype: str, device: str, quantization: str | None,
           kv_cache_dtype: str, tensor_parallel_size: int, engine_args: dict, allow_pickle_weights: bool,
@@ -485,7 +485,7 @@ def results(job: str, show: int, shards: bool) -> None:
                             "--tensor-parallel-size GPUs.")
 @click.option("--concurrency", type=click.IntRange(1), default=2, show_default=True,
               help="Shard tasks in flight per process (they share one engine).")
-@_engine_options
+@engine_options
 @click.option("--loglevel", default="INFO", show_default=True)
 def worker(model: str, gpu: str | None, concurrency: int, dtype: str, device: str, quantization: str | None,
            kv_cache_dtype: str, tensor_parallel_size: int, engine_args: dict, allow_pickle_weights: bool,
@@ -507,7 +507,7 @@ def worker(model: str, gpu: str | None, concurrency: int, dtype: str, device: st
     if groups:
         os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(groups[0])
     os.environ.update(BATCHGEN_MODEL=model, BATCHGEN_ENGINE_ARGS=json.dumps(
-        _engine_settings(dtype, device, quantization, kv_cache_dtype, tensor_parallel_size, engine_args,
+        engine_settings(dtype, device, quantization, kv_cache_dtype, tensor_parallel_size, engine_args,
                          allow_pickle_weights)))
     from batchgen.workers import tasks
     from batchgen.workers.app import app, queue_name
