@@ -13,9 +13,9 @@ what the log says. One JSON line per figure; exit 1 if a check fails.
     python benchmarks/engine_gpu.py --smoke              # tiny model on CPU: the script's path only
 
 Throughput (`--shape`): Llama-3.1-8B shape, dummy weights, random prompts, outputs forced to full length,
-temperature 1; one JSON line per batchgen run (one per `--kv-cache-dtype` given) with its figures, the cost
-model's prediction (benchmarks/cost_model.py) and predicted / measured, then HF transformers' static
-`generate` (bf16) on the first `--hf-sample` prompts. Request counts default to the issue's (TensorRT-LLM's:
+temperature 1; one JSON line per batchgen run (one per `--kv-cache-dtype` and `--kv-admission` given) with its
+figures, the cost model's prediction (benchmarks/cost_model.py) and predicted / measured, then HF transformers'
+static `generate` (bf16) on the first `--hf-sample` prompts. Request counts default to the issue's (TensorRT-LLM's:
 3,000, 1,500 for 2048/2048; W1: 1,000).
 
     python benchmarks/engine_gpu.py --shape 1000/1000 --quantization fp8 --kv-cache-dtype auto fp8
@@ -29,6 +29,7 @@ ROWS 856 / CONTEXT 1500 is the 1000/1000 fp8 + fp8 KV run's mean decode step:
     python benchmarks/engine_gpu.py --profile-decode 856 1500 --quantization fp8 --kv-cache-dtype fp8
 """
 import argparse
+import itertools
 import json
 import sys
 import tempfile
@@ -62,6 +63,8 @@ def main() -> int:
     parser.add_argument("--kv-cache-dtype", nargs="+", choices=["auto", "fp8"], default=["auto"],
                         help="one run per value (throughput); the sizing check takes the first")
     parser.add_argument("--quantization", choices=["fp8"], help="fp8 weights, quantized while they load")
+    parser.add_argument("--kv-admission", nargs="+", choices=["reserve", "greedy"], default=["reserve"],
+                        help="throughput: one run per value and KV dtype (the scheduler's admission policy)")
     parser.add_argument("--shape", choices=SHAPES, help="throughput on this shape instead of the sizing check")
     parser.add_argument("--num-requests", type=int, help="default: the shape's (the issue's request counts)")
     parser.add_argument("--profile-decode", nargs=2, type=int, metavar=("ROWS", "CONTEXT"),
@@ -153,13 +156,14 @@ def throughput(args, model_dir: Path, engine_args: dict) -> int:
     engine_args = engine_args | dict(max_model_len=input_len + output_len, seed=0, generation_config="none")
     weights = "fp8" if args.quantization else "bf16"
     workload = None
-    for kv_cache_dtype in args.kv_cache_dtype:
-        llm = LLM(str(model_dir), load_format="dummy", kv_cache_dtype=kv_cache_dtype, **engine_args)
+    for kv_cache_dtype, kv_admission in itertools.product(args.kv_cache_dtype, args.kv_admission):
+        llm = LLM(str(model_dir), load_format="dummy", kv_cache_dtype=kv_cache_dtype, kv_admission=kv_admission,
+                  **engine_args)
         engine = llm.engine
         if workload is None:
             workload = make_workload(args.shape, num_requests, input_len, output_len, engine.model_config.vocab_size)
         figures, _ = run_batchgen(llm, workload)
-        emit("throughput", model=model_dir.name, weights=weights, **figures,
+        emit("throughput", model=model_dir.name, weights=weights, kv_admission=kv_admission, **figures,
              **against_cost_model(figures, engine.model_config, weights, engine.runner.kv_cache_dtype.itemsize,
                                   input_len, output_len))
         model_path, model_config, dtype, device = engine.model_path, engine.model_config, engine.dtype, engine.device
