@@ -134,7 +134,8 @@ class Scheduler:
         # admitting new work while running requests were just preempted would only thrash
         if batch.num_preempted:
             return batch
-        reserve = self.admission == "reserve" and bool(self.waiting) and not self._waiting_is_a_small_tail()
+        can_admit = bool(self.waiting) and budget > 0 and len(self.running) < self.max_num_seqs
+        reserve = self.admission == "reserve" and can_admit and not self._waiting_is_a_small_tail()
         # free blocks the running requests are expected to take as they grow
         reserved = sum(max(0, self._expected_blocks(r) - len(r.block_ids)) for r in self.running) if reserve else 0
         skipped: list[Request] = []
@@ -151,13 +152,12 @@ class Scheduler:
                 if not self.enable_chunked_prefill:
                     break
                 num_new = budget
-            if reserve and self.running and \
-                    self._expected_blocks(request) - len(cached_prefix) > self.kv_cache.num_free_blocks - reserved:
+            expected = self._expected_blocks(request) if reserve else 0
+            if reserve and self.running and expected - len(cached_prefix) > self.kv_cache.num_free_blocks - reserved:
                 break
             if not self.kv_cache.allocate(request, num_new, cached_prefix):
                 break
-            if reserve:
-                reserved += max(0, self._expected_blocks(request) - len(request.block_ids))
+            reserved += max(0, expected - len(request.block_ids))
             self.waiting.popleft()
             request.status = RequestStatus.RUNNING
             request.num_computed_tokens = num_cached
