@@ -22,8 +22,9 @@ static `generate` (bf16) on the first `--hf-sample` prompts. Request counts defa
     python benchmarks/engine_gpu.py --smoke --shape w1 --kv-cache-dtype auto fp8 --hf-sample 4
 
 Where a decode step's time goes (`--profile-decode ROWS CONTEXT`): ROWS requests with CONTEXT-token prompts
-generate 32 tokens each; once every prompt has run, torch.profiler records the decode steps, and the GPU
-kernels' time per step is printed by kernel (one JSON line, top kernels first) beside the step's wall time.
+generate long enough that all of them are still running once the last prompt has run; torch.profiler then
+records the decode steps of all ROWS sequences together (until the first one ends), and the GPU kernels' time
+per step is printed by kernel (one JSON line, top kernels first) beside the step's wall time.
 ROWS 856 / CONTEXT 1500 is the 1000/1000 fp8 + fp8 KV run's mean decode step:
 
     python benchmarks/engine_gpu.py --profile-decode 856 1500 --quantization fp8 --kv-cache-dtype fp8
@@ -39,6 +40,7 @@ from pathlib import Path
 import torch
 
 from batchgen import LLM, SamplingParams
+from batchgen.config import EngineConfig
 from batchgen.bench import _release_memory, load_hf_model, make_workload, run_batchgen, run_hf_static
 from cost_model import predict
 
@@ -185,7 +187,10 @@ def profile_decode(args, model_dir: Path, engine_args: dict) -> int:
     from torch.profiler import DeviceType, ProfilerActivity, profile
 
     rows, context = args.profile_decode
-    output_len = 8 if args.smoke else 32
+    window = 8 if args.smoke else 48   # decode steps profiled with every row running
+    budget = EngineConfig(model=str(model_dir), **engine_args).resolved_max_num_batched_tokens(torch.device(engine_args["device"]))
+    # each prompt's first token comes with its last prefill chunk: the first rows generate while later ones fill
+    output_len = -(-rows * context // budget) + window + 2
     engine_args = engine_args | dict(max_model_len=context + output_len, max_num_seqs=max(rows, 8))
     llm = LLM(str(model_dir), load_format="dummy", seed=0, generation_config="none", **engine_args)
     engine = llm.engine
@@ -195,21 +200,29 @@ def profile_decode(args, model_dir: Path, engine_args: dict) -> int:
     cuda = engine.device.type == "cuda"
     profiler = profile(activities=[ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU])
     decode_steps = []
+    end = None
 
     def on_step(launched, taken) -> None:
-        # profile from the first step that launches decodes only, until the run ends
-        if launched and launched.num_tokens == len(launched):
-            if not decode_steps:
-                profiler.start()
+        # from the first decode step with every row, up to and including the first step after it that has fewer
+        nonlocal end
+        if end is not None or not launched or launched.num_tokens != len(launched):
+            return
+        if len(launched) == rows and not decode_steps:
+            profiler.start()
+        if decode_steps or len(launched) == rows:
             decode_steps.append((time.perf_counter(), len(launched)))
+        if decode_steps and (len(launched) < rows or len(decode_steps) == window):
+            if cuda:
+                torch.cuda.synchronize(engine.device)
+            end = time.perf_counter()
+            profiler.stop()
 
     engine.on_step = on_step
     llm.generate(workload.prompts, params)
-    if cuda:
-        torch.cuda.synchronize(engine.device)
-    end = time.perf_counter()
-    profiler.stop()
     llm.close()
+    if end is None:
+        print(f"profile: no decode step ran all {rows} rows together (KV cache too small?)", file=sys.stderr)
+        return 1
     steps = len(decode_steps)
     kind = DeviceType.CUDA if cuda else DeviceType.CPU
     by_kernel: dict[str, float] = {}
