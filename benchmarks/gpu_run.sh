@@ -10,8 +10,9 @@
 #   tp-fp8      x2  70B shape, fp8 weights + fp8 KV, TP=2, 1000/1000 x 1,000 requests; all-reduce share  (~7 min)
 #   tp-bf16     x2  70B shape, bf16, TP=2, 1000/1000 x 300 requests, then HF device_map="auto" on 16      (~8 min)
 #   tp-check    x2  TP=2 vs TP=1 logits and greedy; 8B W1 data parallel (two engines) vs TP=2            (~6 min)
-#   fp8         x2  8B 1000/1000 fp8 weights: bf16 KV under both admissions, fp8 KV; then fp8_gpu.py and the
-#                   decode-step kernel profile                                                           (~8 min)
+#   fp8         x2  kernels_gpu.py --sweep (every kernel checked and timed, fp8-KV decode included) beside the 8B
+#                   1000/1000 fp8-weight runs with fp8 and bf16 KV and the fp8-KV decode-step profile      (~8 min)
+#   fp8-gemm    x1  fp8_gpu.py: fp8 GEMMs (Triton, _scaled_mm, cuBLASLt block-scaled) and fp8 logits      (~1 min)
 #   shapes      x2  8B fp8 + fp8 KV on TensorRT-LLM's shapes: 128/2048, 500/2000 x 1,000, 2048/2048 x 750,
 #                   2048/128 x 3,000 (its count)                                                          (~9 min)
 #   moe         x2  Qwen3-30B-A3B (card 0) and Mixtral-8x7B (card 1), batchgen alone: W1 x 1,000, 1000/1000
@@ -61,15 +62,19 @@ call_tp-check() {
   part tp_correctness 200 python3 benchmarks/tp_gpu.py correctness
   part tp_data_parallel 300 python3 benchmarks/tp_gpu.py data-parallel --workload W1
 }
-call_fp8() {   # card 0: bf16 KV, the default admission and greedy (the old one) on the same requests
-  ( on_gpu 0 part fp8_1000_bf16kv 280 python3 benchmarks/engine_gpu.py --shape 1000/1000 --quantization fp8 \
-      --kv-cache-dtype auto --kv-admission reserve greedy --num-requests 1000 --hf-sample 0
-    on_gpu 0 part decode_profile 150 python3 benchmarks/engine_gpu.py --profile-decode 856 1500 --quantization fp8 \
-      --kv-cache-dtype fp8 ) &
+call_fp8() {   # card 0: the kernels checked and timed, attention launch configs swept (fp8 KV included);
+  # card 1: 8B 1000/1000 with fp8 and bf16 KV, then where an fp8-KV decode step's time goes
+  on_gpu 0 part kernels 420 python3 benchmarks/kernels_gpu.py --sweep &
   ( on_gpu 1 part fp8_1000_fp8kv 160 python3 benchmarks/engine_gpu.py --shape 1000/1000 --quantization fp8 \
       --kv-cache-dtype fp8 --num-requests 1000 --hf-sample 0
-    on_gpu 1 part fp8_kernels 300 python3 benchmarks/fp8_gpu.py ) &
+    on_gpu 1 part decode_profile 150 python3 benchmarks/engine_gpu.py --profile-decode 856 1500 --quantization fp8 \
+      --kv-cache-dtype fp8
+    on_gpu 1 part fp8_1000_bf16kv 150 python3 benchmarks/engine_gpu.py --shape 1000/1000 --quantization fp8 \
+      --kv-cache-dtype auto --num-requests 1000 --hf-sample 0 ) &
   wait
+}
+call_fp8-gemm() {   # the fp8 GEMMs (per-channel, block-scaled: Triton and cuBLASLt) and the fp8 engine's logits
+  part fp8_kernels 300 python3 benchmarks/fp8_gpu.py
 }
 call_shapes() {
   on_gpu 0 part shape_128_2048 270 python3 benchmarks/engine_gpu.py --shape 128/2048 --quantization fp8 \

@@ -187,37 +187,50 @@ def decode_cases():
     if DRY:
         return {"6x20-60": [int(n) for n in torch.randint(20, 60, (6,), generator=g)], "2x300": [300, 287]}
     return {"256x512-2048": [int(n) for n in torch.randint(512, 2049, (256,), generator=g)],
-            "64x4096": [4096] * 64, "8x8192": [8192] * 8, "1x32768": [32768]}
+            "64x4096": [4096] * 64, "8x8192": [8192] * 8, "1x32768": [32768],
+            # the 8B 1000/1000 run's mean decode step (docs/benchmarks.md: fp8 KV, 856 rows)
+            "856x1500-1700": [int(n) for n in torch.randint(1500, 1701, (856,), generator=g)]}
 
 
 DECODE_SWEEP = [(64, 4, 3), (128, 4, 2), (128, 4, 3), (128, 8, 3), (256, 4, 3)]  # BLOCK_N, num_warps, num_stages
+FP8_KV_SCALES = (0.05, 0.02)   # away from 1, so a scale applied twice or never fails the check
 
 
-def bench_decode(dtype: torch.dtype, shape=LLAMA_8B, first_case_only: bool = False) -> None:
+def bench_decode(dtype: torch.dtype, shape=LLAMA_8B, first_case_only: bool = False, fp8_kv: bool = False) -> None:
+    """Decode attention over a cache of the model's dtype, or (fp8_kv) over an fp8 cache with K/V scales."""
     heads, kv_heads, head_dim, block = shape
-    suffix = "" if shape == LLAMA_8B else f"/d{head_dim}b{block}"
+    suffix = ("" if shape == LLAMA_8B else f"/d{head_dim}b{block}") + ("/fp8kv" if fp8_kv else "")
+    scales = FP8_KV_SCALES if fp8_kv else (1.0, 1.0)
+    cache_dtype = store_kv.KV_FP8 if fp8_kv else dtype
     for case, lengths in list(decode_cases().items())[:1 if first_case_only else None]:
         case += suffix
         batch = random_paged_batch([(n - 1, 1) for n in lengths], heads, kv_heads, head_dim, block, dtype, DEVICE,
                                    seed=len(lengths))
-        args = (batch.q, batch.k_cache, batch.v_cache, batch.seq_lens, batch.block_tables, batch.scale)
-        out = pa.paged_decode_attention(*args)
-        k_cache, v_cache = batch.clean_caches()
-        ref = pa.paged_decode_attention_ref(batch.q.float(), k_cache.float(), v_cache.float(), batch.seq_lens,
-                                            batch.block_tables, batch.scale)
+        k_cache, v_cache = batch.k_cache, batch.v_cache
+        clean_k, clean_v = batch.clean_caches()
+        if fp8_kv:   # the caches as an fp8 store holds them (batch's values x 1 / scale), poison kept
+            k_cache, v_cache, clean_k, clean_v = (store_kv.quantize_kv_ref(cache, scale, cache_dtype)
+                                                  for cache, scale in ((k_cache, scales[0]), (v_cache, scales[1]),
+                                                                       (clean_k, scales[0]), (clean_v, scales[1])))
+        args = (batch.q, k_cache, v_cache, batch.seq_lens, batch.block_tables, batch.scale)
+        out = pa.paged_decode_attention(*args, None, *scales)
+        ref = pa.paged_decode_attention_ref(batch.q.float(), clean_k, clean_v, batch.seq_lens, batch.block_tables,
+                                            batch.scale, None, *scales)
         check("decode", case, dtype, out, ref)
-        nbytes = 2.0 * sum(lengths) * kv_heads * head_dim * dtype.itemsize + 2 * batch.q.numel() * dtype.itemsize
+        nbytes = 2.0 * sum(lengths) * kv_heads * head_dim * cache_dtype.itemsize + 2 * batch.q.numel() * dtype.itemsize
         max_keys = batch.block_tables.shape[1] * block
         config = pa.decode_launch_config(len(lengths), kv_heads, head_dim, max_keys, DEVICE, dtype)
         if not DRY:  # the runner replays decode in CUDA graphs: capture must work (no host sync), replay be right
-            graph, graph_out = captured(lambda: pa.paged_decode_attention(*args))
+            graph, graph_out = captured(lambda: pa.paged_decode_attention(*args, None, *scales))
             graph_out.fill_(float("nan"))
             graph.replay()
             check("decode_cuda_graph", case, dtype, graph_out, ref)
-        time_triton("decode", case, dtype, lambda: pa.paged_decode_attention(*args), nbytes=nbytes, **config)
+        time_triton("decode", case, dtype, lambda: pa.paged_decode_attention(*args, None, *scales), nbytes=nbytes,
+                    **config)
         timing("decode", case, dtype, "torch_ref",
-               lambda: pa.paged_decode_attention_ref(batch.q, k_cache, v_cache, *args[3:]), nbytes=nbytes)
-        del k_cache, v_cache
+               lambda: pa.paged_decode_attention_ref(batch.q, clean_k, clean_v, *args[3:], None, *scales),
+               nbytes=nbytes)
+        del clean_k, clean_v
         if OPTS.sweep and shape == LLAMA_8B:
             out = torch.empty_like(batch.q)
             for splits in sorted({1, config["num_splits"] // 2, config["num_splits"], config["num_splits"] * 2} - {0}):
@@ -227,10 +240,10 @@ def bench_decode(dtype: torch.dtype, shape=LLAMA_8B, first_case_only: bool = Fal
                     sweep["keys_per_split"] = triton.cdiv(sweep["keys_per_split"], block_n) * block_n
                     sweep["num_splits"] = triton.cdiv(max_keys, sweep["keys_per_split"])
                     check("decode_sweep", f"{case}/s{sweep['num_splits']}n{block_n}w{warps}s{stages}", dtype,
-                          pa._paged_decode(*args, out.fill_(float("nan")), sweep), ref)
-                    time_triton("decode", case, dtype, lambda: pa._paged_decode(*args, out, sweep), "triton_sweep",
-                                nbytes=nbytes, **sweep)
-        del batch, args, out, ref
+                          pa._paged_decode(*args, out.fill_(float("nan")), sweep, None, *scales), ref)
+                    time_triton("decode", case, dtype, lambda: pa._paged_decode(*args, out, sweep, None, *scales),
+                                "triton_sweep", nbytes=nbytes, **sweep)
+        del batch, args, out, ref, k_cache, v_cache
 
 
 # --------------------------------------------------------------------------------------------- small ops
@@ -355,6 +368,7 @@ def main() -> int:
             bench(dtype)
             if not DRY:
                 torch.cuda.empty_cache()
+    bench_decode(dtypes[0], fp8_kv=True)   # over an fp8 cache (the fp8 KV runs), the model's first dtype
     bench_top_p()
     for shape in OTHER_ATTENTION_SHAPES:  # other head dims and block sizes: one case each, first dtype only
         bench_decode(dtypes[0], shape, first_case_only=True)

@@ -11,7 +11,8 @@ Hugging Face's sliding-window mask does for every family (`kv_idx > q_idx - slid
 key tiles wholly outside the window. None means global attention.
 
 An fp8 cache (see kernels/store_kv.py) is read as K * k_scale and V * v_scale: the kernels load fp8 tiles, widen
-them to the query's dtype, fold k_scale into the softmax scale and v_scale into the output's normalisation.
+them to the query's dtype (fp16 for a bf16 query: `_query_for_cache`), fold k_scale into the softmax scale and
+v_scale into the output's normalisation.
 """
 import functools
 
@@ -120,6 +121,19 @@ def _window(sliding_window: int | None) -> int:
 
 
 @triton.jit
+def _query_for_cache(q, qk_scale, k_cache_ptr):
+    """The query tile in the dtype the dots run in, and the scale still to apply to its scores. Over an fp8 cache a
+    bf16 query runs in fp16: Hopper widens fp8 to fp16 in one instruction per two values and to bf16 only through
+    fp16 (two more per value, the decode kernel's bottleneck). The query is scaled first, so its scores stay far
+    inside fp16's range; fp16 holds more mantissa than bf16, so nothing is lost."""
+    if k_cache_ptr.dtype.element_ty == tl.float8e4nv:
+        if q.dtype == tl.bfloat16:
+            q = (q.to(tl.float32) * qk_scale).to(tl.float16)
+            qk_scale = 1.0
+    return q, qk_scale
+
+
+@triton.jit
 def _attend_key_tile(acc, m_i, l_i, q, q_pos, key_start, block_table_row, k_cache_ptr, v_cache_ptr, kv_head,
                      seq_len, window, qk_scale, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
                      PAGE: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr,
@@ -141,7 +155,8 @@ def _attend_key_tile(acc, m_i, l_i, q, q_pos, key_start, block_table_row, k_cach
         k_t = tl.load(k_cache_ptr + k_rows[None, :] + dims[:, None], mask=in_context[None, :], other=0.0)
     else:
         k_t = tl.load(k_cache_ptr + k_rows[None, :] + dims[:, None])
-    # an fp8 cache's tile widened to the query's dtype (a no-op otherwise); k_scale is in qk_scale
+    # an fp8 cache's tile widened to the query's dtype (fp16 for a bf16 model, see _query_for_cache; a no-op
+    # otherwise); k_scale is in qk_scale
     qk = tl.dot(q, k_t.to(q.dtype), input_precision=DOT_PRECISION) * qk_scale
     if MASKED:
         visible = ((key_pos[None, :] <= q_pos[:, None]) & (key_pos[None, :] > q_pos[:, None] - window)
@@ -178,6 +193,7 @@ def _prefill_tile(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, block_table_row, q_s
     dims = tl.arange(0, HEAD_DIM)
     q_offsets = (q_start + row_token)[:, None] * stride_qt + row_head[:, None] * stride_qh + dims[None, :]
     q = tl.load(q_ptr + q_offsets, mask=row_valid[:, None], other=0.0)
+    q, qk_scale = _query_for_cache(q, qk_scale, k_cache_ptr)
 
     m_i = tl.full([ROWS], float("-inf"), tl.float32)
     l_i = tl.zeros([ROWS], tl.float32)
@@ -279,6 +295,7 @@ def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, partial_out_p
     dims = tl.arange(0, HEAD_DIM)
     q = tl.load(q_ptr + seq * stride_qb + head[:, None] * stride_qh + dims[None, :], mask=row_valid[:, None],
                 other=0.0)
+    q, qk_scale = _query_for_cache(q, qk_scale, k_cache_ptr)
     q_pos = tl.zeros([GROUP_ROWS], tl.int32) + seq_len - 1
 
     m_i = tl.full([GROUP_ROWS], float("-inf"), tl.float32)
