@@ -25,7 +25,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from batchgen import LLM  # noqa: E402
-from batchgen.kernels import fp8  # noqa: E402
+from batchgen.kernels import fp8, ops  # noqa: E402
 from batchgen.kernels.testing import relative_l2  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -52,16 +52,6 @@ def time_ms(fn, device: torch.device) -> float:
     for _ in range(3):
         fn()
     return (time.perf_counter() - start) / 3 * 1e3
-
-
-def cublas_block_gemm(x_q, x_scale, w_q, w_scale, dtype):
-    """The candidate beside the Triton block-scaled GEMM (issue 11: 0.4x of `_scaled_mm` at `6f10cc8`): torch's
-    `F.scaled_mm` with 1x128 activation and 128x128 weight scales (cuBLASLt, CUDA >= 12.9). cuBLAS takes the
-    activation scales outer-dim-major; it asks M and the K blocks to be multiples of 4, which the Llama-8B shapes
-    timed here are (a product path would pad them). Only measured: adopted per shape if it wins."""
-    assert x_q.shape[0] % 4 == 0 and w_scale.shape[1] % 4 == 0, "pad M and the K blocks to multiples of 4"
-    return F.scaled_mm(x_q, w_q.t(), x_scale.t().contiguous().t(), F.ScalingType.BlockWise1x128,
-                       w_scale.t(), F.ScalingType.BlockWise128x128, output_dtype=dtype)
 
 
 def check_kernels(device: torch.device, dtype: torch.dtype, rows: list[int], scale: int) -> None:
@@ -93,15 +83,16 @@ def check_kernels(device: torch.device, dtype: torch.dtype, rows: list[int], sca
                                 fp8.fp8_block_gemm_ref(xb_q, xb_scale, w_q, wb_scale, block, torch.float32))
             emit({"check": "fp8_block_gemm (Triton)", "gemm": name, "shape": [num_rows, num_cols, depth],
                   "block": list(block), "rel_l2": error, "passed": error < 1e-2})
-            if device.type == "cuda":   # a candidate: unsupported by this torch / cuBLAS is a finding, not a failure
-                try:
-                    error = relative_l2(cublas_block_gemm(xb_q, xb_scale, w_q, wb_scale, dtype),
-                                        fp8.fp8_block_gemm_ref(xb_q, xb_scale, w_q, wb_scale, block, torch.float32))
-                    emit({"check": "block GEMM candidate (F.scaled_mm, cuBLASLt)", "gemm": name,
-                          "shape": [num_rows, num_cols, depth], "rel_l2": error, "passed": error < 1e-2})
-                except (RuntimeError, AttributeError, AssertionError) as exc:
-                    emit({"check": "block GEMM candidate (F.scaled_mm, cuBLASLt)", "gemm": name,
-                          "unsupported": f"{type(exc).__name__}: {exc}"[:300]})
+            if device.type == "cuda":   # the GEMM the layers call: cuBLASLt where it takes the shape, else Triton
+                for rows_used in (num_rows, num_rows - 1):
+                    x_used, x_scale_used = xb_q[:rows_used], xb_scale[:rows_used]
+                    error = relative_l2(ops.fp8_block_gemm(x_used, x_scale_used, w_q, wb_scale, block, dtype),
+                                        fp8.fp8_block_gemm_ref(x_used, x_scale_used, w_q, wb_scale, block,
+                                                               torch.float32))
+                    emit({"check": "fp8_block_gemm (ops: the layers' call)", "gemm": name,
+                          "shape": [rows_used, num_cols, depth], "block": list(block),
+                          "cublas": fp8.cublas_takes_block_gemm(x_used, w_q, block), "rel_l2": error,
+                          "passed": error < 1e-2})
 
 
 def time_gemms(device: torch.device, dtype: torch.dtype, rows: list[int], scale: int) -> None:
@@ -122,20 +113,13 @@ def time_gemms(device: torch.device, dtype: torch.dtype, rows: list[int], scale:
                 "fp8 _scaled_mm": lambda: fp8.fp8_gemm(x_q, x_scale, w_q, w_scale, dtype),
                 "fp8 quantize + _scaled_mm": lambda: fp8.fp8_gemm(*fp8.quantize_fp8(x), w_q, w_scale, dtype),
                 "fp8 block (Triton)": lambda: fp8.fp8_block_gemm(xb_q, xb_scale, w_q, wb_scale, block, dtype),
-                "fp8 block (F.scaled_mm, cuBLASLt)": lambda: cublas_block_gemm(xb_q, xb_scale, w_q, wb_scale, dtype),
             }
-            if device.type != "cuda":
-                del runs["fp8 block (F.scaled_mm, cuBLASLt)"]
+            if fp8.cublas_takes_block_gemm(xb_q, w_q, block):
+                runs["fp8 block (F.scaled_mm, cuBLASLt)"] = lambda: fp8.fp8_block_gemm_cublas(xb_q, xb_scale, w_q,
+                                                                                             wb_scale, dtype)
             flops = 2 * num_rows * num_cols * depth
             for impl, fn in runs.items():
-                try:
-                    ms = time_ms(fn, device)
-                except (RuntimeError, AttributeError, AssertionError) as exc:
-                    if "cuBLASLt" not in impl:   # only the candidate may be unsupported here
-                        raise
-                    emit({"timing": "gemm", "gemm": name, "M": num_rows, "impl": impl,
-                          "unsupported": f"{type(exc).__name__}: {exc}"[:300]})
-                    continue
+                ms = time_ms(fn, device)
                 emit({"timing": "gemm", "gemm": name, "M": num_rows, "N": num_cols, "K": depth, "impl": impl,
                       "ms": round(ms, 4), "tflops": round(flops / ms / 1e9, 1)})
 

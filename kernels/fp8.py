@@ -6,7 +6,10 @@ output channel or one per [block_n, block_k] block. Every reference computes in 
 the GPU kernels do (fp8 products accumulated in fp32, scales applied to the fp32 sums), so the CPU runs the
 numerics the GPU runs.
 """
+import functools
+
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -112,6 +115,38 @@ def _fp8_block_gemm_kernel(x_ptr, x_scale_ptr, w_ptr, w_scale_ptr, out_ptr, num_
         acc += tl.dot(x, tl.trans(w), input_precision=DOT_PRECISION) * x_scale[:, None] * w_scale[None, :]
     out = out_ptr + rows.to(tl.int64)[:, None] * stride_o + cols[None, :]
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
+
+
+def _cuda_at_least(major: int, minor: int) -> bool:
+    version = torch.version.cuda
+    return version is not None and tuple(int(part) for part in version.split(".")[:2]) >= (major, minor)
+
+
+# torch's F.scaled_mm with block scales runs cuBLASLt's block-scaled fp8 GEMM (CUDA >= 12.9)
+_CUBLAS_BLOCK_SCALED = hasattr(F, "scaled_mm") and _cuda_at_least(12, 9)
+
+
+@functools.lru_cache(maxsize=None)
+def _hopper(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9
+
+
+def cublas_takes_block_gemm(x_q: torch.Tensor, w_q: torch.Tensor, block: tuple[int, int]) -> bool:
+    """Whether `fp8_block_gemm_cublas` runs this GEMM: on Hopper (where it was measured), 128x128 weight blocks, and
+    the scale layouts cuBLAS asks for (rows and K blocks in multiples of 4, whole blocks of output columns). Other
+    GEMMs take the Triton kernel."""
+    (num_rows, depth), num_cols = x_q.shape, w_q.shape[0]
+    return (_CUBLAS_BLOCK_SCALED and _hopper(x_q.device) and tuple(block) == (128, 128) and num_rows > 0
+            and num_rows % 4 == 0 and depth % 512 == 0 and num_cols % 128 == 0)
+
+
+def fp8_block_gemm_cublas(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
+                          out_dtype: torch.dtype) -> torch.Tensor:
+    """GPU twin of `fp8_block_gemm_ref` for 128x128 blocks: torch's F.scaled_mm with 1x128 activation and 128x128
+    weight scales (cuBLASLt). On the H200 it ran Llama-8B's GEMMs at 2.4-3.3x the Triton kernel's rate, at 256 and
+    8,192 tokens alike (docs/benchmarks.md, sixth session). cuBLAS reads the activation scales outer-dim-major."""
+    return F.scaled_mm(x_q, w_q.t(), x_scale.t().contiguous().t(), F.ScalingType.BlockWise1x128, w_scale.t(),
+                       F.ScalingType.BlockWise128x128, output_dtype=out_dtype)
 
 
 def fp8_block_gemm(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
