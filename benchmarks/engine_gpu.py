@@ -21,13 +21,16 @@ static `generate` (bf16) on the first `--hf-sample` prompts. Request counts defa
     python benchmarks/engine_gpu.py --shape 1000/1000 --quantization fp8 --kv-cache-dtype auto fp8
     python benchmarks/engine_gpu.py --smoke --shape w1 --kv-cache-dtype auto fp8 --hf-sample 4
 
-Where a decode step's time goes (`--profile-decode ROWS CONTEXT`): ROWS requests with CONTEXT-token prompts
-generate long enough that all of them are still running once the last prompt has run; torch.profiler then
-records the decode steps of all ROWS sequences together (until the first one ends), and the GPU kernels' time
-per step is printed by kernel (one JSON line, top kernels first) beside the step's wall time.
-ROWS 856 / CONTEXT 1500 is the 1000/1000 fp8 + fp8 KV run's mean decode step:
+Where a step's time goes (`--profile-decode ROWS CONTEXT`, `--profile-prefill PROMPTS CONTEXT`): ROWS requests
+with CONTEXT-token prompts generate long enough that all of them are still running once the last prompt has run,
+and torch.profiler records the decode steps of all ROWS sequences together (until the first one ends); or PROMPTS
+prompts of CONTEXT tokens are prefilled (one output token each) and it records the steps that fill the token
+budget. The GPU kernels' time per step is printed by kernel (one JSON line, top kernels first) beside the step's
+wall time. ROWS 856 / CONTEXT 1500 is the 1000/1000 fp8 + fp8 KV run's mean decode step; 2048-token prompts are
+TensorRT-LLM's 2048/128 shape, whose time is nearly all prefill:
 
     python benchmarks/engine_gpu.py --profile-decode 856 1500 --quantization fp8 --kv-cache-dtype fp8
+    python benchmarks/engine_gpu.py --profile-prefill 96 2048 --quantization fp8 --kv-cache-dtype fp8
 """
 import argparse
 import itertools
@@ -71,6 +74,8 @@ def main() -> int:
     parser.add_argument("--num-requests", type=int, help="default: the shape's (the issue's request counts)")
     parser.add_argument("--profile-decode", nargs=2, type=int, metavar=("ROWS", "CONTEXT"),
                         help="kernel time of decode steps at ROWS sequences of CONTEXT tokens")
+    parser.add_argument("--profile-prefill", nargs=2, type=int, metavar=("PROMPTS", "CONTEXT"),
+                        help="kernel time of the full-budget steps that prefill PROMPTS prompts of CONTEXT tokens")
     parser.add_argument("--hf-sample", type=int, default=64,
                         help="HF static generate on this many of the prompts, one batch (0: no HF run)")
     args = parser.parse_args()
@@ -83,8 +88,8 @@ def main() -> int:
         model_dir = CONFIGS / "llama-3.1-8b"
         engine_args = dict(device="cuda", gpu_memory_utilization=args.gpu_memory_utilization)
     engine_args["quantization"] = args.quantization
-    if args.profile_decode:
-        return profile_decode(args, model_dir, engine_args | dict(kv_cache_dtype=args.kv_cache_dtype[0]))
+    if args.profile_decode or args.profile_prefill:
+        return profile_steps(args, model_dir, engine_args | dict(kv_cache_dtype=args.kv_cache_dtype[0]))
     if args.shape:
         return throughput(args, model_dir, engine_args)
     return kv_sizing_check(args, model_dir, engine_args | dict(kv_cache_dtype=args.kv_cache_dtype[0]))
@@ -182,15 +187,19 @@ def throughput(args, model_dir: Path, engine_args: dict) -> int:
     return 0
 
 
-def profile_decode(args, model_dir: Path, engine_args: dict) -> int:
-    """GPU kernel time per decode step, by kernel, over the decode steps of ROWS sequences at CONTEXT tokens."""
+def profile_steps(args, model_dir: Path, engine_args: dict) -> int:
+    """GPU kernel time per step, by kernel: decode steps with all ROWS sequences running at about CONTEXT tokens,
+    or (--profile-prefill) the steps that fill the token budget with PROMPTS prompts of CONTEXT tokens."""
     from torch.profiler import DeviceType, ProfilerActivity, profile
 
-    rows, context = args.profile_decode
-    window = 8 if args.smoke else 48   # decode steps profiled with every row running
-    budget = EngineConfig(model=str(model_dir), **engine_args).resolved_max_num_batched_tokens(torch.device(engine_args["device"]))
-    # each prompt's first token comes with its last prefill chunk: the first rows generate while later ones fill
-    output_len = -(-rows * context // budget) + window + 2
+    prefill = args.profile_prefill is not None
+    rows, context = args.profile_prefill or args.profile_decode
+    window = 8 if args.smoke else 16 if prefill else 48   # steps profiled
+    budget = EngineConfig(model=str(model_dir), **engine_args).resolved_max_num_batched_tokens(
+        torch.device(engine_args["device"]))
+    # decode: each prompt's first token comes with its last prefill chunk, so the first rows generate while later
+    # ones fill; outputs outlast the prefill of the last prompt by the window
+    output_len = 1 if prefill else -(-rows * context // budget) + window + 2
     engine_args = engine_args | dict(max_model_len=context + output_len, max_num_seqs=max(rows, 8))
     llm = LLM(str(model_dir), load_format="dummy", seed=0, generation_config="none", **engine_args)
     engine = llm.engine
@@ -199,19 +208,23 @@ def profile_decode(args, model_dir: Path, engine_args: dict) -> int:
     llm.generate(workload.prompts[:4], params)   # compile and capture outside the profile
     cuda = engine.device.type == "cuda"
     profiler = profile(activities=[ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU])
-    decode_steps = []
+    profiled_steps = []
     end = None
 
+    def full(launched) -> bool:   # a step of the kind profiled, at its full size
+        if prefill:
+            return launched.num_tokens == budget
+        return launched.num_tokens == len(launched) == rows
+
     def on_step(launched, taken) -> None:
-        # from the first decode step with every row, up to and including the first step after it that has fewer
+        # from the first full step, up to and including the first step after it that is not full (or the window)
         nonlocal end
-        if end is not None or not launched or launched.num_tokens != len(launched):
+        if end is not None or not launched or (not profiled_steps and not full(launched)):
             return
-        if len(launched) == rows and not decode_steps:
+        if not profiled_steps:
             profiler.start()
-        if decode_steps or len(launched) == rows:
-            decode_steps.append((time.perf_counter(), len(launched)))
-        if decode_steps and (len(launched) < rows or len(decode_steps) == window):
+        profiled_steps.append((time.perf_counter(), len(launched), launched.num_tokens))
+        if not full(launched) or len(profiled_steps) == window:
             if cuda:
                 torch.cuda.synchronize(engine.device)
             end = time.perf_counter()
@@ -221,9 +234,10 @@ def profile_decode(args, model_dir: Path, engine_args: dict) -> int:
     llm.generate(workload.prompts, params)
     llm.close()
     if end is None:
-        print(f"profile: no decode step ran all {rows} rows together (KV cache too small?)", file=sys.stderr)
+        print(f"profile: no step ran {'a full token budget' if prefill else f'all {rows} rows together'} "
+              "(KV cache too small?)", file=sys.stderr)
         return 1
-    steps = len(decode_steps)
+    steps = len(profiled_steps)
     kind = DeviceType.CUDA if cuda else DeviceType.CPU
     by_kernel: dict[str, float] = {}
     for event in profiler.events():
@@ -231,12 +245,13 @@ def profile_decode(args, model_dir: Path, engine_args: dict) -> int:
             by_kernel[event.name] = by_kernel.get(event.name, 0.0) + event.time_range.elapsed_us()
     busy_ms = sum(by_kernel.values()) / 1e3
     top = sorted(by_kernel.items(), key=lambda item: -item[1])[:20]
-    emit("decode_profile", model=model_dir.name, quantization=args.quantization,
+    emit("prefill_profile" if prefill else "decode_profile", model=model_dir.name, quantization=args.quantization,
          kv_cache_dtype=str(engine.runner.kv_cache_dtype).removeprefix("torch."), rows=rows, context=context,
-         decode_steps=steps, mean_rows=round(sum(n for _, n in decode_steps) / max(1, steps), 1),
-         wall_ms_per_step=round((end - decode_steps[0][0]) * 1e3 / max(1, steps), 3) if steps else None,
-         kernel_ms_per_step=round(busy_ms / max(1, steps), 3),
-         kernels=[{"name": name[:120], "ms_per_step": round(us / 1e3 / max(1, steps), 4),
+         steps=steps, mean_rows=round(sum(n for _, n, _ in profiled_steps) / steps, 1),
+         mean_tokens=round(sum(n for _, _, n in profiled_steps) / steps, 1),
+         wall_ms_per_step=round((end - profiled_steps[0][0]) * 1e3 / steps, 3),
+         kernel_ms_per_step=round(busy_ms / steps, 3),
+         kernels=[{"name": name[:120], "ms_per_step": round(us / 1e3 / steps, 4),
                    "share": round(us / 1e3 / busy_ms, 4)} for name, us in top])
     return 0
 

@@ -11,7 +11,7 @@
 #   tp-bf16     x2  70B shape, bf16, TP=2, 1000/1000 x 300 requests, then HF device_map="auto" on 16      (~8 min)
 #   tp-check    x2  TP=2 vs TP=1 logits and greedy; 8B W1 data parallel (two engines) vs TP=2            (~6 min)
 #   fp8         x2  kernels_gpu.py --sweep (every kernel checked and timed, fp8-KV decode included) beside the 8B
-#                   1000/1000 fp8-weight runs with fp8 and bf16 KV and the fp8-KV decode-step profile      (~8 min)
+#                   1000/1000 fp8-weight runs with fp8 and bf16 KV, the fp8-KV decode and prefill profiles  (~9 min)
 #   fp8-gemm    x1  fp8_gpu.py: fp8 GEMMs (Triton, _scaled_mm, cuBLASLt block-scaled) and fp8 logits      (~1 min)
 #   shapes      x2  8B fp8 + fp8 KV on TensorRT-LLM's shapes: 128/2048, 500/2000 x 1,000, 2048/2048 x 750,
 #                   2048/128 x 3,000 (its count)                                                          (~9 min)
@@ -62,9 +62,12 @@ call_tp-check() {
   part tp_correctness 200 python3 benchmarks/tp_gpu.py correctness
   part tp_data_parallel 300 python3 benchmarks/tp_gpu.py data-parallel --workload W1
 }
-call_fp8() {   # card 0: the kernels checked and timed, attention launch configs swept (fp8 KV included);
+call_fp8() {   # card 0: the kernels checked and timed, attention launch configs swept (fp8 KV included), then
+  # where a 2048-token prefill step's time goes;
   # card 1: 8B 1000/1000 with fp8 and bf16 KV, then where an fp8-KV decode step's time goes
-  on_gpu 0 part kernels 420 python3 benchmarks/kernels_gpu.py --sweep &
+  ( on_gpu 0 part kernels 420 python3 benchmarks/kernels_gpu.py --sweep
+    on_gpu 0 part prefill_profile 120 python3 benchmarks/engine_gpu.py --profile-prefill 96 2048 \
+      --quantization fp8 --kv-cache-dtype fp8 ) &
   ( on_gpu 1 part fp8_1000_fp8kv 160 python3 benchmarks/engine_gpu.py --shape 1000/1000 --quantization fp8 \
       --kv-cache-dtype fp8 --num-requests 1000 --hf-sample 0
     on_gpu 1 part decode_profile 150 python3 benchmarks/engine_gpu.py --profile-decode 856 1500 --quantization fp8 \
