@@ -1,10 +1,15 @@
-"""What the decode attention kernel's main loop costs in instructions on Hopper, without a GPU: the kernel is
-compiled for sm_90 with the installed Triton (its bundled ptxas and nvdisasm), and the SASS of its longest loop (one
-key tile per iteration) is counted by opcode, for a bf16 and an fp8 KV cache at the Llama-3.1-8B decode shape.
+"""What two memory-bound kernels' main loops cost in instructions on Hopper, without a GPU: each kernel is compiled
+for sm_90 with the installed Triton (its bundled ptxas and nvdisasm) as the runtime would build it at a decode shape,
+and the SASS of its longest loop is counted by opcode:
 
-A tile of 128 keys x 128 dims of K and V is 32 KiB in fp8: to stream 4.8 TB/s over 132 SMs at ~1.75 GHz, each SM
-must finish one every ~1,580 cycles, and a CTA of 4 warps issues its loop's instructions once per warp (4 schedulers:
-about one loop length of cycles per tile, before any stall). One JSON line per variant.
+- decode attention (Llama-3.1-8B: GQA group 4, head_dim 128, pages of 16) over a bf16 and an fp8 KV cache, one
+  tile of BLOCK_N keys per iteration. A tile of 128 keys x 128 dims of K and V is 32 KiB in fp8: to stream 4.8 TB/s
+  over 132 SMs at ~1.75 GHz, each SM must finish one every ~1,580 cycles.
+- the fused MoE grouped GEMM at decode rows (16 rows of one expert, 128 output columns, 64-deep K steps) with bf16
+  and fp8 expert weights and bf16 activations: an fp8 64 x 128 weight tile (8 KiB) every ~400 cycles.
+
+A CTA of 4 warps issues its loop once per warp on the SM's 4 schedulers: about one loop length of cycles per tile,
+before any stall; `F2F` (fp16 -> bf16) is a quarter-rate instruction. One JSON line per variant.
 
     python benchmarks/kernel_sass.py
     # with the GPU machine's Triton (3.6), unpacked beside the installed one:
@@ -23,29 +28,42 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from batchgen.kernels import paged_attention as pa
+from batchgen.kernels import fused_moe, paged_attention as pa
 
 BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
-POINTERS = {"q_ptr": "*bf16", "out_ptr": "*bf16", "partial_out_ptr": "*fp32", "partial_lse_ptr": "*fp32",
-            "seq_lens_ptr": "*i32", "block_tables_ptr": "*i32"}
-# arguments the launch does not specialize (or that are not multiples of 16 at this shape)
-UNALIGNED = {"keys_per_split", "num_splits", "stride_bt", "qk_scale", "v_scale", "window", "num_heads"}
 
 
-def compile_decode(cache_dtype: str, block_n: int, num_warps: int, num_stages: int):
-    """The split kernel as the runtime would build it for Llama-3.1-8B (GQA group 4, head_dim 128, pages of 16),
-    with the 16-divisibility the launch finds in the pointers and strides."""
-    fn = pa._decode_split_kernel
-    constants = dict(GROUP=4, GROUP_ROWS=16, HEAD_DIM=128, PAGE=16, BLOCK_N=block_n, SPLIT=False,
-                     DOT_PRECISION="tf32")
-    signature = {name: "constexpr" if name in constants else POINTERS.get(name) or
-                 (f"*{cache_dtype}" if name.endswith("cache_ptr") else "fp32" if name.endswith("scale") else "i32")
-                 for name in fn.arg_names}
+def compile_for_hopper(fn, constants: dict, types: dict, unaligned: set[str], num_warps: int, num_stages: int):
+    """fn built for sm_90 with `constants` (constexprs, and the arguments equal to 1 that the launch specializes),
+    pointer and float types from `types` (others i32), and the 16-divisibility the launch finds in every other
+    argument outside `unaligned`."""
+    signature = {name: "constexpr" if name in constants else types.get(name, "i32") for name in fn.arg_names}
     aligned = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
-               if signature[name] != "constexpr" and name not in UNALIGNED and name != "seq_lens"}
+               if signature[name] != "constexpr" and name not in unaligned and not signature[name].startswith("fp")}
     source = ASTSource(fn=fn, signature=signature, constexprs=constants, attrs=aligned)
     return triton.compile(source, target=GPUTarget("cuda", 90, 32),
                           options=dict(num_warps=num_warps, num_stages=num_stages))
+
+
+def decode_attention(cache_dtype: str, block_n: int, num_warps: int, num_stages: int):
+    constants = dict(GROUP=4, GROUP_ROWS=16, HEAD_DIM=128, PAGE=16, BLOCK_N=block_n, SPLIT=False,
+                     DOT_PRECISION="tf32")
+    types = {"q_ptr": "*bf16", "out_ptr": "*bf16", "partial_out_ptr": "*fp32", "partial_lse_ptr": "*fp32",
+             "seq_lens_ptr": "*i32", "block_tables_ptr": "*i32", "k_cache_ptr": f"*{cache_dtype}",
+             "v_cache_ptr": f"*{cache_dtype}", "qk_scale": "fp32", "v_scale": "fp32"}
+    # arguments the launch does not specialize, or that are not multiples of 16 at this shape
+    unaligned = {"keys_per_split", "num_splits", "stride_bt", "window", "num_heads"}
+    return compile_for_hopper(pa._decode_split_kernel, constants, types, unaligned, num_warps, num_stages)
+
+
+def moe_grouped_gemm(weight_dtype: str):
+    constants = dict(stride_bk=1, WEIGHT_SCALE="none" if weight_dtype == "bf16" else "channel",
+                     GATHER_TOKENS=True, SCATTER_PAIRS=False, IEEE=False, FP16_DOT=weight_dtype == "fp8e4nv",
+                     BLOCK_M=16, BLOCK_N=128, BLOCK_K=64)
+    types = {"a_ptr": "*bf16", "b_ptr": f"*{weight_dtype}", "b_scale_ptr": "*fp32", "c_ptr": "*bf16",
+             "weights_ptr": "*fp32", "sorted_pairs_ptr": "*i32", "block_expert_ptr": "*i32"}
+    unaligned = {"num_pairs", "top_k", "scale_block_n", "scale_block_k"}
+    return compile_for_hopper(fused_moe._grouped_gemm_kernel, constants, types, unaligned, num_warps=4, num_stages=3)
 
 
 def _tool(name: str, cubin: bytes, *flags: str) -> str:
@@ -73,19 +91,26 @@ def longest_loop(sass: str) -> list[str]:
     return [opcode.split(".")[0] for address, opcode, _ in instructions if start <= address <= end]
 
 
+def loop_figures(kernel) -> dict:
+    loop = longest_loop(_tool("nvdisasm", kernel.asm["cubin"], "-c"))
+    registers = re.search(r"REG:(\d+)", _tool("cuobjdump", kernel.asm["cubin"], "-res-usage")).group(1)
+    return dict(loop_instructions=len(loop), registers=int(registers), shared_bytes=kernel.metadata.shared,
+                top_opcodes=dict(collections.Counter(loop).most_common(8)))
+
+
 def main() -> int:
     for cache_dtype in ("fp8e4nv", "bf16"):
         for block_n, num_warps, num_stages in ((128, 4, 3), (64, 4, 3), (128, 8, 3), (128, 4, 1)):
-            kernel = compile_decode(cache_dtype, block_n, num_warps, num_stages)
-            loop = longest_loop(_tool("nvdisasm", kernel.asm["cubin"], "-c"))
-            registers = re.search(r"REG:(\d+)", _tool("cuobjdump", kernel.asm["cubin"], "-res-usage")).group(1)
+            figures = loop_figures(decode_attention(cache_dtype, block_n, num_warps, num_stages))
             print(json.dumps(dict(
                 kernel="decode attention", triton=triton.__version__, kv_cache=cache_dtype, BLOCK_N=block_n,
-                num_warps=num_warps, num_stages=num_stages, loop_instructions=len(loop),
+                num_warps=num_warps, num_stages=num_stages,
                 # issue slots of one 128-key tile per SM: the loop once per warp, 4 schedulers
-                issue_cycles_per_128_keys=round(len(loop) * num_warps / 4 * 128 / block_n),
-                registers=int(registers), shared_bytes=kernel.metadata.shared,
-                top_opcodes=dict(collections.Counter(loop).most_common(8)))))
+                issue_cycles_per_128_keys=round(figures["loop_instructions"] * num_warps / 4 * 128 / block_n),
+                **figures)))
+    for weight_dtype in ("fp8e4nv", "bf16"):
+        print(json.dumps(dict(kernel="fused MoE grouped GEMM (decode rows)", triton=triton.__version__,
+                              weights=weight_dtype, **loop_figures(moe_grouped_gemm(weight_dtype)))))
     return 0
 
 

@@ -8,8 +8,9 @@ expert's weights; the down GEMM multiplies each row by its routing weight before
 
 fp8 expert weights (float8_e4m3fn) come with their scales: one per expert per output row (per-channel), or one
 per expert per [block_n, block_k] block. The kernel upcasts them to the activations' dtype as it loads them
-(exact: every fp8 value is a bf16/fp16 value) and applies the scales to its fp32 sums, after the loop over K
-(per-channel) or per K step (block-scaled), so no dequantized copy of the weights is ever made.
+(exact: every fp8 value is a bf16/fp16 value; with bf16 activations both sides go to fp16 instead, exactly:
+`_dot_in_fp16`) and applies the scales to its fp32 sums, after the loop over K (per-channel) or per K step
+(block-scaled), so no dequantized copy of the weights is ever made.
 """
 import torch
 import torch.nn.functional as F
@@ -83,11 +84,25 @@ def group_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> t
 
 
 @triton.jit
+def _dot_in_fp16(a, b):
+    """a [M, K] bf16 @ b [K, N] fp8 -> fp32, the products exactly those of bf16: Hopper widens fp8 to fp16 in one
+    instruction per two values, to bf16 only through fp16 (64 quarter-rate F2F per 64x128 tile beside a 274-
+    instruction loop at decode rows: benchmarks/kernel_sass.py). Each row of a is scaled by a power of two into
+    (-1, 1), where fp16 holds every bf16 value (down to 2^-17 of the row's largest), and its sums are scaled back."""
+    a = a.to(tl.float32)
+    exponent = tl.max(tl.abs(a), 1).to(tl.int32, bitcast=True) & 0x7F800000
+    row_scale = (exponent + 0x00800000).to(tl.float32, bitcast=True)     # 2^(e + 1), above the row's largest
+    row_inverse = (0x7E800000 - exponent).to(tl.float32, bitcast=True)   # 2^-(e + 1)
+    return tl.dot((a * row_inverse[:, None]).to(tl.float16), b.to(tl.float16)) * row_scale[:, None]
+
+
+@triton.jit
 def _grouped_gemm_kernel(a_ptr, b_ptr, b_scale_ptr, c_ptr, weights_ptr, sorted_pairs_ptr, block_expert_ptr,
                          num_pairs, top_k, N, K, stride_am, stride_be, stride_bn, stride_bk, stride_cm,
                          stride_se, stride_sn, stride_sk, scale_block_n, scale_block_k,
                          WEIGHT_SCALE: tl.constexpr, GATHER_TOKENS: tl.constexpr, SCATTER_PAIRS: tl.constexpr,
-                         IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                         IEEE: tl.constexpr, FP16_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                         BLOCK_K: tl.constexpr):
     """C[row] = A[row] @ B[expert]^T for one row block (one expert) and one column block.
 
     Rows of A are tokens (GATHER_TOKENS: row = pair // top_k) or sorted positions; rows of C are pairs, each
@@ -115,11 +130,13 @@ def _grouped_gemm_kernel(a_ptr, b_ptr, b_scale_ptr, c_ptr, weights_ptr, sorted_p
     for k in range(0, K, BLOCK_K):
         k_mask = ks + k < K
         a = tl.load(a_ptrs, mask=valid[:, None] & k_mask[None, :], other=0.0)
-        b = tl.load(b_ptrs, mask=k_mask[:, None] & (cols[None, :] < N), other=0.0).to(a.dtype)
-        if IEEE:
-            product = tl.dot(a, b, input_precision="ieee")
+        b = tl.load(b_ptrs, mask=k_mask[:, None] & (cols[None, :] < N), other=0.0)
+        if FP16_DOT:
+            product = _dot_in_fp16(a, b)
+        elif IEEE:
+            product = tl.dot(a, b.to(a.dtype), input_precision="ieee")
         else:
-            product = tl.dot(a, b)
+            product = tl.dot(a, b.to(a.dtype))
         if WEIGHT_SCALE == "block":
             block_scales = tl.load(scale_ptrs + (cols // scale_block_n) * stride_sn + (k // scale_block_k) * stride_sk,
                                    mask=cols < N, other=0.0)
@@ -159,7 +176,8 @@ def _grouped_gemm(a, b, b_scale, block, c, weights, sorted_pairs, block_expert, 
         a, b, scales, c, weights, sorted_pairs, block_expert, num_pairs, top_k, n, k, a.stride(0), b.stride(0),
         b.stride(1), b.stride(2), c.stride(0), scales.stride(0), scales.stride(1), scales.stride(2),
         scale_block_n, scale_block_k, WEIGHT_SCALE=weight_scale, GATHER_TOKENS=gather_tokens,
-        SCATTER_PAIRS=not gather_tokens, IEEE=a.dtype == torch.float32, BLOCK_M=block_m, BLOCK_N=block_n,
+        SCATTER_PAIRS=not gather_tokens, IEEE=a.dtype == torch.float32,
+        FP16_DOT=b_scale is not None and a.dtype == torch.bfloat16, BLOCK_M=block_m, BLOCK_N=block_n,
         BLOCK_K=block_k, num_warps=8 if block_m * block_n >= 64 * 128 else 4, num_stages=3)
 
 

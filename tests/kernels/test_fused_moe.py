@@ -45,20 +45,27 @@ def fp8_experts(weight: torch.Tensor, block: tuple[int, int] | None) -> tuple[to
     return (weight.float() / expanded).clamp(-448, 448).to(FP8), scales
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", list(dict.fromkeys(DTYPES + [torch.bfloat16])), ids=str)
 @pytest.mark.parametrize("block", [None, (16, 32), (48, 16)], ids=["per-channel", "block16x32", "block48x16"])
 @pytest.mark.parametrize("num_tokens", [1, 17, 40])
 def test_fused_moe_fp8_experts_match_the_reference(num_tokens, block, dtype):
     """fp8 weights with their scales, dequantized inside the kernel; the reference dequantizes each chosen
     expert (in fp32 here, so only the kernel's own rounding to `dtype` is measured). A 48-row block straddles
-    the gate/up boundary of neither layer and leaves a partial last block row in down [E, 64, 32]."""
+    the gate/up boundary of neither layer and leaves a partial last block row in down [E, 64, 32].
+    bf16 runs on the CPU too: its dots run in fp16 (no bf16 arithmetic, which the interpreter gets wrong), each row
+    scaled into fp16's range first; rows from 1e-3 to 1e5 (past fp16's 65504) check that scaling."""
     hidden, w_gate_up, w_down, topk_weights, topk_ids = random_moe_inputs(num_tokens, dtype, seed=num_tokens)
+    if dtype == torch.bfloat16:
+        hidden = (hidden.float() * torch.logspace(-3, 5, num_tokens)[:, None]).to(dtype).to(DEVICE)
     gate_up_q, gate_up_scale = (t.to(DEVICE) for t in fp8_experts(w_gate_up.cpu(), block))
     down_q, down_scale = (t.to(DEVICE) for t in fp8_experts(w_down.cpu(), block))
     out = fused_moe(hidden, gate_up_q, down_q, topk_weights, topk_ids, gate_up_scale, down_scale, block)
     ref = fused_moe_ref(hidden.float(), gate_up_q, down_q, topk_weights, topk_ids, gate_up_scale, down_scale, block)
     assert out.shape == (num_tokens, HIDDEN) and out.dtype == dtype
-    assert relative_l2(out, ref) < TOLERANCE[dtype]
+    # the interpreter casts fp32 to bf16 by truncation (round to nearest on the GPU), and this path stores bf16
+    # twice (gate-up, then the output): measured 0.012-0.016 here, where one RNE rounding each gives ~0.005
+    bf16_interpreted = dtype == torch.bfloat16 and DEVICE.type == "cpu"
+    assert relative_l2(out, ref) < (2.5e-2 if bf16_interpreted else TOLERANCE[dtype])
     # and the scales matter: the fp8 weights alone, unscaled, are far from it
     assert relative_l2(fused_moe_ref(hidden.float(), gate_up_q.float(), down_q.float(), topk_weights, topk_ids),
                        ref) > 0.5
