@@ -50,7 +50,7 @@ def decode_attention(cache_dtype: str, block_n: int, num_warps: int, num_stages:
                      DOT_PRECISION="tf32")
     types = {"q_ptr": "*bf16", "out_ptr": "*bf16", "partial_out_ptr": "*fp32", "partial_lse_ptr": "*fp32",
              "seq_lens_ptr": "*i32", "block_tables_ptr": "*i32", "k_cache_ptr": f"*{cache_dtype}",
-             "v_cache_ptr": f"*{cache_dtype}", "qk_scale": "fp32", "v_scale": "fp32"}
+             "v_cache_ptr": f"*{cache_dtype}", "qk_scale": "fp32", "v_tile_scale": "fp32", "v_scale": "fp32"}
     # arguments the launch does not specialize, or that are not multiples of 16 at this shape
     unaligned = {"keys_per_split", "num_splits", "stride_bt", "window", "num_heads"}
     return compile_for_hopper(pa._decode_split_kernel, constants, types, unaligned, num_warps, num_stages)

@@ -11,10 +11,12 @@ Hugging Face's sliding-window mask does for every family (`kv_idx > q_idx - slid
 key tiles wholly outside the window. None means global attention.
 
 An fp8 cache (see kernels/store_kv.py) is read as K * k_scale and V * v_scale: the kernels load fp8 tiles, widen
-them to the query's dtype (fp16 for a bf16 query: `_query_for_cache`), fold k_scale into the softmax scale and
-v_scale into the output's normalisation.
+them to the query's dtype (fp16 for a bf16 query: `_query_for_cache`), fold k_scale into the softmax scale, and
+multiply V tiles by the part of v_scale fp16 holds exactly and the output by the rest (`_split_v_scale`).
 """
 import functools
+import math
+import struct
 
 import torch
 import torch.nn.functional as F
@@ -110,7 +112,7 @@ def paged_decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: 
 # Triton kernels. Both attention kernels run one program per (query tile or split, KV head) and pack the query
 # heads that share that KV head into the rows of one tile, so each K/V tile is loaded once per group.
 # Softmax runs in base 2 with the scale folded into qk_scale = scale * k_scale * log2(e); accumulation is fp32, and
-# v_scale multiplies the normalised output.
+# v_scale multiplies the normalised output (over an fp8 cache, its fp16-exact part multiplies the V tiles instead).
 # ---------------------------------------------------------------------------------------------------------------
 _LOG2E = 1.4426950408889634
 _NO_WINDOW = 1 << 30   # the window of a global layer: wider than any context
@@ -135,9 +137,9 @@ def _query_for_cache(q, qk_scale, k_cache_ptr):
 
 @triton.jit
 def _attend_key_tile(acc, m_i, l_i, q, q_pos, key_start, block_table_row, k_cache_ptr, v_cache_ptr, kv_head,
-                     seq_len, window, qk_scale, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-                     PAGE: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr,
-                     DOT_PRECISION: tl.constexpr):
+                     seq_len, window, qk_scale, v_tile_scale, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs,
+                     stride_vh, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+                     MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """One online-softmax step: fold keys [key_start, key_start + BLOCK_N) into (acc, m_i, l_i).
     MASKED tiles apply the causal rule key_pos <= q_pos, the window key_pos > q_pos - window and the end of the
     context; the others need none of them. A row that sees no key of a masked tile leaves its state as it was."""
@@ -172,13 +174,20 @@ def _attend_key_tile(acc, m_i, l_i, q, q_pos, key_start, block_table_row, k_cach
         v = tl.load(v_cache_ptr + v_rows[:, None] + dims[None, :], mask=in_context[:, None], other=0.0)
     else:
         v = tl.load(v_cache_ptr + v_rows[:, None] + dims[None, :])
-    acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT_PRECISION)
+    v = v.to(q.dtype)
+    if v_cache_ptr.dtype.element_ty == tl.float8e4nv:
+        # the fp8 tile's dequantization, by the part of v_scale fp16 holds exactly (the rest scales the output).
+        # With a step between the widening and the dot, Triton widens the tile once and feeds the MMA through
+        # ldmatrix; a tile widened in the MMA's own layout took a shared-memory load per byte (kernel_sass.py)
+        v = v * tl.cast(v_tile_scale, q.dtype)
+    acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v, input_precision=DOT_PRECISION)
     return acc, m_new, l_i
 
 
 @triton.jit
 def _prefill_tile(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, block_table_row, q_start, q_len, seq_len, first_token,
-                  kv_head, window, qk_scale, v_scale, stride_qt, stride_qh, stride_ot, stride_oh, stride_kb, stride_ks,
+                  kv_head, window, qk_scale, v_tile_scale, v_scale, stride_qt, stride_qh, stride_ot, stride_oh,
+                  stride_kb, stride_ks,
                   stride_kh, stride_vb, stride_vs, stride_vh, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
                   PAGE: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Attention of ROWS // GROUP query tokens from first_token on, x the GROUP heads of kv_head (row r: token
@@ -208,18 +217,21 @@ def _prefill_tile(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, block_table_row, q_s
     unmasked_start = tl.minimum(tl.cdiv(tl.maximum(last_pos - window + 1, 0), BLOCK_N) * BLOCK_N, unmasked_end)
     for key_start in range(window_start, unmasked_start, BLOCK_N):
         acc, m_i, l_i = _attend_key_tile(acc, m_i, l_i, q, q_pos, key_start, block_table_row, k_cache_ptr,
-                                         v_cache_ptr, kv_head, seq_len, window, qk_scale, stride_kb, stride_ks,
-                                         stride_kh, stride_vb, stride_vs, stride_vh, PAGE, BLOCK_N, HEAD_DIM, True,
+                                         v_cache_ptr, kv_head, seq_len, window, qk_scale, v_tile_scale,
+                                         stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, PAGE,
+                                         BLOCK_N, HEAD_DIM, True,
                                          DOT_PRECISION)
     for key_start in range(unmasked_start, unmasked_end, BLOCK_N):
         acc, m_i, l_i = _attend_key_tile(acc, m_i, l_i, q, q_pos, key_start, block_table_row, k_cache_ptr,
-                                         v_cache_ptr, kv_head, seq_len, window, qk_scale, stride_kb, stride_ks,
-                                         stride_kh, stride_vb, stride_vs, stride_vh, PAGE, BLOCK_N, HEAD_DIM, False,
+                                         v_cache_ptr, kv_head, seq_len, window, qk_scale, v_tile_scale,
+                                         stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, PAGE,
+                                         BLOCK_N, HEAD_DIM, False,
                                          DOT_PRECISION)
     for key_start in range(unmasked_end, last_pos + 1, BLOCK_N):
         acc, m_i, l_i = _attend_key_tile(acc, m_i, l_i, q, q_pos, key_start, block_table_row, k_cache_ptr,
-                                         v_cache_ptr, kv_head, seq_len, window, qk_scale, stride_kb, stride_ks,
-                                         stride_kh, stride_vb, stride_vs, stride_vh, PAGE, BLOCK_N, HEAD_DIM, True,
+                                         v_cache_ptr, kv_head, seq_len, window, qk_scale, v_tile_scale,
+                                         stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, PAGE,
+                                         BLOCK_N, HEAD_DIM, True,
                                          DOT_PRECISION)
     out = acc * (v_scale / l_i)[:, None]
     out_offsets = (q_start + row_token)[:, None] * stride_ot + row_head[:, None] * stride_oh + dims[None, :]
@@ -230,7 +242,7 @@ def _prefill_tile(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, block_table_row, q_s
 # value that is 1 or a multiple of 16): a compile in the middle of a job costs seconds.
 @triton.jit(do_not_specialize=["num_seqs", "stride_bt"])
 def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, query_start_loc_ptr, seq_lens_ptr,
-                    block_tables_ptr, window, qk_scale, v_scale, num_seqs,
+                    block_tables_ptr, window, qk_scale, v_tile_scale, v_scale, num_seqs,
                     stride_qt, stride_qh, stride_ot, stride_oh, stride_kb, stride_ks, stride_kh,
                     stride_vb, stride_vs, stride_vh, stride_bt,
                     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -260,19 +272,20 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, query_start_loc_pt
     if q_len * GROUP <= SHORT_ROWS:
         # decode rows (and other tiny chunks) of a mixed batch: a 16-row tile instead of BLOCK_M mostly-empty rows
         _prefill_tile(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, block_table_row, q_start, q_len, seq_len,
-                      first_token, kv_head, window, qk_scale, v_scale, stride_qt, stride_qh, stride_ot, stride_oh,
-                      stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, GROUP, HEAD_DIM, PAGE,
-                      SHORT_ROWS, BLOCK_N, DOT_PRECISION)
+                      first_token, kv_head, window, qk_scale, v_tile_scale, v_scale, stride_qt, stride_qh, stride_ot,
+                      stride_oh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, GROUP, HEAD_DIM,
+                      PAGE, SHORT_ROWS, BLOCK_N, DOT_PRECISION)
     else:
         _prefill_tile(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, block_table_row, q_start, q_len, seq_len,
-                      first_token, kv_head, window, qk_scale, v_scale, stride_qt, stride_qh, stride_ot, stride_oh,
-                      stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, GROUP, HEAD_DIM, PAGE, BLOCK_M,
-                      BLOCK_N, DOT_PRECISION)
+                      first_token, kv_head, window, qk_scale, v_tile_scale, v_scale, stride_qt, stride_qh, stride_ot,
+                      stride_oh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, GROUP, HEAD_DIM,
+                      PAGE, BLOCK_M, BLOCK_N, DOT_PRECISION)
 
 
 @triton.jit(do_not_specialize=["keys_per_split", "num_splits", "stride_bt"])
 def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, partial_out_ptr, partial_lse_ptr, seq_lens_ptr,
-                         block_tables_ptr, window, qk_scale, v_scale, keys_per_split, num_splits, num_heads,
+                         block_tables_ptr, window, qk_scale, v_tile_scale, v_scale, keys_per_split, num_splits,
+                         num_heads,
                          stride_qb, stride_qh, stride_ob, stride_oh, stride_kb, stride_ks, stride_kh,
                          stride_vb, stride_vs, stride_vh, stride_bt,
                          GROUP: tl.constexpr, GROUP_ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
@@ -304,8 +317,9 @@ def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, partial_out_p
     block_table_row = block_tables_ptr + seq * stride_bt
     for key_start in range(split_start, split_end, BLOCK_N):
         acc, m_i, l_i = _attend_key_tile(acc, m_i, l_i, q, q_pos, key_start, block_table_row, k_cache_ptr,
-                                         v_cache_ptr, kv_head, seq_len, window, qk_scale, stride_kb, stride_ks,
-                                         stride_kh, stride_vb, stride_vs, stride_vh, PAGE, BLOCK_N, HEAD_DIM, True,
+                                         v_cache_ptr, kv_head, seq_len, window, qk_scale, v_tile_scale,
+                                         stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, PAGE,
+                                         BLOCK_N, HEAD_DIM, True,
                                          DOT_PRECISION)
     if not SPLIT:
         # an empty context (padding rows of a graph batch) yields zeros, not NaN
@@ -383,11 +397,20 @@ def prefill_launch_config(head_dim: int, group: int, max_query_len: int, dtype: 
     return dict(BLOCK_M=block_m, BLOCK_N=32 if wide else 64, num_warps=4, num_stages=2 if wide else 3)
 
 
+def _split_v_scale(v_scale: float) -> tuple[float, float]:
+    """v_scale as (a factor in [1, 2) that fp16 holds exactly, the rest): the kernels multiply an fp8 V tile by the
+    first and the output by the second, so the tile's factor never leaves fp16's normal range."""
+    mantissa, _ = math.frexp(v_scale)   # v_scale = mantissa * 2^exponent, mantissa in [0.5, 1)
+    tile_scale = struct.unpack("e", struct.pack("e", 2.0 * mantissa))[0]   # rounded to fp16
+    return tile_scale, v_scale / tile_scale
+
+
 def _paged_prefill(q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale, max_query_len, out,
                    config: dict, sliding_window: int | None = None, k_scale: float = 1.0,
                    v_scale: float = 1.0) -> torch.Tensor:
     group = _check_attention_shapes(q, k_cache)
     k_scale, v_scale = kv_scales(k_cache, k_scale, v_scale)
+    v_tile_scale, v_scale = _split_v_scale(v_scale)
     num_tokens, num_seqs = q.shape[0], seq_lens.shape[0]
     if num_tokens == 0:
         return out
@@ -396,7 +419,7 @@ def _paged_prefill(q, k_cache, v_cache, query_start_loc, seq_lens, block_tables,
     grid = (num_tokens // tokens_per_tile + num_seqs, k_cache.shape[2])
     _prefill_kernel[grid](
         q, k_cache, v_cache, out, query_start_loc, seq_lens, block_tables, _window(sliding_window),
-        scale * k_scale * _LOG2E, v_scale, num_seqs,
+        scale * k_scale * _LOG2E, v_tile_scale, v_scale, num_seqs,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3],
         block_tables.stride(0), GROUP=group, HEAD_DIM=q.shape[2], PAGE=k_cache.shape[1],
         SHORT_ROWS=min(config["BLOCK_M"], _short_rows(group)), DOT_PRECISION=_dot_precision(q.dtype), **config)
@@ -437,6 +460,7 @@ def _paged_decode(q, k_cache, v_cache, seq_lens, block_tables, scale, out, confi
                   sliding_window: int | None = None, k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
     group = _check_attention_shapes(q, k_cache)
     k_scale, v_scale = kv_scales(k_cache, k_scale, v_scale)
+    v_tile_scale, v_scale = _split_v_scale(v_scale)
     batch, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
     num_splits, keys_per_split = config["num_splits"], config["keys_per_split"]
@@ -452,7 +476,8 @@ def _paged_decode(q, k_cache, v_cache, seq_lens, block_tables, scale, out, confi
         partial_out = partial_lse = out  # unused: the split kernel writes `out` directly
     _decode_split_kernel[(batch, num_kv_heads, num_splits)](
         q, k_cache, v_cache, out, partial_out, partial_lse, seq_lens, block_tables, _window(sliding_window),
-        scale * k_scale * _LOG2E, v_scale, keys_per_split, num_splits, num_heads, q.stride(0), q.stride(1),
+        scale * k_scale * _LOG2E, v_tile_scale, v_scale, keys_per_split, num_splits, num_heads, q.stride(0),
+        q.stride(1),
         out.stride(0), out.stride(1),
         *k_cache.stride()[:3], *v_cache.stride()[:3], block_tables.stride(0),
         GROUP=group, GROUP_ROWS=_short_rows(group), HEAD_DIM=head_dim, PAGE=k_cache.shape[1],

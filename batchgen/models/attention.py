@@ -3,6 +3,7 @@
 The model runner builds one `AttentionMetadata` per step and hands it down through the model; each
 `Attention` layer owns its slice of the KV cache (set by the runner after allocation).
 """
+import math
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -61,7 +62,10 @@ class Attention(nn.Module):
         """A checkpoint's per-tensor KV-cache scale (name 'k_scale' or 'v_scale')."""
         if tensor.numel() != 1:
             raise ValueError(f"KV-cache {name} of shape {tuple(tensor.shape)}: only per-tensor scales are supported")
-        setattr(self, name, float(tensor.float().reshape(())))
+        value = float(tensor.float().reshape(()))
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f"KV-cache {name} is {value}: a scale must be a positive finite number")
+        setattr(self, name, value)
         self.kv_scales_loaded = True
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:

@@ -104,6 +104,14 @@ def test_per_head_kv_scales_are_refused(tiny_model_dir, tmp_path):
         load_model(model_dir, torch.float32, CPU)
 
 
+@pytest.mark.parametrize("value", [0.0, -0.5, math.inf])
+def test_kv_scales_that_are_not_positive_are_refused(tiny_model_dir, tmp_path, value):
+    model_dir = with_tensors(tiny_model_dir("llama"), tmp_path / "model",
+                             {"model.layers.1.self_attn.v_scale": torch.tensor(value)})
+    with pytest.raises(ValueError, match="v_scale is .*: a scale must be a positive finite number"):
+        load_model(model_dir, torch.float32, CPU)
+
+
 @pytest.mark.slow   # the 135M default model, twice
 def test_fp8_kv_cache_of_the_default_model_keeps_its_perplexity(default_model_dir):
     """SmolLM2-135M with an fp8 KV cache (no scales in the checkpoint: 1.0) keeps perplexity on a fixed text within
