@@ -14,6 +14,7 @@
 #                   1000/1000 fp8-weight runs with fp8 and bf16 KV, the fp8-KV decode and prefill profiles  (~9 min)
 #   fp8-gemm    x1  fp8_gpu.py: fp8 GEMMs (Triton, _scaled_mm, cuBLASLt block-scaled) and fp8 logits      (~1 min)
 #   fp8-70b     x1  70B shape, fp8 weights + fp8 KV on one card, 1000/1000 x 300 requests                  (~4 min)
+#   kernel-tests x1 pytest -n 8 tests/kernels on the card (pytest-xdist carried in .whl)                  (~3 min)
 #   shapes      x2  8B fp8 + fp8 KV on TensorRT-LLM's shapes: 128/2048, 500/2000 x 1,000, 2048/2048 x 750,
 #                   2048/128 x 3,000 (its count)                                                          (~9 min)
 #   moe         x2  Qwen3-30B-A3B (card 0) and Mixtral-8x7B (card 1), batchgen alone: W1 x 1,000, 1000/1000
@@ -76,6 +77,9 @@ call_fp8() {   # card 0: the kernels checked and timed, attention launch configs
     on_gpu 1 part fp8_1000_bf16kv 150 python3 benchmarks/engine_gpu.py --shape 1000/1000 --quantization fp8 \
       --kv-cache-dtype auto --num-requests 1000 --hf-sample 0 ) &
   wait
+}
+call_kernel-tests() {   # the kernels' tests on the GPU, bf16 included (the interpreter gets bf16 arithmetic wrong)
+  part kernel_tests 300 env OMP_NUM_THREADS=2 python3 -P -m pytest -q -n 8 tests/kernels
 }
 call_fp8-70b() {   # the 70B shape in fp8 + fp8 KV on one card (TensorRT-LLM publishes 2,909 on one H200)
   part fp8_70b_1gpu 300 python3 benchmarks/tp_gpu.py throughput --tensor-parallel-size 1 --workload 1000-1000 \
