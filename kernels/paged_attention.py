@@ -187,9 +187,9 @@ def _attend_key_tile(acc, m_i, l_i, q, q_pos, key_start, block_table_row, k_cach
 @triton.jit
 def _prefill_tile(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, block_table_row, q_start, q_len, seq_len, first_token,
                   kv_head, window, qk_scale, v_tile_scale, v_scale, stride_qt, stride_qh, stride_ot, stride_oh,
-                  stride_kb, stride_ks,
-                  stride_kh, stride_vb, stride_vs, stride_vh, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
-                  PAGE: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                  stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, GROUP: tl.constexpr,
+                  HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
+                  DOT_PRECISION: tl.constexpr):
     """Attention of ROWS // GROUP query tokens from first_token on, x the GROUP heads of kv_head (row r: token
     r // GROUP, head r % GROUP of the group), over their causal context (within the window)."""
     TOKENS: tl.constexpr = ROWS // GROUP
@@ -219,20 +219,17 @@ def _prefill_tile(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, block_table_row, q_s
         acc, m_i, l_i = _attend_key_tile(acc, m_i, l_i, q, q_pos, key_start, block_table_row, k_cache_ptr,
                                          v_cache_ptr, kv_head, seq_len, window, qk_scale, v_tile_scale,
                                          stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, PAGE,
-                                         BLOCK_N, HEAD_DIM, True,
-                                         DOT_PRECISION)
+                                         BLOCK_N, HEAD_DIM, True, DOT_PRECISION)
     for key_start in range(unmasked_start, unmasked_end, BLOCK_N):
         acc, m_i, l_i = _attend_key_tile(acc, m_i, l_i, q, q_pos, key_start, block_table_row, k_cache_ptr,
                                          v_cache_ptr, kv_head, seq_len, window, qk_scale, v_tile_scale,
                                          stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, PAGE,
-                                         BLOCK_N, HEAD_DIM, False,
-                                         DOT_PRECISION)
+                                         BLOCK_N, HEAD_DIM, False, DOT_PRECISION)
     for key_start in range(unmasked_end, last_pos + 1, BLOCK_N):
         acc, m_i, l_i = _attend_key_tile(acc, m_i, l_i, q, q_pos, key_start, block_table_row, k_cache_ptr,
                                          v_cache_ptr, kv_head, seq_len, window, qk_scale, v_tile_scale,
                                          stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, PAGE,
-                                         BLOCK_N, HEAD_DIM, True,
-                                         DOT_PRECISION)
+                                         BLOCK_N, HEAD_DIM, True, DOT_PRECISION)
     out = acc * (v_scale / l_i)[:, None]
     out_offsets = (q_start + row_token)[:, None] * stride_ot + row_head[:, None] * stride_oh + dims[None, :]
     tl.store(out_ptr + out_offsets, out.to(out_ptr.dtype.element_ty), mask=row_valid[:, None])
@@ -319,8 +316,7 @@ def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, partial_out_p
         acc, m_i, l_i = _attend_key_tile(acc, m_i, l_i, q, q_pos, key_start, block_table_row, k_cache_ptr,
                                          v_cache_ptr, kv_head, seq_len, window, qk_scale, v_tile_scale,
                                          stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, PAGE,
-                                         BLOCK_N, HEAD_DIM, True,
-                                         DOT_PRECISION)
+                                         BLOCK_N, HEAD_DIM, True, DOT_PRECISION)
     if not SPLIT:
         # an empty context (padding rows of a graph batch) yields zeros, not NaN
         out = acc * (v_scale / tl.maximum(l_i, 1e-30))[:, None]
