@@ -13,12 +13,14 @@ what the log says. One JSON line per figure; exit 1 if a check fails.
     python benchmarks/engine_gpu.py --smoke              # tiny model on CPU: the script's path only
 
 Throughput (`--shape`): Llama-3.1-8B shape, dummy weights, random prompts, outputs forced to full length,
-temperature 1; one JSON line per batchgen run (one per `--kv-cache-dtype` and `--kv-admission` given) with its
+temperature 1; one JSON line per batchgen run (one per `--quantization`, `--kv-cache-dtype` and `--kv-admission`
+given; `--paired` runs fp8 weights with fp8 KV and bf16 with bf16 KV, as below, not all four) with its
 figures, the cost model's prediction (benchmarks/cost_model.py) and predicted / measured, then HF transformers'
 static `generate` (bf16) on the first `--hf-sample` prompts. Request counts default to the issue's (TensorRT-LLM's:
 3,000, 1,500 for 2048/2048; W1: 1,000).
 
     python benchmarks/engine_gpu.py --shape 1000/1000 --quantization fp8 --kv-cache-dtype auto fp8
+    python benchmarks/engine_gpu.py --shape 128/2048 --quantization fp8 none --kv-cache-dtype fp8 auto --paired
     python benchmarks/engine_gpu.py --smoke --shape w1 --kv-cache-dtype auto fp8 --hf-sample 4
 
 Where a step's time goes (`--profile-decode ROWS CONTEXT`, `--profile-prefill PROMPTS CONTEXT`): ROWS requests
@@ -67,7 +69,12 @@ def main() -> int:
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     parser.add_argument("--kv-cache-dtype", nargs="+", choices=["auto", "fp8"], default=["auto"],
                         help="one run per value (throughput); the sizing check takes the first")
-    parser.add_argument("--quantization", choices=["fp8"], help="fp8 weights, quantized while they load")
+    parser.add_argument("--quantization", nargs="+", choices=["none", "fp8"], default=["none"],
+                        help="weights (fp8: quantized while they load): one throughput run per value, in the order "
+                             "given; the other modes take the first")
+    parser.add_argument("--paired", action="store_true",
+                        help="throughput: pair the i-th --quantization with the i-th --kv-cache-dtype instead of "
+                             "running every combination")
     parser.add_argument("--kv-admission", nargs="+", choices=["reserve", "greedy"], default=["reserve"],
                         help="throughput: one run per value and KV dtype (the scheduler's admission policy)")
     parser.add_argument("--shape", choices=SHAPES, help="throughput on this shape instead of the sizing check")
@@ -87,7 +94,7 @@ def main() -> int:
     else:
         model_dir = CONFIGS / "llama-3.1-8b"
         engine_args = dict(device="cuda", gpu_memory_utilization=args.gpu_memory_utilization)
-    engine_args["quantization"] = args.quantization
+    engine_args["quantization"] = _quantization(args.quantization[0])
     if args.profile_decode or args.profile_prefill:
         return profile_steps(args, model_dir, engine_args | dict(kv_cache_dtype=args.kv_cache_dtype[0]))
     if args.shape:
@@ -154,18 +161,29 @@ def kv_sizing_check(args, model_dir: Path, engine_args: dict) -> int:
     return 1 if failed else 0
 
 
+def _quantization(value: str) -> str | None:
+    return None if value == "none" else value
+
+
 def throughput(args, model_dir: Path, engine_args: dict) -> int:
-    """batchgen on the shape's prompts, once per KV dtype, each figure against the cost model; then HF."""
+    """batchgen on the shape's prompts, once per weight format, KV dtype and admission, each figure against the
+    cost model; then HF."""
     input_len, output_len, num_requests = SHAPES[args.shape]
     if args.smoke:
         input_len, output_len = min(input_len, 48), min(output_len, 16)
     num_requests = args.num_requests or (16 if args.smoke else num_requests)
     engine_args = engine_args | dict(max_model_len=input_len + output_len, seed=0, generation_config="none")
-    weights = "fp8" if args.quantization else "bf16"
     workload = None
-    for kv_cache_dtype, kv_admission in itertools.product(args.kv_cache_dtype, args.kv_admission):
+    if args.paired and len(args.quantization) != len(args.kv_cache_dtype):
+        print("engine_gpu.py: --paired needs as many --quantization values as --kv-cache-dtype values",
+              file=sys.stderr)
+        return 2
+    formats = (list(zip(args.quantization, args.kv_cache_dtype)) if args.paired
+               else list(itertools.product(args.quantization, args.kv_cache_dtype)))
+    for (quantization, kv_cache_dtype), kv_admission in itertools.product(formats, args.kv_admission):
+        weights = "fp8" if quantization == "fp8" else "bf16"
         llm = LLM(str(model_dir), load_format="dummy", kv_cache_dtype=kv_cache_dtype, kv_admission=kv_admission,
-                  **engine_args)
+                  **engine_args | dict(quantization=_quantization(quantization)))
         engine = llm.engine
         if workload is None:
             workload = make_workload(args.shape, num_requests, input_len, output_len, engine.model_config.vocab_size)
@@ -245,7 +263,8 @@ def profile_steps(args, model_dir: Path, engine_args: dict) -> int:
             by_kernel[event.name] = by_kernel.get(event.name, 0.0) + event.time_range.elapsed_us()
     busy_ms = sum(by_kernel.values()) / 1e3
     top = sorted(by_kernel.items(), key=lambda item: -item[1])[:20]
-    emit("prefill_profile" if prefill else "decode_profile", model=model_dir.name, quantization=args.quantization,
+    emit("prefill_profile" if prefill else "decode_profile", model=model_dir.name,
+         quantization=engine_args["quantization"],
          kv_cache_dtype=str(engine.runner.kv_cache_dtype).removeprefix("torch."), rows=rows, context=context,
          steps=steps, mean_rows=round(sum(n for _, n, _ in profiled_steps) / steps, 1),
          mean_tokens=round(sum(n for _, _, n in profiled_steps) / steps, 1),

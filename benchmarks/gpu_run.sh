@@ -17,6 +17,9 @@
 #   kernel-tests x1 pytest -n 8 tests/kernels on the card (pytest-xdist carried in .whl)                  (~3 min)
 #   shapes      x2  8B fp8 + fp8 KV on TensorRT-LLM's shapes: 128/2048, 500/2000 x 1,000, 2048/2048 x 750,
 #                   2048/128 x 3,000 (its count)                                                          (~9 min)
+#   shapes-decode x2  the issue's one run per shape, fp8 (+ fp8 KV) and bf16 then HF: 128/2048 x 1,000 and
+#                   500/2000 x 800 (request counts that fit a call)                                      (~9 min)
+#   shapes-long x2  the same for 2048/2048 x 400 and 2048/128 x 2,000                                    (~9 min)
 #   moe         x2  Qwen3-30B-A3B (card 0) and Mixtral-8x7B (card 1), batchgen alone: W1 x 1,000, 1000/1000
 #                   x 1,000 (Mixtral x 500); then the fused MoE kernel and logits                        (~9 min)
 #   moe-hf      x2  HF transformers static generate on the MoE shapes' first prompts (W1: 16, 1000/1000: 8)
@@ -88,7 +91,7 @@ call_fp8-70b() {   # the 70B shape in fp8 + fp8 KV on one card (TensorRT-LLM pub
 call_fp8-gemm() {   # the fp8 GEMMs (per-channel, block-scaled: Triton and cuBLASLt) and the fp8 engine's logits
   part fp8_kernels 300 python3 benchmarks/fp8_gpu.py
 }
-call_shapes() {
+call_shapes() {   # fp8 weights + fp8 KV, TensorRT-LLM's four other shapes
   on_gpu 0 part shape_128_2048 270 python3 benchmarks/engine_gpu.py --shape 128/2048 --quantization fp8 \
     --kv-cache-dtype fp8 --num-requests 1000 --hf-sample 8 &
   on_gpu 1 part shape_500_2000 270 python3 benchmarks/engine_gpu.py --shape 500/2000 --quantization fp8 \
@@ -98,6 +101,18 @@ call_shapes() {
     --kv-cache-dtype fp8 --num-requests 750 --hf-sample 0 &
   on_gpu 1 part shape_2048_128 200 python3 benchmarks/engine_gpu.py --shape 2048/128 --quantization fp8 \
     --kv-cache-dtype fp8 --num-requests 3000 --hf-sample 8 &
+  wait
+}
+# the issue's "one run per shape": fp8 (+ fp8 KV) and bf16 (+ bf16 KV) on the same prompts, then HF on a sample
+SHAPE_RUN=(python3 benchmarks/engine_gpu.py --quantization fp8 none --kv-cache-dtype fp8 auto --paired)
+call_shapes-decode() {
+  on_gpu 0 part both_128_2048 560 "${SHAPE_RUN[@]}" --shape 128/2048 --num-requests 1000 --hf-sample 8 &
+  on_gpu 1 part both_500_2000 560 "${SHAPE_RUN[@]}" --shape 500/2000 --num-requests 800 --hf-sample 8 &
+  wait
+}
+call_shapes-long() {
+  on_gpu 0 part both_2048_2048 560 "${SHAPE_RUN[@]}" --shape 2048/2048 --num-requests 400 --hf-sample 4 &
+  on_gpu 1 part both_2048_128 560 "${SHAPE_RUN[@]}" --shape 2048/128 --num-requests 2000 --hf-sample 8 &
   wait
 }
 call_moe() {
