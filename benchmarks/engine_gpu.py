@@ -76,7 +76,7 @@ def main() -> int:
                         help="throughput: pair the i-th --quantization with the i-th --kv-cache-dtype instead of "
                              "running every combination")
     parser.add_argument("--kv-admission", nargs="+", choices=["reserve", "greedy"], default=["reserve"],
-                        help="throughput: one run per value and KV dtype (the scheduler's admission policy)")
+                        help="throughput: one run per value and weight / KV format (the scheduler's admission policy)")
     parser.add_argument("--shape", choices=SHAPES, help="throughput on this shape instead of the sizing check")
     parser.add_argument("--num-requests", type=int, help="default: the shape's (the issue's request counts)")
     parser.add_argument("--profile-decode", nargs=2, type=int, metavar=("ROWS", "CONTEXT"),
