@@ -56,7 +56,7 @@ def test_fused_moe_fp8_experts_match_the_reference(num_tokens, block, dtype):
     scaled into fp16's range first; rows from 1e-3 to 1e5 (past fp16's 65504) check that scaling."""
     hidden, w_gate_up, w_down, topk_weights, topk_ids = random_moe_inputs(num_tokens, dtype, seed=num_tokens)
     if dtype == torch.bfloat16:
-        hidden = (hidden.float() * torch.logspace(-3, 5, num_tokens)[:, None]).to(dtype).to(DEVICE)
+        hidden = (hidden.float() * torch.logspace(-3, 5, num_tokens, device=hidden.device)[:, None]).to(dtype)
     gate_up_q, gate_up_scale = (t.to(DEVICE) for t in fp8_experts(w_gate_up.cpu(), block))
     down_q, down_scale = (t.to(DEVICE) for t in fp8_experts(w_down.cpu(), block))
     out = fused_moe(hidden, gate_up_q, down_q, topk_weights, topk_ids, gate_up_scale, down_scale, block)
