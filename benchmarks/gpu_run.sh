@@ -54,6 +54,8 @@ part() {   # part NAME SECONDS command...: one run with its own limit
 on_gpu() { (export CUDA_VISIBLE_DEVICES=$1; "${@:2}"); }   # on_gpu 1 part ...: the part sees one card
 BENCH_8B=(batchgen bench --model benchmarks/configs/llama-3.1-8b --load-format dummy)
 MOE=(python3 benchmarks/moe_gpu.py)
+# the kernels' tests on the card, bf16 included (the interpreter gets bf16 arithmetic wrong)
+KERNEL_TESTS=(env OMP_NUM_THREADS=2 python3 -P -m pytest -q -n 8 tests/kernels)
 
 call_tp-fp8() {
   part tp_fp8 540 python3 benchmarks/tp_gpu.py throughput --workload 1000-1000 --quantization fp8 \
@@ -70,7 +72,7 @@ call_tp-check() {
 call_fp8() {   # card 0: the kernels' tests, then the kernels checked and timed in bf16, attention launch
   # configs swept (fp8 KV included); card 1: 8B 1000/1000 with fp8 and bf16 KV, and where an fp8-KV decode step's
   # time goes
-  ( on_gpu 0 part kernel_tests 270 env OMP_NUM_THREADS=2 python3 -P -m pytest -q -n 8 tests/kernels
+  ( on_gpu 0 part kernel_tests 270 "${KERNEL_TESTS[@]}"
     on_gpu 0 part kernels 270 python3 benchmarks/kernels_gpu.py --sweep --dtypes bfloat16 ) &
   ( on_gpu 1 part fp8_1000_fp8kv 160 python3 benchmarks/engine_gpu.py --shape 1000/1000 --quantization fp8 \
       --kv-cache-dtype fp8 --num-requests 1000 --hf-sample 0
@@ -80,8 +82,8 @@ call_fp8() {   # card 0: the kernels' tests, then the kernels checked and timed 
       --kv-cache-dtype auto --num-requests 1000 --hf-sample 0 ) &
   wait
 }
-call_kernel-tests() {   # the kernels' tests on the GPU, bf16 included (the interpreter gets bf16 arithmetic wrong)
-  part kernel_tests 300 env OMP_NUM_THREADS=2 python3 -P -m pytest -q -n 8 tests/kernels
+call_kernel-tests() {
+  part kernel_tests 300 "${KERNEL_TESTS[@]}"
 }
 call_fp8-70b() {   # the 70B shape in fp8 + fp8 KV on one card (TensorRT-LLM publishes 2,909 on one H200)
   part fp8_70b_1gpu 300 python3 benchmarks/tp_gpu.py throughput --tensor-parallel-size 1 --workload 1000-1000 \
