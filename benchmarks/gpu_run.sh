@@ -8,7 +8,8 @@
 # call ready before this one returns. Single-GPU runs go two at a time, one per card, on nvidia-h200-x2.
 #
 #   tp-fp8      x2  70B shape, fp8 weights + fp8 KV, TP=2, 1000/1000 x 1,000 requests; all-reduce share  (~7 min)
-#   tp-bf16     x2  70B shape, bf16, TP=2, 1000/1000 x 300 requests, then HF device_map="auto" on 16      (~8 min)
+#   tp-bf16     x2  70B shape, bf16, TP=2, 1000/1000 x 1,000 requests; all-reduce share                   (~9 min)
+#   tp-bf16-hf  x2  the same with 300 requests, then HF device_map="auto" on the first 16                  (~8 min)
 #   tp-check    x2  TP=2 vs TP=1 logits and greedy; 8B W1 data parallel (two engines) vs TP=2            (~6 min)
 #   fp8         x2  the kernels' tests, then kernels_gpu.py --sweep in bf16 (fp8-KV decode included) beside the 8B
 #                   1000/1000 fp8-weight runs with fp8 and bf16 KV and the fp8-KV decode profile          (~9 min)
@@ -62,7 +63,10 @@ call_tp-fp8() {
     --kv-cache-dtype fp8 --num-requests 1000 --hf-sample 0
 }
 call_tp-bf16() {
-  part tp_bf16 560 python3 benchmarks/tp_gpu.py throughput --workload 1000-1000 --num-requests 300 \
+  part tp_bf16 580 python3 benchmarks/tp_gpu.py throughput --workload 1000-1000 --num-requests 1000 --hf-sample 0
+}
+call_tp-bf16-hf() {
+  part tp_bf16_hf 560 python3 benchmarks/tp_gpu.py throughput --workload 1000-1000 --num-requests 300 \
     --hf-sample 16 --hf-batch 16
 }
 call_tp-check() {
