@@ -21,6 +21,7 @@
 #   shapes-decode x2  the issue's one run per shape, fp8 (+ fp8 KV) and bf16 then HF: 128/2048 x 1,000 and
 #                   500/2000 x 800 (request counts that fit a call)                                      (~9 min)
 #   shapes-long x2  the same for 2048/2048 x 400 and 2048/128 x 2,000                                    (~9 min)
+#   shape-2048  x1  2048/2048 x 400 alone (shapes-long's card-0 part, for a one-card machine)             (~8 min)
 #   moe         x2  Qwen3-30B-A3B (card 0) and Mixtral-8x7B (card 1), batchgen alone: W1 x 1,000, 1000/1000
 #                   x 1,000 (Mixtral x 500); then the fused MoE kernel and logits                        (~9 min)
 #   moe-hf      x2  HF transformers static generate on the MoE shapes' first prompts (W1: 16, 1000/1000: 8)
@@ -115,8 +116,11 @@ call_shapes-decode() {
   on_gpu 1 part both_500_2000 560 "${SHAPE_RUN[@]}" --shape 500/2000 --num-requests 800 --hf-sample 8 &
   wait
 }
+call_shape-2048() {
+  part both_2048_2048 520 "${SHAPE_RUN[@]}" --shape 2048/2048 --num-requests 400 --hf-sample 4
+}
 call_shapes-long() {
-  on_gpu 0 part both_2048_2048 560 "${SHAPE_RUN[@]}" --shape 2048/2048 --num-requests 400 --hf-sample 4 &
+  on_gpu 0 call_shape-2048 &
   on_gpu 1 part both_2048_128 560 "${SHAPE_RUN[@]}" --shape 2048/128 --num-requests 2000 --hf-sample 8 &
   wait
 }
