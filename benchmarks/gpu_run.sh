@@ -13,6 +13,8 @@
 #   tp-check    x2  TP=2 vs TP=1 logits and greedy; 8B W1 data parallel (two engines) vs TP=2            (~6 min)
 #   fp8         x2  the kernels' tests, then kernels_gpu.py --sweep in bf16 (fp8-KV decode included) beside the 8B
 #                   1000/1000 fp8-weight runs with fp8 and bf16 KV and the fp8-KV decode profile          (~9 min)
+#   fp8-one     x1  the fp8 call on one card: kernels' tests, kernels in bf16 unswept, 8B 1000/1000 fp8 + fp8 KV
+#                   and its decode profile                                                                (~9 min)
 #   fp8-gemm    x1  fp8_gpu.py: fp8 GEMMs (Triton, _scaled_mm, cuBLASLt block-scaled) and fp8 logits      (~1 min)
 #   fp8-70b     x1  70B shape, fp8 weights + fp8 KV on one card, 1000/1000 x 300 requests                  (~4 min)
 #   kernel-tests x1 pytest -n 8 tests/kernels on the card (pytest-xdist carried in .whl)                  (~3 min)
@@ -74,18 +76,25 @@ call_tp-check() {
   part tp_correctness 200 python3 benchmarks/tp_gpu.py correctness
   part tp_data_parallel 300 python3 benchmarks/tp_gpu.py data-parallel --workload W1
 }
+fp8_kv_1000() {   # 8B 1000/1000 with fp8 weights and KV, and where an fp8-KV decode step's time goes
+  part fp8_1000_fp8kv 160 python3 benchmarks/engine_gpu.py --shape 1000/1000 --quantization fp8 \
+    --kv-cache-dtype fp8 --num-requests 1000 --hf-sample 0
+  part decode_profile 150 python3 benchmarks/engine_gpu.py --profile-decode 856 1500 --quantization fp8 \
+    --kv-cache-dtype fp8
+}
 call_fp8() {   # card 0: the kernels' tests, then the kernels checked and timed in bf16, attention launch
-  # configs swept (fp8 KV included); card 1: 8B 1000/1000 with fp8 and bf16 KV, and where an fp8-KV decode step's
-  # time goes
+  # configs swept (fp8 KV included); card 1: 8B 1000/1000 with fp8 and bf16 KV, the fp8-KV decode profile
   ( on_gpu 0 part kernel_tests 270 "${KERNEL_TESTS[@]}"
     on_gpu 0 part kernels 270 python3 benchmarks/kernels_gpu.py --sweep --dtypes bfloat16 ) &
-  ( on_gpu 1 part fp8_1000_fp8kv 160 python3 benchmarks/engine_gpu.py --shape 1000/1000 --quantization fp8 \
-      --kv-cache-dtype fp8 --num-requests 1000 --hf-sample 0
-    on_gpu 1 part decode_profile 150 python3 benchmarks/engine_gpu.py --profile-decode 856 1500 --quantization fp8 \
-      --kv-cache-dtype fp8
+  ( on_gpu 1 fp8_kv_1000
     on_gpu 1 part fp8_1000_bf16kv 150 python3 benchmarks/engine_gpu.py --shape 1000/1000 --quantization fp8 \
       --kv-cache-dtype auto --num-requests 1000 --hf-sample 0 ) &
   wait
+}
+call_fp8-one() {   # one card: the kernels' tests, the kernels in bf16 (no sweep), then fp8_kv_1000
+  part kernel_tests 170 "${KERNEL_TESTS[@]}"
+  part kernels 90 python3 benchmarks/kernels_gpu.py --dtypes bfloat16
+  fp8_kv_1000
 }
 call_kernel-tests() {
   part kernel_tests 300 "${KERNEL_TESTS[@]}"
