@@ -13,17 +13,12 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from batchgen.kernels.paged_attention import _dot_precision
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max   # 448
 # the smallest scale: a row of zeros (padding) quantizes to zeros instead of dividing by zero
 MIN_SCALE = 1.0 / (FP8_MAX * 512.0)
-
-
-def dot_precision(dtype: torch.dtype) -> str:
-    """tl.dot's input_precision for operands of `dtype`: fp32 (CPU and interpreter runs) gets true fp32 products
-    (Triton's default would be tf32); fp16/bf16/fp8 ignore it."""
-    return "ieee" if dtype == torch.float32 else "tf32"
 
 
 def quantize_fp8_ref(x: torch.Tensor, group_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -168,6 +163,6 @@ def fp8_block_gemm(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, 
         _fp8_block_gemm_kernel[grid](
             x_q, x_scale, w_q, w_scale, out, num_rows, num_cols, depth, x_q.stride(0), x_scale.stride(0),
             w_q.stride(0), w_scale.stride(0), out.stride(0), block_n, BLOCK_M=block_m, BLOCK_N=128,
-            BLOCK_K=block_k, DOT_PRECISION=dot_precision(x_q.dtype), num_warps=8 if block_m >= 64 else 4,
+            BLOCK_K=block_k, DOT_PRECISION=_dot_precision(x_q.dtype), num_warps=8 if block_m >= 64 else 4,
             num_stages=3)
     return out

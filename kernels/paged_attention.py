@@ -10,11 +10,9 @@ A sliding-window layer (`sliding_window=W`) lets the query at position p see onl
 Hugging Face's sliding-window mask does for every family (`kv_idx > q_idx - sliding_window`); the kernels skip
 key tiles wholly outside the window. None means global attention.
 
-An fp8 cache (see kernels/store_kv.py) is read as K * k_scale and V * v_scale: the kernels load fp8 tiles, fold
-k_scale into the softmax scale, and multiply V tiles by the part of v_scale fp16 holds exactly and the output by
-the rest (`_split_v_scale`). Prefill widens K to the query's dtype (fp16 for a bf16 query: `_query_for_cache`);
-decode quantizes its query rows to fp8 instead, one scale per row as activations are (`quantize_fp8_ref`), and
-runs Q K^T on fp8 tensor cores (`_decode_over_fp8_cache`); its reference does the same.
+An fp8 cache (see kernels/store_kv.py) is read as K * k_scale and V * v_scale: the kernels load fp8 tiles, widen
+them to the query's dtype (fp16 for a bf16 query: `_query_for_cache`), fold k_scale into the softmax scale, and
+multiply V tiles by the part of v_scale fp16 holds exactly and the output by the rest (`_split_v_scale`).
 """
 import functools
 import math
@@ -25,8 +23,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from batchgen.kernels.fp8 import FP8, FP8_MAX, MIN_SCALE, dot_precision, quantize_fp8_ref
-from batchgen.kernels.store_kv import dequantize_kv_ref, kv_scales, round_to_e4m3
+from batchgen.kernels.store_kv import dequantize_kv_ref, kv_scales
 
 
 def _gather_blocks(cache: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
@@ -92,11 +89,7 @@ def paged_decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: 
                                v_scale: float = 1.0) -> torch.Tensor:
     """q [B, Hq, D], one query token per sequence at position seq_lens[b] - 1 -> out [B, Hq, D]."""
     batch, num_heads, head_dim = q.shape
-    out_dtype = q.dtype
     k_scale, v_scale = kv_scales(k_cache, k_scale, v_scale)
-    if k_cache.dtype == FP8:   # the kernel's fp8 query rows, scores and outputs in fp32 (_decode_over_fp8_cache)
-        q_fp8, q_scales = quantize_fp8_ref(q.reshape(-1, head_dim))
-        q = (q_fp8.float() * q_scales).view(q.shape)
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     num_blocks = (int(seq_lens.max()) + block_size - 1) // block_size
     tables = block_tables[:, :num_blocks]
@@ -112,7 +105,7 @@ def paged_decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: 
     # the query heads sharing a KV head become that head's query rows: no K/V repeated per query head
     grouped = q.view(batch, num_kv_heads, num_heads // num_kv_heads, head_dim)
     attended = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=mask[:, None, None, :], scale=scale)
-    return attended.reshape(batch, num_heads, head_dim).to(out_dtype)
+    return attended.reshape(batch, num_heads, head_dim)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -123,8 +116,6 @@ def paged_decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: 
 # ---------------------------------------------------------------------------------------------------------------
 _LOG2E = 1.4426950408889634
 _NO_WINDOW = 1 << 30   # the window of a global layer: wider than any context
-_FP8_MAX = tl.constexpr(FP8_MAX)
-_MIN_SCALE = tl.constexpr(MIN_SCALE)
 
 
 def _window(sliding_window: int | None) -> int:
@@ -191,48 +182,6 @@ def _attend_key_tile(acc, m_i, l_i, q, q_pos, key_start, block_table_row, k_cach
         v = v * tl.cast(v_tile_scale, q.dtype)
     acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v, input_precision=DOT_PRECISION)
     return acc, m_new, l_i
-
-
-@triton.jit
-def _decode_over_fp8_cache(q, qk_scale, v_tile_scale, split_start, split_end, block_table_row, k_cache_ptr,
-                           v_cache_ptr, kv_head, seq_len, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs,
-                           stride_vh, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-                           DOT_PRECISION: tl.constexpr):
-    """(acc, m_i, l_i) of the query rows q [ROWS, D] over keys [split_start, split_end) of an fp8 cache, as
-    `_attend_key_tile` folds them. The keys are the MMA's rows (S^T = K q^T, then O^T = V^T P^T): with BLOCK_N keys
-    as M, Hopper runs both dots on wgmma (M a multiple of 64; a decode tile has 4-16 query rows), the first in fp8
-    straight from the K tile in shared memory, so K is never widened. The query rows are quantized to fp8 for it,
-    one scale per row (`quantize_fp8_ref`'s arithmetic; the scale goes on the scores). Rows keep the causal rule
-    by construction: decode's query is the last position and its splits start inside the window."""
-    value_dtype: tl.constexpr = tl.float32 if q.dtype == tl.float32 else tl.float16
-    q = q.to(tl.float32)
-    q_scale = tl.maximum(tl.max(tl.abs(q), 1) / _FP8_MAX, _MIN_SCALE)
-    q_t = tl.trans(round_to_e4m3(tl.clamp(tl.div_rn(q, q_scale[:, None]), -_FP8_MAX, _FP8_MAX)).to(tl.float8e4nv))
-    score_scale = q_scale * qk_scale
-    dims = tl.arange(0, HEAD_DIM)
-    m_i = tl.full([q.shape[0]], float("-inf"), tl.float32)
-    l_i = tl.zeros([q.shape[0]], tl.float32)
-    acc_t = tl.zeros([HEAD_DIM, q.shape[0]], tl.float32)
-    for key_start in range(split_start, split_end, BLOCK_N):
-        key_pos = key_start + tl.arange(0, BLOCK_N)
-        in_context = key_pos < seq_len
-        block = tl.load(block_table_row + key_pos // PAGE, mask=in_context, other=0).to(tl.int64)
-        slot_in_block = key_pos % PAGE
-        k_rows = block * stride_kb + slot_in_block * stride_ks + kv_head * stride_kh
-        v_rows = block * stride_vb + slot_in_block * stride_vs + kv_head * stride_vh
-        k = tl.load(k_cache_ptr + k_rows[:, None] + dims[None, :], mask=in_context[:, None], other=0.0)
-        s_t = tl.where(in_context[:, None], tl.dot(k, q_t) * score_scale[None, :], float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s_t, 0))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_safe)
-        p_t = tl.exp2(s_t - m_safe[None, :])
-        l_i = l_i * alpha + tl.sum(p_t, 0)
-        v_t = tl.load(v_cache_ptr + v_rows[None, :] + dims[:, None], mask=in_context[None, :], other=0.0)
-        # widened once into the MMA's register operand; without the multiply Triton loads the tile a byte at a time
-        v_t = v_t.to(value_dtype) * tl.cast(v_tile_scale, value_dtype)
-        acc_t = acc_t * alpha[None, :] + tl.dot(v_t, p_t.to(value_dtype), input_precision=DOT_PRECISION)
-        m_i = m_new
-    return tl.trans(acc_t), m_i, l_i
 
 
 @triton.jit
@@ -356,22 +305,18 @@ def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, partial_out_p
     dims = tl.arange(0, HEAD_DIM)
     q = tl.load(q_ptr + seq * stride_qb + head[:, None] * stride_qh + dims[None, :], mask=row_valid[:, None],
                 other=0.0)
+    q, qk_scale = _query_for_cache(q, qk_scale, k_cache_ptr)
+    q_pos = tl.zeros([GROUP_ROWS], tl.int32) + seq_len - 1
+
+    m_i = tl.full([GROUP_ROWS], float("-inf"), tl.float32)
+    l_i = tl.zeros([GROUP_ROWS], tl.float32)
+    acc = tl.zeros([GROUP_ROWS, HEAD_DIM], tl.float32)
     block_table_row = block_tables_ptr + seq * stride_bt
-    if k_cache_ptr.dtype.element_ty == tl.float8e4nv:
-        acc, m_i, l_i = _decode_over_fp8_cache(q, qk_scale, v_tile_scale, split_start, split_end, block_table_row,
-                                               k_cache_ptr, v_cache_ptr, kv_head, seq_len, stride_kb, stride_ks,
-                                               stride_kh, stride_vb, stride_vs, stride_vh, PAGE, BLOCK_N, HEAD_DIM,
-                                               DOT_PRECISION)
-    else:
-        q_pos = tl.zeros([GROUP_ROWS], tl.int32) + seq_len - 1
-        m_i = tl.full([GROUP_ROWS], float("-inf"), tl.float32)
-        l_i = tl.zeros([GROUP_ROWS], tl.float32)
-        acc = tl.zeros([GROUP_ROWS, HEAD_DIM], tl.float32)
-        for key_start in range(split_start, split_end, BLOCK_N):
-            acc, m_i, l_i = _attend_key_tile(acc, m_i, l_i, q, q_pos, key_start, block_table_row, k_cache_ptr,
-                                             v_cache_ptr, kv_head, seq_len, window, qk_scale, v_tile_scale,
-                                             stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, PAGE,
-                                             BLOCK_N, HEAD_DIM, True, DOT_PRECISION)
+    for key_start in range(split_start, split_end, BLOCK_N):
+        acc, m_i, l_i = _attend_key_tile(acc, m_i, l_i, q, q_pos, key_start, block_table_row, k_cache_ptr,
+                                         v_cache_ptr, kv_head, seq_len, window, qk_scale, v_tile_scale,
+                                         stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, PAGE,
+                                         BLOCK_N, HEAD_DIM, True, DOT_PRECISION)
     if not SPLIT:
         # an empty context (padding rows of a graph batch) yields zeros, not NaN
         out = acc * (v_scale / tl.maximum(l_i, 1e-30))[:, None]
@@ -423,6 +368,11 @@ def _check_attention_shapes(q: torch.Tensor, k_cache: torch.Tensor) -> int:
     return num_heads // num_kv_heads
 
 
+def _dot_precision(dtype: torch.dtype) -> str:
+    # fp32 models get true fp32 products (Triton's default would be tf32); fp16/bf16 ignore this
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
 @functools.lru_cache(maxsize=None)
 def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
@@ -468,7 +418,7 @@ def _paged_prefill(q, k_cache, v_cache, query_start_loc, seq_lens, block_tables,
         scale * k_scale * _LOG2E, v_tile_scale, v_scale, num_seqs,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3],
         block_tables.stride(0), GROUP=group, HEAD_DIM=q.shape[2], PAGE=k_cache.shape[1],
-        SHORT_ROWS=min(config["BLOCK_M"], _short_rows(group)), DOT_PRECISION=dot_precision(q.dtype), **config)
+        SHORT_ROWS=min(config["BLOCK_M"], _short_rows(group)), DOT_PRECISION=_dot_precision(q.dtype), **config)
     return out
 
 
@@ -527,7 +477,7 @@ def _paged_decode(q, k_cache, v_cache, seq_lens, block_tables, scale, out, confi
         out.stride(0), out.stride(1),
         *k_cache.stride()[:3], *v_cache.stride()[:3], block_tables.stride(0),
         GROUP=group, GROUP_ROWS=_short_rows(group), HEAD_DIM=head_dim, PAGE=k_cache.shape[1],
-        BLOCK_N=config["BLOCK_N"], SPLIT=num_splits > 1, DOT_PRECISION=dot_precision(q.dtype),
+        BLOCK_N=config["BLOCK_N"], SPLIT=num_splits > 1, DOT_PRECISION=_dot_precision(q.dtype),
         num_warps=config["num_warps"], num_stages=config["num_stages"])
     if num_splits > 1:
         _decode_reduce_kernel[(batch, num_heads)](
