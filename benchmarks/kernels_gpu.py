@@ -192,7 +192,8 @@ def decode_cases():
             "856x1500-1700": [int(n) for n in torch.randint(1500, 1701, (856,), generator=g)]}
 
 
-DECODE_SWEEP = [(64, 4, 3), (128, 4, 2), (128, 4, 3), (128, 8, 3), (256, 4, 3)]  # BLOCK_N, num_warps, num_stages
+# BLOCK_N, num_warps, num_stages
+DECODE_SWEEP = [(32, 1, 3), (32, 1, 5), (64, 2, 4), (64, 4, 3), (128, 4, 2), (128, 4, 3), (128, 8, 3), (256, 4, 3)]
 FP8_KV_SCALES = (0.05, 0.02)   # away from 1, so a scale applied twice or never fails the check
 
 
@@ -219,7 +220,8 @@ def bench_decode(dtype: torch.dtype, shape=LLAMA_8B, first_case_only: bool = Fal
         check("decode", case, dtype, out, ref)
         nbytes = 2.0 * sum(lengths) * kv_heads * head_dim * cache_dtype.itemsize + 2 * batch.q.numel() * dtype.itemsize
         max_keys = batch.block_tables.shape[1] * block
-        config = pa.decode_launch_config(len(lengths), kv_heads, head_dim, max_keys, DEVICE, dtype)
+        config = pa.decode_launch_config(len(lengths), kv_heads, head_dim, max_keys, DEVICE, dtype,
+                                         cache_dtype=cache_dtype)
         if not DRY:  # the runner replays decode in CUDA graphs: capture must work (no host sync), replay be right
             graph, graph_out = captured(lambda: pa.paged_decode_attention(*args, None, *scales))
             graph_out.fill_(float("nan"))
@@ -235,7 +237,8 @@ def bench_decode(dtype: torch.dtype, shape=LLAMA_8B, first_case_only: bool = Fal
             out = torch.empty_like(batch.q)
             for splits in sorted({1, config["num_splits"] // 2, config["num_splits"], config["num_splits"] * 2} - {0}):
                 for block_n, warps, stages in DECODE_SWEEP:
-                    sweep = pa.decode_launch_config(len(lengths), kv_heads, head_dim, max_keys, DEVICE, dtype, splits)
+                    sweep = pa.decode_launch_config(len(lengths), kv_heads, head_dim, max_keys, DEVICE, dtype, splits,
+                                                    cache_dtype)
                     sweep.update(BLOCK_N=block_n, num_warps=warps, num_stages=stages)
                     sweep["keys_per_split"] = triton.cdiv(sweep["keys_per_split"], block_n) * block_n
                     sweep["num_splits"] = triton.cdiv(max_keys, sweep["keys_per_split"])

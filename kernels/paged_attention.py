@@ -23,7 +23,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from batchgen.kernels.store_kv import dequantize_kv_ref, kv_scales
+from batchgen.kernels.store_kv import KV_FP8, dequantize_kv_ref, kv_scales
 
 
 def _gather_blocks(cache: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
@@ -438,18 +438,26 @@ _DECODE_MIN_KEYS_PER_SPLIT = 256
 
 
 def decode_launch_config(batch: int, num_kv_heads: int, head_dim: int, max_keys: int, device: torch.device,
-                         dtype: torch.dtype, num_splits: int | None = None) -> dict:
+                         dtype: torch.dtype, num_splits: int | None = None,
+                         cache_dtype: torch.dtype | None = None) -> dict:
     """Split the context so that batch x kv heads x splits is about 2 programs per SM, but no split holds fewer
     than 256 keys (swept on an H100: more splits only add partials to write and reduce). Only shapes go in
-    (max_keys = block_tables.shape[1] * block_size), so the launch can be captured in a CUDA graph."""
-    block_n = 32 if dtype == torch.float32 else 128 if head_dim <= 128 else 64
+    (max_keys = block_tables.shape[1] * block_size), so the launch can be captured in a CUDA graph.
+    An fp8 cache (head_dim <= 128) takes one warp per program over 32-key tiles, 5 stages deep: swept on an H200
+    (docs/benchmarks.md, 2026-12-01) 1.09-1.28x the 4-warp 128-key tiles wherever rows x keys fill the card. Its
+    loop is issue-bound, and small programs let more of them overlap their loads on each SM."""
+    if cache_dtype == KV_FP8 and dtype != torch.float32 and head_dim <= 128:
+        block_n, num_warps, num_stages = 32, 1, 5
+    else:
+        block_n = 32 if dtype == torch.float32 else 128 if head_dim <= 128 else 64
+        num_warps, num_stages = 4, 2 if dtype == torch.float32 else 3
     if num_splits is None:
         wanted = triton.cdiv(2 * _num_sms(device), batch * num_kv_heads)
         num_splits = min(wanted, triton.cdiv(max_keys, _DECODE_MIN_KEYS_PER_SPLIT), _DECODE_MAX_SPLITS)
     num_splits = max(1, min(num_splits, triton.cdiv(max_keys, block_n), _DECODE_MAX_SPLITS))
     keys_per_split = triton.cdiv(triton.cdiv(max_keys, num_splits), block_n) * block_n
     return dict(num_splits=triton.cdiv(max_keys, keys_per_split), keys_per_split=keys_per_split, BLOCK_N=block_n,
-                num_warps=4, num_stages=2 if dtype == torch.float32 else 3)
+                num_warps=num_warps, num_stages=num_stages)
 
 
 def _paged_decode(q, k_cache, v_cache, seq_lens, block_tables, scale, out, config: dict,
@@ -495,6 +503,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     (graph padding) get zeros. A sliding-window layer splits only the window's keys."""
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     max_keys = min(block_tables.shape[1] * k_cache.shape[1], _window(sliding_window))
-    config = decode_launch_config(q.shape[0], k_cache.shape[2], q.shape[2], max_keys, q.device, q.dtype)
+    config = decode_launch_config(q.shape[0], k_cache.shape[2], q.shape[2], max_keys, q.device, q.dtype,
+                                  cache_dtype=k_cache.dtype)
     return _paged_decode(q, k_cache, v_cache, seq_lens, block_tables, scale, out, config, sliding_window, k_scale,
                          v_scale)

@@ -127,6 +127,8 @@ def test_launch_configs_fit_the_h100_hot_shapes():
     assert few_long["num_splits"] * 2 * 8 >= 132 and few_long["keys_per_split"] % few_long["BLOCK_N"] == 0
     many_short = pa.decode_launch_config(256, 8, 128, 16 * 128, torch.device("cpu"), torch.bfloat16)
     assert many_short["num_splits"] == 1
+    fp8_cache = pa.decode_launch_config(856, 8, 128, 16 * 128, torch.device("cpu"), torch.bfloat16, None, KV_FP8)
+    assert (fp8_cache["BLOCK_N"], fp8_cache["num_warps"], fp8_cache["num_stages"]) == (32, 1, 5)
 
 
 def test_store_kv_then_prefill_sees_the_new_tokens():
@@ -268,7 +270,8 @@ def test_fp8_cache_decode_matches_reference(num_splits, window, dtype):
                                block_size=16, dtype=dtype, device=DEVICE, seed=num_splits + (window or 0))
     (k_cache, v_cache), (clean_k, clean_v) = _fp8_caches(batch)
     max_keys = min(batch.block_tables.shape[1] * 16, window or 1 << 30)
-    config = pa.decode_launch_config(len(DECODE_LENGTHS), 2, 32, max_keys, batch.q.device, dtype, num_splits)
+    config = pa.decode_launch_config(len(DECODE_LENGTHS), 2, 32, max_keys, batch.q.device, dtype, num_splits,
+                                     KV_FP8)
     out = pa._paged_decode(batch.q, k_cache, v_cache, batch.seq_lens, batch.block_tables, batch.scale,
                            torch.empty_like(batch.q), config, window, *FP8_SCALES)
     ref = pa.paged_decode_attention_ref(batch.q.float(), clean_k, clean_v, batch.seq_lens, batch.block_tables,
