@@ -77,10 +77,12 @@ class JobRates:
 
 class ShardRecord(BaseModel):
     shard_index: int
-    state: Literal["running", "requeued", "done"]   # requeued: its worker died, a new task is on the queue
+    # requeued: its worker or its message was lost, a new message is on the queue
+    state: Literal["running", "requeued", "done"]
     worker: str | None = None
     attempts: int = 0                           # times a worker started it (redeliveries show as > 1)
     started_at: datetime | None = None
+    requeued_at: datetime | None = None         # tells one requeue from the next, so each has one winner
     finished_at: datetime | None = None
     stats: ShardStats | None = None
 
@@ -232,18 +234,30 @@ class JobStore:
         alive = {worker.worker_id: worker for worker in self.live_workers()}
         return [(j, shard) for j, shard in running if _worker_lost(shard, alive.get(shard.worker))]
 
-    def requeue_shard(self, job_id: str, lost: ShardRecord) -> bool:
+    def pending_shards(self) -> list[tuple[JobRecord, int, ShardRecord | None]]:
+        """(job, shard index, its record if it has one) of every shard not done of the jobs still going (not
+        finished, not cancelled): the shards that must have a message on the queue or held by a worker."""
+        pending = []
+        for job in self.list_jobs():
+            if job.finished or job.cancel_requested:
+                continue
+            records = {record.shard_index: record for record in self.shard_records(job.job_id)}
+            pending += [(job, index, records.get(index)) for index in range(job.shards_total)
+                        if index not in records or records[index].state != "done"]
+        return pending
+
+    def requeue_shard(self, job_id: str, shard_index: int, seen: ShardRecord | None) -> bool:
         """Mark a lost shard requeued, so exactly one caller puts it back on the queue: True when this call
-        did, False when the job finished or was cancelled, or the shard moved on (done, restarted, or
-        another caller requeued it)."""
+        did, False when the job finished or was cancelled, or the shard's record is no longer `seen` (None: it
+        had none), the one the caller judged lost: it moved on (done, restarted, or requeued by another)."""
         def change(job: dict[str, str], shard: str | None) -> _Change:
             record = ShardRecord.model_validate_json(shard) if shard else None
-            if (not job or job["status"] in TERMINAL_STATUSES or job["cancel"] == "1" or record is None
-                    or (record.state, record.worker, record.attempts) != ("running", lost.worker, lost.attempts)):
+            if not job or job["status"] in TERMINAL_STATUSES or job["cancel"] == "1" or record != seen:
                 return _Change(False)
-            return _Change(True, {"updated_at": _now()}, {}, record.model_copy(update={"state": "requeued"})
-                           .model_dump_json())
-        return self._transact(job_id, lost.shard_index, change)
+            requeued = (record or ShardRecord(shard_index=shard_index, state="requeued")).model_copy(
+                update={"state": "requeued", "requeued_at": datetime.now(timezone.utc)})
+            return _Change(True, {"updated_at": _now()}, {}, requeued.model_dump_json())
+        return self._transact(job_id, shard_index, change)
 
     # -- workers and schedules -------------------------------------------------------------------------
     def heartbeat(self, worker: WorkerInfo, ttl_s: float = 30.0) -> None:

@@ -13,7 +13,9 @@ Settings come from the environment, so the CLI, workers, beat and tests agree wi
                                that); a running shard whose worker falls silent this long is put back on the queue
                                (default 30)
 """
+import base64
 import hashlib
+import json
 import os
 import re
 import ssl
@@ -102,10 +104,48 @@ def queue_length(queue: str) -> int:
         return connection.default_channel.queue_declare(queue).message_count
 
 
+def visibility_timeout_s() -> float:
+    """BATCHGEN_VISIBILITY_TIMEOUT, as this process's app was made with."""
+    return float(app.conf.broker_transport_options["visibility_timeout"])
+
+
+def broker_key(name: str) -> str:
+    """The Redis key of a queue, or of one of kombu's own lists: the transport puts its `global_keyprefix`
+    before each name."""
+    return f"{key_prefix()}:{name}"
+
+
 def unacked_index_key() -> str:
     """Kombu's Redis transport keeps each unacknowledged message's delivery tag here, scored with the time it
     was taken; once that is older than the visibility timeout, the message goes back to its queue."""
-    return f"{key_prefix()}:unacked_index"
+    return broker_key("unacked_index")
+
+
+def shards_on_broker(queue: str, pending: set[tuple[str, int]]) -> set[tuple[str, int]]:
+    """Which of the `pending` (job id, shard index) pairs have a message waiting on `queue` or held
+    unacknowledged by a worker, read in one snapshot. The queue itself is read only when it holds fewer
+    messages than the pending shards that no worker holds, since a long queue costs every worker a read per
+    heartbeat TTL; until then all count as there (a stale message, a duplicate or a cancelled job's, can
+    hide a lost one until the workers drain it)."""
+    redis = job_store().redis
+    held, length = redis.pipeline().hvals(broker_key("unacked")).llen(broker_key(queue)).execute()
+    found = pending & {_shard_of(json.loads(value)[0]) for value in held}
+    if length >= len(pending - found):
+        return pending
+    held, waiting = redis.pipeline().hvals(broker_key("unacked")).lrange(broker_key(queue), 0, -1).execute()
+    return pending & {_shard_of(message) for message in [json.loads(value)[0] for value in held]
+                      + [json.loads(value) for value in waiting]}
+
+
+def _shard_of(message: dict) -> tuple[str, int] | None:
+    """(job id, shard index) of a shard task's message as kombu stores it in Redis; None for another task."""
+    if message.get("headers", {}).get("task") != SHARD_TASK:
+        return None
+    body = message["body"]
+    if message.get("properties", {}).get("body_encoding") == "base64":
+        body = base64.b64decode(body)
+    (job_id, shard_index), _, _ = json.loads(body)
+    return job_id, shard_index
 
 
 app = make_app()

@@ -1,6 +1,7 @@
 """Putting a job on the queue: validate the whole input first (a refused file enqueues nothing), save job.json,
 register the job, then one task per shard on the model's queue."""
 import logging
+import time
 from collections.abc import Iterable
 
 from batchgen.generation_config import local_model_sampling
@@ -8,8 +9,8 @@ from batchgen.jobs.errors import JobInputError
 from batchgen.jobs.output_dir import prepare_output, save_spec
 from batchgen.jobs.readers import validate_input
 from batchgen.jobs.spec import JobSpec
-from batchgen.jobs.store import JobStore
-from batchgen.workers.app import app, queue_name
+from batchgen.jobs.store import JobStore, ShardRecord
+from batchgen.workers.app import app, queue_name, shards_on_broker, visibility_timeout_s
 
 log = logging.getLogger("batchgen.workers")
 
@@ -79,11 +80,45 @@ def requeue_lost_shards(store: JobStore) -> list[tuple[str, int]]:
     requeued = []
     for job_id, shard in store.lost_shards():
         spec = store.get_spec(job_id)
-        if spec is not None and store.requeue_shard(job_id, shard):
+        if spec is not None and store.requeue_shard(job_id, shard.shard_index, shard):
             enqueue_shards(spec, [shard.shard_index])
             log.warning("job %s shard %d: its worker %s is gone; queued again", job_id, shard.shard_index,
                         shard.worker)
             requeued.append((job_id, shard.shard_index))
+    return requeued
+
+
+def requeue_lost_messages(store: JobStore, missing_since: dict[tuple[str, int], tuple[ShardRecord | None, float]]
+                          ) -> list[tuple[str, int]]:
+    """Put back on the queue the shards not done whose message is gone: neither on their queue nor held
+    unacknowledged, so no visibility timeout will bring it back. Kombu's Redis transport takes a message
+    (BRPOP) before it records the hold, so a worker killed in between loses it; so does a `submit` killed
+    between registering a job and enqueueing it. A message being taken is out of sight for a moment, so a
+    shard counts as lost only when it was missing at every look, with its record unchanged, for longer than
+    the visibility timeout; `missing_since` carries those looks from one call to the next. Every worker runs
+    this from its heartbeat thread, beside `requeue_lost_shards`, so no other process has to; the store lets
+    one of them requeue each shard, and a repeat run of a shard is harmless anyway.
+    Returns the (job id, shard index) pairs this call requeued."""
+    now = time.monotonic()
+    by_queue: dict[str, dict[tuple[str, int], ShardRecord | None]] = {}
+    for job, shard_index, record in store.pending_shards():
+        by_queue.setdefault(queue_name(job.model), {})[(job.job_id, shard_index)] = record
+    still_missing, requeued = {}, []
+    for queue, pending in by_queue.items():
+        for key in pending.keys() - shards_on_broker(queue, set(pending)):
+            record, first_look = pending[key], missing_since.get(key)
+            since = first_look[1] if first_look and first_look[0] == record else now
+            if now - since <= visibility_timeout_s():
+                still_missing[key] = (record, since)
+                continue
+            job_id, shard_index = key
+            spec = store.get_spec(job_id)
+            if spec is not None and store.requeue_shard(job_id, shard_index, record):
+                enqueue_shards(spec, [shard_index])
+                log.warning("job %s shard %d: its message was lost; queued again", job_id, shard_index)
+                requeued.append(key)
+    missing_since.clear()
+    missing_since.update(still_missing)
     return requeued
 
 

@@ -4,7 +4,8 @@ A worker serves one model (BATCHGEN_MODEL, set by `batchgen worker --model M`) o
 pool runs two shard tasks at once in this process; both feed the same engine loop, so the next shard's rows
 are already in the batch while the current shard's last rows finish. A heartbeat thread tells the job store
 who this worker is and what it runs, so `batchgen status` can see a stall; it renews the broker's hold on the
-messages this worker took, and puts the shards of workers that died back on the queue.
+messages this worker took, and puts the shards of workers that died, and shards whose message was lost, back
+on the queue.
 """
 import json
 import logging
@@ -138,19 +139,21 @@ def _renew_leases() -> None:
 
 def _heartbeats() -> None:
     """Beat every third of the TTL; once per TTL (and at start, for what this worker's previous life was
-    running), requeue the shards of workers that died."""
-    from batchgen.workers.submit import requeue_lost_shards
+    running), requeue the shards of workers that died and those whose message was lost."""
+    from batchgen.workers.submit import requeue_lost_messages, requeue_lost_shards
 
     ttl_s = heartbeat_ttl_s()
     next_reap = 0.0
+    missing_since = {}
     while True:
         _beat_once(ttl_s)
         if time.monotonic() >= next_reap:
             next_reap = time.monotonic() + ttl_s
             try:
                 requeue_lost_shards(job_store())
+                requeue_lost_messages(job_store(), missing_since)
             except Exception as exc:  # Redis away: the next round tries again
-                log.warning("looking for shards of lost workers failed: %s", exc)
+                log.warning("looking for lost shards failed: %s", exc)
         if _heartbeat_stop.wait(ttl_s / 3):
             return
 

@@ -19,7 +19,7 @@ from batchgen.jobs.readers import validate_input
 from batchgen.jobs.spec import JobSpec
 from batchgen.jobs.stats import ShardStats
 from batchgen.jobs.store import MemoryJobStore, RedisJobStore, WorkerInfo
-from batchgen.workers.app import job_store, key_prefix
+from batchgen.workers.app import broker_key, job_store, key_prefix, queue_name
 from harness import HEARTBEAT_TTL_S, every_row_once, reference_texts, wait_until, write_jsonl
 
 pytestmark = pytest.mark.slow   # real worker processes, killed and restarted
@@ -57,8 +57,9 @@ def check_outputs(table: list[dict], rows: list[dict], reference_llm) -> None:
 def test_a_worker_killed_mid_shard_loses_no_row(model_alias, start_worker, reference_llm, tmp_path):
     model = model_alias("killed")
     # The killed worker's messages come back once the visibility timeout passes (the one it had taken but not
-    # started only then); a shard it was running that is done sooner was requeued by a heartbeat (TTL 2 s): any
-    # live worker's, since another test's worker may be running, so no worker's log is asserted.
+    # started only then, and one it was taking off the queue, held nowhere, a heartbeat requeues after that); a
+    # shard it was running that is done sooner was requeued by a heartbeat (TTL 2 s): any live worker's, since
+    # another test's worker may be running, so no worker's log is asserted.
     visibility_timeout_s = 30
     env = {**SLOW, "BATCHGEN_VISIBILITY_TIMEOUT": str(visibility_timeout_s)}
     doomed, survivor = start_worker(model, env=env), start_worker(model, env=env)
@@ -80,6 +81,29 @@ def test_a_worker_killed_mid_shard_loses_no_row(model_alias, start_worker, refer
         assert records[shard.shard_index].attempts >= 2
         assert written_by[shard.shard_index] == survivor.worker_id
         assert records[shard.shard_index].finished_at - killed_at < timedelta(seconds=visibility_timeout_s)
+
+
+def test_a_shard_whose_message_was_lost_is_queued_again(model_alias, start_worker, reference_llm, tmp_path):
+    """A worker killed after taking a message off the queue (BRPOP) and before recording its hold leaves the
+    shard's message nowhere, for no visibility timeout to bring back. Here one is taken off the queue by hand
+    before any worker starts: the worker's heartbeat finds it missing and, once the visibility timeout has
+    passed, queues the shard again. The messages that waited on the queue, or held by the worker, longer than
+    that are not sent twice."""
+    model = model_alias("lost-message")
+    rows = story_rows(12, "m")
+    job_id = submit(write_jsonl(tmp_path / "in.jsonl", rows), tmp_path / "out", model, shard_size=2)
+    queue, redis = broker_key(queue_name(model)), job_store().redis
+    [lost] = [m for m in redis.lrange(queue, 0, -1) if json.loads(m)["headers"]["argsrepr"] == repr((job_id, 1))]
+    assert redis.lrem(queue, 1, lost) == 1
+    worker = start_worker(model, env={**SLOW, "BATCHGEN_VISIBILITY_TIMEOUT": "3"}).wait_ready()
+
+    waited = cli("wait", job_id, "--interval", 0.2, "--timeout", 60)
+    assert waited.exit_code == 0, f"{job_store().shard_records(job_id)}\n{worker.log_text()[-4000:]}"
+    table = every_row_once(str(tmp_path / "out"), [r["id"] for r in rows])
+    check_outputs(table, rows, reference_llm)
+    assert [s.attempts for s in job_store().shard_records(job_id)] == [1] * 6
+    assert worker.log_text().count(" received") == 6
+    assert f"job {job_id} shard 1: its message was lost; queued again" in worker.log_text()
 
 
 def test_a_job_without_live_workers_is_stalled_until_one_comes_back(model_alias, start_worker, reference_llm,
@@ -137,14 +161,40 @@ def test_lost_shards_are_those_of_silent_or_restarted_workers_and_requeue_once(s
         (spec.job_id, 1, "silent"), (spec.job_id, 2, "restarted")]
 
     with ThreadPoolExecutor(8) as pool:          # every worker's reaper at once: each shard requeued once
-        won = list(pool.map(lambda pair: store.requeue_shard(*pair), lost * 4))
+        won = list(pool.map(lambda pair: store.requeue_shard(pair[0], pair[1].shard_index, pair[1]), lost * 4))
     assert sum(won) == 2 and store.lost_shards() == []
     assert {s.shard_index: s.state for s in store.shard_records(spec.job_id)} == {
         0: "running", 1: "requeued", 2: "requeued", 3: "done"}
     assert store.start_shard(spec.job_id, 1, "alive") == 2                  # taken again: a second attempt
     store.start_shard(spec.job_id, 4, "silent")
     store.cancel_job(spec.job_id)
-    assert not store.requeue_shard(spec.job_id, store.lost_shards(spec.job_id)[0][1])   # cancelled: stays put
+    [(_, lost_again)] = store.lost_shards(spec.job_id)
+    assert not store.requeue_shard(spec.job_id, 4, lost_again)                          # cancelled: stays put
+
+
+def test_a_shard_without_a_record_is_requeued_once_per_loss(store, tmp_path):
+    """A shard no worker started (its message lost on the way) is requeued by one caller; requeued again, from
+    that record, by one caller too. A started or done shard is no longer what the callers saw."""
+    spec = JobSpec(input=str(write_jsonl(tmp_path / "in.jsonl", story_rows(6, "r"))), output=str(tmp_path / "o"),
+                   shard_size=2)
+    spec.input_summary = validate_input(spec)
+    store.create_job(spec)
+    store.start_shard(spec.job_id, 0, "w")
+    store.complete_shard(spec.job_id, 0, ShardStats(shard_index=0, rows_total=2, rows_ok=2))
+    store.start_shard(spec.job_id, 1, "w")
+    assert [(job.job_id, index, record and record.state) for job, index, record in store.pending_shards()] == [
+        (spec.job_id, 1, "running"), (spec.job_id, 2, None)]
+
+    with ThreadPoolExecutor(8) as pool:
+        assert sum(pool.map(lambda _: store.requeue_shard(spec.job_id, 2, None), range(8))) == 1
+    [requeued] = [record for _, index, record in store.pending_shards() if index == 2]
+    assert requeued.state == "requeued" and requeued.attempts == 0
+    with ThreadPoolExecutor(8) as pool:
+        assert sum(pool.map(lambda _: store.requeue_shard(spec.job_id, 2, requeued), range(8))) == 1
+    assert not store.requeue_shard(spec.job_id, 2, requeued)
+    assert store.start_shard(spec.job_id, 2, "w") == 1 and not store.requeue_shard(spec.job_id, 2, None)
+    store.cancel_job(spec.job_id)
+    assert store.pending_shards() == []
 
 
 def test_status_names_shards_whose_worker_is_gone(tmp_path):
