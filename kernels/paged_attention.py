@@ -444,8 +444,8 @@ def decode_launch_config(batch: int, num_kv_heads: int, head_dim: int, max_keys:
     than 256 keys (swept on an H100: more splits only add partials to write and reduce). Only shapes go in
     (max_keys = block_tables.shape[1] * block_size), so the launch can be captured in a CUDA graph.
     An fp8 cache (head_dim <= 128) takes one warp per program over 32-key tiles, 5 stages deep: swept on an H200
-    (docs/benchmarks.md, 2026-12-01) 1.09-1.28x the 4-warp 128-key tiles wherever rows x keys fill the card. Its
-    loop is issue-bound, and small programs let more of them overlap their loads on each SM."""
+    (docs/benchmarks.md, 2026-12-01) 1.04-1.28x the 4-warp 128-key tiles on batches of 32-856 rows (0.89x at 8
+    rows of 8k keys). Its loop is issue-bound; small programs let more of them overlap their loads on each SM."""
     if cache_dtype == KV_FP8 and dtype != torch.float32 and head_dim <= 128:
         block_n, num_warps, num_stages = 32, 1, 5
     else:
