@@ -156,7 +156,8 @@ def correctness(args, device: torch.device) -> None:
 def engine_settings(args, device: torch.device, workload: str) -> dict:
     input_len, output_len = WORKLOADS[workload]
     settings = dict(load_format="dummy", device=device.type, dtype="float32" if args.smoke else "bfloat16",
-                    max_model_len=input_len + output_len + 16, generation_config="none")
+                    max_model_len=input_len + output_len + 16, generation_config="none",
+                    gpu_memory_utilization=args.gpu_memory_utilization)
     if args.quantization:
         settings["quantization"] = args.quantization
     if args.kv_cache_dtype:
@@ -346,6 +347,8 @@ def main() -> int:
         sub.add_argument("--num-requests", type=int, default=requests)
         sub.add_argument("--quantization", choices=["fp8"])
         sub.add_argument("--kv-cache-dtype", choices=["fp8"])
+        sub.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                         help="the share of each card the engine may take (weights, KV cache, steps)")
     throughput_mode = modes.choices["throughput"]
     throughput_mode.add_argument("--tensor-parallel-size", type=int, default=2)
     throughput_mode.add_argument("--profile-requests", type=int, default=256)
