@@ -8,13 +8,13 @@
 # call ready before this one returns. Single-GPU runs go two at a time, one per card, on nvidia-h200-x2.
 #
 #   tp-fp8      x2  70B shape, fp8 weights + fp8 KV, TP=2, 1000/1000 x 1,000 requests; all-reduce share  (~7 min)
-#   tp-bf16     x2  70B shape, bf16, TP=2, 1000/1000 x 1,000 requests; all-reduce share                   (~9 min)
+#   tp-bf16     x2  70B shape, bf16, TP=2, 1000/1000 x 1,000 requests; all-reduce share (~9 min: install first)
 #   tp-bf16-hf  x2  the same with 300 requests, then HF device_map="auto" on the first 16                  (~8 min)
 #   tp-check    x2  TP=2 vs TP=1 logits and greedy; 8B W1 data parallel (two engines) vs TP=2            (~6 min)
 #   fp8         x2  the kernels' tests, then kernels_gpu.py --sweep in bf16 (fp8-KV decode included) beside the 8B
 #                   1000/1000 fp8-weight runs with fp8 and bf16 KV and the fp8-KV decode profile          (~9 min)
 #   fp8-one     x1  the fp8 call on one card: kernels' tests, kernels in bf16 unswept, 8B 1000/1000 fp8 + fp8 KV
-#                   and its decode profile                                                                (~9 min)
+#                   and its decode profile                                                                (~5 min)
 #   fp8-gemm    x1  fp8_gpu.py: fp8 GEMMs (Triton, _scaled_mm, cuBLASLt block-scaled) and fp8 logits      (~1 min)
 #   fp8-70b     x1  70B shape, fp8 weights + fp8 KV on one card, 1000/1000 x 300 requests                  (~4 min)
 #   kernel-tests x1 pytest -n 8 tests/kernels on the card (pytest-xdist carried in .whl)                  (~3 min)
