@@ -47,7 +47,7 @@ def compile_for_hopper(fn, constants: dict, types: dict, unaligned: set[str], nu
 
 def decode_attention(cache_dtype: str, block_n: int, num_warps: int, num_stages: int):
     constants = dict(GROUP=4, GROUP_ROWS=16, HEAD_DIM=128, PAGE=16, BLOCK_N=block_n, SPLIT=False,
-                     DOT_PRECISION="tf32")
+                     DOT_PRECISION="tf32", WIDE_OFFSETS=False)
     types = {"q_ptr": "*bf16", "out_ptr": "*bf16", "partial_out_ptr": "*fp32", "partial_lse_ptr": "*fp32",
              "seq_lens_ptr": "*i32", "block_tables_ptr": "*i32", "k_cache_ptr": f"*{cache_dtype}",
              "v_cache_ptr": f"*{cache_dtype}", "qk_scale": "fp32", "v_tile_scale": "fp32", "v_scale": "fp32"}
@@ -100,7 +100,7 @@ def loop_figures(kernel) -> dict:
 
 def main() -> int:
     for cache_dtype in ("fp8e4nv", "bf16"):
-        for block_n, num_warps, num_stages in ((128, 4, 3), (64, 4, 3), (128, 8, 3), (128, 4, 1)):
+        for block_n, num_warps, num_stages in ((32, 1, 5), (128, 4, 3), (64, 4, 3), (128, 8, 3)):
             figures = loop_figures(decode_attention(cache_dtype, block_n, num_warps, num_stages))
             print(json.dumps(dict(
                 kernel="decode attention", triton=triton.__version__, kv_cache=cache_dtype, BLOCK_N=block_n,

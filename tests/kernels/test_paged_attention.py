@@ -117,6 +117,30 @@ def test_decode_empty_sequence_gives_zeros(num_splits):
     assert relative_l2(out[keep], ref[keep]) < TOLERANCE[torch.float32]
 
 
+def test_offsets_widen_to_64_bit_only_for_caches_past_int32():
+    # a KV cache of the Llama-8B layout (pages of 16, 8 KV heads of 128): 2^17 blocks (2M tokens) reach 2^31 elements
+    assert not pa._wide_offsets(torch.empty((2**17 - 1, 16, 8, 128), device="meta"))
+    assert pa._wide_offsets(torch.empty((2**17 + 1, 16, 8, 128), device="meta"))
+
+
+def test_wide_offsets_match_reference(monkeypatch):
+    # the 64-bit address path, taken by caches past int32's reach, on a small batch
+    monkeypatch.setattr(pa, "_INT32_OFFSETS_BELOW", 1)
+    chunks, block_size = PREFILL_MIXES["prefill_with_decodes"]
+    batch = random_paged_batch(chunks, num_heads=8, num_kv_heads=2, head_dim=32, block_size=block_size,
+                               dtype=torch.float32, seed=11, device=DEVICE)
+    out = pa.paged_prefill_attention(batch.q, batch.k_cache, batch.v_cache, batch.query_start_loc, batch.seq_lens,
+                                     batch.block_tables, batch.scale, batch.max_query_len)
+    assert relative_l2(out, _prefill_ref(batch)) < TOLERANCE[torch.float32]
+    batch = random_paged_batch([(n - 1, 1) for n in DECODE_LENGTHS], num_heads=8, num_kv_heads=2, head_dim=32,
+                               block_size=16, dtype=torch.float32, seed=12, device=DEVICE)
+    config = pa.decode_launch_config(len(DECODE_LENGTHS), 2, 32, batch.block_tables.shape[1] * 16, batch.q.device,
+                                     torch.float32, num_splits=2)
+    out = pa._paged_decode(batch.q, batch.k_cache, batch.v_cache, batch.seq_lens, batch.block_tables, batch.scale,
+                           torch.empty_like(batch.q), config)
+    assert relative_l2(out, _decode_ref(batch)) < TOLERANCE[torch.float32]
+
+
 def test_launch_configs_fit_the_h100_hot_shapes():
     # Llama-3.1-8B-like: 32 q heads over 8 kv heads, head_dim 128
     long_chunk = pa.prefill_launch_config(128, 4, 2048, torch.bfloat16)
