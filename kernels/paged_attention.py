@@ -116,6 +116,7 @@ def paged_decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: 
 # ---------------------------------------------------------------------------------------------------------------
 _LOG2E = 1.4426950408889634
 _NO_WINDOW = 1 << 30   # the window of a global layer: wider than any context
+_RESCALE_ABOVE = tl.constexpr(8.0)   # log2 units
 
 
 def _window(sliding_window: int | None) -> int:
@@ -167,11 +168,25 @@ def _attend_key_tile(acc, m_i, l_i, q, q_pos, key_start, block_table_row, k_cach
                    & in_context[None, :])
         qk = tl.where(visible, qk, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(qk, 1))
-    # rows with nothing visible so far keep m = -inf; exp2 of (-inf) - (-inf) would be NaN
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.exp2(m_i - m_safe)
-    p = tl.exp2(qk - m_safe[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
+    if MASKED:
+        # rows with nothing visible so far keep m = -inf; exp2 of (-inf) - (-inf) would be NaN
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(qk - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        m_i = m_new
+    else:
+        # lazy rescaling: the sums are rescaled only when some row's maximum grew by more than 2^8 (probabilities
+        # then stay below 256, far inside fp16), which after the first tiles is rare: the multiply of the whole
+        # accumulator by alpha was 64 of the fp8 decode loop's ~800 instructions a tile
+        if tl.max(m_new - m_i, 0) > _RESCALE_ABOVE:
+            alpha = tl.exp2(m_i - m_new)
+            acc = acc * alpha[:, None]
+            l_i = l_i * alpha
+            m_i = m_new
+        p = tl.exp2(qk - m_i[:, None])
+        l_i = l_i + tl.sum(p, 1)
     if MASKED:
         v = tl.load(v_cache_ptr + v_rows[:, None] + dims[None, :], mask=in_context[:, None], other=0.0)
     else:
@@ -182,8 +197,8 @@ def _attend_key_tile(acc, m_i, l_i, q, q_pos, key_start, block_table_row, k_cach
         # With a step between the widening and the dot, Triton widens the tile once and feeds the MMA through
         # ldmatrix; a tile widened in the MMA's own layout took a shared-memory load per byte (kernel_sass.py)
         v = v * tl.cast(v_tile_scale, q.dtype)
-    acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v, input_precision=DOT_PRECISION)
-    return acc, m_new, l_i
+    acc = acc + tl.dot(p.to(q.dtype), v, input_precision=DOT_PRECISION)
+    return acc, m_i, l_i
 
 
 @triton.jit
@@ -516,7 +531,7 @@ def _paged_decode(q, k_cache, v_cache, seq_lens, block_tables, scale, out, confi
         GROUP=group, GROUP_ROWS=_short_rows(group), HEAD_DIM=head_dim, PAGE=k_cache.shape[1],
         BLOCK_N=config["BLOCK_N"], SPLIT=num_splits > 1, DOT_PRECISION=_dot_precision(q.dtype),
         WIDE_OFFSETS=_wide_offsets(k_cache, v_cache),
-        num_warps=config["num_warps"], num_stages=config["num_stages"])
+        num_warps=config["num_warps"], num_stages=config["num_stages"], maxnreg=config.get("maxnreg"))
     if num_splits > 1:
         _decode_reduce_kernel[(batch, num_heads)](
             partial_out, partial_lse, out, seq_lens, _window(sliding_window), keys_per_split, num_splits, num_heads,

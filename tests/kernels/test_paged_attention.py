@@ -141,6 +141,32 @@ def test_wide_offsets_match_reference(monkeypatch):
     assert relative_l2(out, _decode_ref(batch)) < TOLERANCE[torch.float32]
 
 
+# (dtype, query factor): scores spread over tens (fp16) or hundreds (fp32) of log2 units, so the running maximum
+# jumps past the kernels' lazy rescaling threshold in some tiles and not in others; a jump left unscaled would
+# overflow the probabilities (fp16 past 2^16, fp32 past 2^128)
+PEAKED = [(torch.float16, 16.0), (torch.float32, 200.0)]
+
+
+@pytest.mark.parametrize("num_splits", [1, 3])
+@pytest.mark.parametrize("dtype, factor", PEAKED, ids=["fp16", "fp32"])
+def test_peaked_scores_rescale_the_running_sums(dtype, factor, num_splits):
+    batch = random_paged_batch([(n - 1, 1) for n in (100, 77, 128)], num_heads=8, num_kv_heads=2, head_dim=32,
+                               block_size=16, dtype=dtype, seed=5, device=DEVICE)
+    batch.q.mul_(factor)
+    config = pa.decode_launch_config(3, 2, 32, batch.block_tables.shape[1] * 16, batch.q.device, dtype,
+                                     num_splits) | dict(BLOCK_N=16)
+    out = pa._paged_decode(batch.q, batch.k_cache, batch.v_cache, batch.seq_lens, batch.block_tables, batch.scale,
+                           torch.empty_like(batch.q), config)
+    assert relative_l2(out, _decode_ref(batch)) < TOLERANCE[dtype]
+    batch = random_paged_batch([(70, 45), (0, 60)], num_heads=8, num_kv_heads=2, head_dim=32, block_size=16,
+                               dtype=dtype, seed=6, device=DEVICE)
+    batch.q.mul_(factor)
+    config = dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1)
+    out = pa._paged_prefill(batch.q, batch.k_cache, batch.v_cache, batch.query_start_loc, batch.seq_lens,
+                            batch.block_tables, batch.scale, batch.max_query_len, torch.empty_like(batch.q), config)
+    assert relative_l2(out, _prefill_ref(batch)) < TOLERANCE[dtype]
+
+
 def test_launch_configs_fit_the_h100_hot_shapes():
     # Llama-3.1-8B-like: 32 q heads over 8 kv heads, head_dim 128
     long_chunk = pa.prefill_launch_config(128, 4, 2048, torch.bfloat16)
