@@ -116,7 +116,6 @@ def paged_decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: 
 # ---------------------------------------------------------------------------------------------------------------
 _LOG2E = 1.4426950408889634
 _NO_WINDOW = 1 << 30   # the window of a global layer: wider than any context
-_RESCALE_ABOVE = tl.constexpr(8.0)   # log2 units
 
 
 def _window(sliding_window: int | None) -> int:
@@ -168,25 +167,11 @@ def _attend_key_tile(acc, m_i, l_i, q, q_pos, key_start, block_table_row, k_cach
                    & in_context[None, :])
         qk = tl.where(visible, qk, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(qk, 1))
-    if MASKED:
-        # rows with nothing visible so far keep m = -inf; exp2 of (-inf) - (-inf) would be NaN
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(qk - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
-        m_i = m_new
-    else:
-        # lazy rescaling: the sums are rescaled only when some row's maximum grew by more than 2^8 (probabilities
-        # then stay below 256, far inside fp16), which after the first tiles is rare: the multiply of the whole
-        # accumulator by alpha was 64 of the fp8 decode loop's ~800 instructions a tile
-        if tl.max(m_new - m_i, 0) > _RESCALE_ABOVE:
-            alpha = tl.exp2(m_i - m_new)
-            acc = acc * alpha[:, None]
-            l_i = l_i * alpha
-            m_i = m_new
-        p = tl.exp2(qk - m_i[:, None])
-        l_i = l_i + tl.sum(p, 1)
+    # rows with nothing visible so far keep m = -inf; exp2 of (-inf) - (-inf) would be NaN
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(qk - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
     if MASKED:
         v = tl.load(v_cache_ptr + v_rows[:, None] + dims[None, :], mask=in_context[:, None], other=0.0)
     else:
@@ -197,8 +182,8 @@ def _attend_key_tile(acc, m_i, l_i, q, q_pos, key_start, block_table_row, k_cach
         # With a step between the widening and the dot, Triton widens the tile once and feeds the MMA through
         # ldmatrix; a tile widened in the MMA's own layout took a shared-memory load per byte (kernel_sass.py)
         v = v * tl.cast(v_tile_scale, q.dtype)
-    acc = acc + tl.dot(p.to(q.dtype), v, input_precision=DOT_PRECISION)
-    return acc, m_i, l_i
+    acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v, input_precision=DOT_PRECISION)
+    return acc, m_new, l_i
 
 
 @triton.jit
@@ -484,19 +469,22 @@ _DECODE_MIN_KEYS_PER_SPLIT = 256
 def decode_launch_config(batch: int, num_kv_heads: int, head_dim: int, max_keys: int, device: torch.device,
                          dtype: torch.dtype, num_splits: int | None = None,
                          cache_dtype: torch.dtype | None = None) -> dict:
-    """Split the context so that batch x kv heads x splits is about 2 programs per SM, but no split holds fewer
-    than 256 keys (swept on an H100: more splits only add partials to write and reduce). Only shapes go in
-    (max_keys = block_tables.shape[1] * block_size), so the launch can be captured in a CUDA graph.
+    """Split the context so that batch x kv heads x splits is about 2 programs of 4 warps per SM (3 of one warp),
+    but no split holds fewer than 256 keys (swept on an H100: more splits only add partials to write and reduce).
+    Only shapes go in (max_keys = block_tables.shape[1] * block_size), so the launch can be captured in a CUDA graph.
     An fp8 cache (head_dim <= 128) takes one warp per program over 32-key tiles, 5 stages deep: swept on an H200
-    (docs/benchmarks.md, 2026-12-01) 1.04-1.28x the 4-warp 128-key tiles on batches of 32-856 rows (0.89x at 8
-    rows of 8k keys). Its loop is issue-bound; small programs let more of them overlap their loads on each SM."""
+    (docs/benchmarks.md, 2026-12-01) 1.04-1.28x the 4-warp 128-key tiles on batches of 32-856 rows. Its loop is
+    issue-bound; small programs let more of them overlap their loads on each SM. Their splits, swept on the H200:
+    8 rows of 8k keys 0.072 ms at 5 splits, 0.059 at 10, 0.071 at 20; 64 rows of 4k keys best unsplit (0.178 ms,
+    0.199 at 2); one row of 32k keys best at 64."""
     if cache_dtype == KV_FP8 and dtype != torch.float32 and head_dim <= 128:
         block_n, num_warps, num_stages = 32, 1, 5
     else:
         block_n = 32 if dtype == torch.float32 else 128 if head_dim <= 128 else 64
         num_warps, num_stages = 4, 2 if dtype == torch.float32 else 3
     if num_splits is None:
-        wanted = triton.cdiv(2 * _num_sms(device), batch * num_kv_heads)
+        programs_per_sm = 3 if num_warps == 1 else 2
+        wanted = triton.cdiv(programs_per_sm * _num_sms(device), batch * num_kv_heads)
         num_splits = min(wanted, triton.cdiv(max_keys, _DECODE_MIN_KEYS_PER_SPLIT), _DECODE_MAX_SPLITS)
     num_splits = max(1, min(num_splits, triton.cdiv(max_keys, block_n), _DECODE_MAX_SPLITS))
     keys_per_split = triton.cdiv(triton.cdiv(max_keys, num_splits), block_n) * block_n
@@ -531,7 +519,7 @@ def _paged_decode(q, k_cache, v_cache, seq_lens, block_tables, scale, out, confi
         GROUP=group, GROUP_ROWS=_short_rows(group), HEAD_DIM=head_dim, PAGE=k_cache.shape[1],
         BLOCK_N=config["BLOCK_N"], SPLIT=num_splits > 1, DOT_PRECISION=_dot_precision(q.dtype),
         WIDE_OFFSETS=_wide_offsets(k_cache, v_cache),
-        num_warps=config["num_warps"], num_stages=config["num_stages"], maxnreg=config.get("maxnreg"))
+        num_warps=config["num_warps"], num_stages=config["num_stages"])
     if num_splits > 1:
         _decode_reduce_kernel[(batch, num_heads)](
             partial_out, partial_lse, out, seq_lens, _window(sliding_window), keys_per_split, num_splits, num_heads,

@@ -142,8 +142,8 @@ def test_wide_offsets_match_reference(monkeypatch):
 
 
 # (dtype, query factor): scores spread over tens (fp16) or hundreds (fp32) of log2 units, so the running maximum
-# jumps past the kernels' lazy rescaling threshold in some tiles and not in others; a jump left unscaled would
-# overflow the probabilities (fp16 past 2^16, fp32 past 2^128)
+# jumps by that much from tile to tile; a jump the running sums missed would overflow the probabilities (fp16 past
+# 2^16, fp32 past 2^128)
 PEAKED = [(torch.float16, 16.0), (torch.float32, 200.0)]
 
 
