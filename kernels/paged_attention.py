@@ -221,20 +221,17 @@ def _prefill_tile(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, block_table_row, q_s
         acc, m_i, l_i = _attend_key_tile(acc, m_i, l_i, q, q_pos, key_start, block_table_row, k_cache_ptr,
                                          v_cache_ptr, kv_head, seq_len, window, qk_scale, v_tile_scale,
                                          stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, PAGE,
-                                         BLOCK_N, HEAD_DIM, True, DOT_PRECISION,
-                                         WIDE_OFFSETS)
+                                         BLOCK_N, HEAD_DIM, True, DOT_PRECISION, WIDE_OFFSETS)
     for key_start in range(unmasked_start, unmasked_end, BLOCK_N):
         acc, m_i, l_i = _attend_key_tile(acc, m_i, l_i, q, q_pos, key_start, block_table_row, k_cache_ptr,
                                          v_cache_ptr, kv_head, seq_len, window, qk_scale, v_tile_scale,
                                          stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, PAGE,
-                                         BLOCK_N, HEAD_DIM, False, DOT_PRECISION,
-                                         WIDE_OFFSETS)
+                                         BLOCK_N, HEAD_DIM, False, DOT_PRECISION, WIDE_OFFSETS)
     for key_start in range(unmasked_end, last_pos + 1, BLOCK_N):
         acc, m_i, l_i = _attend_key_tile(acc, m_i, l_i, q, q_pos, key_start, block_table_row, k_cache_ptr,
                                          v_cache_ptr, kv_head, seq_len, window, qk_scale, v_tile_scale,
                                          stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, PAGE,
-                                         BLOCK_N, HEAD_DIM, True, DOT_PRECISION,
-                                         WIDE_OFFSETS)
+                                         BLOCK_N, HEAD_DIM, True, DOT_PRECISION, WIDE_OFFSETS)
     out = acc * (v_scale / l_i)[:, None]
     out_offsets = (q_start + row_token)[:, None] * stride_ot + row_head[:, None] * stride_oh + dims[None, :]
     tl.store(out_ptr + out_offsets, out.to(out_ptr.dtype.element_ty), mask=row_valid[:, None])
@@ -326,14 +323,12 @@ def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, partial_out_p
         acc, m_i, l_i = _attend_key_tile(acc, m_i, l_i, q, q_pos, key_start, block_table_row, k_cache_ptr,
                                          v_cache_ptr, kv_head, seq_len, window, qk_scale, v_tile_scale,
                                          stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, PAGE,
-                                         BLOCK_N, HEAD_DIM, False, DOT_PRECISION,
-                                         WIDE_OFFSETS)
+                                         BLOCK_N, HEAD_DIM, False, DOT_PRECISION, WIDE_OFFSETS)
     if full_end < split_end:
         acc, m_i, l_i = _attend_key_tile(acc, m_i, l_i, q, q_pos, full_end, block_table_row, k_cache_ptr,
                                          v_cache_ptr, kv_head, seq_len, window, qk_scale, v_tile_scale,
                                          stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, PAGE,
-                                         BLOCK_N, HEAD_DIM, True, DOT_PRECISION,
-                                         WIDE_OFFSETS)
+                                         BLOCK_N, HEAD_DIM, True, DOT_PRECISION, WIDE_OFFSETS)
     if not SPLIT:
         # an empty context (padding rows of a graph batch) yields zeros, not NaN
         out = acc * (v_scale / tl.maximum(l_i, 1e-30))[:, None]
@@ -473,7 +468,7 @@ def decode_launch_config(batch: int, num_kv_heads: int, head_dim: int, max_keys:
     but no split holds fewer than 256 keys (swept on an H100: more splits only add partials to write and reduce).
     Only shapes go in (max_keys = block_tables.shape[1] * block_size), so the launch can be captured in a CUDA graph.
     An fp8 cache (head_dim <= 128) takes one warp per program over 32-key tiles, 5 stages deep: swept on an H200
-    (docs/benchmarks.md, 2026-12-01) 1.04-1.28x the 4-warp 128-key tiles on batches of 32-856 rows. Its loop is
+    (docs/benchmarks.md, 2026-12-01) 1.04-1.28x the 4-warp 128-key tiles on batches of 32-856 rows. Its loop was
     issue-bound; small programs let more of them overlap their loads on each SM. Their splits, swept on the H200:
     8 rows of 8k keys 0.072 ms at 5 splits, 0.059 at 10, 0.071 at 20; 64 rows of 4k keys best unsplit (0.178 ms,
     0.199 at 2); one row of 32k keys best at 64."""
