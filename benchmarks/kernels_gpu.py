@@ -32,6 +32,7 @@ import triton  # noqa: E402
 
 from batchgen.kernels import activation, paged_attention as pa, rms_norm, rotary, store_kv  # noqa: E402
 from batchgen.kernels import top_p_threshold as top_p_kernel  # noqa: E402
+from batchgen.kernels.pick_tokens import pick_tokens, pick_tokens_ref  # noqa: E402
 from batchgen.kernels.testing import TOLERANCE, bench_ms, random_paged_batch, relative_l2  # noqa: E402
 
 DRY = OPTS.dry_run
@@ -340,6 +341,26 @@ def bench_top_p() -> None:
                     lambda: top_p_kernel.top_p_threshold_ref(logits, nucleus), impl="torch_ref (sort)")
 
 
+def bench_pick_tokens() -> None:
+    """A decode step's token choice at the 8B 1000/1000 batch (856 rows of the 128,256-token vocabulary): the
+    race through one kernel pass against the torch passes it replaced, both on the same noise; the tokens must
+    be the same, the log-normalizers within 1e-5."""
+    rows, vocab = (6, 3000) if DRY else (856, 128256)
+    generator = torch.Generator(device=DEVICE).manual_seed(0)
+    logits = (torch.randn(rows, vocab, device=DEVICE, generator=generator) * 3.0).bfloat16().float()
+    noise = torch.empty_like(logits).exponential_(generator=generator)
+    (tokens, lse), (ref_tokens, ref_lse) = pick_tokens(logits, logits, noise), pick_tokens_ref(logits, logits, noise)
+    ok = torch.equal(tokens, ref_tokens) and torch.allclose(lse, ref_lse, rtol=1e-5, atol=1e-5)
+    if not ok:
+        FAILED.append("pick_tokens")
+    emit(dict(type="check", kernel="pick_tokens", case=f"{rows}x{vocab}", dtype="float32",
+              mismatched_rows=int((tokens != ref_tokens).sum()), ok=ok))
+    time_triton("pick_tokens", f"{rows}x{vocab}", torch.float32, lambda: pick_tokens(logits, logits, noise),
+                nbytes=2 * logits.numel() * 4)
+    time_triton("pick_tokens", f"{rows}x{vocab}", torch.float32, lambda: pick_tokens_ref(logits, logits, noise),
+                impl="torch_ref")
+
+
 def print_table() -> None:
     print(f"\n{'kernel':<14}{'case':<24}{'dtype':<10}{'impl':<19}{'ms':>9}{'GB/s':>8}{'TFLOP/s':>9}{'%peak':>7}")
     for r in RESULTS:
@@ -374,6 +395,7 @@ def main() -> int:
                 torch.cuda.empty_cache()
     bench_decode(dtypes[0], fp8_kv=True)   # over an fp8 cache (the fp8 KV runs), the model's first dtype
     bench_top_p()
+    bench_pick_tokens()
     for shape in OTHER_ATTENTION_SHAPES:  # other head dims and block sizes: one case each, first dtype only
         bench_decode(dtypes[0], shape, first_case_only=True)
         bench_prefill(dtypes[0], shape, first_case_only=True)

@@ -7,8 +7,8 @@ import os
 
 import torch
 
-from batchgen.kernels import (activation, fp8, fused_moe as _fused_moe, paged_attention, rms_norm as _rms_norm,
-                              rotary, store_kv as _store_kv, top_p_threshold as _top_p_threshold)
+from batchgen.kernels import (activation, fp8, fused_moe as _fused_moe, paged_attention, pick_tokens as _pick_tokens,
+                              rms_norm as _rms_norm, rotary, store_kv as _store_kv, top_p_threshold as _top_p_threshold)
 
 
 def _triton(x: torch.Tensor) -> bool:
@@ -77,6 +77,11 @@ def gelu_tanh_and_mul_fp8(x):
 def top_p_threshold(logits, top_p):
     fn = _top_p_threshold.top_p_threshold if _triton(logits) else _top_p_threshold.top_p_threshold_ref
     return fn(logits, top_p)
+
+
+def pick_tokens(processed, logits, noise):
+    fn = _pick_tokens.pick_tokens if _triton(processed) else _pick_tokens.pick_tokens_ref
+    return fn(processed, logits, noise)
 
 
 def quantize_fp8(x, group_size=None):

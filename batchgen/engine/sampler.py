@@ -108,8 +108,9 @@ class Sampler:
     seeded request samples the same tokens whatever else is in the batch); the rest share this sampler's."""
 
     def __init__(self, seed: int = 0, draw: str = "auto"):
-        """draw: "race" (exponential race: a noise vector per row, cheap on a GPU), "inverse_cdf" (one uniform
-        per row through torch.multinomial: the CPU's random numbers are the cost there), or "auto" (by device)."""
+        """draw: "race" (exponential race: a noise vector per row, cheap on a GPU, where one kernel pass picks the
+        tokens: `batchgen.kernels.pick_tokens`), "inverse_cdf" (one uniform per row against the cumulative
+        probabilities: the CPU's random numbers are the cost there), or "auto" (by device)."""
         if draw not in ("auto", "race", "inverse_cdf"):
             raise ValueError(f"draw must be auto, race or inverse_cdf, not {draw!r}")
         self.seed = seed
@@ -125,16 +126,15 @@ class Sampler:
         num_rows, vocab_size = logits.shape
         processed = process_logits(logits, requests, self._history)
         sampled_rows = [i for i, r in enumerate(requests) if not r.params.greedy]
-        if len(sampled_rows) == num_rows:
-            token_ids = self._draw(processed, requests)
+        method = self.draw if self.draw != "auto" else "inverse_cdf" if logits.device.type == "cpu" else "race"
+        if method == "race" or not sampled_rows:
+            token_ids, log_normalizer = ops.pick_tokens(processed, logits, self._race_noise(processed, requests))
         else:
             token_ids = processed.argmax(-1)
-            if sampled_rows:
-                index = to_device(sampled_rows, logits.device)
-                drawn = self._draw(processed.index_select(0, index), [requests[i] for i in sampled_rows])
-                token_ids.index_copy_(0, index, drawn)
-
-        log_normalizer = logits.logsumexp(-1)
+            index = to_device(sampled_rows, logits.device)
+            drawn = self._inverse_cdf_draws(processed.index_select(0, index), [requests[i] for i in sampled_rows])
+            token_ids.index_copy_(0, index, drawn)
+            log_normalizer = logits.logsumexp(-1)
         chosen_logprobs = logits.gather(1, token_ids[:, None]).squeeze(1) - log_normalizer
         packed = [token_ids.double(), _nan_to_neg_inf(chosen_logprobs).double()]
         top_rows = [i for i, r in enumerate(requests) if r.params.logprobs]
@@ -146,21 +146,40 @@ class Sampler:
             packed += [top_ids.flatten().double(), top_logprobs.flatten().double()]
         return PendingSample(token_ids, torch.cat(packed), requests, top_rows, num_top)
 
-    def _draw(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
-        """One token per row with probability softmax(logits). Each row uses only its own random numbers,
-        which is what lets seeded rows ignore the rest of the batch."""
-        method = self.draw if self.draw != "auto" else "inverse_cdf" if logits.device.type == "cpu" else "race"
-        draw_rows = _race if method == "race" else _inverse_cdf
+    def _race_noise(self, processed: torch.Tensor, requests: list[Request]) -> torch.Tensor | None:
+        """Exp(1) draws for the race, a row per sampled request from its own generator when seeded (which is what
+        lets seeded rows ignore the rest of the batch), 1.0 on greedy rows (their argmax stays); None when no
+        row samples."""
+        sampled = [i for i, r in enumerate(requests) if not r.params.greedy]
+        if not sampled:
+            return None
+        unseeded = [i for i in sampled if requests[i].params.seed is None]
+        if len(unseeded) == len(requests):
+            return torch.empty_like(processed).exponential_(generator=self._generator(processed.device))
+        noise = torch.ones_like(processed)
+        if unseeded:
+            index = to_device(unseeded, processed.device)
+            draws = torch.empty((len(unseeded), processed.shape[1]), dtype=processed.dtype, device=processed.device)
+            noise.index_copy_(0, index, draws.exponential_(generator=self._generator(processed.device)))
+        for i in sampled:
+            if requests[i].params.seed is not None:
+                noise[i].exponential_(generator=_request_generator(requests[i], processed.device))
+        return noise
+
+    def _inverse_cdf_draws(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+        """One token per row with probability softmax(logits), each row from its own random numbers (seeded
+        rows from their own generators)."""
         seeded = [j for j, r in enumerate(requests) if r.params.seed is not None]
         if not seeded:
-            return draw_rows(logits, self._generator(logits.device))
+            return _inverse_cdf(logits, self._generator(logits.device))
         token_ids = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
         unseeded = [j for j, r in enumerate(requests) if r.params.seed is None]
         if unseeded:
             index = to_device(unseeded, logits.device)
-            token_ids.index_copy_(0, index, draw_rows(logits.index_select(0, index), self._generator(logits.device)))
+            token_ids.index_copy_(0, index, _inverse_cdf(logits.index_select(0, index),
+                                                         self._generator(logits.device)))
         for j in seeded:
-            token_ids[j] = draw_rows(logits[j:j + 1], _request_generator(requests[j], logits.device))[0]
+            token_ids[j] = _inverse_cdf(logits[j:j + 1], _request_generator(requests[j], logits.device))[0]
         return token_ids
 
     def _generator(self, device: torch.device) -> torch.Generator:
@@ -191,14 +210,6 @@ class PendingSample:
         if self._copied is not None:
             self._copied.synchronize()
         return _unpack(self._host.tolist(), self._requests, self._top_rows, self._num_top)
-
-
-def _race(logits: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Exponential race: argmax(p / q), q ~ Exp(1), picks token t with probability p_t."""
-    noise = torch.empty_like(logits).exponential_(generator=generator)
-    # q == 0 would turn a zero-probability token into 0/0 = NaN, which argmax prefers
-    noise.clamp_min_(torch.finfo(noise.dtype).tiny)
-    return logits.softmax(-1).div_(noise).argmax(-1)
 
 
 def _inverse_cdf(logits: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

@@ -1,0 +1,78 @@
+"""One token per row, and the row's log-normalizer, in one pass over the vocabulary.
+
+A sampled row draws by the exponential race: with q ~ Exp(1) per token, argmax(p / q) picks token t with
+probability p_t. The kernel takes the same argmax as argmax(x - log q) on the processed logits x (softmax's
+normalizer cannot move it), so it never writes the probabilities; beside it, it sums the raw logits' exp for the
+logprobs. On a 128k vocabulary the torch form is ~8 passes over the [rows, vocab] logits (softmax, clamp, divide,
+argmax, logsumexp's max, exp, sum), ~2 ms a step at 856 rows on an H200 (docs/benchmarks.md, the decode profile).
+"""
+import torch
+import triton
+import triton.language as tl
+
+_TINY = torch.finfo(torch.float32).tiny
+
+
+def pick_tokens_ref(processed: torch.Tensor, logits: torch.Tensor, noise: torch.Tensor | None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """processed, logits [R, V] float32; noise [R, V] Exp(1) draws, or None for argmax on every row (a row whose
+    noise is all 1 takes its argmax too) -> (token ids [R] int64, logsumexp(logits) [R] float32)."""
+    if noise is None:
+        scores = processed
+    else:
+        # q == 0 would turn a zero-probability token into 0/0 = NaN, which argmax prefers
+        scores = processed.softmax(-1).div_(noise.clamp_min(_TINY))
+    return scores.argmax(-1), logits.logsumexp(-1)
+
+
+@triton.jit
+def _pick_tokens_kernel(processed_ptr, logits_ptr, noise_ptr, token_ptr, lse_ptr, vocab, stride_p, stride_l,
+                        stride_n, HAS_NOISE: tl.constexpr, SAME_LOGITS: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    best_score = tl.full([], float("-inf"), tl.float32)
+    best_token = tl.full([], 0, tl.int32)
+    running_max = tl.full([], float("-inf"), tl.float32)
+    running_sum = tl.full([], 0.0, tl.float32)
+    for start in range(0, vocab, BLOCK):
+        in_vocab = start + cols < vocab
+        x = tl.load(processed_ptr + row * stride_p + start + cols, mask=in_vocab, other=float("-inf"))
+        if HAS_NOISE:
+            q = tl.load(noise_ptr + row * stride_n + start + cols, mask=in_vocab, other=1.0)
+            score = x - tl.log(tl.maximum(q, _TINY))
+        else:
+            score = x
+        # first maximum within the block, and an earlier block keeps a tie: torch.argmax's choice
+        block_best, block_token = tl.max(score, 0, return_indices=True, return_indices_tie_break_left=True)
+        better = block_best > best_score
+        best_token = tl.where(better, start + block_token, best_token)
+        best_score = tl.where(better, block_best, best_score)
+        if SAME_LOGITS:
+            raw = x
+        else:
+            raw = tl.load(logits_ptr + row * stride_l + start + cols, mask=in_vocab, other=float("-inf"))
+        new_max = tl.maximum(running_max, tl.max(raw, 0))
+        shift = tl.where(new_max == float("-inf"), 0.0, new_max)   # a row of only -inf so far: sums stay 0
+        running_sum = running_sum * tl.exp(running_max - shift) + tl.sum(tl.exp(raw - shift), 0)
+        running_max = new_max
+    tl.store(token_ptr + row, best_token.to(tl.int64))
+    tl.store(lse_ptr + row, running_max + tl.log(running_sum))
+
+
+def pick_tokens(processed: torch.Tensor, logits: torch.Tensor, noise: torch.Tensor | None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton twin of `pick_tokens_ref` (float32 rows with a unit last stride)."""
+    num_rows, vocab = processed.shape
+    token_ids = torch.empty(num_rows, dtype=torch.long, device=processed.device)
+    log_normalizer = torch.empty(num_rows, dtype=torch.float32, device=processed.device)
+    if num_rows == 0:
+        return token_ids, log_normalizer
+    for name, tensor in (("processed", processed), ("logits", logits), ("noise", noise)):
+        if tensor is not None and (tensor.dtype != torch.float32 or tensor.stride(-1) != 1):
+            raise ValueError(f"pick_tokens needs float32 {name} with contiguous rows")
+    same = logits.data_ptr() == processed.data_ptr() and logits.stride(0) == processed.stride(0)
+    _pick_tokens_kernel[(num_rows,)](
+        processed, logits, processed if noise is None else noise, token_ids, log_normalizer, vocab,
+        processed.stride(0), logits.stride(0), processed.stride(0) if noise is None else noise.stride(0),
+        HAS_NOISE=noise is not None, SAME_LOGITS=same, BLOCK=2048, num_warps=8)
+    return token_ids, log_normalizer
