@@ -7,6 +7,7 @@ and the SASS of its longest loop is counted by opcode:
   over 132 SMs at ~1.75 GHz, each SM must finish one every ~1,580 cycles.
 - the fused MoE grouped GEMM at decode rows (16 rows of one expert, 128 output columns, 64-deep K steps) with bf16
   and fp8 expert weights and bf16 activations: an fp8 64 x 128 weight tile (8 KiB) every ~400 cycles.
+- the sampler's token pick (`kernels/pick_tokens.py`), with and without the race's noise.
 
 A CTA of 4 warps issues its loop once per warp on the SM's 4 schedulers: about one loop length of cycles per tile,
 before any stall; `F2F` (fp16 -> bf16) is a quarter-rate instruction. One JSON line per variant.
@@ -28,7 +29,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from batchgen.kernels import fused_moe, paged_attention as pa
+from batchgen.kernels import fused_moe, paged_attention as pa, pick_tokens
 
 BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 
@@ -64,6 +65,15 @@ def moe_grouped_gemm(weight_dtype: str):
              "weights_ptr": "*fp32", "sorted_pairs_ptr": "*i32", "block_expert_ptr": "*i32"}
     unaligned = {"num_pairs", "top_k", "scale_block_n", "scale_block_k"}
     return compile_for_hopper(fused_moe._grouped_gemm_kernel, constants, types, unaligned, num_warps=4, num_stages=3)
+
+
+def pick_tokens_kernel(has_noise: bool):
+    """The sampler's token pick over one row's 2,048-column blocks, with the race's noise or without."""
+    types = {"processed_ptr": "*fp32", "logits_ptr": "*fp32", "noise_ptr": "*fp32", "token_ptr": "*i64",
+             "lse_ptr": "*fp32"}
+    constants = dict(HAS_NOISE=has_noise, SAME_LOGITS=True, BLOCK=2048)
+    return compile_for_hopper(pick_tokens._pick_tokens_kernel, constants, types, {"vocab"}, num_warps=8,
+                              num_stages=3)
 
 
 def _tool(name: str, cubin: bytes, *flags: str) -> str:
@@ -111,6 +121,9 @@ def main() -> int:
     for weight_dtype in ("fp8e4nv", "bf16"):
         print(json.dumps(dict(kernel="fused MoE grouped GEMM (decode rows)", triton=triton.__version__,
                               weights=weight_dtype, **loop_figures(moe_grouped_gemm(weight_dtype)))))
+    for has_noise in (True, False):
+        print(json.dumps(dict(kernel="token pick (2,048 columns an iteration)", triton=triton.__version__,
+                              race=has_noise, **loop_figures(pick_tokens_kernel(has_noise)))))
     return 0
 
 

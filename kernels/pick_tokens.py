@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-_TINY = torch.finfo(torch.float32).tiny
+_TINY = tl.constexpr(torch.finfo(torch.float32).tiny)
 
 
 def pick_tokens_ref(processed: torch.Tensor, logits: torch.Tensor, noise: torch.Tensor | None
@@ -21,19 +21,23 @@ def pick_tokens_ref(processed: torch.Tensor, logits: torch.Tensor, noise: torch.
         scores = processed
     else:
         # q == 0 would turn a zero-probability token into 0/0 = NaN, which argmax prefers
-        scores = processed.softmax(-1).div_(noise.clamp_min(_TINY))
+        scores = processed.softmax(-1).div_(noise.clamp_min(_TINY.value))
     return scores.argmax(-1), logits.logsumexp(-1)
 
 
 @triton.jit
 def _pick_tokens_kernel(processed_ptr, logits_ptr, noise_ptr, token_ptr, lse_ptr, vocab, stride_p, stride_l,
                         stride_n, HAS_NOISE: tl.constexpr, SAME_LOGITS: tl.constexpr, BLOCK: tl.constexpr):
+    """One program a row. Each lane keeps its own best score and running sums over the columns it visits, and
+    the lanes meet once at the end: reducing across the block every iteration cost the loop shuffle trees and
+    barriers (compiled for sm_90 by triton 3.6: 512 instructions an iteration against 458 with noise, most of them
+    now the accurate log; 273 against 207 without)."""
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
-    best_score = tl.full([], float("-inf"), tl.float32)
-    best_token = tl.full([], 0, tl.int32)
-    running_max = tl.full([], float("-inf"), tl.float32)
-    running_sum = tl.full([], 0.0, tl.float32)
+    best_score = tl.full([BLOCK], float("-inf"), tl.float32)
+    best_token = tl.zeros([BLOCK], tl.int32)
+    running_max = tl.full([BLOCK], float("-inf"), tl.float32)
+    running_sum = tl.zeros([BLOCK], tl.float32)
     for start in range(0, vocab, BLOCK):
         in_vocab = start + cols < vocab
         x = tl.load(processed_ptr + row * stride_p + start + cols, mask=in_vocab, other=float("-inf"))
@@ -42,21 +46,25 @@ def _pick_tokens_kernel(processed_ptr, logits_ptr, noise_ptr, token_ptr, lse_ptr
             score = x - tl.log(tl.maximum(q, _TINY))
         else:
             score = x
-        # first maximum within the block, and an earlier block keeps a tie: torch.argmax's choice
-        block_best, block_token = tl.max(score, 0, return_indices=True, return_indices_tie_break_left=True)
-        better = block_best > best_score
-        best_token = tl.where(better, start + block_token, best_token)
-        best_score = tl.where(better, block_best, best_score)
+        better = score > best_score   # a lane keeps its first maximum
+        best_token = tl.where(better, start + cols, best_token)
+        best_score = tl.where(better, score, best_score)
         if SAME_LOGITS:
             raw = x
         else:
             raw = tl.load(logits_ptr + row * stride_l + start + cols, mask=in_vocab, other=float("-inf"))
-        new_max = tl.maximum(running_max, tl.max(raw, 0))
-        shift = tl.where(new_max == float("-inf"), 0.0, new_max)   # a row of only -inf so far: sums stay 0
-        running_sum = running_sum * tl.exp(running_max - shift) + tl.sum(tl.exp(raw - shift), 0)
+        new_max = tl.maximum(running_max, raw)
+        shift = tl.where(new_max == float("-inf"), 0.0, new_max)   # nothing finite yet: the sum stays 0
+        running_sum = running_sum * tl.exp(running_max - shift) + tl.exp(raw - shift)
         running_max = new_max
-    tl.store(token_ptr + row, best_token.to(tl.int64))
-    tl.store(lse_ptr + row, running_max + tl.log(running_sum))
+    # the first token holding the best score, as torch.argmax picks (token 0 for a row of only -inf)
+    row_best = tl.max(best_score, 0)
+    token = tl.min(tl.where(best_score == row_best, best_token, vocab), 0)
+    row_max = tl.max(running_max, 0)
+    shift = tl.where(row_max == float("-inf"), 0.0, row_max)
+    row_sum = tl.sum(running_sum * tl.exp(running_max - shift), 0)
+    tl.store(token_ptr + row, token.to(tl.int64))
+    tl.store(lse_ptr + row, row_max + tl.log(row_sum))
 
 
 def pick_tokens(processed: torch.Tensor, logits: torch.Tensor, noise: torch.Tensor | None

@@ -12,7 +12,8 @@ def _logits(seed: int) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     logits = torch.randn(6, VOCAB, generator=generator) * torch.tensor([[0.5], [1.0], [2.0], [4.0], [8.0], [1.0]])
     logits[1, :2500] = float("-inf")                 # a grammar's mask: the row's tokens all in the second block
-    logits[3, [100, 2100]] = 50.0                    # a tie across blocks: the first one wins
+    logits[3, [100, 2148]] = 50.0                    # ties across blocks, in one lane of the kernel's
+    logits[0, [2500, 7]] = 50.0                      # blocks and in two: the first one wins
     logits[5] = float("-inf")                        # a dead end
     return logits.to(DEVICE)
 
@@ -41,7 +42,7 @@ def test_race_matches_reference(seed):
 def test_argmax_matches_reference():
     logits = _logits(3)
     want = pick_tokens_ref(logits, logits, None)
-    assert want[0][3] == 100 and want[0][5] == 0 and want[1][5] == float("-inf")
+    assert want[0][3] == 100 and want[0][0] == 7 and want[0][5] == 0 and want[1][5] == float("-inf")
     _assert_same(pick_tokens(logits, logits, None), want)
     _assert_same(pick_tokens(logits, logits, torch.ones_like(logits)), want)   # noise of 1: argmax too
 
