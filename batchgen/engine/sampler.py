@@ -128,7 +128,8 @@ class Sampler:
         sampled_rows = [i for i, r in enumerate(requests) if not r.params.greedy]
         method = self.draw if self.draw != "auto" else "inverse_cdf" if logits.device.type == "cpu" else "race"
         if method == "race" or not sampled_rows:
-            token_ids, log_normalizer = ops.pick_tokens(processed, logits, self._race_noise(processed, requests))
+            noise = self._race_noise(processed, requests, sampled_rows)
+            token_ids, log_normalizer = ops.pick_tokens(processed, logits, noise)
         else:
             token_ids = processed.argmax(-1)
             index = to_device(sampled_rows, logits.device)
@@ -146,11 +147,11 @@ class Sampler:
             packed += [top_ids.flatten().double(), top_logprobs.flatten().double()]
         return PendingSample(token_ids, torch.cat(packed), requests, top_rows, num_top)
 
-    def _race_noise(self, processed: torch.Tensor, requests: list[Request]) -> torch.Tensor | None:
-        """Exp(1) draws for the race, a row per sampled request from its own generator when seeded (which is what
-        lets seeded rows ignore the rest of the batch), 1.0 on greedy rows (their argmax stays); None when no
-        row samples."""
-        sampled = [i for i, r in enumerate(requests) if not r.params.greedy]
+    def _race_noise(self, processed: torch.Tensor, requests: list[Request], sampled: list[int]
+                    ) -> torch.Tensor | None:
+        """Exp(1) draws for the race, a row per sampled request (`sampled`: their rows) from its own generator
+        when seeded (which is what lets seeded rows ignore the rest of the batch), 1.0 on greedy rows (their
+        argmax stays); None when no row samples."""
         if not sampled:
             return None
         unseeded = [i for i in sampled if requests[i].params.seed is None]
