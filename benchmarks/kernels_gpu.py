@@ -319,6 +319,16 @@ def bench_silu_and_mul(dtype: torch.dtype) -> None:
     time_triton("silu_and_mul", f"{TOKENS}tok", dtype, lambda: activation.silu_and_mul(x), nbytes=nbytes)
     timing("silu_and_mul", f"{TOKENS}tok", dtype, "torch_ref", lambda: activation.silu_and_mul_ref(x),
            nbytes=nbytes)
+    # quantized per token for the fp8 down projection: a decode step's 856 rows (8B 1000/1000) and a chunk's
+    out_dtype = torch.float32 if DRY else store_kv.KV_FP8   # the interpreter's own fp8 rounding is wrong
+    for rows in (min(856, TOKENS), TOKENS):
+        x_rows = x[:rows]
+        scaled, scales = activation.silu_and_mul_fp8(x_rows, out_dtype)
+        want, want_scales = activation.silu_and_mul_fp8_ref(x_rows)
+        check("silu_and_mul_fp8", f"{rows}tok", dtype, scaled.to(store_kv.KV_FP8).float() * scales,
+              want.float() * want_scales)
+        time_triton("silu_and_mul_fp8", f"{rows}tok", dtype, lambda: activation.silu_and_mul_fp8(x_rows),
+                    nbytes=1.25 * x_rows.numel() * dtype.itemsize)
 
 
 def bench_top_p() -> None:

@@ -59,21 +59,28 @@ def _act_and_mul_kernel(x_ptr, out_ptr, intermediate, stride_x, stride_o, GELU_T
 
 @triton.jit
 def _act_and_mul_fp8_kernel(x_ptr, out_ptr, scale_ptr, intermediate, stride_x, stride_o, fp8_max, min_scale,
-                            GELU_TANH: tl.constexpr, BLOCK: tl.constexpr):
-    """One program per row: a pass for the row's amax, then a pass (recomputing) that quantizes."""
+                            GELU_TANH: tl.constexpr, BLOCK: tl.constexpr, ROW_IN_ONE_BLOCK: tl.constexpr):
+    """One program per row: the row's amax, then its values quantized. A row that fits one block is computed
+    once and kept in registers; a longer one is computed again block by block for the second pass."""
     row = tl.program_id(0).to(tl.int64)
     amax = tl.zeros((BLOCK,), dtype=tl.float32)
+    out = tl.zeros((BLOCK,), dtype=tl.float32)
     for start in range(0, intermediate, BLOCK):
         cols = start + tl.arange(0, BLOCK)
-        amax = tl.maximum(amax, tl.abs(_act_and_mul_block(x_ptr, row, stride_x, intermediate, cols,
-                                                          cols < intermediate, GELU_TANH)))
+        out = _act_and_mul_block(x_ptr, row, stride_x, intermediate, cols, cols < intermediate, GELU_TANH)
+        amax = tl.maximum(amax, tl.abs(out))
     scale = tl.maximum(tl.max(amax, 0) / fp8_max, min_scale)
-    for start in range(0, intermediate, BLOCK):
-        cols = start + tl.arange(0, BLOCK)
-        mask = cols < intermediate
-        out = _act_and_mul_block(x_ptr, row, stride_x, intermediate, cols, mask, GELU_TANH)
+    if ROW_IN_ONE_BLOCK:
+        cols = tl.arange(0, BLOCK)
         out = tl.clamp(tl.div_rn(out, scale), -fp8_max, fp8_max)
-        tl.store(out_ptr + row * stride_o + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(out_ptr + row * stride_o + cols, out.to(out_ptr.dtype.element_ty), mask=cols < intermediate)
+    else:
+        for start in range(0, intermediate, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            mask = cols < intermediate
+            out = _act_and_mul_block(x_ptr, row, stride_x, intermediate, cols, mask, GELU_TANH)
+            out = tl.clamp(tl.div_rn(out, scale), -fp8_max, fp8_max)
+            tl.store(out_ptr + row * stride_o + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
     tl.store(scale_ptr + row, scale)
 
 
@@ -99,15 +106,21 @@ def gelu_tanh_and_mul(x: torch.Tensor) -> torch.Tensor:
     return _act_and_mul(x, gelu_tanh=True)
 
 
+# the widest row the fp8 kernel holds in registers at once (32 values a thread at 32 warps): wider rows are
+# computed twice, once for their amax and once to quantize
+_ROW_BLOCK_MAX = 32768
+
+
 def _act_and_mul_fp8(x: torch.Tensor, gelu_tanh: bool, out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     intermediate = x.shape[-1] // 2
     out = torch.empty(x.shape[0], intermediate, dtype=out_dtype, device=x.device)
     scales = torch.empty(x.shape[0], 1, dtype=torch.float32, device=x.device)
     assert x.dim() == 2 and x.stride(-1) == 1
+    block = min(_ROW_BLOCK_MAX, triton.next_power_of_2(intermediate))
     if x.shape[0]:
         _act_and_mul_fp8_kernel[(x.shape[0],)](
             x, out, scales, intermediate, x.stride(0), out.stride(0), FP8_MAX, MIN_SCALE, GELU_TANH=gelu_tanh,
-            BLOCK=min(2048, triton.next_power_of_2(intermediate)), num_warps=8)
+            BLOCK=block, ROW_IN_ONE_BLOCK=block >= intermediate, num_warps=min(max(block // 1024, 4), 32))
     return out, scales
 
 
