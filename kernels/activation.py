@@ -48,79 +48,79 @@ def _act_and_mul_block(x_ptr, row, stride_x, intermediate, cols, mask, GELU_TANH
 
 
 @triton.jit
-def _act_and_mul_kernel(x_ptr, out_ptr, intermediate, stride_x, stride_o, GELU_TANH: tl.constexpr,
-                        BLOCK: tl.constexpr):
+def _act_and_mul_kernel(x_ptr, out_ptr, amax_ptr, intermediate, stride_x, stride_o, GELU_TANH: tl.constexpr,
+                        STORE_AMAX: tl.constexpr, BLOCK: tl.constexpr):
+    """One program per (row, block of columns); STORE_AMAX: also the block's amax, for the fp8 quantization."""
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < intermediate
     out = _act_and_mul_block(x_ptr, row, stride_x, intermediate, cols, mask, GELU_TANH)
     tl.store(out_ptr + row * stride_o + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
+    if STORE_AMAX:   # masked columns hold act(0) * 0 = 0
+        tl.store(amax_ptr + row * tl.num_programs(1) + tl.program_id(1), tl.max(tl.abs(out), 0))
 
 
 @triton.jit
-def _act_and_mul_fp8_kernel(x_ptr, out_ptr, scale_ptr, intermediate, stride_x, stride_o, fp8_max, min_scale,
-                            GELU_TANH: tl.constexpr, BLOCK: tl.constexpr, ROW_IN_ONE_BLOCK: tl.constexpr):
-    """One program per row: the row's amax, then its values quantized. A row that fits one block is computed
-    once and kept in registers; a longer one is computed again block by block for the second pass."""
+def _quantize_by_block_amax_kernel(x_ptr, amax_ptr, out_ptr, scale_ptr, num_cols, num_blocks, stride_x, stride_o,
+                                   fp8_max, min_scale, BLOCK: tl.constexpr, BLOCKS_POW2: tl.constexpr):
+    """One program per (row, block of columns): the row's scale from its blocks' amaxes, the block quantized."""
     row = tl.program_id(0).to(tl.int64)
-    amax = tl.zeros((BLOCK,), dtype=tl.float32)
-    out = tl.zeros((BLOCK,), dtype=tl.float32)
-    for start in range(0, intermediate, BLOCK):
-        cols = start + tl.arange(0, BLOCK)
-        out = _act_and_mul_block(x_ptr, row, stride_x, intermediate, cols, cols < intermediate, GELU_TANH)
-        amax = tl.maximum(amax, tl.abs(out))
-    scale = tl.maximum(tl.max(amax, 0) / fp8_max, min_scale)
-    if ROW_IN_ONE_BLOCK:
-        cols = tl.arange(0, BLOCK)
-        out = tl.clamp(tl.div_rn(out, scale), -fp8_max, fp8_max)
-        tl.store(out_ptr + row * stride_o + cols, out.to(out_ptr.dtype.element_ty), mask=cols < intermediate)
-    else:
-        for start in range(0, intermediate, BLOCK):
-            cols = start + tl.arange(0, BLOCK)
-            mask = cols < intermediate
-            out = _act_and_mul_block(x_ptr, row, stride_x, intermediate, cols, mask, GELU_TANH)
-            out = tl.clamp(tl.div_rn(out, scale), -fp8_max, fp8_max)
-            tl.store(out_ptr + row * stride_o + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
-    tl.store(scale_ptr + row, scale)
+    blocks = tl.arange(0, BLOCKS_POW2)
+    amax = tl.max(tl.load(amax_ptr + row * num_blocks + blocks, mask=blocks < num_blocks, other=0.0), 0)
+    scale = tl.maximum(amax / fp8_max, min_scale)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < num_cols
+    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    quantized = tl.clamp(tl.div_rn(x, scale), -fp8_max, fp8_max)
+    tl.store(out_ptr + row * stride_o + cols, quantized.to(out_ptr.dtype.element_ty), mask=mask)
+    if tl.program_id(1) == 0:
+        tl.store(scale_ptr + row, scale)
 
 
-def _act_and_mul(x: torch.Tensor, gelu_tanh: bool) -> torch.Tensor:
+_BLOCK = 1024   # columns a program takes: many small programs keep enough loads in flight to run at bandwidth
+
+
+def _act_and_mul(x: torch.Tensor, gelu_tanh: bool, store_amax: bool = False
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """x [..., 2I] -> (act(gate) * up [..., I], and with store_amax each row's per-block amax [T, blocks])."""
     intermediate = x.shape[-1] // 2
     rows = x.reshape(-1, 2 * intermediate)
     out = torch.empty(rows.shape[0], intermediate, dtype=x.dtype, device=x.device)
+    block = min(_BLOCK, triton.next_power_of_2(intermediate))
+    grid = (rows.shape[0], triton.cdiv(intermediate, block))
+    amax = torch.empty(grid, dtype=torch.float32, device=x.device) if store_amax else None
     assert rows.stride(-1) == 1
-    block = min(1024, triton.next_power_of_2(intermediate))
     if rows.shape[0]:
-        _act_and_mul_kernel[(rows.shape[0], triton.cdiv(intermediate, block))](
-            rows, out, intermediate, rows.stride(0), out.stride(0), GELU_TANH=gelu_tanh, BLOCK=block, num_warps=4)
-    return out.view(*x.shape[:-1], intermediate)
+        _act_and_mul_kernel[grid](rows, out, amax, intermediate, rows.stride(0), out.stride(0),
+                                  GELU_TANH=gelu_tanh, STORE_AMAX=store_amax, BLOCK=block, num_warps=4)
+    return out.view(*x.shape[:-1], intermediate), amax
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     """Triton twin of `silu_and_mul_ref` for x [..., 2I]."""
-    return _act_and_mul(x, gelu_tanh=False)
+    return _act_and_mul(x, gelu_tanh=False)[0]
 
 
 def gelu_tanh_and_mul(x: torch.Tensor) -> torch.Tensor:
     """Triton twin of `gelu_tanh_and_mul_ref` for x [..., 2I]."""
-    return _act_and_mul(x, gelu_tanh=True)
-
-
-# the widest row the fp8 kernel holds in registers at once (32 values a thread at 32 warps): wider rows are
-# computed twice, once for their amax and once to quantize
-_ROW_BLOCK_MAX = 32768
+    return _act_and_mul(x, gelu_tanh=True)[0]
 
 
 def _act_and_mul_fp8(x: torch.Tensor, gelu_tanh: bool, out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    intermediate = x.shape[-1] // 2
-    out = torch.empty(x.shape[0], intermediate, dtype=out_dtype, device=x.device)
-    scales = torch.empty(x.shape[0], 1, dtype=torch.float32, device=x.device)
-    assert x.dim() == 2 and x.stride(-1) == 1
-    block = min(_ROW_BLOCK_MAX, triton.next_power_of_2(intermediate))
-    if x.shape[0]:
-        _act_and_mul_fp8_kernel[(x.shape[0],)](
-            x, out, scales, intermediate, x.stride(0), out.stride(0), FP8_MAX, MIN_SCALE, GELU_TANH=gelu_tanh,
-            BLOCK=block, ROW_IN_ONE_BLOCK=block >= intermediate, num_warps=min(max(block // 1024, 4), 32))
+    """act(gate) * up in x's dtype with each block's amax (as the reference rounds it before quantizing), then
+    the row quantized by the largest: two launches that each run at bandwidth, where one program per row could
+    not keep enough loads in flight."""
+    assert x.dim() == 2
+    product, block_amax = _act_and_mul(x, gelu_tanh, store_amax=True)
+    num_rows, intermediate = product.shape
+    out = torch.empty(num_rows, intermediate, dtype=out_dtype, device=x.device)
+    scales = torch.empty(num_rows, 1, dtype=torch.float32, device=x.device)
+    num_blocks = block_amax.shape[1]
+    if num_rows:
+        _quantize_by_block_amax_kernel[(num_rows, num_blocks)](
+            product, block_amax, out, scales, intermediate, num_blocks, product.stride(0), out.stride(0), FP8_MAX,
+            MIN_SCALE, BLOCK=min(_BLOCK, triton.next_power_of_2(intermediate)),
+            BLOCKS_POW2=triton.next_power_of_2(num_blocks), num_warps=4)
     return out, scales
 
 
