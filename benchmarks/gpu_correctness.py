@@ -65,9 +65,9 @@ def engine_logits(llm: LLM, sequences: list[list[int]], prompt_lens: list[int],
         with torch.inference_mode():
             if every_position:
                 hidden = engine.runner.forward(inputs.input_ids, inputs.positions, inputs.meta)
-                logits = engine.model.compute_logits(hidden).cpu()
+                logits = engine.model.compute_logits(hidden).float().cpu()
             else:
-                logits = engine.runner.execute(inputs).cpu()
+                logits = engine.runner.execute(inputs).float().cpu()
         offset = 0
         # rows in the runner's order: decodes first (a stable sort, as ModelRunner.prepare does)
         for request, num_new in sorted(zip(batch.requests, batch.num_new_tokens), key=lambda pair: pair[1] != 1):

@@ -15,8 +15,10 @@ _TINY = tl.constexpr(torch.finfo(torch.float32).tiny)
 
 def pick_tokens_ref(processed: torch.Tensor, logits: torch.Tensor, noise: torch.Tensor | None
                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """processed, logits [R, V] float32; noise [R, V] Exp(1) draws, or None for argmax on every row (a row whose
-    noise is all 1 takes its argmax too) -> (token ids [R] int64, logsumexp(logits) [R] float32)."""
+    """processed, logits [R, V] (float32, or a model's 16-bit logits, computed in float32); noise [R, V] float32
+    Exp(1) draws, or None for argmax on every row (a row whose noise is all 1 takes its argmax too) -> (token ids
+    [R] int64, logsumexp(logits) [R] float32)."""
+    processed, logits = processed.float(), logits.float()
     if noise is None:
         scores = processed
     else:
@@ -40,7 +42,8 @@ def _pick_tokens_kernel(processed_ptr, logits_ptr, noise_ptr, token_ptr, lse_ptr
     running_sum = tl.zeros([BLOCK], tl.float32)
     for start in range(0, vocab, BLOCK):
         in_vocab = start + cols < vocab
-        x = tl.load(processed_ptr + row * stride_p + start + cols, mask=in_vocab, other=float("-inf"))
+        x = tl.load(processed_ptr + row * stride_p + start + cols, mask=in_vocab, other=float("-inf")
+                    ).to(tl.float32)
         if HAS_NOISE:
             q = tl.load(noise_ptr + row * stride_n + start + cols, mask=in_vocab, other=1.0)
             score = x - tl.log(tl.maximum(q, _TINY))
@@ -52,7 +55,8 @@ def _pick_tokens_kernel(processed_ptr, logits_ptr, noise_ptr, token_ptr, lse_ptr
         if SAME_LOGITS:
             raw = x
         else:
-            raw = tl.load(logits_ptr + row * stride_l + start + cols, mask=in_vocab, other=float("-inf"))
+            raw = tl.load(logits_ptr + row * stride_l + start + cols, mask=in_vocab, other=float("-inf")
+                          ).to(tl.float32)
         new_max = tl.maximum(running_max, raw)
         shift = tl.where(new_max == float("-inf"), 0.0, new_max)   # nothing finite yet: the sum stays 0
         running_sum = running_sum * tl.exp(running_max - shift) + tl.exp(raw - shift)
@@ -69,15 +73,17 @@ def _pick_tokens_kernel(processed_ptr, logits_ptr, noise_ptr, token_ptr, lse_ptr
 
 def pick_tokens(processed: torch.Tensor, logits: torch.Tensor, noise: torch.Tensor | None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Triton twin of `pick_tokens_ref` (float32 rows with a unit last stride)."""
+    """Triton twin of `pick_tokens_ref` (rows with a unit last stride; noise float32)."""
     num_rows, vocab = processed.shape
     token_ids = torch.empty(num_rows, dtype=torch.long, device=processed.device)
     log_normalizer = torch.empty(num_rows, dtype=torch.float32, device=processed.device)
     if num_rows == 0:
         return token_ids, log_normalizer
     for name, tensor in (("processed", processed), ("logits", logits), ("noise", noise)):
-        if tensor is not None and (tensor.dtype != torch.float32 or tensor.stride(-1) != 1):
-            raise ValueError(f"pick_tokens needs float32 {name} with contiguous rows")
+        if tensor is not None and (not tensor.dtype.is_floating_point or tensor.stride(-1) != 1):
+            raise ValueError(f"pick_tokens needs floating-point {name} with contiguous rows")
+    if noise is not None and noise.dtype != torch.float32:
+        raise ValueError("pick_tokens needs float32 noise")
     same = logits.data_ptr() == processed.data_ptr() and logits.stride(0) == processed.stride(0)
     _pick_tokens_kernel[(num_rows,)](
         processed, logits, processed if noise is None else noise, token_ids, log_normalizer, vocab,

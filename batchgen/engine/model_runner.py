@@ -271,7 +271,7 @@ class ModelRunner:
 
     def execute(self, inputs: StepInputs, pending: PendingTokens | None = None) -> torch.Tensor:
         """Queue the step (under the caller's inference mode), the tokens sampled last step taken from
-        `pending` on the device; logits [S, V] float32, row i for inputs.sampling_requests[i]. A step with
+        `pending` on the device; logits [S, V] (`compute_logits`'s dtype), row i for inputs.sampling_requests[i]. A step with
         prompt positions to score waits for their logprobs. Under tensor parallelism every rank executes the
         same steps in the same order (their collectives pair up); ranks other than 0 pass no `pending`."""
         input_ids = inputs.input_ids

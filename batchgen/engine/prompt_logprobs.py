@@ -47,7 +47,7 @@ class PromptPositions:
         token_logprobs, top_values, top_ids = [], [], []
         for first in range(0, len(self.flat_rows), chunk_rows):
             chunk = slice(first, first + chunk_rows)
-            logits = model.compute_logits(hidden[rows[chunk]])
+            logits = model.compute_logits(hidden[rows[chunk]]).float()
             # logprob = logit - logsumexp: no second full-vocab buffer, as log_softmax would make
             log_normalizer = torch.logsumexp(logits, dim=-1, keepdim=True)
             token_logprobs.append((logits.gather(1, targets[chunk, None]) - log_normalizer).squeeze(1))

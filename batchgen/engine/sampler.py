@@ -53,8 +53,8 @@ def process_logits(logits: torch.Tensor, requests: list[Request], history: Token
                    ) -> torch.Tensor:
     """The logits each row samples from: repetition penalty, presence/frequency penalties, the min_tokens ban on
     stop tokens, then temperature, top-k, top-p, min-p. Greedy rows get only the steps before temperature (the
-    rest cannot move their argmax). Returns `logits` itself when no row asks for anything; never edits it.
-    Pass the same `history` every step to skip re-reading token lists."""
+    rest cannot move their argmax). Returns `logits` itself when no row asks for anything (in its dtype), else an
+    fp32 copy; never edits it. Pass the same `history` every step to skip re-reading token lists."""
     vocab_size = logits.shape[1]
     params = [request.params for request in requests]
     repetition_rows = [i for i, p in enumerate(params) if p.repetition_penalty != 1.0]
@@ -78,7 +78,7 @@ def process_logits(logits: torch.Tensor, requests: list[Request], history: Token
     temperature = temperature.clamp_min(1e-5)
 
     history = history if history is not None else TokenHistory()
-    out = logits.clone(memory_format=torch.contiguous_format)
+    out = logits.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
     if repetition_rows:
         prompts_and_outputs = [history.token_ids(requests[i]) for i in repetition_rows]
         _apply_repetition_penalty(out, prompts_and_outputs, repetition_rows, repetition)
@@ -122,11 +122,14 @@ class Sampler:
         return self.sample(logits, requests).result()
 
     def sample(self, logits: torch.Tensor, requests: list[Request]) -> "PendingSample":
-        """Queue the sampling work on the logits' device and return without waiting for it."""
+        """Queue the sampling work on the logits' device and return without waiting for it. logits: the
+        model's (any float dtype: the race reads them as they are, the rest is computed in fp32)."""
         num_rows, vocab_size = logits.shape
+        method = self.draw if self.draw != "auto" else "inverse_cdf" if logits.device.type == "cpu" else "race"
+        if method != "race":
+            logits = logits.float()
         processed = process_logits(logits, requests, self._history)
         sampled_rows = [i for i, r in enumerate(requests) if not r.params.greedy]
-        method = self.draw if self.draw != "auto" else "inverse_cdf" if logits.device.type == "cpu" else "race"
         if method == "race" or not sampled_rows:
             noise = self._race_noise(processed, requests, sampled_rows)
             token_ids, log_normalizer = ops.pick_tokens(processed, logits, noise)
@@ -156,11 +159,12 @@ class Sampler:
             return None
         unseeded = [i for i in sampled if requests[i].params.seed is None]
         if len(unseeded) == len(requests):
-            return torch.empty_like(processed).exponential_(generator=self._generator(processed.device))
-        noise = torch.ones_like(processed)
+            noise = torch.empty_like(processed, dtype=torch.float32)
+            return noise.exponential_(generator=self._generator(processed.device))
+        noise = torch.ones_like(processed, dtype=torch.float32)
         if unseeded:
             index = to_device(unseeded, processed.device)
-            draws = torch.empty((len(unseeded), processed.shape[1]), dtype=processed.dtype, device=processed.device)
+            draws = torch.empty((len(unseeded), processed.shape[1]), dtype=torch.float32, device=processed.device)
             noise.index_copy_(0, index, draws.exponential_(generator=self._generator(processed.device)))
         for i in sampled:
             if requests[i].params.seed is not None:

@@ -209,15 +209,17 @@ class LlamaForCausalLM(nn.Module):
         return self.model(input_ids, positions, meta)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [S, hidden_size] (only the rows that sample) -> float32 logits [S, vocab_size], the whole
-        vocabulary on every rank (each rank computes its slice of it)."""
+        """hidden [S, hidden_size] (only the rows that sample) -> logits [S, vocab_size], the whole vocabulary on
+        every rank (each rank computes its slice of it). In the model's dtype, as Hugging Face's models return
+        them before their `.float()`: consumers compute in fp32 from these values (a copy of 856 x 128k logits
+        to fp32 cost a decode step 0.33 ms on an H200); fp32 after a final softcap."""
         if self.lm_head is None:
             logits = F.linear(hidden, self.model.embed_tokens.weight)
         else:
             logits = self.lm_head(hidden)
-        logits = all_gather(logits, dim=-1).float()
+        logits = all_gather(logits, dim=-1)
         cap = self.config.final_logit_softcapping
-        return logits if cap is None else torch.tanh(logits / cap) * cap
+        return logits if cap is None else torch.tanh(logits.float() / cap) * cap
 
     @torch.no_grad()
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor | CheckpointTensor]]) -> None:

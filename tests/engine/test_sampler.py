@@ -256,6 +256,23 @@ def test_unseeded_rows_follow_the_sampler_seed():
     assert Sampler(seed=5)(logits, requests).token_ids != Sampler(seed=6)(logits, requests).token_ids
 
 
+@pytest.mark.parametrize("draw", DRAWS)
+@pytest.mark.parametrize("with_settings", [False, True], ids=["plain", "processed"])
+def test_bf16_logits_sample_as_their_fp32_values(draw, with_settings):
+    """The model hands the sampler its logits in bf16: tokens, logprobs and top logprobs are those of the same
+    values in fp32 (the race reads them as they are; every other step computes in fp32)."""
+    settings = [dict(s, logprobs=5) for s in MIXED_SETTINGS] if with_settings else [dict(logprobs=5)] * 12
+    logits, requests = mixed_batch(settings, vocab_size=300)
+    logits = (logits * 3).bfloat16()
+    out16 = Sampler(seed=3, draw=draw)(logits, requests)
+    for request in requests:   # seeded rows start their streams again
+        request.generator = None
+    out32 = Sampler(seed=3, draw=draw)(logits.float(), requests)
+    assert out16.token_ids == out32.token_ids
+    assert out16.logprobs == out32.logprobs
+    assert [(e.token_id, e.top) for e in out16.top_logprobs] == [(e.token_id, e.top) for e in out32.top_logprobs]
+
+
 STATISTICAL_SETTINGS = [
     {"temperature": 0.7},
     {"top_k": 3, "temperature": 1.5},

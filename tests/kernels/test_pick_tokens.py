@@ -39,6 +39,16 @@ def test_race_matches_reference(seed):
     _assert_same(pick_tokens(logits, logits, noise), pick_tokens_ref(logits, logits, noise))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_sixteen_bit_logits_are_read_as_float32(dtype):
+    # a model's logits as its LM head makes them: the race and the log-normalizer computed on their fp32 values
+    logits = _logits(4).to(dtype)
+    processed = (logits.float() / 0.7).masked_fill(logits < -1.5, float("-inf"))
+    noise = _noise(4)
+    _assert_same(pick_tokens(logits, logits, noise), pick_tokens_ref(logits.float(), logits.float(), noise))
+    _assert_same(pick_tokens(processed, logits, noise), pick_tokens_ref(processed, logits.float(), noise))
+
+
 def test_argmax_matches_reference():
     logits = _logits(3)
     want = pick_tokens_ref(logits, logits, None)

@@ -56,7 +56,7 @@ class PagedSequences:
             max_query_len=max(len(tokens) for tokens in chunks.values()), max_seq_len=max(seq_lens))
         with torch.no_grad():
             hidden = self.model(torch.tensor(input_ids, device=device), torch.tensor(positions, device=device), meta)
-            logits = self.model.compute_logits(hidden).cpu()
+            logits = self.model.compute_logits(hidden).float().cpu()
         return {seq: logits[query_start_loc[row]:query_start_loc[row + 1]] for row, seq in enumerate(chunks)}, meta
 
 
