@@ -271,9 +271,10 @@ class ModelRunner:
 
     def execute(self, inputs: StepInputs, pending: PendingTokens | None = None) -> torch.Tensor:
         """Queue the step (under the caller's inference mode), the tokens sampled last step taken from
-        `pending` on the device; logits [S, V] (`compute_logits`'s dtype), row i for inputs.sampling_requests[i]. A step with
-        prompt positions to score waits for their logprobs. Under tensor parallelism every rank executes the
-        same steps in the same order (their collectives pair up); ranks other than 0 pass no `pending`."""
+        `pending` on the device; logits [S, V] in `compute_logits`'s dtype, row i for
+        inputs.sampling_requests[i]. A step with prompt positions to score waits for their logprobs. Under tensor
+        parallelism every rank executes the same steps in the same order (their collectives pair up); ranks other
+        than 0 pass no `pending`."""
         input_ids = inputs.input_ids
         if inputs.host.pending_positions:
             slots = self._to_device(np.array(inputs.host.pending_positions, dtype=np.int64))
