@@ -30,7 +30,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 import triton  # noqa: E402
 
-from batchgen.kernels import activation, paged_attention as pa, rms_norm, rotary, store_kv  # noqa: E402
+from batchgen.kernels import activation, fp8, paged_attention as pa, rms_norm, rotary, store_kv  # noqa: E402
 from batchgen.kernels import top_p_threshold as top_p_kernel  # noqa: E402
 from batchgen.kernels.pick_tokens import pick_tokens, pick_tokens_ref  # noqa: E402
 from batchgen.kernels.testing import TOLERANCE, bench_ms, random_paged_batch, relative_l2  # noqa: E402
@@ -320,12 +320,12 @@ def bench_silu_and_mul(dtype: torch.dtype) -> None:
     timing("silu_and_mul", f"{TOKENS}tok", dtype, "torch_ref", lambda: activation.silu_and_mul_ref(x),
            nbytes=nbytes)
     # quantized per token for the fp8 down projection: a decode step's 856 rows (8B 1000/1000) and a chunk's
-    out_dtype = torch.float32 if DRY else store_kv.KV_FP8   # the interpreter's own fp8 rounding is wrong
+    out_dtype = torch.float32 if DRY else fp8.FP8   # the interpreter's own fp8 rounding is wrong
     for rows in (min(856, TOKENS), TOKENS):
         x_rows = x[:rows]
         scaled, scales = activation.silu_and_mul_fp8(x_rows, out_dtype)
         want, want_scales = activation.silu_and_mul_fp8_ref(x_rows)
-        check("silu_and_mul_fp8", f"{rows}tok", dtype, scaled.to(store_kv.KV_FP8).float() * scales,
+        check("silu_and_mul_fp8", f"{rows}tok", dtype, scaled.to(fp8.FP8).float() * scales,
               want.float() * want_scales)
         time_triton("silu_and_mul_fp8", f"{rows}tok", dtype, lambda: activation.silu_and_mul_fp8(x_rows),
                     nbytes=1.25 * x_rows.numel() * dtype.itemsize)

@@ -77,7 +77,10 @@ def _quantize_by_block_amax_kernel(x_ptr, amax_ptr, out_ptr, scale_ptr, num_cols
         tl.store(scale_ptr + row, scale)
 
 
-_BLOCK = 1024   # columns a program takes: many small programs keep enough loads in flight to run at bandwidth
+def _columns_per_program(intermediate: int) -> int:
+    """Up to 1,024: many small programs keep enough loads in flight to run at bandwidth. The fp8 path's two
+    launches share it (the quantizing pass reads the first one's per-block amaxes)."""
+    return min(1024, triton.next_power_of_2(intermediate))
 
 
 def _act_and_mul(x: torch.Tensor, gelu_tanh: bool, store_amax: bool = False
@@ -86,7 +89,7 @@ def _act_and_mul(x: torch.Tensor, gelu_tanh: bool, store_amax: bool = False
     intermediate = x.shape[-1] // 2
     rows = x.reshape(-1, 2 * intermediate)
     out = torch.empty(rows.shape[0], intermediate, dtype=x.dtype, device=x.device)
-    block = min(_BLOCK, triton.next_power_of_2(intermediate))
+    block = _columns_per_program(intermediate)
     grid = (rows.shape[0], triton.cdiv(intermediate, block))
     amax = torch.empty(grid, dtype=torch.float32, device=x.device) if store_amax else None
     assert rows.stride(-1) == 1
@@ -119,7 +122,7 @@ def _act_and_mul_fp8(x: torch.Tensor, gelu_tanh: bool, out_dtype: torch.dtype) -
     if num_rows:
         _quantize_by_block_amax_kernel[(num_rows, num_blocks)](
             product, block_amax, out, scales, intermediate, num_blocks, product.stride(0), out.stride(0), FP8_MAX,
-            MIN_SCALE, BLOCK=min(_BLOCK, triton.next_power_of_2(intermediate)),
+            MIN_SCALE, BLOCK=_columns_per_program(intermediate),
             BLOCKS_POW2=triton.next_power_of_2(num_blocks), num_warps=4)
     return out, scales
 
