@@ -27,8 +27,8 @@
 #   moe         x2  Qwen3-30B-A3B (card 0) and Mixtral-8x7B (card 1), batchgen alone: W1 x 1,000, 1000/1000
 #                   x 1,000 (Mixtral x 500); then the fused MoE kernel and logits                        (~9 min)
 #   moe-hf      x2  HF transformers static generate on the MoE shapes' first prompts (W1: 16, 1000/1000: 8)
-#   moe-one     x1  the moe call's one-card share for a one-card machine: Qwen3-30B-A3B W1 x 1,000, the fused
-#                   MoE kernel, the MoE logits, Mixtral-8x7B W1 x 1,000                                   (~9 min)
+#   moe-one     x1  the moe call's one-card share for a one-card machine: Qwen3-30B-A3B W1 x 1,000 (HF on the
+#                   first 16), the fused MoE kernel, the MoE logits, Mixtral-8x7B W1 x 1,000 (HF on 8)   (~9 min)
 #   engine      x1  8B W1 / W3 and Qwen3-0.6B W2 with HF peers, structured output, scoring, families       (~9 min)
 #
 # Every part has its own time limit (`timeout -s INT`: a run cut short still prints its progress lines); each
@@ -149,11 +149,11 @@ call_moe() {
     on_gpu 1 part moe_logits 90 "${MOE[@]}" --mode logits ) &
   wait
 }
-call_moe-one() {
-  moe_w1 qwen3 qwen3-30b-a3b
-  part moe_kernels 90 "${MOE[@]}" --mode kernels
+call_moe-one() {   # W1 with HF on a sample of the same prompts in the same run (HF's MoE generate: ~0.1-0.3 s a step)
+  part qwen3_w1 170 "${MOE[@]}" --mode throughput --model qwen3-30b-a3b --workload W1 --hf-sample 16 --hf-batch 16
+  part moe_kernels 80 "${MOE[@]}" --mode kernels
   part moe_logits 90 "${MOE[@]}" --mode logits
-  moe_w1 mixtral mixtral-8x7b
+  part mixtral_w1 230 "${MOE[@]}" --mode throughput --model mixtral-8x7b --workload W1 --hf-sample 8 --hf-batch 8
 }
 call_moe-hf() {   # HF alone (its MoE generate runs at 40-300 tok/s here), on the first prompts of the same workloads
   ( on_gpu 0 part qwen3_w1_hf 200 "${MOE[@]}" --mode throughput --model qwen3-30b-a3b --workload W1 --hf-only \
