@@ -17,7 +17,7 @@ import time
 
 from batchgen.engine.kv_cache import KVCacheManager
 from batchgen.engine.request import Request
-from batchgen.engine.scheduler import Scheduler
+from batchgen.engine.scheduler import DECODE_STEP_TOKENS, Scheduler
 from batchgen.sampling_params import SamplingParams
 
 # runs of 2026-11-30 (docs/benchmarks.md, fifth session): KV blocks of 16 tokens, requests, in / out, and what
@@ -39,7 +39,8 @@ PRESETS = {
 def simulate(admission: str, num_blocks: int, num_requests: int, input_len: int, output_len: int,
              block_size: int, max_num_seqs: int, budget: int) -> dict:
     kv = KVCacheManager(num_blocks, block_size, enable_prefix_caching=False)
-    scheduler = Scheduler(kv, max_num_seqs, budget, max_model_len=input_len + output_len, admission=admission)
+    scheduler = Scheduler(kv, max_num_seqs, budget, max_model_len=input_len + output_len, admission=admission,
+                          decode_step_tokens=DECODE_STEP_TOKENS["cuda"])
     params = SamplingParams(max_tokens=output_len, ignore_eos=True)
     requests = [Request(str(i), [i % 50_000] * input_len, params) for i in range(num_requests)]
     for request in requests:

@@ -17,7 +17,7 @@ from batchgen.engine.model_runner import (MemoryProfile, ModelRunner, PendingTok
                                            use_expandable_segments)
 from batchgen.engine.request import Request
 from batchgen.engine.sampler import PendingSample, Sampler
-from batchgen.engine.scheduler import ScheduledBatch, Scheduler
+from batchgen.engine.scheduler import DECODE_STEP_TOKENS, ScheduledBatch, Scheduler
 from batchgen.engine.structured import GrammarEngine, apply_bitmask
 from batchgen.engine.transfer import to_device
 from batchgen.generation_config import model_sampling_defaults, with_defaults
@@ -141,7 +141,8 @@ class Engine:
                                    is_ready=lambda r: r.params.structured is None or r.grammar is not None,
                                    max_model_len=self.max_model_len,
                                    rope_position_offset=self.model_config.rope_position_offset,
-                                   admission=config.kv_admission)
+                                   admission=config.kv_admission,
+                                   decode_step_tokens=DECODE_STEP_TOKENS["cuda" if self.device.type == "cuda" else "cpu"])
 
     def _context_len(self) -> int:
         """The longest sequence asked for (config, capped by the model), before the cache caps it too."""

@@ -11,11 +11,12 @@ also cover the growth the running requests are expected to need, each the share 
 that recently finished requests have used (about the last max_num_seqs of them, so a worker's next job
 is not judged by its last one; all of it until one finishes, as when outputs run to full length). A
 preempted request's K/V is computed twice: admitting requests the cache cannot finish cost the 1000-in /
-1000-out runs up to 60% of their prompt tokens again (docs/benchmarks.md). Except for a small tail: when
-everything still waiting would fit in TAIL_SHARE of the cache, it is admitted while its prompts fit, since a
-last wave that small would run a whole output length at a few rows a step (each still reading every weight),
-which costs more than recomputing the few requests the overflow preempts. "greedy" admits while the prompt
-fits.
+1000-out runs up to 60% of their prompt tokens again (docs/benchmarks.md). Except for a tail that is cheaper to
+recompute than to run as a wave of its own: when equal lengths finish together, what waits runs as a last wave,
+a whole output length at few rows a step, each step still reading every weight. When recomputing everything
+still waiting (its expected tokens: the worst case, preempted at its end) costs less than that wave's steps,
+each worth `decode_step_tokens` tokens of prefill, it is admitted while its prompts fit. "greedy" admits while
+the prompt fits.
 """
 import math
 from collections import deque
@@ -25,7 +26,10 @@ from dataclasses import dataclass, field
 from batchgen.engine.kv_cache import KVCacheManager
 from batchgen.engine.request import Request, RequestStatus
 
-TAIL_SHARE = 1 / 8   # of the cache's blocks: see the module docstring
+# A decode step's fixed cost, reading every weight once, in tokens of prefill that cost as much: the card's
+# matmul rate over its memory bandwidth, per weight. H200: bf16 790 TFLOP/s over 4.14 TB/s, 2 bytes and 2 FLOPs a
+# weight per token: ~190; fp8 ~1,300 TFLOP/s, 1 byte: ~157 (docs/benchmarks.md). A CPU's few FLOPs per byte: ~4.
+DECODE_STEP_TOKENS = {"cuda": 160, "cpu": 4}
 
 
 @dataclass
@@ -46,7 +50,7 @@ class Scheduler:
     def __init__(self, kv_cache: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int,
                  enable_chunked_prefill: bool = True, is_ready: Callable[[Request], bool] = lambda r: True,
                  max_model_len: int = 1 << 62, rope_position_offset: Callable[[int], int] = lambda length: 0,
-                 admission: str = "reserve"):
+                 admission: str = "reserve", decode_step_tokens: int = DECODE_STEP_TOKENS["cpu"]):
         self.kv_cache = kv_cache
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -56,6 +60,7 @@ class Scheduler:
         # the rotary-table offset a sequence of a given length uses (LongRoPE: long factors past a length)
         self.rope_position_offset = rope_position_offset
         self.admission = admission   # "reserve" or "greedy": see the module docstring
+        self.decode_step_tokens = decode_step_tokens   # DECODE_STEP_TOKENS: when a tail is merged
         # over requests that finished generating (not aborted or failed), each earlier one weighing
         # 1 - 1 / max_num_seqs less than the next
         self.finished_output_tokens = 0.0
@@ -79,21 +84,30 @@ class Scheduler:
         """The share of their max_tokens that recently finished requests generated; 1 until one has finished."""
         return self.finished_output_tokens / self.finished_max_tokens if self.finished_max_tokens else 1.0
 
-    def _expected_blocks(self, request: Request) -> int:
-        """Blocks the request is expected to hold when it finishes: its sequence grows by output_share of the
-        tokens its max_tokens (and the context) still allow."""
+    def _expected_growth(self, request: Request) -> int:
+        """Tokens the request is expected to add before it finishes: output_share of those its max_tokens (and
+        the context) still allow."""
         length = request.num_tokens + request.num_pending_tokens
         limit = min(request.num_prompt_tokens + request.params.max_tokens, self.max_model_len)
-        return self.kv_cache.blocks_needed(length + math.ceil(max(0, limit - length) * self.output_share))
+        return math.ceil(max(0, limit - length) * self.output_share)
 
-    def _waiting_is_a_small_tail(self) -> bool:
-        """Everything waiting is expected to need at most TAIL_SHARE of the cache's blocks."""
-        room = self.kv_cache.num_blocks * TAIL_SHARE
+    def _expected_blocks(self, request: Request) -> int:
+        """Blocks the request is expected to hold when it finishes."""
+        length = request.num_tokens + request.num_pending_tokens
+        return self.kv_cache.blocks_needed(length + self._expected_growth(request))
+
+    def _waiting_is_cheaper_to_recompute(self) -> bool:
+        """Recomputing everything waiting at its expected length costs fewer tokens than the steps of a wave of
+        it (its longest expected growth) are worth: see the module docstring."""
+        tokens = steps = 0
+        most = self.decode_step_tokens * self.max_model_len
         for request in self.waiting:
-            room -= self._expected_blocks(request)
-            if room < 0:
+            growth = self._expected_growth(request)
+            tokens += request.num_tokens + growth
+            steps = max(steps, growth)
+            if tokens > most:   # more than any wave's steps can be worth
                 return False
-        return True
+        return tokens <= self.decode_step_tokens * steps
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
@@ -135,7 +149,7 @@ class Scheduler:
         if batch.num_preempted:
             return batch
         can_admit = bool(self.waiting) and budget > 0 and len(self.running) < self.max_num_seqs
-        reserve = self.admission == "reserve" and can_admit and not self._waiting_is_a_small_tail()
+        reserve = self.admission == "reserve" and can_admit and not self._waiting_is_cheaper_to_recompute()
         # free blocks the running requests are expected to take as they grow
         reserved = sum(max(0, self._expected_blocks(r) - len(r.block_ids)) for r in self.running) if reserve else 0
         skipped: list[Request] = []

@@ -190,21 +190,20 @@ def test_random_workloads_keep_block_accounting_exact_and_finish(seed, block_siz
     assert kv.num_free_blocks == num_blocks
 
 
-def test_reserve_admission_admits_a_small_last_tail_while_its_prompts_fit():
-    # 80 blocks hold 12 of these requests at full length (6-7 blocks each); the 13th alone needs less than an
-    # eighth of the cache, so it runs beside them rather than as a last wave of one
-    kv = KVCacheManager(num_blocks=80, block_size=4, enable_prefix_caching=False)
-    scheduler = Scheduler(kv, max_num_seqs=16, max_num_batched_tokens=256)
-    requests = full_length_workload(13)
-    running_at_once = []
-    simulate(scheduler, requests, running_counts=running_at_once)
-    assert max(running_at_once) == 13
-    assert all(len(r.output_token_ids) == 12 for r in requests)
+def test_reserve_admission_merges_a_tail_cheaper_to_recompute_than_its_own_wave():
+    # 80 blocks hold 12 of these requests at full length (6-7 blocks each); the 13th, 12 tokens of growth
+    # and ~25 to recompute at worst, would otherwise run as a last wave of 12 steps
+    def running_at_once(decode_step_tokens: int) -> tuple[int, int]:
+        scheduler = Scheduler(KVCacheManager(num_blocks=80, block_size=4, enable_prefix_caching=False),
+                              max_num_seqs=16, max_num_batched_tokens=256, decode_step_tokens=decode_step_tokens)
+        requests = full_length_workload(13)
+        counts = []
+        simulate(scheduler, requests, running_counts=counts)
+        assert all(len(r.output_token_ids) == 12 for r in requests)
+        return max(counts), sum(r.num_preemptions for r in requests)
 
-    # a cache in which the last one needs more than an eighth: it waits for a place
-    scheduler = Scheduler(KVCacheManager(num_blocks=48, block_size=4, enable_prefix_caching=False), max_num_seqs=16,
-                          max_num_batched_tokens=256)
-    requests = full_length_workload(8)
-    running_at_once = []
-    simulate(scheduler, requests, running_counts=running_at_once)
-    assert max(running_at_once) == 7 and sum(r.num_preemptions for r in requests) == 0
+    recompute = full_length_workload(13)[12].num_prompt_tokens + 12
+    # its wave's 12 steps are worth more than recomputing it: it runs beside the others
+    assert running_at_once(decode_step_tokens=-(-recompute // 12)) == (13, 0)
+    # worth less: it waits for a place, and nothing is preempted
+    assert running_at_once(decode_step_tokens=recompute // 12 - 1) == (12, 0)
