@@ -24,11 +24,10 @@
 #                   500/2000 x 800 (request counts that fit a call)                                      (~9 min)
 #   shapes-long x2  the same for 2048/2048 x 400 and 2048/128 x 2,000                                    (~9 min)
 #   shape-2048  x1  2048/2048 x 400 alone (shapes-long's card-0 part, for a one-card machine)             (~8 min)
-#   moe         x2  Qwen3-30B-A3B (card 0) and Mixtral-8x7B (card 1), batchgen alone: W1 x 1,000, 1000/1000
-#                   x 1,000 (Mixtral x 500); then the fused MoE kernel and logits                        (~9 min)
-#   moe-hf      x2  HF transformers static generate on the MoE shapes' first prompts (W1: 16, 1000/1000: 8)
-#   moe-one     x1  the moe call's one-card share for a one-card machine: Qwen3-30B-A3B W1 x 1,000 (HF on the
-#                   first 16), the fused MoE kernel, the MoE logits, Mixtral-8x7B W1 x 1,000 (HF on 8)   (~9 min)
+#   moe         x2  Qwen3-30B-A3B (card 0) and Mixtral-8x7B (card 1): W1 x 1,000, 1000/1000 x 1,000 (Mixtral
+#                   x 300), each beside HF static generate on its first prompts (W1: 16 / 8, 1000/1000: 8 / 4) (~10 min)
+#   moe-one     x1  Qwen3-30B-A3B W1 and Mixtral-8x7B W1 (with HF), the fused MoE kernel, the MoE logits   (~7 min)
+#   moe-qwen3-1000, moe-mixtral-1000  x1  the moe call's 1000/1000 runs, one a call                  (~5, ~6 min)
 #   engine      x1  8B W1 / W3 and Qwen3-0.6B W2 with HF peers, structured output, scoring, families       (~9 min)
 #
 # Every part has its own time limit (`timeout -s INT`: a run cut short still prints its progress lines); each
@@ -136,36 +135,23 @@ call_shapes-long() {
   on_gpu 1 part both_2048_128 560 "${SHAPE_RUN[@]}" --shape 2048/128 --num-requests 2000 --hf-sample 8 &
   wait
 }
-moe_w1() {   # moe_w1 NAME MODEL: W1 x 1,000, batchgen alone
-  part "$1_w1" 150 "${MOE[@]}" --mode throughput --model "$2" --workload W1 --hf-sample 0
+# each MoE throughput run takes HF's static generate on a sample of the same prompts in the same run (HF's MoE
+# generate: ~0.1-0.2 s a step, whatever the batch)
+qwen3_w1() { part qwen3_w1 170 "${MOE[@]}" --mode throughput --model qwen3-30b-a3b --workload W1 --hf-sample 16 --hf-batch 16; }
+mixtral_w1() { part mixtral_w1 230 "${MOE[@]}" --mode throughput --model mixtral-8x7b --workload W1 --hf-sample 8 --hf-batch 8; }
+qwen3_1000() { part qwen3_1000 330 "${MOE[@]}" --mode throughput --model qwen3-30b-a3b --workload 1000-1000 --hf-sample 8 --hf-batch 8; }
+mixtral_1000() {
+  part mixtral_1000 400 "${MOE[@]}" --mode throughput --model mixtral-8x7b --workload 1000-1000 --num-requests 300 \
+    --hf-sample 4 --hf-batch 4
 }
 call_moe() {
-  ( on_gpu 0 moe_w1 qwen3 qwen3-30b-a3b
-    on_gpu 0 part qwen3_1000 260 "${MOE[@]}" --mode throughput --model qwen3-30b-a3b --workload 1000-1000 --hf-sample 0
-    on_gpu 0 part moe_kernels 90 "${MOE[@]}" --mode kernels ) &
-  ( on_gpu 1 moe_w1 mixtral mixtral-8x7b
-    on_gpu 1 part mixtral_1000 300 "${MOE[@]}" --mode throughput --model mixtral-8x7b --workload 1000-1000 \
-      --num-requests 500 --hf-sample 0
-    on_gpu 1 part moe_logits 90 "${MOE[@]}" --mode logits ) &
+  ( on_gpu 0 qwen3_w1; on_gpu 0 qwen3_1000 ) &
+  ( on_gpu 1 mixtral_w1; on_gpu 1 mixtral_1000 ) &
   wait
 }
-call_moe-one() {   # W1 with HF on a sample of the same prompts in the same run (HF's MoE generate: ~0.1-0.3 s a step)
-  part qwen3_w1 170 "${MOE[@]}" --mode throughput --model qwen3-30b-a3b --workload W1 --hf-sample 16 --hf-batch 16
-  part moe_kernels 80 "${MOE[@]}" --mode kernels
-  part moe_logits 90 "${MOE[@]}" --mode logits
-  part mixtral_w1 230 "${MOE[@]}" --mode throughput --model mixtral-8x7b --workload W1 --hf-sample 8 --hf-batch 8
-}
-call_moe-hf() {   # HF alone (its MoE generate runs at 40-300 tok/s here), on the first prompts of the same workloads
-  ( on_gpu 0 part qwen3_w1_hf 200 "${MOE[@]}" --mode throughput --model qwen3-30b-a3b --workload W1 --hf-only \
-      --hf-sample 16 --hf-batch 16
-    on_gpu 0 part qwen3_1000_hf 300 "${MOE[@]}" --mode throughput --model qwen3-30b-a3b --workload 1000-1000 \
-      --hf-only --hf-sample 8 --hf-batch 8 ) &
-  ( on_gpu 1 part mixtral_w1_hf 200 "${MOE[@]}" --mode throughput --model mixtral-8x7b --workload W1 --hf-only \
-      --hf-sample 16 --hf-batch 16
-    on_gpu 1 part mixtral_1000_hf 300 "${MOE[@]}" --mode throughput --model mixtral-8x7b --workload 1000-1000 \
-      --hf-only --hf-sample 8 --hf-batch 8 ) &
-  wait
-}
+call_moe-one() { qwen3_w1; part moe_kernels 80 "${MOE[@]}" --mode kernels; part moe_logits 90 "${MOE[@]}" --mode logits; mixtral_w1; }
+call_moe-qwen3-1000() { qwen3_1000; }
+call_moe-mixtral-1000() { mixtral_1000; }
 call_engine() {
   part w1 150 "${BENCH_8B[@]}" --name W1 --num-requests 1000 --input-len 512 --output-len 256 --max-model-len 1024 \
     --hf-static-batch 64 --hf-continuous --hf-sample 64
