@@ -58,12 +58,13 @@ def decode_attention(cache_dtype: str, block_n: int, num_warps: int, num_stages:
 
 
 def moe_grouped_gemm(weight_dtype: str):
-    constants = dict(stride_bk=1, WEIGHT_SCALE="none" if weight_dtype == "bf16" else "channel",
-                     GATHER_TOKENS=True, SCATTER_PAIRS=False, IEEE=False, FP16_DOT=weight_dtype == "fp8e4nv",
-                     BLOCK_M=16, BLOCK_N=128, BLOCK_K=64)
-    types = {"a_ptr": "*bf16", "b_ptr": f"*{weight_dtype}", "b_scale_ptr": "*fp32", "c_ptr": "*bf16",
-             "weights_ptr": "*fp32", "sorted_pairs_ptr": "*i32", "block_expert_ptr": "*i32"}
-    unaligned = {"num_pairs", "top_k", "scale_block_n", "scale_block_k"}
+    """bf16 experts (bf16 activations), or fp8 experts with per-channel scales (fp8 activations)."""
+    fp8 = weight_dtype == "fp8e4nv"
+    constants = dict(stride_bk=1, WEIGHT_SCALE="channel" if fp8 else "none", GATHER_TOKENS=True, SCATTER_PAIRS=False,
+                     DOT_PRECISION="tf32", BLOCK_M=16, BLOCK_N=128, BLOCK_K=128 if fp8 else 64)
+    types = {"a_ptr": f"*{weight_dtype}", "a_scale_ptr": "*fp32", "b_ptr": f"*{weight_dtype}", "b_scale_ptr": "*fp32",
+             "c_ptr": "*bf16", "weights_ptr": "*fp32", "sorted_pairs_ptr": "*i32", "block_expert_ptr": "*i32"}
+    unaligned = {"num_pairs", "top_k", "scale_block_n", "scale_block_k", "stride_as"}
     return compile_for_hopper(fused_moe._grouped_gemm_kernel, constants, types, unaligned, num_warps=4, num_stages=3)
 
 

@@ -7,10 +7,12 @@ expert's group padded to a whole number of BLOCK_M rows, so every row block of t
 expert's weights; the down GEMM multiplies each row by its routing weight before storing it.
 
 fp8 expert weights (float8_e4m3fn) come with their scales: one per expert per output row (per-channel), or one
-per expert per [block_n, block_k] block. The kernel upcasts them to the activations' dtype as it loads them
-(exact: every fp8 value is a bf16/fp16 value; with bf16 activations both sides go to fp16 instead, exactly:
-`_dot_in_fp16`) and applies the scales to its fp32 sums, after the loop over K (per-channel) or per K step
-(block-scaled), so no dequantized copy of the weights is ever made.
+per expert per [block_n, block_k] block. The activations going into each GEMM are quantized too, as the fp8 linear
+layers quantize theirs: per token (per-channel weights) or per token per block_k columns (block-scaled), so the
+grouped GEMMs multiply fp8 by fp8 on the tensor cores and apply both scales to their fp32 sums, after the loop over
+K (per-channel) or per K step (block-scaled). No dequantized copy of the weights is ever made. (Widening the fp8
+weights to the activations' dtype in the kernel ran at 0.6x of the bf16 experts' rate, prefill and decode alike:
+docs/benchmarks.md, eleventh session.)
 """
 import torch
 import torch.nn.functional as F
@@ -18,27 +20,28 @@ import triton
 import triton.language as tl
 
 from batchgen.kernels.activation import silu_and_mul, silu_and_mul_ref
+from batchgen.kernels.fp8 import fp8_block_gemm_ref, fp8_gemm_ref, quantize_fp8, quantize_fp8_ref
+from batchgen.kernels.paged_attention import _dot_precision
 
 
-def dequantized_expert(weight: torch.Tensor, scale: torch.Tensor | None, block: tuple[int, int] | None,
-                       expert: int, dtype: torch.dtype) -> torch.Tensor:
-    """One expert's weight [N, K] in `dtype`: fp8 values times their scales (per row [E, N], or per block
-    [E, ceil(N / block_n), K / block_k]), rounded to dtype once, as the fp8 linear layers dequantize."""
+def _expert_gemm_ref(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None, block: tuple[int, int] | None,
+                     expert: int, out_dtype: torch.dtype) -> torch.Tensor:
+    """x [T, K] @ weight[expert]^T: in x's dtype, or for fp8 weights x quantized as `fused_moe` quantizes it and
+    the fp8 GEMM's reference in fp32, rounded to out_dtype."""
     if scale is None:
-        return weight[expert]
-    scale = scale[expert]
+        return F.linear(x, weight[expert]).to(out_dtype)
+    x_q, x_scale = quantize_fp8_ref(x, block[1] if block else None)
     if block is None:
-        return (weight[expert].float() * scale[:, None]).to(dtype)
-    rows = scale.repeat_interleave(block[0], 0)[:weight.shape[1]]
-    return (weight[expert].float() * rows.repeat_interleave(block[1], 1)).to(dtype)
+        return fp8_gemm_ref(x_q, x_scale, weight[expert], scale[expert], out_dtype)
+    return fp8_block_gemm_ref(x_q, x_scale, weight[expert], scale[expert], block, out_dtype)
 
 
 def fused_moe_ref(hidden: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, topk_weights: torch.Tensor,
                   topk_ids: torch.Tensor, gate_up_scale: torch.Tensor | None = None,
                   down_scale: torch.Tensor | None = None, block: tuple[int, int] | None = None) -> torch.Tensor:
     """hidden [T, H]; topk_weights [T, K] (any float dtype), topk_ids [T, K] -> [T, H] in hidden's dtype.
-    fp8 weights come with scales (per row, or per block of `block`); each expert a token chose is dequantized
-    to hidden's dtype where it is used.
+    fp8 weights come with scales (per row, or per block of `block`), and each GEMM's input is quantized to fp8
+    (per token, or per token per block[1] columns).
 
     Expert by expert, like transformers' eager experts loop: the product with the routing weight happens in the
     wider of the two dtypes, and the sum over a token's experts in hidden's dtype, in ascending expert order.
@@ -46,11 +49,11 @@ def fused_moe_ref(hidden: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.T
     below what bf16 routing near-ties cause: docs/benchmarks.md, MoE logits on CPU.)
     """
     out = torch.zeros_like(hidden)
+    wide = torch.float32 if gate_up_scale is not None else hidden.dtype   # fp8 GEMMs sum in fp32
     for expert in topk_ids.unique().tolist():
         tokens, choice = torch.where(topk_ids == expert)
-        gate_up = F.linear(hidden[tokens], dequantized_expert(w_gate_up, gate_up_scale, block, expert, hidden.dtype))
-        expert_out = F.linear(silu_and_mul_ref(gate_up),
-                              dequantized_expert(w_down, down_scale, block, expert, hidden.dtype))
+        gate_up = _expert_gemm_ref(hidden[tokens], w_gate_up, gate_up_scale, block, expert, hidden.dtype)
+        expert_out = _expert_gemm_ref(silu_and_mul_ref(gate_up), w_down, down_scale, block, expert, wide)
         # a token picks an expert at most once, so this adds each row once (and is much faster than index_add_)
         out.index_put_((tokens,), (expert_out * topk_weights[tokens, choice, None]).to(out.dtype), accumulate=True)
     return out
@@ -84,31 +87,19 @@ def group_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> t
 
 
 @triton.jit
-def _dot_in_fp16(a, b):
-    """a [M, K] bf16 @ b [K, N] fp8 -> fp32, the products exactly those of bf16: Hopper widens fp8 to fp16 in one
-    instruction per two values, to bf16 only through fp16 (64 quarter-rate F2F per 64x128 tile beside a 274-
-    instruction loop at decode rows: benchmarks/kernel_sass.py). Each row of a is scaled by a power of two into
-    (-1, 1), where fp16 holds every bf16 value (down to 2^-17 of the row's largest), and its sums are scaled back."""
-    a = a.to(tl.float32)
-    exponent = tl.max(tl.abs(a), 1).to(tl.int32, bitcast=True) & 0x7F800000
-    row_scale = (exponent + 0x00800000).to(tl.float32, bitcast=True)     # 2^(e + 1), above the row's largest
-    row_inverse = (0x7E800000 - exponent).to(tl.float32, bitcast=True)   # 2^-(e + 1)
-    return tl.dot((a * row_inverse[:, None]).to(tl.float16), b.to(tl.float16)) * row_scale[:, None]
-
-
-@triton.jit
-def _grouped_gemm_kernel(a_ptr, b_ptr, b_scale_ptr, c_ptr, weights_ptr, sorted_pairs_ptr, block_expert_ptr,
-                         num_pairs, top_k, N, K, stride_am, stride_be, stride_bn, stride_bk, stride_cm,
-                         stride_se, stride_sn, stride_sk, scale_block_n, scale_block_k,
+def _grouped_gemm_kernel(a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, c_ptr, weights_ptr, sorted_pairs_ptr,
+                         block_expert_ptr, num_pairs, top_k, N, K, stride_am, stride_as, stride_be, stride_bn,
+                         stride_bk, stride_cm, stride_se, stride_sn, stride_sk, scale_block_n, scale_block_k,
                          WEIGHT_SCALE: tl.constexpr, GATHER_TOKENS: tl.constexpr, SCATTER_PAIRS: tl.constexpr,
-                         IEEE: tl.constexpr, FP16_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                         DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                          BLOCK_K: tl.constexpr):
     """C[row] = A[row] @ B[expert]^T for one row block (one expert) and one column block.
 
     Rows of A are tokens (GATHER_TOKENS: row = pair // top_k) or sorted positions; rows of C are pairs, each
-    scaled by its routing weight (SCATTER_PAIRS), or sorted positions. WEIGHT_SCALE "channel" / "block": B is
-    fp8 with scales per output row / per [scale_block_n, scale_block_k] block (BLOCK_K divides scale_block_k,
-    so each K step lies in one block column); "none": B is in A's dtype.
+    scaled by its routing weight (SCATTER_PAIRS), or sorted positions. WEIGHT_SCALE "channel" / "block": A and B
+    are fp8, A with scales per row / per row and scale_block_k columns, B per output row / per [scale_block_n,
+    scale_block_k] block (BLOCK_K divides scale_block_k, so each K step lies in one block column); "none": A and B
+    in one dtype, unscaled.
     """
     block = tl.program_id(0)
     expert = tl.load(block_expert_ptr + block).to(tl.int64)
@@ -126,26 +117,24 @@ def _grouped_gemm_kernel(a_ptr, b_ptr, b_scale_ptr, c_ptr, weights_ptr, sorted_p
     a_ptrs = a_ptr + a_rows[:, None] * stride_am + ks[None, :]
     b_ptrs = b_ptr + expert * stride_be + cols[None, :] * stride_bn + ks[:, None] * stride_bk
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    a_scale_ptrs = a_scale_ptr + a_rows * stride_as
     scale_ptrs = b_scale_ptr + expert * stride_se
     for k in range(0, K, BLOCK_K):
         k_mask = ks + k < K
         a = tl.load(a_ptrs, mask=valid[:, None] & k_mask[None, :], other=0.0)
         b = tl.load(b_ptrs, mask=k_mask[:, None] & (cols[None, :] < N), other=0.0)
-        if FP16_DOT:
-            product = _dot_in_fp16(a, b)
-        elif IEEE:
-            product = tl.dot(a, b.to(a.dtype), input_precision="ieee")
-        else:
-            product = tl.dot(a, b.to(a.dtype))
+        product = tl.dot(a, b, input_precision=DOT_PRECISION)
         if WEIGHT_SCALE == "block":
+            a_scales = tl.load(a_scale_ptrs + k // scale_block_k, mask=valid, other=0.0)
             block_scales = tl.load(scale_ptrs + (cols // scale_block_n) * stride_sn + (k // scale_block_k) * stride_sk,
                                    mask=cols < N, other=0.0)
-            product *= block_scales[None, :]
+            product *= a_scales[:, None] * block_scales[None, :]
         acc += product
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K * stride_bk
     if WEIGHT_SCALE == "channel":
-        acc *= tl.load(scale_ptrs + cols * stride_sn, mask=cols < N, other=0.0)[None, :]
+        acc *= (tl.load(a_scale_ptrs, mask=valid, other=0.0)[:, None]
+                * tl.load(scale_ptrs + cols * stride_sn, mask=cols < N, other=0.0)[None, :])
     if SCATTER_PAIRS:
         acc *= tl.load(weights_ptr + pairs, mask=valid, other=0.0).to(tl.float32)[:, None]
         c_rows = pairs.to(tl.int64)
@@ -162,22 +151,27 @@ def _block_m(num_pairs: int, num_experts: int) -> int:
 
 def _grouped_gemm(a, b, b_scale, block, c, weights, sorted_pairs, block_expert, num_pairs, top_k, block_m,
                   gather_tokens):
+    """c = the grouped GEMM of a with the experts b; for fp8 experts (b_scale given) a is quantized first."""
     n, k = b.shape[1], b.shape[2]
     block_n = min(128, max(16, triton.next_power_of_2(n)))
-    block_k = min(64, max(16, triton.next_power_of_2(k)))
     weight_scale = "none" if b_scale is None else "channel" if block is None else "block"
+    # a K step reads as many bytes of fp8 as of 16-bit values in half the columns
+    block_k = min(64 if b_scale is None else 128, max(16, triton.next_power_of_2(k)))
     scale_block_n, scale_block_k = block or (1, k)
+    if weight_scale == "none":
+        a_scale = scales = b
+    else:
+        a, a_scale = quantize_fp8(a, block[1] if block else None)
+        scales = b_scale.view(b_scale.shape[0], b_scale.shape[1], -1)
     if weight_scale == "block":   # the largest power of two dividing the scale block's width
         block_k = min(block_k, scale_block_k & -scale_block_k)
         assert block_k >= 16, f"fp8 block width {scale_block_k} is not a multiple of 16"
-    scales = b if b_scale is None else b_scale.view(b_scale.shape[0], b_scale.shape[1], -1)
     grid = (block_expert.shape[0], triton.cdiv(n, block_n))
     _grouped_gemm_kernel[grid](
-        a, b, scales, c, weights, sorted_pairs, block_expert, num_pairs, top_k, n, k, a.stride(0), b.stride(0),
-        b.stride(1), b.stride(2), c.stride(0), scales.stride(0), scales.stride(1), scales.stride(2),
-        scale_block_n, scale_block_k, WEIGHT_SCALE=weight_scale, GATHER_TOKENS=gather_tokens,
-        SCATTER_PAIRS=not gather_tokens, IEEE=a.dtype == torch.float32,
-        FP16_DOT=b_scale is not None and a.dtype == torch.bfloat16, BLOCK_M=block_m, BLOCK_N=block_n,
+        a, a_scale, b, scales, c, weights, sorted_pairs, block_expert, num_pairs, top_k, n, k, a.stride(0),
+        a_scale.stride(0), b.stride(0), b.stride(1), b.stride(2), c.stride(0), scales.stride(0), scales.stride(1),
+        scales.stride(2), scale_block_n, scale_block_k, WEIGHT_SCALE=weight_scale, GATHER_TOKENS=gather_tokens,
+        SCATTER_PAIRS=not gather_tokens, DOT_PRECISION=_dot_precision(a.dtype), BLOCK_M=block_m, BLOCK_N=block_n,
         BLOCK_K=block_k, num_warps=8 if block_m * block_n >= 64 * 128 else 4, num_stages=3)
 
 

@@ -38,7 +38,7 @@ class Experts(nn.Module):
         self.down_proj = Linear(intermediate_size, hidden_size, bias=False, parallel="row", num_experts=num_experts)
 
     def forward(self, hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
-        # fp8 experts reach the kernel as stored, with their scales: it dequantizes as it multiplies
+        # fp8 experts reach the kernel as stored, with their scales: it multiplies fp8 by fp8-quantized inputs
         gate_up_scale, block = self.gate_up_proj.weight_format.weight_scale(self.gate_up_proj)
         down_scale, _ = self.down_proj.weight_format.weight_scale(self.down_proj)
         return ops.fused_moe(hidden, self.gate_up_proj.weight, self.down_proj.weight, topk_weights, topk_ids,

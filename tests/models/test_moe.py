@@ -12,8 +12,10 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from batchgen.kernels import ops
-from batchgen.kernels.fp8 import FP8
-from batchgen.kernels.fused_moe import fused_moe, fused_moe_ref
+from batchgen.kernels import fused_moe as fused_moe_module
+from batchgen.kernels.activation import silu_and_mul_ref
+from batchgen.kernels.fp8 import FP8, quantize_fp8_ref
+from batchgen.kernels.fused_moe import fused_moe
 from batchgen.kernels.testing import relative_l2
 from batchgen.models import load_model
 from batchgen.models.config import ModelConfig
@@ -123,18 +125,43 @@ def test_benchmark_configs_build_transformers_parameter_count(model):
     assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in theirs.parameters())
 
 
+def fake_quantized(x: torch.Tensor, group: int | None) -> torch.Tensor:
+    """x quantized to fp8 per row (per row and `group` columns) and back: what an fp8 GEMM multiplies."""
+    q, scales = quantize_fp8_ref(x, group)
+    return (q.float().view(x.shape[0], -1, group or x.shape[1]) * scales.view(x.shape[0], -1, 1)).view(x.shape)
+
+
+def moe_with_dequantized_experts(hidden, w_gate_up, w_down, topk_weights, topk_ids, group=None):
+    """Token by token and expert by expert, fp32: the experts' dequantized weights times each GEMM's input
+    quantized to fp8 and back, as fp8 experts multiply."""
+    out = torch.zeros_like(hidden)
+    for token in range(hidden.shape[0]):
+        for weight, expert in zip(topk_weights[token].tolist(), topk_ids[token].tolist()):
+            gate_up = fake_quantized(hidden[token:token + 1], group) @ w_gate_up[expert].T
+            out[token] += weight * (fake_quantized(silu_and_mul_ref(gate_up), group) @ w_down[expert].T)[0]
+    return out
+
+
+def use_triton_fused_moe(monkeypatch):
+    """The Triton launcher on CPU tensors (TRITON_INTERPRET=1), its activations quantized by torch: the
+    interpreter rounds some values to fp8 wrongly (tests/kernels/test_fused_moe.py)."""
+    monkeypatch.setattr(ops, "fused_moe", fused_moe)
+    monkeypatch.setattr(fused_moe_module, "quantize_fp8", quantize_fp8_ref)
+
+
 @pytest.mark.parametrize("kernel", ["reference", "triton"])
 def test_fp8_experts_multiply_their_fp8_weights_without_a_dequantized_copy(tiny_model_dir, monkeypatch, kernel):
     """Online fp8: the experts stay fp8 with per-row scales, and the fused MoE kernel (or its reference on CPU)
-    takes them as they are; the logits match the path that dequantizes every layer's experts each step."""
+    takes them as they are, their inputs quantized per token; the logits match dequantized experts multiplying
+    fp8-rounded inputs."""
     model, config = load_model(tiny_model_dir("qwen3_moe"), torch.float32, "cpu", quantization="fp8")
     experts = model.model.layers[0].mlp.experts
     assert experts.gate_up_proj.weight.dtype == experts.down_proj.weight.dtype == FP8
     sequences = random_sequences(config.vocab_size)
 
     def dequantizing_forward(self, hidden, topk_weights, topk_ids):
-        return fused_moe_ref(hidden, self.gate_up_proj.dequantized_weight(), self.down_proj.dequantized_weight(),
-                             topk_weights, topk_ids)
+        return moe_with_dequantized_experts(hidden, self.gate_up_proj.dequantized_weight(),
+                                            self.down_proj.dequantized_weight(), topk_weights, topk_ids)
 
     with monkeypatch.context() as patch:
         patch.setattr(Experts, "forward", dequantizing_forward)
@@ -144,8 +171,8 @@ def test_fp8_experts_multiply_their_fp8_weights_without_a_dequantized_copy(tiny_
         raise AssertionError("an fp8 expert layer was dequantized in forward")
 
     monkeypatch.setattr(Linear, "dequantized_weight", refuse)
-    if kernel == "triton":   # the Triton launcher on CPU tensors (TRITON_INTERPRET=1)
-        monkeypatch.setattr(ops, "fused_moe", fused_moe)
+    if kernel == "triton":
+        use_triton_fused_moe(monkeypatch)
     for got, want in zip(run_paged(model, config, sequences), expected):
         assert relative_l2(got, want) < 1e-5
 
@@ -156,7 +183,8 @@ def test_fp8_experts_multiply_their_fp8_weights_without_a_dequantized_copy(tiny_
                          ids=["channel", "block"])
 def test_fp8_expert_layers_hand_their_scales_to_the_kernel(weight_format, kernel, monkeypatch):
     """Each fp8 format's scales (per-channel `weight_scale`, block-wise under the checkpoint's name) reach the
-    kernel with the weights: the experts compute what their dequantized weights compute."""
+    kernel with the weights: the experts compute what their dequantized weights compute on fp8-rounded inputs
+    (per token, or per token per block column group)."""
     generator = torch.Generator().manual_seed(0)
     experts = Experts(num_experts=4, hidden_size=64, intermediate_size=32)
     for layer in (experts.gate_up_proj, experts.down_proj):
@@ -167,8 +195,9 @@ def test_fp8_expert_layers_hand_their_scales_to_the_kernel(weight_format, kernel
                 scale.copy_((torch.rand(scale.shape, generator=generator) + 0.5) / 800)
     hidden = torch.randn(9, 64, generator=generator)
     topk_weights, topk_ids = torch.rand(9, 4, generator=generator).softmax(-1).topk(2, dim=-1)
-    expected = fused_moe_ref(hidden, experts.gate_up_proj.dequantized_weight(), experts.down_proj.dequantized_weight(),
-                             topk_weights, topk_ids)
+    group = weight_format.block[1] if isinstance(weight_format, Fp8Block) else None
+    expected = moe_with_dequantized_experts(hidden, experts.gate_up_proj.dequantized_weight(),
+                                            experts.down_proj.dequantized_weight(), topk_weights, topk_ids, group)
     if kernel == "triton":
-        monkeypatch.setattr(ops, "fused_moe", fused_moe)
+        use_triton_fused_moe(monkeypatch)
     assert relative_l2(experts(hidden, topk_weights, topk_ids), expected) < 1e-5
