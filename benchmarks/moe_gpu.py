@@ -58,6 +58,7 @@ from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
 from batchgen import LLM  # noqa: E402
 from batchgen.bench import card_name, code_commit, make_workload, run_batchgen, run_hf_static  # noqa: E402
 from batchgen.kernels.fp8 import FP8, FP8_MAX, MIN_SCALE, quantize_fp8_ref  # noqa: E402
+from batchgen.kernels import fused_moe as fused_moe_module  # noqa: E402
 from batchgen.kernels.fused_moe import fused_moe, fused_moe_ref  # noqa: E402
 from batchgen.kernels.testing import TOLERANCE, bench_ms, relative_l2  # noqa: E402
 
@@ -74,8 +75,11 @@ FP8_BLOCK = (128, 128)
 SHAPES = {"qwen3-30b-a3b": (128, 8, 2048, 768), "mixtral-8x7b": (8, 2, 4096, 14336)}
 CHECK_TOKENS, PREFILL_TOKENS, DECODE_TOKENS = [1, 7, 256, 8192], 8192, 256
 if SMOKE:
-    FP8_BLOCK = (16, 16)
-    SHAPES = {"tiny-qwen3-moe": (8, 2, 64, 32), "tiny-mixtral": (4, 2, 64, 48)}
+    # the interpreter rounds some values to fp8 wrongly (tests/kernels/test_fp8.py): the kernel's activations are
+    # quantized by torch here, as the kernel tests do
+    fused_moe_module.quantize_fp8 = quantize_fp8_ref
+    FP8_BLOCK = (16, 32)   # an fp8 dot's K is at least 32
+    SHAPES = {"tiny-qwen3-moe": (8, 2, 64, 32), "tiny-mixtral": (4, 2, 64, 64)}
     CHECK_TOKENS, PREFILL_TOKENS, DECODE_TOKENS = [1, 7, 40], 40, 4
 # the logits check's model: layers of the real shape on the GPU; on CPU the same experts, top-k, head_dim and
 # proportions at a quarter of the width (and a smaller vocabulary), which a CPU runs in about a minute
@@ -143,8 +147,14 @@ def check_kernel(name: str, shape, weight_format: str) -> None:
     for num_tokens in CHECK_TOKENS:
         x, *rest = moe_inputs(shape, num_tokens, seed=num_tokens, weight_format=weight_format)
         out = fused_moe(x, *rest)
-        # fp32 activations (and bf16 weights in fp32); fp8 weights stay fp8, dequantized in fp32 by the reference
-        ref = fused_moe_ref(x.float(), *(t.float() if t.dtype == DTYPE else t for t in rest[:2]), *rest[2:])
+        # bf16 experts: the reference in fp32 (activations and weights). fp8 experts: the kernel quantizes each
+        # GEMM's input to fp8, so the reference takes the same bf16 input, rounds the gate-up product to bf16 as
+        # the kernel does and quantizes it the same way (from fp32 sums, a bf16 rounding moves ~1 in 30 of those
+        # values to the next fp8 step: ~0.018 rel. L2 on the H200, eleventh session)
+        if weight_format == "bf16":
+            ref = fused_moe_ref(x.float(), *(t.float() for t in rest[:2]), *rest[2:])
+        else:
+            ref = fused_moe_ref(x, *rest)
         error = relative_l2(out, ref)
         ok = error < TOLERANCE[DTYPE]
         if not ok:

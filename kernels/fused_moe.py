@@ -165,7 +165,7 @@ def _grouped_gemm(a, b, b_scale, block, c, weights, sorted_pairs, block_expert, 
         scales = b_scale.view(b_scale.shape[0], b_scale.shape[1], -1)
     if weight_scale == "block":   # the largest power of two dividing the scale block's width
         block_k = min(block_k, scale_block_k & -scale_block_k)
-        assert block_k >= 16, f"fp8 block width {scale_block_k} is not a multiple of 16"
+        assert block_k >= 32, f"fp8 block width {scale_block_k} is not a multiple of 32 (an fp8 dot's least K)"
     grid = (block_expert.shape[0], triton.cdiv(n, block_n))
     _grouped_gemm_kernel[grid](
         a, a_scale, b, scales, c, weights, sorted_pairs, block_expert, num_pairs, top_k, n, k, a.stride(0),

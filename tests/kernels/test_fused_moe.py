@@ -47,7 +47,7 @@ def fp8_experts(weight: torch.Tensor, block: tuple[int, int] | None) -> tuple[to
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("block", [None, (16, 32), (48, 16)], ids=["per-channel", "block16x32", "block48x16"])
+@pytest.mark.parametrize("block", [None, (16, 32), (48, 32)], ids=["per-channel", "block16x32", "block48x32"])
 @pytest.mark.parametrize("num_tokens", [1, 17, 40])
 def test_fused_moe_fp8_experts_match_the_reference(num_tokens, block, dtype, monkeypatch):
     """fp8 weights with their scales, and each GEMM's input quantized to fp8 (per token, or per token per block
