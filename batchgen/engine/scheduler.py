@@ -98,14 +98,18 @@ class Scheduler:
 
     def _waiting_is_cheaper_to_recompute(self) -> bool:
         """Recomputing everything waiting at its expected length costs fewer tokens than the steps of a wave of
-        it (its longest expected growth) are worth: see the module docstring."""
+        it (its longest expected growth) are worth: see the module docstring. A tail that cannot run beside the
+        running requests (the sequence cap) or would not fit the cache by itself is no last wave; so this reads at
+        most max_num_seqs requests a step."""
+        if len(self.running) + len(self.waiting) > self.max_num_seqs:
+            return False
         tokens = steps = 0
-        most = self.decode_step_tokens * self.max_model_len
+        most = min(self.decode_step_tokens * self.max_model_len, self.kv_cache.num_blocks * self.kv_cache.block_size)
         for request in self.waiting:
             growth = self._expected_growth(request)
             tokens += request.num_tokens + growth
             steps = max(steps, growth)
-            if tokens > most:   # more than any wave's steps can be worth
+            if tokens > most:
                 return False
         return tokens <= self.decode_step_tokens * steps
 
