@@ -11,8 +11,8 @@ per expert per [block_n, block_k] block. The activations going into each GEMM ar
 layers quantize theirs: per token (per-channel weights) or per token per block_k columns (block-scaled), so the
 grouped GEMMs multiply fp8 by fp8 on the tensor cores and apply both scales to their fp32 sums, after the loop over
 K (per-channel) or per K step (block-scaled). No dequantized copy of the weights is ever made. (Widening the fp8
-weights to the activations' dtype in the kernel ran at 0.6x of the bf16 experts' rate, prefill and decode alike:
-docs/benchmarks.md, eleventh session.)
+weights to the activations' dtype in the loop instead left fp8 experts at 0.6x of bf16 experts' prefill rate, and
+Mixtral's decode slower than bf16: docs/benchmarks.md, eleventh session.)
 """
 import torch
 import torch.nn.functional as F
@@ -155,8 +155,9 @@ def _grouped_gemm(a, b, b_scale, block, c, weights, sorted_pairs, block_expert, 
     n, k = b.shape[1], b.shape[2]
     block_n = min(128, max(16, triton.next_power_of_2(n)))
     weight_scale = "none" if b_scale is None else "channel" if block is None else "block"
-    # a K step reads as many bytes of fp8 as of 16-bit values in half the columns
-    block_k = min(64 if b_scale is None else 128, max(16, triton.next_power_of_2(k)))
+    # a K step reads as many bytes of fp8 as of 16-bit values in half the columns; an fp8 dot's K is at least 32
+    block_k = (min(64, max(16, triton.next_power_of_2(k))) if b_scale is None
+               else min(128, max(32, triton.next_power_of_2(k))))
     scale_block_n, scale_block_k = block or (1, k)
     if weight_scale == "none":
         a_scale = scales = b
