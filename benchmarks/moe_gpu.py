@@ -9,8 +9,9 @@
    kernel) against transformers bf16 on the same random weights, a few Qwen3-30B-A3B layers; and each of the two
    against transformers in fp32 on the same weights, with the share of (token, layer) routings where HF's bf16
    picks other experts than its fp32 (and where its bf16 router logits tie at the top-k boundary), and HF bf16
-   made to pick fp32's experts: how much of the bf16 error is near-tied routing. Gate: batchgen vs HF
-   relative L2 < 2e-2 per sequence (the issue's bound).
+   made to pick fp32's experts: how much of the bf16 error is near-tied routing; and HF bf16 against itself run
+   through its eager attention and eager experts loop (the distance two bf16 implementations of the same model
+   keep). Gate: batchgen vs HF relative L2 < 2e-2 per sequence (the issue's bound).
 --mode throughput --model qwen3-30b-a3b|mixtral-8x7b --workload W1|1000-1000: batchgen output tok/s on the
    full shape (dummy bf16 weights, outputs forced to full length), beside HF transformers' static `generate`
    (bf16, sdpa, its default grouped_mm experts) on the first --hf-sample of the same prompts, in the same run.
@@ -272,6 +273,11 @@ def run_logits() -> None:
     fp32, fp32_routing = hf_logits(fp32_model, sequences)
     del fp32_model
     hf_bf16_fp32_routing, _ = hf_logits(hf, sequences, replay=fp32_routing)
+    # HF against itself: the same bf16 model through its eager attention and its eager experts loop
+    default_implementations = hf.config._attn_implementation, hf.config._experts_implementation
+    hf.set_attn_implementation("eager")
+    hf.set_experts_implementation("eager")
+    hf_bf16_eager, _ = hf_logits(hf, sequences)
     other_experts = sum(int((a.sort(-1).values != b.sort(-1).values).any(-1).sum())
                         for (a, _), (b, _) in zip(bf16_routing, fp32_routing))
     tied = sum(int(ties.sum()) for _, ties in bf16_routing)
@@ -283,7 +289,8 @@ def run_logits() -> None:
 
     figures = {"batchgen_vs_hf_bf16": errors(ours, hf_bf16), "batchgen_vs_fp32": errors(ours, fp32),
                "hf_bf16_vs_fp32": errors(hf_bf16, fp32),
-               "hf_bf16_with_fp32_routing_vs_fp32": errors(hf_bf16_fp32_routing, fp32)}
+               "hf_bf16_with_fp32_routing_vs_fp32": errors(hf_bf16_fp32_routing, fp32),
+               "hf_bf16_eager_vs_hf_bf16": errors(hf_bf16_eager, hf_bf16)}
     ok = figures["batchgen_vs_hf_bf16"]["max"] < 2e-2
     if not ok:
         FAILED.append("logits")
@@ -293,7 +300,7 @@ def run_logits() -> None:
               sequences=len(sequences), max_len=max(lengths), cuda_graphs=graphs, **figures,
               hf_bf16_routings_with_other_experts_than_fp32=f"{other_experts}/{routings}",
               hf_bf16_routings_tied_at_top_k=f"{tied}/{routings}",
-              hf_bf16_experts_implementation=hf.config._experts_implementation, ok=ok))
+              hf_bf16_implementations=default_implementations, ok=ok))
     for name, value in figures.items():
         TABLE.append(f"{name:36s} max {value['max']:.4f}  mean {value['mean']:.4f}")
     TABLE.append(f"HF bf16 routings (token, layer) with other experts than fp32: {other_experts}/{routings}; "
