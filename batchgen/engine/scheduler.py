@@ -26,10 +26,11 @@ from dataclasses import dataclass, field
 from batchgen.engine.kv_cache import KVCacheManager
 from batchgen.engine.request import Request, RequestStatus
 
-# A decode step's fixed cost, reading every weight once, in tokens of prefill that cost as much: the card's
+# A decode step's fixed cost, reading every weight once, in tokens of prefill that cost as much: the device's
 # matmul rate over its memory bandwidth, per weight. H200: bf16 790 TFLOP/s over 4.14 TB/s, 2 bytes and 2 FLOPs a
-# weight per token: ~190; fp8 ~1,300 TFLOP/s, 1 byte: ~157 (docs/benchmarks.md). A CPU's few FLOPs per byte: ~4.
-DECODE_STEP_TOKENS = {"cuda": 160, "cpu": 4}
+# weight per token: ~190; fp8 ~1,300 TFLOP/s, 1 byte: ~157 (docs/benchmarks.md). A 2-core x86 CPU, fp32: a
+# 4096 x 4096 F.linear of 1 row took as long as 8-11 rows of one of 256.
+DECODE_STEP_TOKENS = {"cuda": 160, "cpu": 10}
 
 
 @dataclass
