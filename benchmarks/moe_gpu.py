@@ -60,6 +60,7 @@ from batchgen import LLM  # noqa: E402
 from batchgen.bench import card_name, code_commit, make_workload, run_batchgen, run_hf_static  # noqa: E402
 from batchgen.kernels.fp8 import FP8, FP8_MAX, MIN_SCALE, quantize_fp8_ref  # noqa: E402
 from batchgen.kernels import fused_moe as fused_moe_module  # noqa: E402
+from batchgen.kernels.activation import silu_and_mul_fp8_ref  # noqa: E402
 from batchgen.kernels.fused_moe import fused_moe, fused_moe_ref  # noqa: E402
 from batchgen.kernels.testing import TOLERANCE, bench_ms, relative_l2  # noqa: E402
 
@@ -79,6 +80,7 @@ if SMOKE:
     # the interpreter rounds some values to fp8 wrongly (tests/kernels/test_fp8.py): the kernel's activations are
     # quantized by torch here, as the kernel tests do
     fused_moe_module.quantize_fp8 = quantize_fp8_ref
+    fused_moe_module.silu_and_mul_fp8 = silu_and_mul_fp8_ref
     FP8_BLOCK = (16, 32)   # an fp8 dot's K is at least 32
     SHAPES = {"tiny-qwen3-moe": (8, 2, 64, 32), "tiny-mixtral": (4, 2, 64, 64)}
     CHECK_TOKENS, PREFILL_TOKENS, DECODE_TOKENS = [1, 7, 40], 40, 4

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from batchgen.kernels.activation import silu_and_mul, silu_and_mul_ref
+from batchgen.kernels.activation import silu_and_mul, silu_and_mul_fp8, silu_and_mul_ref
 from batchgen.kernels.fp8 import fp8_block_gemm_ref, fp8_gemm_ref, quantize_fp8, quantize_fp8_ref
 from batchgen.kernels.paged_attention import _dot_precision
 
@@ -149,9 +149,9 @@ def _block_m(num_pairs: int, num_experts: int) -> int:
     return min(64, max(16, triton.next_power_of_2(num_pairs // num_experts)))
 
 
-def _grouped_gemm(a, b, b_scale, block, c, weights, sorted_pairs, block_expert, num_pairs, top_k, block_m,
+def _grouped_gemm(a, a_scale, b, b_scale, block, c, weights, sorted_pairs, block_expert, num_pairs, top_k, block_m,
                   gather_tokens):
-    """c = the grouped GEMM of a with the experts b; for fp8 experts (b_scale given) a is quantized first."""
+    """c = the grouped GEMM of a with the experts b; for fp8 experts (b_scale given) a is fp8 with a_scale."""
     n, k = b.shape[1], b.shape[2]
     block_n = min(128, max(16, triton.next_power_of_2(n)))
     weight_scale = "none" if b_scale is None else "channel" if block is None else "block"
@@ -162,7 +162,6 @@ def _grouped_gemm(a, b, b_scale, block, c, weights, sorted_pairs, block_expert, 
     if weight_scale == "none":
         a_scale = scales = b
     else:
-        a, a_scale = quantize_fp8(a, block[1] if block else None)
         scales = b_scale.view(b_scale.shape[0], b_scale.shape[1], -1)
     if weight_scale == "block":   # the largest power of two dividing the scale block's width
         block_k = min(block_k, scale_block_k & -scale_block_k)
@@ -191,11 +190,19 @@ def fused_moe(hidden: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tenso
     block_m = _block_m(num_pairs, num_experts)
     sorted_pairs, block_expert = group_by_expert(topk_ids, num_experts, block_m)
     weights = topk_weights.contiguous()
+    # fp8 experts: each GEMM's input quantized per token (per token per block[1] columns for block scales)
+    fp8, group = gate_up_scale is not None, block[1] if block else None
+    a, a_scale = quantize_fp8(hidden, group) if fp8 else (hidden, None)
     gate_up = torch.empty(sorted_pairs.shape[0], 2 * intermediate, dtype=hidden.dtype, device=hidden.device)
-    _grouped_gemm(hidden, w_gate_up, gate_up_scale, block, gate_up, weights, sorted_pairs, block_expert, num_pairs,
-                  top_k, block_m, gather_tokens=True)
-    activated = silu_and_mul(gate_up)
+    _grouped_gemm(a, a_scale, w_gate_up, gate_up_scale, block, gate_up, weights, sorted_pairs, block_expert,
+                  num_pairs, top_k, block_m, gather_tokens=True)
+    if not fp8:
+        activated, activated_scale = silu_and_mul(gate_up), None
+    elif group is None:   # the product and its per-token quantization, as the fp8 MLPs take it
+        activated, activated_scale = silu_and_mul_fp8(gate_up)
+    else:
+        activated, activated_scale = quantize_fp8(silu_and_mul(gate_up), group)
     pair_out = torch.empty(num_pairs, hidden_size, dtype=hidden.dtype, device=hidden.device)
-    _grouped_gemm(activated, w_down, down_scale, block, pair_out, weights, sorted_pairs, block_expert, num_pairs,
-                  top_k, block_m, gather_tokens=False)
+    _grouped_gemm(activated, activated_scale, w_down, down_scale, block, pair_out, weights, sorted_pairs,
+                  block_expert, num_pairs, top_k, block_m, gather_tokens=False)
     return pair_out.view(num_tokens, top_k, hidden_size).sum(dim=1)

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from batchgen.kernels import fused_moe as fused_moe_module
+from batchgen.kernels.activation import silu_and_mul_fp8_ref
 from batchgen.kernels.fp8 import FP8, quantize_fp8_ref
 from batchgen.kernels.fused_moe import fused_moe, fused_moe_ref, group_by_expert
 from batchgen.kernels.testing import TEST_DEVICE as DEVICE, TEST_DTYPES as DTYPES, TOLERANCE, relative_l2
@@ -58,6 +59,7 @@ def test_fused_moe_fp8_experts_match_the_reference(num_tokens, block, dtype, mon
         # the interpreter rounds some values to fp8 wrongly (carries into the exponent: test_fp8.py); quantized by
         # torch, the activations are the reference's, and the GEMMs' arithmetic is what is checked
         monkeypatch.setattr(fused_moe_module, "quantize_fp8", quantize_fp8_ref)
+        monkeypatch.setattr(fused_moe_module, "silu_and_mul_fp8", silu_and_mul_fp8_ref)
     hidden, w_gate_up, w_down, topk_weights, topk_ids = random_moe_inputs(num_tokens, dtype, seed=num_tokens)
     low, high = (-3, 5) if dtype == torch.bfloat16 else (-2, 2)
     hidden = (hidden.float() * torch.logspace(low, high, num_tokens, device=hidden.device)[:, None]).to(dtype)

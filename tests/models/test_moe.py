@@ -13,7 +13,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from batchgen.kernels import ops
 from batchgen.kernels import fused_moe as fused_moe_module
-from batchgen.kernels.activation import silu_and_mul_ref
+from batchgen.kernels.activation import silu_and_mul_fp8_ref, silu_and_mul_ref
 from batchgen.kernels.fp8 import FP8, quantize_fp8_ref
 from batchgen.kernels.fused_moe import fused_moe
 from batchgen.kernels.testing import relative_l2
@@ -147,6 +147,7 @@ def use_triton_fused_moe(monkeypatch):
     interpreter rounds some values to fp8 wrongly (tests/kernels/test_fused_moe.py)."""
     monkeypatch.setattr(ops, "fused_moe", fused_moe)
     monkeypatch.setattr(fused_moe_module, "quantize_fp8", quantize_fp8_ref)
+    monkeypatch.setattr(fused_moe_module, "silu_and_mul_fp8", silu_and_mul_fp8_ref)
 
 
 @pytest.mark.parametrize("kernel", ["reference", "triton"])
