@@ -33,6 +33,8 @@ TensorRT-LLM's 2048/128 shape, whose time is nearly all prefill:
 
     python benchmarks/engine_gpu.py --profile-decode 856 1500 --quantization fp8 --kv-cache-dtype fp8
     python benchmarks/engine_gpu.py --profile-prefill 96 2048 --quantization fp8 --kv-cache-dtype fp8
+    python benchmarks/engine_gpu.py --config llama-3.1-70b --profile-decode 152 1500 --quantization fp8 \
+        --kv-cache-dtype fp8 --gpu-memory-utilization 0.97     # the 70B 1000/1000 run's mean decode step
 """
 import argparse
 import itertools
@@ -67,6 +69,8 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--smoke", action="store_true", help="tiny model on CPU")
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    parser.add_argument("--config", default="llama-3.1-8b", choices=sorted(p.name for p in CONFIGS.iterdir()),
+                        help="the architecture (a directory of benchmarks/configs)")
     parser.add_argument("--kv-cache-dtype", nargs="+", choices=["auto", "fp8"], default=["auto"],
                         help="one run per value (throughput); the sizing check takes the first")
     parser.add_argument("--quantization", nargs="+", choices=["none", "fp8"], default=["none"],
@@ -92,7 +96,7 @@ def main() -> int:
         (model_dir / "config.json").write_text(json.dumps(TINY))
         engine_args = dict(device="cpu", dtype="float32", max_num_seqs=8, max_num_batched_tokens=64)
     else:
-        model_dir = CONFIGS / "llama-3.1-8b"
+        model_dir = CONFIGS / args.config
         engine_args = dict(device="cuda", gpu_memory_utilization=args.gpu_memory_utilization)
     engine_args["quantization"] = _quantization(args.quantization[0])
     if args.profile_decode or args.profile_prefill:
