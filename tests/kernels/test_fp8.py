@@ -1,5 +1,5 @@
-"""fp8 activation quantization (alone and fused into RMSNorm and SiLU-and-mul) and the block-scaled fp8 GEMM
-(Triton) against their torch references. Triton's interpreter rounds some values to fp8 wrongly, so there the
+"""fp8 activation quantization (alone and fused into RMSNorm and SiLU-and-mul), the row-wise fp8 GEMM (_scaled_mm,
+decode-sized inputs padded) and the block-scaled fp8 GEMM (Triton) against their torch references. Triton's interpreter rounds some values to fp8 wrongly, so there the
 quantizing kernels are checked with their scaled values carried unrounded in fp32 and rounded here by torch; on
 the GPU the kernels store fp8 themselves and the hardware rounds."""
 import pytest
@@ -7,7 +7,8 @@ import torch
 
 from batchgen.kernels.activation import (gelu_tanh_and_mul_fp8, gelu_tanh_and_mul_fp8_ref, silu_and_mul_fp8,
                                          silu_and_mul_fp8_ref)
-from batchgen.kernels.fp8 import FP8, fp8_block_gemm, fp8_block_gemm_ref, quantize_fp8, quantize_fp8_ref
+from batchgen.kernels.fp8 import (FP8, fp8_block_gemm, fp8_block_gemm_ref, fp8_gemm, fp8_gemm_ref, quantize_fp8,
+                                  quantize_fp8_ref)
 from batchgen.kernels.rms_norm import rms_norm_fp8, rms_norm_fp8_ref
 from batchgen.kernels.testing import TEST_DEVICE as DEVICE, TEST_DTYPES as DTYPES, relative_l2
 
@@ -31,6 +32,20 @@ def test_quantize_fp8_matches_the_reference_exactly(dtype, group_size):
     groups = x.float().view(9, -1, group_size or 64)
     assert torch.allclose(want_scales[5], groups[5].abs().amax(-1) / 448.0)
     assert torch.equal(quantized[4].float(), torch.zeros(64, device=DEVICE))
+
+
+@pytest.mark.parametrize("num_rows", [1, 37, 128, 160, 1030])   # padded to 128, none, padded to 256, too many
+def test_fp8_gemm_matches_the_reference(num_rows):
+    """torch._scaled_mm (on the CPU too), decode-sized inputs run padded to a multiple of 128 rows: the rows
+    returned are the input's, each the reference's product, whatever the padding rows hold."""
+    generator = torch.Generator().manual_seed(num_rows)
+    x_q, x_scale = quantize_fp8_ref(torch.randn(num_rows, 64, generator=generator) * 3)
+    w_q, w_scale = quantize_fp8_ref(torch.randn(48, 64, generator=generator))
+    x_q, x_scale, w_q, w_scale = (t.to(DEVICE) for t in (x_q, x_scale, w_q, w_scale.view(-1)))
+    out = fp8_gemm(x_q, x_scale, w_q, w_scale, torch.float32)
+    assert out.shape == (num_rows, 48) and out.is_contiguous()
+    tolerance = 1e-3 if DEVICE.type == "cuda" else 1e-5   # the fp8 tensor cores' sums, as below
+    assert relative_l2(out, fp8_gemm_ref(x_q, x_scale, w_q, w_scale, torch.float32)) < tolerance
 
 
 # relative L2 error allowed: the products are exact and summed in fp32, but 16-bit tensor-core sums may round
