@@ -42,23 +42,10 @@ def fp8_gemm_ref(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_
     return ((x_q.float() @ w_q.float().T) * x_scale * w_scale).to(out_dtype)
 
 
-# cuBLASLt's row-wise fp8 GEMM ran up to 2x slower at 128k + 32..96 rows than at the next multiple of 128 (H200,
-# Llama-8B and -70B projections, 16-1,024 rows: 70B gate_up 0.287 ms at 160 rows, 0.209 at 256; docs/benchmarks.md),
-# in either operand order: inputs of up to _PADDED_ROWS_UP_TO rows run padded to the next multiple of 128
-_GEMM_ROW_TILE = 128
-_PADDED_ROWS_UP_TO = 1024
-
-
 def fp8_gemm(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
              out_dtype: torch.dtype) -> torch.Tensor:
     """GPU twin of `fp8_gemm_ref`: torch._scaled_mm with row-wise scales (cuBLASLt/CUTLASS fp8 tensor cores)."""
-    rows = x_q.shape[0]
-    padding = -rows % _GEMM_ROW_TILE if rows <= _PADDED_ROWS_UP_TO else 0
-    if padding:   # zero rows (bytes: torch pads no fp8 tensor) with unit scales; their outputs are dropped
-        x_q = F.pad(x_q.view(torch.uint8), (0, 0, 0, padding)).view(FP8)
-        x_scale = F.pad(x_scale, (0, 0, 0, padding), value=1.0)
-    out = torch._scaled_mm(x_q, w_q.T, scale_a=x_scale, scale_b=w_scale.view(1, -1), out_dtype=out_dtype)
-    return out[:rows] if padding else out
+    return torch._scaled_mm(x_q, w_q.T, scale_a=x_scale, scale_b=w_scale.view(1, -1), out_dtype=out_dtype)
 
 
 def fp8_block_gemm_ref(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,

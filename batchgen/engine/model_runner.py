@@ -301,10 +301,12 @@ class ModelRunner:
 
 
 def decode_graph_batch_sizes(max_batch: int) -> list[int]:
-    """Padded batch sizes that get a decode graph: every 16 up to 256, every 32 up to 512, every 64 above (36
-    graphs for 1024 sequences); padding costs at most ~1/8 of a step above 256, where steps are long anyway."""
-    steps = [*range(16, 257, 16), *range(288, 513, 32), *range(576, max_batch + 1, 64)]
-    return sorted({*(size for size in (1, 2, 4, 8, *steps) if size <= max_batch), max_batch})
+    """Padded batch sizes that get a decode graph: powers of two up to 128, then every 128 (15 graphs for 1024
+    sequences). cuBLASLt's fp8 GEMMs ran no slower at the next multiple of 128 rows than at any row count below
+    it, and up to 2x slower at 128k + 32..96 (H200, Llama-8B and -70B projections, docs/benchmarks.md); padding rows
+    have no context, so attention skips them, and the rest of their work is elementwise."""
+    sizes = [*(1 << i for i in range(8)), *range(256, max_batch + 1, 128)]
+    return sorted({*(size for size in sizes if size <= max_batch), max_batch})
 
 
 class DecodeGraphs:

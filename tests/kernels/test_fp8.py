@@ -1,5 +1,5 @@
-"""fp8 activation quantization (alone and fused into RMSNorm and SiLU-and-mul), the row-wise fp8 GEMM (_scaled_mm,
-decode-sized inputs padded) and the block-scaled fp8 GEMM (Triton) against their torch references. Triton's interpreter rounds some values to fp8 wrongly, so there the
+"""fp8 activation quantization (alone and fused into RMSNorm and SiLU-and-mul), the row-wise fp8 GEMM (_scaled_mm)
+and the block-scaled fp8 GEMM (Triton) against their torch references. Triton's interpreter rounds some values to fp8 wrongly, so there the
 quantizing kernels are checked with their scaled values carried unrounded in fp32 and rounded here by torch; on
 the GPU the kernels store fp8 themselves and the hardware rounds."""
 import pytest
@@ -34,10 +34,9 @@ def test_quantize_fp8_matches_the_reference_exactly(dtype, group_size):
     assert torch.equal(quantized[4].float(), torch.zeros(64, device=DEVICE))
 
 
-@pytest.mark.parametrize("num_rows", [1, 37, 128, 160, 1030])   # padded to 128, none, padded to 256, too many
+@pytest.mark.parametrize("num_rows", [1, 37, 160])
 def test_fp8_gemm_matches_the_reference(num_rows):
-    """torch._scaled_mm (on the CPU too), decode-sized inputs run padded to a multiple of 128 rows: the rows
-    returned are the input's, each the reference's product, whatever the padding rows hold."""
+    """torch._scaled_mm (on the CPU too): the per-token and per-channel scales land on the right axes."""
     generator = torch.Generator().manual_seed(num_rows)
     x_q, x_scale = quantize_fp8_ref(torch.randn(num_rows, 64, generator=generator) * 3)
     w_q, w_scale = quantize_fp8_ref(torch.randn(48, 64, generator=generator))
