@@ -15,8 +15,10 @@
 #                   1000/1000 fp8-weight runs with fp8 and bf16 KV and the fp8-KV decode profile          (~9 min)
 #   fp8-one     x1  the fp8 call on one card: kernels' tests, kernels in bf16 unswept, 8B 1000/1000 fp8 + fp8 KV
 #                   and its decode profile                                                                (~5 min)
-#   fp8-gemm    x1  fp8_gpu.py: fp8 GEMMs (Triton, _scaled_mm, cuBLASLt block-scaled) and fp8 logits      (~1 min)
-#   fp8-70b     x1  70B shape, fp8 weights + fp8 KV on one card, 1000/1000 x 300 requests                  (~4 min)
+#   fp8-gemm    x1  fp8_gpu.py: fp8 GEMMs (Triton, _scaled_mm, cuBLASLt block-scaled), fp8 logits, and the
+#                   projections at decode row counts (fp8_gpu.py --decode-gemms)                         (~2 min)
+#   fp8-3000    x1  8B fp8 + fp8 KV 1000/1000 x 3,000 (TensorRT-LLM's count), then 500/2000 x 800          (~7 min)
+#   fp8-70b     x1  70B shape, fp8 weights + fp8 KV on one card, 1000/1000 x 1,000 requests              (~9 min)
 #   kernel-tests x1 pytest -n 8 tests/kernels on the card (pytest-xdist carried in .whl)                  (~3 min)
 #   shapes      x2  8B fp8 + fp8 KV on TensorRT-LLM's shapes: 128/2048, 500/2000 x 1,000, 2048/2048 x 750,
 #                   2048/128 x 3,000 (its count)                                                          (~9 min)
@@ -100,13 +102,22 @@ call_fp8-one() {   # one card: the kernels' tests, the kernels in bf16 (no sweep
 call_kernel-tests() {
   part kernel_tests 300 "${KERNEL_TESTS[@]}"
 }
-call_fp8-70b() {   # the 70B shape in fp8 + fp8 KV on one card (TensorRT-LLM publishes 2,909 on one H200);
+call_fp8-70b() {   # the 70B shape in fp8 + fp8 KV on one card (TensorRT-LLM publishes 2,909 on one H200), 1,000
+  # requests: with 300 (earlier calls) the cache's ~210 sequences left a second wave of 90 rows for half the steps;
   # GPU_MEM=0.97 gives the KV cache more of the card (the engine's default share is 0.9)
-  part fp8_70b_1gpu 300 python3 benchmarks/tp_gpu.py throughput --tensor-parallel-size 1 --workload 1000-1000 \
-    --num-requests 300 --quantization fp8 --kv-cache-dtype fp8 --hf-sample 0 --gpu-memory-utilization "${GPU_MEM:-0.9}"
+  part fp8_70b_1gpu 560 python3 benchmarks/tp_gpu.py throughput --tensor-parallel-size 1 --workload 1000-1000 \
+    --num-requests 1000 --quantization fp8 --kv-cache-dtype fp8 --hf-sample 0 --gpu-memory-utilization "${GPU_MEM:-0.97}"
 }
-call_fp8-gemm() {   # the fp8 GEMMs (per-channel, block-scaled: Triton and cuBLASLt) and the fp8 engine's logits
+call_fp8-gemm() {   # the fp8 GEMMs (per-channel, block-scaled: Triton and cuBLASLt), the fp8 engine's logits, and
+  # the projections at decode row counts (8B and 70B; fp8 two ways, bf16)
   part fp8_kernels 300 python3 benchmarks/fp8_gpu.py
+  part decode_gemms 120 python3 benchmarks/fp8_gpu.py --decode-gemms
+}
+call_fp8-3000() {   # 8B fp8 + fp8 KV at TensorRT-LLM's request count for 1000/1000 (3,000), and 500/2000 x 800
+  part fp8_1000_3000 330 python3 benchmarks/engine_gpu.py --shape 1000/1000 --quantization fp8 --kv-cache-dtype fp8 \
+    --num-requests 3000 --hf-sample 0
+  part fp8_500_2000 150 python3 benchmarks/engine_gpu.py --shape 500/2000 --quantization fp8 --kv-cache-dtype fp8 \
+    --num-requests 800 --hf-sample 0
 }
 call_shapes() {   # fp8 weights + fp8 KV, TensorRT-LLM's four other shapes
   on_gpu 0 part shape_128_2048 270 python3 benchmarks/engine_gpu.py --shape 128/2048 --quantization fp8 \
