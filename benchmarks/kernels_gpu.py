@@ -118,16 +118,19 @@ LLAMA_8B = (HEADS, KV_HEADS, HEAD_DIM, BLOCK)
 OTHER_ATTENTION_SHAPES = [(8, 2, 64, 32), (4, 2, 128, 64)] if DRY else [(32, 8, 64, 32), (16, 8, 256, 64)]
 
 
+FP8_KV_SCALES = (0.05, 0.02)   # away from 1, so a scale applied twice or never fails the check
+
+
 def _attention_flops(chunks, heads: int, head_dim: int) -> float:
     """QK^T and PV: 4 * D flops per (query, visible key) pair and query head."""
     pairs = sum(new * cached + new * (new + 1) // 2 for cached, new in chunks)
     return 4.0 * head_dim * heads * pairs
 
 
-def _prefill_ref32(batch):
-    k_cache, v_cache = batch.clean_caches()
-    return pa.paged_prefill_attention_ref(batch.q.float(), k_cache.float(), v_cache.float(), batch.query_start_loc,
-                                          batch.seq_lens, batch.block_tables, batch.scale, batch.max_query_len)
+def _fp8_caches(k_cache, v_cache):
+    """Caches as an fp8 store holds them (the values x 1 / scale), NaN poison kept."""
+    return (store_kv.quantize_kv_ref(cache, scale, store_kv.KV_FP8)
+            for cache, scale in ((k_cache, FP8_KV_SCALES[0]), (v_cache, FP8_KV_SCALES[1])))
 
 
 def prefill_cases():
@@ -146,30 +149,39 @@ PREFILL_SWEEP = [(64, 64, 4, 3), (64, 64, 4, 4), (64, 32, 4, 4), (64, 64, 8, 3),
                  (128, 64, 8, 3), (32, 64, 4, 3)]  # BLOCK_M, BLOCK_N, num_warps, num_stages
 
 
-def bench_prefill(dtype: torch.dtype, shape=LLAMA_8B, first_case_only: bool = False) -> None:
+def bench_prefill(dtype: torch.dtype, shape=LLAMA_8B, first_case_only: bool = False, fp8_kv: bool = False) -> None:
+    """Prefill attention over a cache of the model's dtype, or (fp8_kv) over an fp8 cache with K/V scales."""
     heads, kv_heads, head_dim, block = shape
-    suffix = "" if shape == LLAMA_8B else f"/d{head_dim}b{block}"
+    suffix = ("" if shape == LLAMA_8B else f"/d{head_dim}b{block}") + ("/fp8kv" if fp8_kv else "")
+    scales = FP8_KV_SCALES if fp8_kv else (1.0, 1.0)
     for case, chunks in list(prefill_cases().items())[:1 if first_case_only else None]:
         batch = random_paged_batch(chunks, heads, kv_heads, head_dim, block, dtype, DEVICE, seed=len(chunks))
-        args = (batch.q, batch.k_cache, batch.v_cache, batch.query_start_loc, batch.seq_lens, batch.block_tables,
-                batch.scale, batch.max_query_len)
-        ref = _prefill_ref32(batch)
-        check("prefill", case + suffix, dtype, pa.paged_prefill_attention(*args), ref)
+        k_cache, v_cache = batch.k_cache, batch.v_cache
+        clean_k, clean_v = batch.clean_caches()
+        if fp8_kv:
+            k_cache, v_cache = _fp8_caches(k_cache, v_cache)
+            clean_k, clean_v = _fp8_caches(clean_k, clean_v)
+        args = (batch.q, k_cache, v_cache, batch.query_start_loc, batch.seq_lens, batch.block_tables, batch.scale,
+                batch.max_query_len)
+        ref = pa.paged_prefill_attention_ref(batch.q.float(), clean_k, clean_v, *args[3:], None, *scales)
+        del clean_k, clean_v
+        check("prefill", case + suffix, dtype, pa.paged_prefill_attention(*args, None, *scales), ref)
         flops = _attention_flops(chunks, heads, head_dim)
         config = pa.prefill_launch_config(head_dim, heads // kv_heads, batch.max_query_len, dtype)
-        time_triton("prefill", case + suffix, dtype, lambda: pa.paged_prefill_attention(*args), flops=flops,
-                    **config)
-        if case.startswith("pure") and shape == LLAMA_8B and dtype != torch.float32:  # flash: 16-bit only
-            _bench_sdpa_yardstick(case, chunks, dtype, flops)
+        time_triton("prefill", case + suffix, dtype, lambda: pa.paged_prefill_attention(*args, None, *scales),
+                    flops=flops, **config)
+        if case.startswith("pure") and shape == LLAMA_8B and dtype != torch.float32 and not fp8_kv:
+            _bench_sdpa_yardstick(case, chunks, dtype, flops)   # flash: 16-bit only
         if OPTS.sweep and shape == LLAMA_8B:
             out = torch.empty_like(batch.q)
             for block_m, block_n, warps, stages in PREFILL_SWEEP:
                 sweep = dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
-                check("prefill_sweep", f"{case}/{block_m}x{block_n}/w{warps}s{stages}", dtype,
-                      pa._paged_prefill(*args, out.fill_(float("nan")), sweep), ref)
-                time_triton("prefill", case, dtype, lambda: pa._paged_prefill(*args, out, sweep), "triton_sweep",
-                            flops=flops, **sweep)
-        del batch, args, ref
+                check("prefill_sweep", f"{case + suffix}/{block_m}x{block_n}/w{warps}s{stages}", dtype,
+                      pa._paged_prefill(*args, out.fill_(float("nan")), sweep, None, *scales), ref)
+                time_triton("prefill", case + suffix, dtype,
+                            lambda: pa._paged_prefill(*args, out, sweep, None, *scales), "triton_sweep", flops=flops,
+                            **sweep)
+        del batch, args, ref, k_cache, v_cache
 
 
 def _bench_sdpa_yardstick(case, chunks, dtype, flops) -> None:
@@ -195,7 +207,6 @@ def decode_cases():
 
 # BLOCK_N, num_warps, num_stages
 DECODE_SWEEP = [(32, 1, 3), (32, 1, 5), (64, 2, 4), (64, 4, 3), (128, 4, 2), (128, 4, 3), (128, 8, 3), (256, 4, 3)]
-FP8_KV_SCALES = (0.05, 0.02)   # away from 1, so a scale applied twice or never fails the check
 
 
 def bench_decode(dtype: torch.dtype, shape=LLAMA_8B, first_case_only: bool = False, fp8_kv: bool = False) -> None:
@@ -210,10 +221,9 @@ def bench_decode(dtype: torch.dtype, shape=LLAMA_8B, first_case_only: bool = Fal
                                    seed=len(lengths))
         k_cache, v_cache = batch.k_cache, batch.v_cache
         clean_k, clean_v = batch.clean_caches()
-        if fp8_kv:   # the caches as an fp8 store holds them (batch's values x 1 / scale), poison kept
-            k_cache, v_cache, clean_k, clean_v = (store_kv.quantize_kv_ref(cache, scale, cache_dtype)
-                                                  for cache, scale in ((k_cache, scales[0]), (v_cache, scales[1]),
-                                                                       (clean_k, scales[0]), (clean_v, scales[1])))
+        if fp8_kv:
+            k_cache, v_cache = _fp8_caches(k_cache, v_cache)
+            clean_k, clean_v = _fp8_caches(clean_k, clean_v)
         args = (batch.q, k_cache, v_cache, batch.seq_lens, batch.block_tables, batch.scale)
         out = pa.paged_decode_attention(*args, None, *scales)
         ref = pa.paged_decode_attention_ref(batch.q.float(), clean_k, clean_v, batch.seq_lens, batch.block_tables,
@@ -404,6 +414,7 @@ def main() -> int:
             if not DRY:
                 torch.cuda.empty_cache()
     bench_decode(dtypes[0], fp8_kv=True)   # over an fp8 cache (the fp8 KV runs), the model's first dtype
+    bench_prefill(dtypes[0], fp8_kv=True)
     bench_top_p()
     bench_pick_tokens()
     for shape in OTHER_ATTENTION_SHAPES:  # other head dims and block sizes: one case each, first dtype only
