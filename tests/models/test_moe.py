@@ -174,8 +174,12 @@ def test_fp8_experts_multiply_their_fp8_weights_without_a_dequantized_copy(tiny_
     monkeypatch.setattr(Linear, "dequantized_weight", refuse)
     if kernel == "triton":
         use_triton_fused_moe(monkeypatch)
+    # The kernel sums K in blocks, torch's matmul in its own order: a SiLU-and-mul value that the two round to
+    # opposite sides of an fp8 step moves that sequence by ~0.007 from there on (one of these four, with triton
+    # 3.9's interpreter); experts fed unquantized inputs are 0.048-0.11 away from the expected logits.
+    tolerance = 1e-5 if kernel == "reference" else 2e-2
     for got, want in zip(run_paged(model, config, sequences), expected):
-        assert relative_l2(got, want) < 1e-5
+        assert relative_l2(got, want) < tolerance
 
 
 @pytest.mark.parametrize("kernel", ["reference", "triton"])
