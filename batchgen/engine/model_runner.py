@@ -302,8 +302,8 @@ class ModelRunner:
 
 def decode_graph_batch_sizes(max_batch: int) -> list[int]:
     """Padded batch sizes that get a decode graph: powers of two up to 128, then every 128 (15 graphs for 1024
-    sequences). cuBLASLt's fp8 GEMMs ran at the next multiple of 128 rows faster than, or within 2% of, any row
-    count below it, and up to 2x slower at 128k + 32..96 (H200, Llama-8B and -70B projections,
+    sequences). Above 128 rows cuBLASLt's fp8 GEMMs ran at the next multiple of 128 faster than, or within 2% of,
+    any row count between, and up to 2x slower at 128k + 32..96 (H200, Llama-8B and -70B projections,
     docs/benchmarks.md); padding rows have no context, so attention skips them, and their other work is
     elementwise."""
     sizes = [*(1 << i for i in range(8)), *range(256, max_batch + 1, 128)]
