@@ -8,6 +8,8 @@ and the SASS of its longest loop is counted by opcode:
 - the fused MoE grouped GEMM at decode rows (16 rows of one expert, 128 output columns, 64-deep K steps) with bf16
   and fp8 expert weights and bf16 activations: an fp8 64 x 128 weight tile (8 KiB) every ~400 cycles.
 - the sampler's token pick (`kernels/pick_tokens.py`), with and without the race's noise.
+- prefill attention over an fp8 and a bf16 cache (the query tile's unmasked loop: BLOCK_M rows, BLOCK_N keys), at
+  the launch configs the GPU sweep (`kernels_gpu.py --sweep`) times.
 
 A CTA of 4 warps issues its loop once per warp on the SM's 4 schedulers: about one loop length of cycles per tile,
 before any stall; `F2F` (fp16 -> bf16) is a quarter-rate instruction. One JSON line per variant.
@@ -57,6 +59,16 @@ def decode_attention(cache_dtype: str, block_n: int, num_warps: int, num_stages:
     return compile_for_hopper(pa._decode_split_kernel, constants, types, unaligned, num_warps, num_stages)
 
 
+def prefill_attention(cache_dtype: str, block_m: int, block_n: int, num_warps: int, num_stages: int):
+    constants = dict(GROUP=4, HEAD_DIM=128, PAGE=16, BLOCK_M=block_m, SHORT_ROWS=16, BLOCK_N=block_n,
+                     DOT_PRECISION="tf32", WIDE_OFFSETS=False)
+    types = {"q_ptr": "*bf16", "out_ptr": "*bf16", "query_start_loc_ptr": "*i32", "seq_lens_ptr": "*i32",
+             "block_tables_ptr": "*i32", "k_cache_ptr": f"*{cache_dtype}", "v_cache_ptr": f"*{cache_dtype}",
+             "qk_scale": "fp32", "v_tile_scale": "fp32", "v_scale": "fp32"}
+    return compile_for_hopper(pa._prefill_kernel, constants, types, {"num_seqs", "stride_bt", "window"}, num_warps,
+                              num_stages)
+
+
 def moe_grouped_gemm(weight_dtype: str):
     """bf16 experts (bf16 activations), or fp8 experts with per-channel scales (fp8 activations)."""
     fp8 = weight_dtype == "fp8e4nv"
@@ -85,8 +97,8 @@ def _tool(name: str, cubin: bytes, *flags: str) -> str:
                               check=True).stdout
 
 
-def longest_loop(sass: str) -> list[str]:
-    """Opcodes between the target of the backward branch with the longest span and that branch."""
+def loops(sass: str) -> list[list[str]]:
+    """Each loop's opcodes: those between a backward branch's target and the branch."""
     lines = sass.splitlines()
     label_at, instructions = {}, []
     for i, line in enumerate(lines):
@@ -96,14 +108,27 @@ def longest_loop(sass: str) -> list[str]:
         op = re.match(r"\s*/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][\w.]*)(.*);", line)
         if op:
             instructions.append((int(op.group(1), 16), op.group(2), op.group(3)))
-    start, end = max(((label_at[target.group(1)], address) for address, opcode, rest in instructions
-                      if opcode == "BRA" and (target := re.search(r"\((\.L_x_\d+)\)", rest))
-                      and label_at.get(target.group(1), address) < address), key=lambda span: span[1] - span[0])
-    return [opcode.split(".")[0] for address, opcode, _ in instructions if start <= address <= end]
+    spans = [(label_at[target.group(1)], address) for address, opcode, rest in instructions
+             if opcode == "BRA" and (target := re.search(r"\((\.L_x_\d+)\)", rest))
+             and label_at.get(target.group(1), address) < address]
+    return [[opcode.split(".")[0] for address, opcode, _ in instructions if start <= address <= end]
+            for start, end in spans]
 
 
-def loop_figures(kernel) -> dict:
-    loop = longest_loop(_tool("nvdisasm", kernel.asm["cubin"], "-c"))
+def longest_loop(sass: str) -> list[str]:
+    return max(loops(sass), key=len)
+
+
+def unmasked_tile_loop(sass: str) -> list[str]:
+    """The prefill kernel's loop over whole key tiles for its BLOCK_M-row query tile: of the loops with the most
+    exponentials (BLOCK_M x BLOCK_N a tile; the 16-row tile of short chunks has fewer), the shortest (no mask)."""
+    found = loops(sass)
+    most = max(loop.count("MUFU") for loop in found)
+    return min((loop for loop in found if loop.count("MUFU") == most), key=len)
+
+
+def loop_figures(kernel, pick=longest_loop) -> dict:
+    loop = pick(_tool("nvdisasm", kernel.asm["cubin"], "-c"))
     registers = re.search(r"REG:(\d+)", _tool("cuobjdump", kernel.asm["cubin"], "-res-usage")).group(1)
     return dict(loop_instructions=len(loop), registers=int(registers), shared_bytes=kernel.metadata.shared,
                 top_opcodes=dict(collections.Counter(loop).most_common(8)))
@@ -122,6 +147,13 @@ def main() -> int:
     for weight_dtype in ("fp8e4nv", "bf16"):
         print(json.dumps(dict(kernel="fused MoE grouped GEMM (decode rows)", triton=triton.__version__,
                               weights=weight_dtype, **loop_figures(moe_grouped_gemm(weight_dtype)))))
+    for cache_dtype in ("fp8e4nv", "bf16"):
+        for block_m, block_n, num_warps, num_stages in ((64, 64, 4, 3), (128, 64, 8, 3), (64, 32, 4, 4)):
+            figures = loop_figures(prefill_attention(cache_dtype, block_m, block_n, num_warps, num_stages),
+                                   unmasked_tile_loop)
+            print(json.dumps(dict(kernel="prefill attention (unmasked key tiles)", triton=triton.__version__,
+                                  kv_cache=cache_dtype, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
+                                  num_stages=num_stages, **figures)))
     for has_noise in (True, False):
         print(json.dumps(dict(kernel="token pick (2,048 columns an iteration)", triton=triton.__version__,
                               race=has_noise, **loop_figures(pick_tokens_kernel(has_noise)))))
