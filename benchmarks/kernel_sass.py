@@ -59,9 +59,10 @@ def decode_attention(cache_dtype: str, block_n: int, num_warps: int, num_stages:
     return compile_for_hopper(pa._decode_split_kernel, constants, types, unaligned, num_warps, num_stages)
 
 
-def prefill_attention(cache_dtype: str, block_m: int, block_n: int, num_warps: int, num_stages: int):
+def prefill_attention(cache_dtype: str, block_m: int, block_n: int, num_warps: int, num_stages: int,
+                      fp8_query: bool = False):
     constants = dict(GROUP=4, HEAD_DIM=128, PAGE=16, BLOCK_M=block_m, SHORT_ROWS=16, BLOCK_N=block_n,
-                     DOT_PRECISION="tf32", WIDE_OFFSETS=False)
+                     DOT_PRECISION="tf32", WIDE_OFFSETS=False, FP8_QUERY=fp8_query)
     types = {"q_ptr": "*bf16", "out_ptr": "*bf16", "query_start_loc_ptr": "*i32", "seq_lens_ptr": "*i32",
              "block_tables_ptr": "*i32", "k_cache_ptr": f"*{cache_dtype}", "v_cache_ptr": f"*{cache_dtype}",
              "qk_scale": "fp32", "v_tile_scale": "fp32", "v_scale": "fp32"}

@@ -11,6 +11,7 @@ the exit status is 1 when a check failed.
     python benchmarks/kernels_gpu.py --dry-run       # CPU under TRITON_INTERPRET=1, tiny shapes: finds bugs
 """
 import argparse
+import itertools
 import json
 import os
 import sys
@@ -163,25 +164,35 @@ def bench_prefill(dtype: torch.dtype, shape=LLAMA_8B, first_case_only: bool = Fa
             clean_k, clean_v = _fp8_caches(clean_k, clean_v)
         args = (batch.q, k_cache, v_cache, batch.query_start_loc, batch.seq_lens, batch.block_tables, batch.scale,
                 batch.max_query_len)
-        ref = pa.paged_prefill_attention_ref(batch.q.float(), clean_k, clean_v, *args[3:], None, *scales)
+        # the reference for the plain query, and over an fp8 cache for the query rounded to fp8 too (fp8 x fp8
+        # scores: FP8_QUERY); the fp8 query's cost in accuracy against the plain one is emitted
+        refs = {fp8_query: pa.paged_prefill_attention_ref(pa.fp8_query_ref(batch.q) if fp8_query else batch.q.float(),
+                                                          clean_k, clean_v, *args[3:], None, *scales)
+                for fp8_query in ((False, True) if fp8_kv else (False,))}
         del clean_k, clean_v
-        check("prefill", case + suffix, dtype, pa.paged_prefill_attention(*args, None, *scales), ref)
+        if fp8_kv:
+            emit(dict(type="accuracy", kernel="prefill", case=case + suffix, dtype=str(dtype).removeprefix("torch."),
+                      fp8_query_vs_query_rel_l2=relative_l2(refs[True], refs[False])))
+        config = pa.prefill_launch_config(head_dim, heads // kv_heads, batch.max_query_len, dtype, k_cache.dtype)
+        check("prefill", case + suffix, dtype, pa.paged_prefill_attention(*args, None, *scales),
+              refs[config["FP8_QUERY"]])
         flops = _attention_flops(chunks, heads, head_dim)
-        config = pa.prefill_launch_config(head_dim, heads // kv_heads, batch.max_query_len, dtype)
         time_triton("prefill", case + suffix, dtype, lambda: pa.paged_prefill_attention(*args, None, *scales),
                     flops=flops, **config)
         if case.startswith("pure") and shape == LLAMA_8B and dtype != torch.float32 and not fp8_kv:
             _bench_sdpa_yardstick(case, chunks, dtype, flops)   # flash: 16-bit only
         if OPTS.sweep and shape == LLAMA_8B:
             out = torch.empty_like(batch.q)
-            for block_m, block_n, warps, stages in PREFILL_SWEEP:
-                sweep = dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
-                check("prefill_sweep", f"{case + suffix}/{block_m}x{block_n}/w{warps}s{stages}", dtype,
-                      pa._paged_prefill(*args, out.fill_(float("nan")), sweep, None, *scales), ref)
+            for (block_m, block_n, warps, stages), fp8_query in itertools.product(PREFILL_SWEEP, refs):
+                sweep = dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages,
+                             FP8_QUERY=fp8_query)
+                name = f"{case + suffix}/{block_m}x{block_n}/w{warps}s{stages}" + ("/fp8q" if fp8_query else "")
+                check("prefill_sweep", name, dtype,
+                      pa._paged_prefill(*args, out.fill_(float("nan")), sweep, None, *scales), refs[fp8_query])
                 time_triton("prefill", case + suffix, dtype,
                             lambda: pa._paged_prefill(*args, out, sweep, None, *scales), "triton_sweep", flops=flops,
                             **sweep)
-        del batch, args, ref, k_cache, v_cache
+        del batch, args, refs, k_cache, v_cache
 
 
 def _bench_sdpa_yardstick(case, chunks, dtype, flops) -> None:

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from batchgen.kernels.store_kv import KV_FP8, dequantize_kv_ref, kv_scales
+from batchgen.kernels.store_kv import KV_FP8, dequantize_kv_ref, kv_scales, round_to_e4m3
 
 
 def _gather_blocks(cache: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
@@ -83,6 +83,14 @@ def paged_prefill_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache:
     return out
 
 
+def fp8_query_ref(q: torch.Tensor) -> torch.Tensor:
+    """q as the kernels' fp8 query sees it (`_fp8_query`): each head's row rounded to e4m3 at a scale that takes its
+    largest value to 448, then scaled back, in fp32."""
+    q = q.float()
+    row_scale = q.abs().amax(-1, keepdim=True).clamp_min(1e-30) / 448.0
+    return (q / row_scale).to(KV_FP8).float() * row_scale
+
+
 def paged_decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                                seq_lens: torch.Tensor, block_tables: torch.Tensor, scale: float,
                                sliding_window: int | None = None, k_scale: float = 1.0,
@@ -136,6 +144,16 @@ def _query_for_cache(q, qk_scale, k_cache_ptr):
 
 
 @triton.jit
+def _fp8_query(q, qk_scale):
+    """The query tile in fp8 (e4m3) with one scale per row (its largest value to 448), and the softmax scale times
+    each row's scale, as a column to multiply the scores by. Over an fp8 cache the scores then come from an fp8 x
+    fp8 product: no K tile is widened, the loop's largest cost (kernel_sass.py)."""
+    q = q.to(tl.float32)
+    row_scale = tl.maximum(tl.max(tl.abs(q), 1), 1e-30) / 448.0
+    return round_to_e4m3(q / row_scale[:, None]).to(tl.float8e4nv), qk_scale * row_scale[:, None]
+
+
+@triton.jit
 def _attend_key_tile(acc, m_i, l_i, q, q_pos, key_start, block_table_row, k_cache_ptr, v_cache_ptr, kv_head,
                      seq_len, window, qk_scale, v_tile_scale, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs,
                      stride_vh, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
@@ -160,8 +178,12 @@ def _attend_key_tile(acc, m_i, l_i, q, q_pos, key_start, block_table_row, k_cach
     else:
         k_t = tl.load(k_cache_ptr + k_rows[None, :] + dims[:, None])
     # an fp8 cache's tile widened to the query's dtype (fp16 for a bf16 model, see _query_for_cache; a no-op
-    # otherwise); k_scale is in qk_scale
+    # otherwise and under an fp8 query, whose P x V runs in fp16); k_scale is in qk_scale
     qk = tl.dot(q, k_t.to(q.dtype), input_precision=DOT_PRECISION) * qk_scale
+    if q.dtype == tl.float8e4nv:
+        pv_dtype: tl.constexpr = tl.float16
+    else:
+        pv_dtype: tl.constexpr = q.dtype
     if MASKED:
         visible = ((key_pos[None, :] <= q_pos[:, None]) & (key_pos[None, :] > q_pos[:, None] - window)
                    & in_context[None, :])
@@ -176,13 +198,13 @@ def _attend_key_tile(acc, m_i, l_i, q, q_pos, key_start, block_table_row, k_cach
         v = tl.load(v_cache_ptr + v_rows[:, None] + dims[None, :], mask=in_context[:, None], other=0.0)
     else:
         v = tl.load(v_cache_ptr + v_rows[:, None] + dims[None, :])
-    v = v.to(q.dtype)
+    v = v.to(pv_dtype)
     if v_cache_ptr.dtype.element_ty == tl.float8e4nv:
         # the fp8 tile's dequantization, by the part of v_scale fp16 holds exactly (the rest scales the output).
         # With a step between the widening and the dot, Triton widens the tile once and feeds the MMA through
         # ldmatrix; a tile widened in the MMA's own layout took a shared-memory load per byte (kernel_sass.py)
-        v = v * tl.cast(v_tile_scale, q.dtype)
-    acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v, input_precision=DOT_PRECISION)
+        v = v * tl.cast(v_tile_scale, pv_dtype)
+    acc = acc * alpha[:, None] + tl.dot(p.to(pv_dtype), v, input_precision=DOT_PRECISION)
     return acc, m_new, l_i
 
 
@@ -191,7 +213,7 @@ def _prefill_tile(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, block_table_row, q_s
                   kv_head, window, qk_scale, v_tile_scale, v_scale, stride_qt, stride_qh, stride_ot, stride_oh,
                   stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, GROUP: tl.constexpr,
                   HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
-                  DOT_PRECISION: tl.constexpr, WIDE_OFFSETS: tl.constexpr):
+                  DOT_PRECISION: tl.constexpr, WIDE_OFFSETS: tl.constexpr, FP8_QUERY: tl.constexpr):
     """Attention of ROWS // GROUP query tokens from first_token on, x the GROUP heads of kv_head (row r: token
     r // GROUP, head r % GROUP of the group), over their causal context (within the window)."""
     TOKENS: tl.constexpr = ROWS // GROUP
@@ -204,7 +226,10 @@ def _prefill_tile(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, block_table_row, q_s
     dims = tl.arange(0, HEAD_DIM)
     q_offsets = (q_start + row_token)[:, None] * stride_qt + row_head[:, None] * stride_qh + dims[None, :]
     q = tl.load(q_ptr + q_offsets, mask=row_valid[:, None], other=0.0)
-    q, qk_scale = _query_for_cache(q, qk_scale, k_cache_ptr)
+    if FP8_QUERY:
+        q, qk_scale = _fp8_query(q, qk_scale)
+    else:
+        q, qk_scale = _query_for_cache(q, qk_scale, k_cache_ptr)
 
     m_i = tl.full([ROWS], float("-inf"), tl.float32)
     l_i = tl.zeros([ROWS], tl.float32)
@@ -246,7 +271,7 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, query_start_loc_pt
                     stride_vb, stride_vs, stride_vh, stride_bt,
                     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, BLOCK_M: tl.constexpr,
                     SHORT_ROWS: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                    WIDE_OFFSETS: tl.constexpr):
+                    WIDE_OFFSETS: tl.constexpr, FP8_QUERY: tl.constexpr):
     TOKENS: tl.constexpr = BLOCK_M // GROUP
     # the last tiles (latest positions, longest contexts) start first, so the short ones fill the tail
     tile = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -274,12 +299,12 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, query_start_loc_pt
         _prefill_tile(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, block_table_row, q_start, q_len, seq_len,
                       first_token, kv_head, window, qk_scale, v_tile_scale, v_scale, stride_qt, stride_qh, stride_ot,
                       stride_oh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, GROUP, HEAD_DIM,
-                      PAGE, SHORT_ROWS, BLOCK_N, DOT_PRECISION, WIDE_OFFSETS)
+                      PAGE, SHORT_ROWS, BLOCK_N, DOT_PRECISION, WIDE_OFFSETS, FP8_QUERY)
     else:
         _prefill_tile(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, block_table_row, q_start, q_len, seq_len,
                       first_token, kv_head, window, qk_scale, v_tile_scale, v_scale, stride_qt, stride_qh, stride_ot,
                       stride_oh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, GROUP, HEAD_DIM,
-                      PAGE, BLOCK_M, BLOCK_N, DOT_PRECISION, WIDE_OFFSETS)
+                      PAGE, BLOCK_M, BLOCK_N, DOT_PRECISION, WIDE_OFFSETS, FP8_QUERY)
 
 
 @triton.jit(do_not_specialize=["keys_per_split", "num_splits", "stride_bt"])
@@ -408,12 +433,14 @@ def _short_rows(group: int) -> int:
     return max(16, triton.next_power_of_2(group))
 
 
-def prefill_launch_config(head_dim: int, group: int, max_query_len: int, dtype: torch.dtype) -> dict:
+def prefill_launch_config(head_dim: int, group: int, max_query_len: int, dtype: torch.dtype,
+                          cache_dtype: torch.dtype | None = None) -> dict:
     """BLOCK_M (query rows = tokens x group heads), BLOCK_N (keys per step), warps and pipeline stages, as swept
     on an H100 with benchmarks/kernels_gpu.py. Short chunks get a short tile so few rows are wasted."""
     wide = head_dim > 128 or dtype == torch.float32
     block_m = max(_short_rows(group), min(64, triton.next_power_of_2(max_query_len * group)))
-    return dict(BLOCK_M=block_m, BLOCK_N=32 if wide else 64, num_warps=4, num_stages=2 if wide else 3)
+    return dict(BLOCK_M=block_m, BLOCK_N=32 if wide else 64, num_warps=4, num_stages=2 if wide else 3,
+                FP8_QUERY=False)
 
 
 def _split_v_scale(v_scale: float) -> tuple[float, float]:
@@ -436,6 +463,7 @@ def _paged_prefill(q, k_cache, v_cache, query_start_loc, seq_lens, block_tables,
     tokens_per_tile = config["BLOCK_M"] // group
     assert tokens_per_tile >= 1, "BLOCK_M must hold a whole group of query heads"
     grid = (num_tokens // tokens_per_tile + num_seqs, k_cache.shape[2])
+    config = dict(FP8_QUERY=False) | config
     _prefill_kernel[grid](
         q, k_cache, v_cache, out, query_start_loc, seq_lens, block_tables, _window(sliding_window),
         scale * k_scale * _LOG2E, v_tile_scale, v_scale, num_seqs,
@@ -452,7 +480,8 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
                             k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
     """Triton twin of `paged_prefill_attention_ref` (power-of-two head_dim >= 16)."""
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    config = prefill_launch_config(q.shape[2], q.shape[1] // k_cache.shape[2], max_query_len, q.dtype)
+    config = prefill_launch_config(q.shape[2], q.shape[1] // k_cache.shape[2], max_query_len, q.dtype,
+                                   k_cache.dtype)
     return _paged_prefill(q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale, max_query_len, out,
                           config, sliding_window, k_scale, v_scale)
 

@@ -52,7 +52,7 @@ def _power_of_two(exponent):
 
 
 @triton.jit
-def _round_to_e4m3(x):
+def round_to_e4m3(x):
     """fp32 x within +-448 rounded to the nearest e4m3 value, ties to even, still in fp32: the cast to fp8 that
     follows is then exact. (The GPU's cast rounds the same way; Triton's interpreter rounds wrongly where the
     mantissa carries into the exponent, and the kernel tests run there.) e4m3 keeps 3 mantissa bits down to
@@ -69,7 +69,7 @@ def _round_to_e4m3(x):
 @triton.jit
 def _to_cache(x, inverse_scale, cache_ptr, QUANTIZE: tl.constexpr):
     if QUANTIZE:
-        x = _round_to_e4m3(tl.clamp(x.to(tl.float32) * inverse_scale, -_FP8_MAX, _FP8_MAX))
+        x = round_to_e4m3(tl.clamp(x.to(tl.float32) * inverse_scale, -_FP8_MAX, _FP8_MAX))
     return x.to(cache_ptr.dtype.element_ty)
 
 

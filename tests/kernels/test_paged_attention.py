@@ -293,23 +293,30 @@ def _fp8_caches(batch) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.T
             (quantize_kv_ref(clean_k, k_scale, KV_FP8), quantize_kv_ref(clean_v, v_scale, KV_FP8)))
 
 
-@pytest.mark.parametrize("dtype", FP8_QUERY_DTYPES, ids=str)
+# (dtype, fp8_query): the query in fp8 too is for 16-bit models (its P x V runs in fp16)
+@pytest.mark.parametrize("dtype,fp8_query", [(dtype, False) for dtype in FP8_QUERY_DTYPES]
+                         + [(dtype, True) for dtype in FP8_QUERY_DTYPES if dtype != torch.float32],
+                         ids=lambda value: {False: "query", True: "fp8_query"}.get(value, str(value)))
 @pytest.mark.parametrize("window", [None, 5, 40])
 @pytest.mark.parametrize("mix", PREFILL_MIXES)
-def test_fp8_cache_prefill_matches_reference(mix, window, dtype):
+def test_fp8_cache_prefill_matches_reference(mix, window, dtype, fp8_query):
     chunks, block_size = PREFILL_MIXES[mix]
     batch = random_paged_batch(chunks, num_heads=6, num_kv_heads=2, head_dim=32, block_size=block_size,
                                dtype=dtype, seed=zlib.crc32(mix.encode()) % 1000 + (window or 0), device=DEVICE)
     (k_cache, v_cache), (clean_k, clean_v) = _fp8_caches(batch)
-    config = dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1)   # masked, unmasked and skipped key tiles
+    # masked, unmasked and skipped key tiles
+    config = dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1, FP8_QUERY=fp8_query)
     out = pa._paged_prefill(batch.q, k_cache, v_cache, batch.query_start_loc, batch.seq_lens, batch.block_tables,
                             batch.scale, batch.max_query_len, torch.empty_like(batch.q), config, window, *FP8_SCALES)
-    ref = pa.paged_prefill_attention_ref(batch.q.float(), clean_k, clean_v, batch.query_start_loc, batch.seq_lens,
+    # an fp8 query is rounded to e4m3 row by row first: the reference takes the same rounding
+    query = pa.fp8_query_ref(batch.q) if fp8_query else batch.q.float()
+    ref = pa.paged_prefill_attention_ref(query, clean_k, clean_v, batch.query_start_loc, batch.seq_lens,
                                          batch.block_tables, batch.scale, batch.max_query_len, window, *FP8_SCALES)
     assert relative_l2(out, ref) < TOLERANCE[dtype]
-    public = pa.paged_prefill_attention(batch.q, k_cache, v_cache, batch.query_start_loc, batch.seq_lens,
-                                        batch.block_tables, batch.scale, batch.max_query_len, window, *FP8_SCALES)
-    assert relative_l2(public, ref) < TOLERANCE[dtype]
+    if pa.prefill_launch_config(32, 3, batch.max_query_len, dtype, KV_FP8)["FP8_QUERY"] == fp8_query:
+        public = pa.paged_prefill_attention(batch.q, k_cache, v_cache, batch.query_start_loc, batch.seq_lens,
+                                            batch.block_tables, batch.scale, batch.max_query_len, window, *FP8_SCALES)
+        assert relative_l2(public, ref) < TOLERANCE[dtype]
 
 
 @pytest.mark.parametrize("dtype", FP8_QUERY_DTYPES, ids=str)
