@@ -179,6 +179,11 @@ def test_launch_configs_fit_the_h100_hot_shapes():
     assert many_short["num_splits"] == 1
     fp8_cache = pa.decode_launch_config(856, 8, 128, 16 * 128, torch.device("cpu"), torch.bfloat16, None, KV_FP8)
     assert (fp8_cache["BLOCK_N"], fp8_cache["num_warps"], fp8_cache["num_stages"]) == (32, 1, 5)
+    # over an fp8 cache a long chunk takes 128-row tiles with the query in fp8; an fp32 model never rounds its query
+    fp8_prefill = pa.prefill_launch_config(128, 4, 2048, torch.bfloat16, KV_FP8)
+    assert (fp8_prefill["BLOCK_M"], fp8_prefill["BLOCK_N"], fp8_prefill["FP8_QUERY"]) == (128, 64, True)
+    assert not pa.prefill_launch_config(128, 4, 2048, torch.float32, KV_FP8)["FP8_QUERY"]
+    assert not long_chunk["FP8_QUERY"]
 
 
 def test_store_kv_then_prefill_sees_the_new_tokens():
