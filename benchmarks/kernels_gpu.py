@@ -22,6 +22,8 @@ ARGS.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes, Trit
 ARGS.add_argument("--sweep", action="store_true", help="time alternative attention launch configs too")
 ARGS.add_argument("--dtypes", help="comma-separated (default: bfloat16,float16; float16,float32 on --dry-run, "
                   "the interpreter gets bf16 arithmetic wrong)")
+ARGS.add_argument("--only", help="comma-separated kernels to run (store_kv, rms_norm, rotary, silu_and_mul, decode, "
+                  "prefill, top_p, pick_tokens); default all")
 OPTS = ARGS.parse_args()
 if OPTS.dry_run:
     os.environ["TRITON_INTERPRET"] = "1"  # must be set before triton is imported
@@ -350,6 +352,15 @@ def bench_silu_and_mul(dtype: torch.dtype) -> None:
               want.float() * want_scales)
         time_triton("silu_and_mul_fp8", f"{rows}tok", dtype, lambda: activation.silu_and_mul_fp8(x_rows),
                     nbytes=1.25 * x_rows.numel() * dtype.itemsize)
+        if OPTS.sweep:   # the one pass at other warp counts
+            for warps in (4, 8, 16, 32):
+                time_triton("silu_and_mul_fp8", f"{rows}tok", dtype,
+                            lambda: activation._act_and_mul_fp8(x_rows, False, fp8.FP8, warps), "triton_sweep",
+                            nbytes=1.25 * x_rows.numel() * dtype.itemsize, num_warps=warps)
+        # the two passes that rows wider than one program takes (the product, then the quantization)
+        time_triton("silu_and_mul_fp8", f"{rows}tok", dtype,
+                    lambda: activation._act_and_mul_fp8_two_pass(x_rows, False, fp8.FP8), "triton_two_pass",
+                    nbytes=1.25 * x_rows.numel() * dtype.itemsize)
 
 
 def bench_top_p() -> None:
@@ -419,18 +430,24 @@ def main() -> int:
         warm_up_gpu()
     dtypes = OPTS.dtypes or ("float16,float32" if DRY else "bfloat16,float16")
     dtypes = [getattr(torch, name) for name in dtypes.split(",")]
-    for dtype in dtypes:
-        for bench in (bench_store_kv, bench_rms_norm, bench_rotary, bench_silu_and_mul, bench_decode, bench_prefill):
-            bench(dtype)
+    only = set(OPTS.only.split(",")) if OPTS.only else None
+
+    def run(bench, *args, **kwargs) -> None:
+        if only is None or bench.__name__.removeprefix("bench_") in only:
+            bench(*args, **kwargs)
             if not DRY:
                 torch.cuda.empty_cache()
-    bench_decode(dtypes[0], fp8_kv=True)   # over an fp8 cache (the fp8 KV runs), the model's first dtype
-    bench_prefill(dtypes[0], fp8_kv=True)
-    bench_top_p()
-    bench_pick_tokens()
+
+    for dtype in dtypes:
+        for bench in (bench_store_kv, bench_rms_norm, bench_rotary, bench_silu_and_mul, bench_decode, bench_prefill):
+            run(bench, dtype)
+    run(bench_decode, dtypes[0], fp8_kv=True)   # over an fp8 cache (the fp8 KV runs), the model's first dtype
+    run(bench_prefill, dtypes[0], fp8_kv=True)
+    run(bench_top_p)
+    run(bench_pick_tokens)
     for shape in OTHER_ATTENTION_SHAPES:  # other head dims and block sizes: one case each, first dtype only
-        bench_decode(dtypes[0], shape, first_case_only=True)
-        bench_prefill(dtypes[0], shape, first_case_only=True)
+        run(bench_decode, dtypes[0], shape, first_case_only=True)
+        run(bench_prefill, dtypes[0], shape, first_case_only=True)
     print_table()
     return 1 if FAILED else 0
 

@@ -77,6 +77,25 @@ def _quantize_by_block_amax_kernel(x_ptr, amax_ptr, out_ptr, scale_ptr, num_cols
         tl.store(scale_ptr + row, scale)
 
 
+@triton.jit
+def _act_and_mul_fp8_row_kernel(x_ptr, out_ptr, scale_ptr, intermediate, stride_x, stride_o, fp8_max, min_scale,
+                                GELU_TANH: tl.constexpr, BLOCK: tl.constexpr):
+    """One program per row, the whole row held in registers: act(gate) * up, its amax, the row quantized."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < intermediate
+    # held in the input dtype across the row's reduction: half the registers of fp32
+    out = _act_and_mul_block(x_ptr, row, stride_x, intermediate, cols, mask, GELU_TANH).to(x_ptr.dtype.element_ty)
+    scale = tl.maximum(tl.max(tl.abs(out.to(tl.float32)), 0) / fp8_max, min_scale)   # masked columns: act(0) * 0
+    quantized = tl.clamp(tl.div_rn(out.to(tl.float32), scale), -fp8_max, fp8_max)
+    tl.store(out_ptr + row * stride_o + cols, quantized.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(scale_ptr + row, scale)
+
+
+# The widest row one program holds (32 fp32 values of gate and of up a thread at 32 warps): Llama-70B's 28,672
+_ROW_IN_ONE_PROGRAM = 32768
+
+
 def _columns_per_program(intermediate: int) -> int:
     """Up to 1,024: many small programs keep enough loads in flight to run at bandwidth. The fp8 path's two
     launches share it (the quantizing pass reads the first one's per-block amaxes)."""
@@ -109,11 +128,30 @@ def gelu_tanh_and_mul(x: torch.Tensor) -> torch.Tensor:
     return _act_and_mul(x, gelu_tanh=True)[0]
 
 
-def _act_and_mul_fp8(x: torch.Tensor, gelu_tanh: bool, out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """act(gate) * up in x's dtype with each block's amax (as the reference rounds it before quantizing), then
-    the row quantized by the largest: two launches that each run at bandwidth, where one program per row could
-    not keep enough loads in flight."""
+def _act_and_mul_fp8(x: torch.Tensor, gelu_tanh: bool, out_dtype: torch.dtype, num_warps: int | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """act(gate) * up in x's dtype (as the reference rounds it before quantizing), quantized per row: in one pass
+    where a program holds the row, else in two (`_act_and_mul_fp8_two_pass`). num_warps: kernels_gpu.py's sweep."""
     assert x.dim() == 2
+    num_rows, intermediate = x.shape[0], x.shape[1] // 2
+    block = triton.next_power_of_2(intermediate)
+    if block > _ROW_IN_ONE_PROGRAM:
+        return _act_and_mul_fp8_two_pass(x, gelu_tanh, out_dtype)
+    out = torch.empty(num_rows, intermediate, dtype=out_dtype, device=x.device)
+    scales = torch.empty(num_rows, 1, dtype=torch.float32, device=x.device)
+    assert x.stride(-1) == 1
+    if num_rows:
+        # 32 columns a thread: each thread's loads are all issued before the first is used
+        _act_and_mul_fp8_row_kernel[(num_rows,)](x, out, scales, intermediate, x.stride(0), out.stride(0), FP8_MAX,
+                                                 MIN_SCALE, GELU_TANH=gelu_tanh, BLOCK=block,
+                                                 num_warps=num_warps or max(1, min(32, block // 1024)))
+    return out, scales
+
+
+def _act_and_mul_fp8_two_pass(x: torch.Tensor, gelu_tanh: bool, out_dtype: torch.dtype
+                              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """act(gate) * up in x's dtype with each block's amax, then the row quantized by the largest: for rows wider
+    than one program holds."""
     product, block_amax = _act_and_mul(x, gelu_tanh, store_amax=True)
     num_rows, intermediate = product.shape
     out = torch.empty(num_rows, intermediate, dtype=out_dtype, device=x.device)

@@ -5,6 +5,7 @@ the GPU the kernels store fp8 themselves and the hardware rounds."""
 import pytest
 import torch
 
+from batchgen.kernels import activation
 from batchgen.kernels.activation import (gelu_tanh_and_mul_fp8, gelu_tanh_and_mul_fp8_ref, silu_and_mul_fp8,
                                          silu_and_mul_fp8_ref)
 from batchgen.kernels.fp8 import (FP8, fp8_block_gemm, fp8_block_gemm_ref, fp8_gemm, fp8_gemm_ref, quantize_fp8,
@@ -87,11 +88,16 @@ def test_rms_norm_fp8_matches_the_reference(dtype, with_residual):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("intermediate", [48, 2100])   # one block, several blocks with a partial last one
+# one block, several blocks with a partial last one; in one program per row, or (rows wider than a program holds)
+# in two passes
+@pytest.mark.parametrize("passes", ["one_pass", "two_passes"])
+@pytest.mark.parametrize("intermediate", [48, 2100])
 @pytest.mark.parametrize("act_and_mul_fp8,reference", [(silu_and_mul_fp8, silu_and_mul_fp8_ref),
                                                         (gelu_tanh_and_mul_fp8, gelu_tanh_and_mul_fp8_ref)],
                          ids=["silu", "gelu"])
-def test_act_and_mul_fp8_matches_the_reference(act_and_mul_fp8, reference, dtype, intermediate):
+def test_act_and_mul_fp8_matches_the_reference(act_and_mul_fp8, reference, dtype, intermediate, passes, monkeypatch):
+    if passes == "two_passes":
+        monkeypatch.setattr(activation, "_ROW_IN_ONE_PROGRAM", 16)
     x = (torch.randn(5, 2 * intermediate) * 3).to(DEVICE, dtype)
     scaled, scales = act_and_mul_fp8(x, out_dtype=KERNEL_OUT)
     want_q, want_scales = reference(x)
