@@ -199,19 +199,12 @@ def _attend_key_tile(acc, m_i, l_i, q, q_pos, key_start, block_table_row, k_cach
         visible = ((key_pos[None, :] <= q_pos[:, None]) & (key_pos[None, :] > q_pos[:, None] - window)
                    & in_context[None, :])
         qk = tl.where(visible, qk, float("-inf"))
-    # The running max moves only when a row's scores pass it by more than 8 (base 2); until then the tile's scores
-    # are taken against the stale max (p <= 2^8, which fp16 and the fp32 sums hold), and the accumulator is not
-    # rescaled: most tiles of a long context skip the rescale.
-    row_max = tl.max(qk, 1)
-    if tl.max((row_max > m_i + 8.0).to(tl.int32), 0) > 0:
-        m_new = tl.maximum(m_i, row_max)
-        # rows with nothing visible so far keep m = -inf; exp2 of (-inf) - (-inf) would be NaN
-        alpha = tl.exp2(m_i - tl.where(m_new == float("-inf"), 0.0, m_new))
-        acc = acc * alpha[:, None]
-        l_i = l_i * alpha
-        m_i = m_new
-    p = tl.exp2(qk - tl.where(m_i == float("-inf"), 0.0, m_i)[:, None])
-    l_i = l_i + tl.sum(p, 1)
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    # rows with nothing visible so far keep m = -inf; exp2 of (-inf) - (-inf) would be NaN
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(qk - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
     if MASKED:
         v = tl.load(v_cache_ptr + v_rows[:, None] + dims[None, :], mask=in_context[:, None], other=0.0)
     else:
@@ -222,8 +215,8 @@ def _attend_key_tile(acc, m_i, l_i, q, q_pos, key_start, block_table_row, k_cach
         # With a step between the widening and the dot, Triton widens the tile once and feeds the MMA through
         # ldmatrix; a tile widened in the MMA's own layout took a shared-memory load per byte (kernel_sass.py)
         v = v * tl.cast(v_tile_scale, pv_dtype)
-    acc = tl.dot(p.to(pv_dtype), v, acc, input_precision=DOT_PRECISION)
-    return acc, m_i, l_i
+    acc = acc * alpha[:, None] + tl.dot(p.to(pv_dtype), v, input_precision=DOT_PRECISION)
+    return acc, m_new, l_i
 
 
 @triton.jit
