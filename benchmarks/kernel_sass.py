@@ -8,8 +8,9 @@ and the SASS of its longest loop is counted by opcode:
 - the fused MoE grouped GEMM at decode rows (16 rows of one expert, 128 output columns, 64-deep K steps) with bf16
   and fp8 expert weights and bf16 activations: an fp8 64 x 128 weight tile (8 KiB) every ~400 cycles.
 - the sampler's token pick (`kernels/pick_tokens.py`), with and without the race's noise.
-- prefill attention over an fp8 and a bf16 cache (the query tile's unmasked loop: BLOCK_M rows, BLOCK_N keys), at
-  the launch configs the GPU sweep (`kernels_gpu.py --sweep`) times.
+- prefill attention over an fp8 cache (with the query in fp8 too, as the launch config runs it, and in fp16) and a
+  bf16 cache (the query tile's unmasked loop: BLOCK_M rows, BLOCK_N keys), at launch configs the GPU sweep
+  (`kernels_gpu.py --sweep`) times.
 
 A CTA of 4 warps issues its loop once per warp on the SM's 4 schedulers: about one loop length of cycles per tile,
 before any stall; `F2F` (fp16 -> bf16) is a quarter-rate instruction. One JSON line per variant.
@@ -148,13 +149,14 @@ def main() -> int:
     for weight_dtype in ("fp8e4nv", "bf16"):
         print(json.dumps(dict(kernel="fused MoE grouped GEMM (decode rows)", triton=triton.__version__,
                               weights=weight_dtype, **loop_figures(moe_grouped_gemm(weight_dtype)))))
-    for cache_dtype in ("fp8e4nv", "bf16"):
-        for block_m, block_n, num_warps, num_stages in ((64, 64, 4, 3), (128, 64, 8, 3), (64, 32, 4, 4)):
-            figures = loop_figures(prefill_attention(cache_dtype, block_m, block_n, num_warps, num_stages),
+    # over an fp8 cache with the query in fp16 and in fp8 (FP8_QUERY, the launch config's choice: fp8 x fp8 scores)
+    for cache_dtype, fp8_query in (("fp8e4nv", True), ("fp8e4nv", False), ("bf16", False)):
+        for block_m, block_n, num_warps, num_stages in ((128, 64, 4, 3), (64, 64, 4, 3), (128, 64, 8, 3)):
+            figures = loop_figures(prefill_attention(cache_dtype, block_m, block_n, num_warps, num_stages, fp8_query),
                                    unmasked_tile_loop)
             print(json.dumps(dict(kernel="prefill attention (unmasked key tiles)", triton=triton.__version__,
-                                  kv_cache=cache_dtype, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
-                                  num_stages=num_stages, **figures)))
+                                  kv_cache=cache_dtype, fp8_query=fp8_query, BLOCK_M=block_m, BLOCK_N=block_n,
+                                  num_warps=num_warps, num_stages=num_stages, **figures)))
     for has_noise in (True, False):
         print(json.dumps(dict(kernel="token pick (2,048 columns an iteration)", triton=triton.__version__,
                               race=has_noise, **loop_figures(pick_tokens_kernel(has_noise)))))
