@@ -20,6 +20,7 @@
 #   fp8-3000    x1  8B fp8 + fp8 KV 1000/1000 x 3,000 (TensorRT-LLM's count), then 500/2000 x 800          (~7 min)
 #   fp8-70b     x1  70B shape, fp8 weights + fp8 KV on one card, 1000/1000 x 1,000 requests              (~9 min)
 #   kernel-tests x1 pytest -n 8 tests/kernels on the card (pytest-xdist carried in .whl)                  (~3 min)
+#   kernels-ab  x1  attention (or AB_ONLY's kernels) as installed against the kernel files in .ab/          (~2 min)
 #   shapes      x2  8B fp8 + fp8 KV on TensorRT-LLM's shapes: 128/2048, 500/2000 x 1,000, 2048/2048 x 750,
 #                   2048/128 x 3,000 (its count)                                                          (~9 min)
 #   shapes-decode x2  the issue's one run per shape, fp8 (+ fp8 KV) and bf16 then HF: 128/2048 x 1,000 and
@@ -98,6 +99,13 @@ call_fp8-one() {   # one card: the kernels' tests, the kernels in bf16 (no sweep
   part kernel_tests 170 "${KERNEL_TESTS[@]}"
   part kernels 90 python3 benchmarks/kernels_gpu.py --dtypes bfloat16
   fp8_kv_1000
+}
+call_kernels-ab() {   # kernels_gpu.py as installed (A) and with .ab/'s kernel files (B), on one machine; AB_ONLY
+  # picks the kernels (default decode,prefill); prepare .ab/ here: git show COMMIT:kernels/X.py > .ab/X.py; carry .ab
+  part kernels_a 200 python3 benchmarks/kernels_gpu.py --only "${AB_ONLY:-decode,prefill}" --dtypes bfloat16
+  part kernels_b 200 python3 benchmarks/kernels_gpu.py --only "${AB_ONLY:-decode,prefill}" --dtypes bfloat16 \
+    --kernels-from .ab
+  python3 benchmarks/kernels_gpu.py --compare "$OUT/kernels_a.txt" "$OUT/kernels_b.txt"
 }
 call_kernel-tests() {
   part kernel_tests 300 "${KERNEL_TESTS[@]}"

@@ -9,6 +9,10 @@ the exit status is 1 when a check failed.
     python benchmarks/kernels_gpu.py                 # GPU, Llama-3.1-8B shapes, well under 3 minutes
     python benchmarks/kernels_gpu.py --sweep         # also time other launch configs of the attention kernels
     python benchmarks/kernels_gpu.py --dry-run       # CPU under TRITON_INTERPRET=1, tiny shapes: finds bugs
+
+Two versions of a kernel file on one machine (cards of one kind differ by several percent): put the other version
+in a folder (`git show COMMIT:kernels/paged_attention.py > .ab/paged_attention.py`), run once as installed and once
+with `--kernels-from .ab`, then `--compare` the two outputs (`gpu_run.sh kernels-ab` does all three).
 """
 import argparse
 import itertools
@@ -24,7 +28,26 @@ ARGS.add_argument("--dtypes", help="comma-separated (default: bfloat16,float16; 
                   "the interpreter gets bf16 arithmetic wrong)")
 ARGS.add_argument("--only", help="comma-separated kernels to run (store_kv, rms_norm, rotary, silu_and_mul, decode, "
                   "prefill, top_p, pick_tokens); default all")
+ARGS.add_argument("--kernels-from", metavar="DIR", help="DIR/NAME.py replaces batchgen.kernels.NAME for this run")
+ARGS.add_argument("--compare", nargs=2, metavar=("A", "B"), help="two runs' outputs: their times side by side")
 OPTS = ARGS.parse_args()
+
+
+def compare(path_a: str, path_b: str) -> None:
+    """Each kernel, case and dtype both runs timed (the default launch, graph replays): ms in A and B, and B / A."""
+    def times(path):
+        records = (json.loads(line) for line in open(path) if line.startswith("{"))
+        return {(r["kernel"], r["case"], r["dtype"]): r["ms"] for r in records
+                if r.get("type") == "time" and r.get("impl") == "triton"}
+    a, b = times(path_a), times(path_b)
+    print(f"{'kernel':<18}{'case':<34}{'dtype':<10}{'A ms':>9}{'B ms':>9}{'B / A':>7}")
+    for key in sorted(a.keys() & b.keys()):
+        print(f"{key[0]:<18}{key[1]:<34}{key[2]:<10}{a[key]:>9.4f}{b[key]:>9.4f}{b[key] / a[key]:>7.3f}")
+
+
+if OPTS.compare:
+    compare(*OPTS.compare)
+    sys.exit(0)
 if OPTS.dry_run:
     os.environ["TRITON_INTERPRET"] = "1"  # must be set before triton is imported
 
@@ -32,6 +55,27 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 import triton  # noqa: E402
+
+
+def load_kernels_from(directory: str) -> None:
+    """Each DIR/NAME.py imported as batchgen.kernels.NAME, before anything here imports the installed one."""
+    import importlib.util
+    from pathlib import Path
+
+    import batchgen.kernels
+
+    for path in sorted(Path(directory).glob("*.py")):
+        name = f"batchgen.kernels.{path.stem}"
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+        setattr(batchgen.kernels, path.stem, module)
+        print(f"kernels_gpu.py: {name} from {path}", file=sys.stderr)
+
+
+if OPTS.kernels_from:
+    load_kernels_from(OPTS.kernels_from)
 
 from batchgen.kernels import activation, fp8, paged_attention as pa, rms_norm, rotary, store_kv  # noqa: E402
 from batchgen.kernels import top_p_threshold as top_p_kernel  # noqa: E402
