@@ -84,10 +84,9 @@ def _act_and_mul_fp8_row_kernel(x_ptr, out_ptr, scale_ptr, intermediate, stride_
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < intermediate
-    # held in the input dtype across the row's reduction: half the registers of fp32
-    out = _act_and_mul_block(x_ptr, row, stride_x, intermediate, cols, mask, GELU_TANH).to(x_ptr.dtype.element_ty)
-    scale = tl.maximum(tl.max(tl.abs(out.to(tl.float32)), 0) / fp8_max, min_scale)   # masked columns: act(0) * 0
-    quantized = tl.clamp(tl.div_rn(out.to(tl.float32), scale), -fp8_max, fp8_max)
+    out = _act_and_mul_block(x_ptr, row, stride_x, intermediate, cols, mask, GELU_TANH)
+    scale = tl.maximum(tl.max(tl.abs(out), 0) / fp8_max, min_scale)   # masked columns hold act(0) * 0 = 0
+    quantized = tl.clamp(tl.div_rn(out, scale), -fp8_max, fp8_max)
     tl.store(out_ptr + row * stride_o + cols, quantized.to(out_ptr.dtype.element_ty), mask=mask)
     tl.store(scale_ptr + row, scale)
 

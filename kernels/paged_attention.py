@@ -158,7 +158,7 @@ def _query_for_cache(q, qk_scale, k_cache_ptr):
 def _fp8_query(q, qk_scale):
     """The query tile in fp8 (e4m3) with one scale per row (its largest value to 448), and the softmax scale times
     each row's scale, as a column to multiply the scores by. Over an fp8 cache the scores then come from an fp8 x
-    fp8 product: no K tile is widened, the loop's largest cost (kernel_sass.py)."""
+    fp8 product that reads K tiles as stored: none is widened and written back to shared memory (kernel_sass.py)."""
     q = q.to(tl.float32)
     row_scale = tl.maximum(tl.max(tl.abs(q), 1), 1e-30) / 448.0
     return round_to_e4m3(q / row_scale[:, None]).to(tl.float8e4nv), qk_scale * row_scale[:, None]
