@@ -54,8 +54,10 @@ def _window_start(query_start: int, sliding_window: int | None) -> int:
 
 def prefill_rounds_query_to_fp8(dtype: torch.dtype, cache_dtype: torch.dtype, head_dim: int) -> bool:
     """Whether prefill attention rounds the query to fp8 (see `prefill_launch_config`): a 16-bit query over an fp8
-    cache. The reference does the same, so the CPU runs the GPU's numerics."""
-    return cache_dtype == KV_FP8 and dtype in (torch.float16, torch.bfloat16) and head_dim <= 128
+    cache, at a head size the Triton kernel runs. The reference does the same, so the CPU runs the GPU's numerics
+    (and the head sizes that run the reference on the GPU too, Phi-3's 96, keep their query)."""
+    return (cache_dtype == KV_FP8 and dtype in (torch.float16, torch.bfloat16) and supports_head_dim(head_dim)
+            and head_dim <= 128)
 
 
 def fp8_query_ref(q: torch.Tensor) -> torch.Tensor:

@@ -183,6 +183,8 @@ def test_launch_configs_fit_the_h100_hot_shapes():
     fp8_prefill = pa.prefill_launch_config(128, 4, 2048, torch.bfloat16, KV_FP8)
     assert (fp8_prefill["BLOCK_M"], fp8_prefill["BLOCK_N"], fp8_prefill["FP8_QUERY"]) == (128, 64, True)
     assert not pa.prefill_launch_config(128, 4, 2048, torch.float32, KV_FP8)["FP8_QUERY"]
+    # head sizes the Triton kernels don't run (the reference does, on the GPU too) keep their query
+    assert not pa.prefill_rounds_query_to_fp8(torch.bfloat16, KV_FP8, 96)
     assert not long_chunk["FP8_QUERY"]
 
 
@@ -322,6 +324,19 @@ def test_fp8_cache_prefill_matches_reference(mix, window, dtype, fp8_query):
         public = pa.paged_prefill_attention(batch.q, k_cache, v_cache, batch.query_start_loc, batch.seq_lens,
                                             batch.block_tables, batch.scale, batch.max_query_len, window, *FP8_SCALES)
         assert relative_l2(public, ref) < TOLERANCE[dtype]
+
+
+def test_fp8_cache_prefill_reference_rounds_the_query_as_the_kernel_does():
+    """The CPU engine runs the references: a 16-bit query over an fp8 cache must get the kernel's fp8 rounding there
+    too (without it the two differ by ~0.02)."""
+    batch = random_paged_batch([(0, 24), (17, 9)], num_heads=6, num_kv_heads=2, head_dim=32, block_size=16,
+                               dtype=torch.float16, seed=5, device=DEVICE)
+    (k_cache, v_cache), (clean_k, clean_v) = _fp8_caches(batch)
+    args = (batch.query_start_loc, batch.seq_lens, batch.block_tables, batch.scale, batch.max_query_len, None,
+            *FP8_SCALES)
+    kernel = pa.paged_prefill_attention(batch.q, k_cache, v_cache, *args)
+    reference = pa.paged_prefill_attention_ref(batch.q, clean_k, clean_v, *args)
+    assert relative_l2(kernel, reference) < TOLERANCE[torch.float16]
 
 
 @pytest.mark.parametrize("dtype", FP8_QUERY_DTYPES, ids=str)
