@@ -15,8 +15,8 @@
 #                   1000/1000 fp8-weight runs with fp8 and bf16 KV and the fp8-KV decode profile          (~9 min)
 #   fp8-one     x1  the fp8 call on one card: kernels' tests, kernels in bf16 unswept, 8B 1000/1000 fp8 + fp8 KV
 #                   and its decode profile                                                                (~5 min)
-#   fp8-gemm    x1  fp8_gpu.py: fp8 GEMMs (Triton, _scaled_mm, cuBLASLt block-scaled), fp8 logits, and the
-#                   projections at decode row counts (fp8_gpu.py --decode-gemms)                         (~2 min)
+#   fp8-gemm    x1  fp8_gpu.py: fp8 GEMMs (Triton, _scaled_mm, cuBLASLt block-scaled), fp8 logits, the
+#                   projections at decode row counts (fp8_gpu.py --decode-gemms), gpu_correctness.py      (~5 min)
 #   fp8-3000    x1  8B fp8 + fp8 KV 1000/1000 x 3,000 (TensorRT-LLM's count), then 500/2000 x 800          (~7 min)
 #   fp8-70b     x1  70B shape, fp8 weights + fp8 KV on one card, 1000/1000 x 1,000 requests              (~9 min)
 #   kernel-tests x1 pytest -n 8 tests/kernels on the card (pytest-xdist carried in .whl)                  (~3 min)
@@ -116,10 +116,12 @@ call_fp8-70b() {   # the 70B shape in fp8 + fp8 KV on one card (TensorRT-LLM pub
   part fp8_70b_1gpu 560 python3 benchmarks/tp_gpu.py throughput --tensor-parallel-size 1 --workload 1000-1000 \
     --num-requests 1000 --quantization fp8 --kv-cache-dtype fp8 --hf-sample 0 --gpu-memory-utilization "${GPU_MEM:-0.97}"
 }
-call_fp8-gemm() {   # the fp8 GEMMs (per-channel, block-scaled: Triton and cuBLASLt), the fp8 engine's logits, and
-  # the projections at decode row counts (8B and 70B; fp8 two ways, bf16)
+call_fp8-gemm() {   # the fp8 GEMMs (per-channel, block-scaled: Triton and cuBLASLt), the fp8 engine's logits, the
+  # projections at decode row counts (8B and 70B; fp8 two ways, bf16), and the correctness harness (bf16 logits and
+  # fp32 greedy vs HF, fp8 KV logits vs bf16 KV)
   part fp8_kernels 300 python3 benchmarks/fp8_gpu.py
   part decode_gemms 120 python3 benchmarks/fp8_gpu.py --decode-gemms
+  part correctness 150 python3 benchmarks/gpu_correctness.py
 }
 call_fp8-3000() {   # 8B fp8 + fp8 KV at TensorRT-LLM's request count for 1000/1000 (3,000), and 500/2000 x 800
   part fp8_1000_3000 330 python3 benchmarks/engine_gpu.py --shape 1000/1000 --quantization fp8 --kv-cache-dtype fp8 \
