@@ -97,7 +97,7 @@ _ROW_IN_ONE_PROGRAM = 32768
 
 def _columns_per_program(intermediate: int) -> int:
     """Up to 1,024: many small programs keep enough loads in flight to run at bandwidth. The fp8 path's two
-    launches share it (the quantizing pass reads the first one's per-block amaxes)."""
+    passes (rows wider than one program holds) share it: the quantizing pass reads the first one's per-block amaxes."""
     return min(1024, triton.next_power_of_2(intermediate))
 
 
