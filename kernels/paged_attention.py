@@ -14,8 +14,8 @@ An fp8 cache (see kernels/store_kv.py) is read as K * k_scale and V * v_scale: t
 them to the query's dtype (fp16 for a bf16 query: `_query_for_cache`), fold k_scale into the softmax scale, and
 multiply V tiles by the part of v_scale fp16 holds exactly and the output by the rest (`_split_v_scale`). Prefill
 rounds a 16-bit query to fp8 as well, one scale per head row (`prefill_rounds_query_to_fp8`), so its scores multiply
-the K tiles as they are (Hopper's fp8 tensor-core product); decode keeps its query (its one-warp tiles have no fp8
-product: Triton widens such operands to fp16).
+the K tiles as they are (Hopper's fp8 tensor-core product); decode keeps its query (Hopper multiplies fp8 only in
+64-row warpgroup tiles: a one-warp decode tile's fp8 product is widened to fp16 anyway).
 """
 import functools
 import math
