@@ -1,7 +1,7 @@
 """fp8 activation quantization (alone and fused into RMSNorm and SiLU-and-mul), the row-wise fp8 GEMM (_scaled_mm)
-and the block-scaled fp8 GEMM (Triton) against their torch references. Triton's interpreter rounds some values to fp8 wrongly, so there the
-quantizing kernels are checked with their scaled values carried unrounded in fp32 and rounded here by torch; on
-the GPU the kernels store fp8 themselves and the hardware rounds."""
+and the block-scaled fp8 GEMM (Triton) against their torch references. Triton's interpreter rounds some values to
+fp8 wrongly, so there the quantizing kernels are checked with their scaled values carried unrounded in fp32 and
+rounded here by torch; on the GPU the kernels store fp8 themselves and the hardware rounds."""
 import pytest
 import torch
 
