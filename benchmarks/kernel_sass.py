@@ -49,9 +49,9 @@ def compile_for_hopper(fn, constants: dict, types: dict, unaligned: set[str], nu
                           options=dict(num_warps=num_warps, num_stages=num_stages))
 
 
-def decode_attention(cache_dtype: str, block_n: int, num_warps: int, num_stages: int, fp8_query: bool = False):
+def decode_attention(cache_dtype: str, block_n: int, num_warps: int, num_stages: int):
     constants = dict(GROUP=4, GROUP_ROWS=16, HEAD_DIM=128, PAGE=16, BLOCK_N=block_n, SPLIT=False,
-                     DOT_PRECISION="tf32", WIDE_OFFSETS=False, FP8_QUERY=fp8_query)
+                     DOT_PRECISION="tf32", WIDE_OFFSETS=False)
     types = {"q_ptr": "*bf16", "out_ptr": "*bf16", "partial_out_ptr": "*fp32", "partial_lse_ptr": "*fp32",
              "seq_lens_ptr": "*i32", "block_tables_ptr": "*i32", "k_cache_ptr": f"*{cache_dtype}",
              "v_cache_ptr": f"*{cache_dtype}", "qk_scale": "fp32", "v_tile_scale": "fp32", "v_scale": "fp32"}
@@ -137,16 +137,12 @@ def loop_figures(kernel, pick=longest_loop) -> dict:
 
 
 def main() -> int:
-    # over an fp8 cache with the query in fp8 (FP8_QUERY, the launch config's choice: keys as the MMA's rows) and in
-    # fp16 (one-warp tiles were the fastest), and over a bf16 cache
-    for cache_dtype, fp8_query in (("fp8e4nv", True), ("fp8e4nv", False), ("bf16", False)):
+    for cache_dtype in ("fp8e4nv", "bf16"):
         for block_n, num_warps, num_stages in ((32, 1, 5), (128, 4, 3), (64, 4, 3), (128, 8, 3)):
-            if fp8_query and num_warps == 1:
-                continue   # a warpgroup's product needs 4 warps
-            figures = loop_figures(decode_attention(cache_dtype, block_n, num_warps, num_stages, fp8_query))
+            figures = loop_figures(decode_attention(cache_dtype, block_n, num_warps, num_stages))
             print(json.dumps(dict(
-                kernel="decode attention", triton=triton.__version__, kv_cache=cache_dtype, fp8_query=fp8_query,
-                BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages,
+                kernel="decode attention", triton=triton.__version__, kv_cache=cache_dtype, BLOCK_N=block_n,
+                num_warps=num_warps, num_stages=num_stages,
                 # issue slots of one 128-key tile per SM: the loop once per warp, 4 schedulers
                 issue_cycles_per_128_keys=round(figures["loop_instructions"] * num_warps / 4 * 128 / block_n),
                 **figures)))

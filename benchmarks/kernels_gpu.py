@@ -27,7 +27,7 @@ ARGS.add_argument("--sweep", action="store_true", help="time alternative attenti
 ARGS.add_argument("--dtypes", help="comma-separated (default: bfloat16,float16; float16,float32 on --dry-run, "
                   "the interpreter gets bf16 arithmetic wrong)")
 ARGS.add_argument("--only", help="comma-separated kernels to run (store_kv, rms_norm, rotary, silu_and_mul, decode, "
-                  "prefill, top_p, pick_tokens; decode_fp8kv, prefill_fp8kv: over an fp8 cache only); default all")
+                  "prefill, top_p, pick_tokens); default all")
 ARGS.add_argument("--kernels-from", metavar="DIR", help="DIR/NAME.py replaces batchgen.kernels.NAME for this run")
 ARGS.add_argument("--compare", nargs=2, metavar=("A", "B"), help="two runs' outputs: their times side by side")
 OPTS = ARGS.parse_args()
@@ -264,8 +264,6 @@ def decode_cases():
 
 # BLOCK_N, num_warps, num_stages
 DECODE_SWEEP = [(32, 1, 3), (32, 1, 5), (64, 2, 4), (64, 4, 3), (128, 4, 2), (128, 4, 3), (128, 8, 3), (256, 4, 3)]
-# under an fp8 query (keys as the rows of a warpgroup's MMA: 4 warps or more)
-FP8_QUERY_DECODE_SWEEP = [(64, 4, 3), (64, 4, 5), (128, 4, 2), (128, 4, 3), (128, 4, 4), (128, 8, 3), (256, 8, 3)]
 
 
 def bench_decode(dtype: torch.dtype, shape=LLAMA_8B, first_case_only: bool = False, fp8_kv: bool = False) -> None:
@@ -285,19 +283,13 @@ def bench_decode(dtype: torch.dtype, shape=LLAMA_8B, first_case_only: bool = Fal
             clean_k, clean_v = _fp8_caches(clean_k, clean_v)
         args = (batch.q, k_cache, v_cache, batch.seq_lens, batch.block_tables, batch.scale)
         out = pa.paged_decode_attention(*args, None, *scales)
-        # as for prefill: the plain query's reference, and over an fp8 cache the fp8 query's (FP8_QUERY)
-        refs = {fp8_query: pa.paged_decode_attention_ref(pa.fp8_query_ref(batch.q) if fp8_query else batch.q.float(),
-                                                         clean_k, clean_v, *args[3:], None, *scales)
-                for fp8_query in ((False, True) if fp8_kv else (False,))}
-        if fp8_kv:
-            emit(dict(type="accuracy", kernel="decode", case=case, dtype=str(dtype).removeprefix("torch."),
-                      fp8_query_vs_query_rel_l2=relative_l2(refs[True], refs[False])))
+        ref = pa.paged_decode_attention_ref(batch.q.float(), clean_k, clean_v, batch.seq_lens, batch.block_tables,
+                                            batch.scale, None, *scales)
+        check("decode", case, dtype, out, ref)
+        nbytes = 2.0 * sum(lengths) * kv_heads * head_dim * cache_dtype.itemsize + 2 * batch.q.numel() * dtype.itemsize
         max_keys = batch.block_tables.shape[1] * block
         config = pa.decode_launch_config(len(lengths), kv_heads, head_dim, max_keys, DEVICE, dtype,
                                          cache_dtype=cache_dtype)
-        ref = refs[config["FP8_QUERY"]]
-        check("decode", case, dtype, out, ref)
-        nbytes = 2.0 * sum(lengths) * kv_heads * head_dim * cache_dtype.itemsize + 2 * batch.q.numel() * dtype.itemsize
         if not DRY:  # the runner replays decode in CUDA graphs: capture must work (no host sync), replay be right
             graph, graph_out = captured(lambda: pa.paged_decode_attention(*args, None, *scales))
             graph_out.fill_(float("nan"))
@@ -313,17 +305,14 @@ def bench_decode(dtype: torch.dtype, shape=LLAMA_8B, first_case_only: bool = Fal
             out = torch.empty_like(batch.q)
             for splits in sorted({1, config["num_splits"] // 2, config["num_splits"], config["num_splits"] * 2,
                                   config["num_splits"] * 4} - {0}):
-                launches = [(launch, fp8_query) for fp8_query in refs
-                            for launch in (FP8_QUERY_DECODE_SWEEP if fp8_query else DECODE_SWEEP)]
-                for (block_n, warps, stages), fp8_query in launches:
+                for block_n, warps, stages in DECODE_SWEEP:
                     sweep = pa.decode_launch_config(len(lengths), kv_heads, head_dim, max_keys, DEVICE, dtype, splits,
                                                     cache_dtype)
-                    sweep.update(BLOCK_N=block_n, num_warps=warps, num_stages=stages, FP8_QUERY=fp8_query)
+                    sweep.update(BLOCK_N=block_n, num_warps=warps, num_stages=stages)
                     sweep["keys_per_split"] = triton.cdiv(sweep["keys_per_split"], block_n) * block_n
                     sweep["num_splits"] = triton.cdiv(max_keys, sweep["keys_per_split"])
-                    name = f"{case}/s{sweep['num_splits']}n{block_n}w{warps}s{stages}" + ("/fp8q" if fp8_query else "")
-                    check("decode_sweep", name, dtype,
-                          pa._paged_decode(*args, out.fill_(float("nan")), sweep, None, *scales), refs[fp8_query])
+                    check("decode_sweep", f"{case}/s{sweep['num_splits']}n{block_n}w{warps}s{stages}", dtype,
+                          pa._paged_decode(*args, out.fill_(float("nan")), sweep, None, *scales), ref)
                     time_triton("decode", case, dtype, lambda: pa._paged_decode(*args, out, sweep, None, *scales),
                                 "triton_sweep", nbytes=nbytes, **sweep)
         del batch, args, out, ref, k_cache, v_cache
@@ -488,8 +477,7 @@ def main() -> int:
     only = set(OPTS.only.split(",")) if OPTS.only else None
 
     def run(bench, *args, **kwargs) -> None:
-        name = bench.__name__.removeprefix("bench_")
-        if only is None or name in only or kwargs.get("fp8_kv") and f"{name}_fp8kv" in only:
+        if only is None or bench.__name__.removeprefix("bench_") in only:
             bench(*args, **kwargs)
             if not DRY:
                 torch.cuda.empty_cache()

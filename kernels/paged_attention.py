@@ -52,10 +52,10 @@ def _window_start(query_start: int, sliding_window: int | None) -> int:
     return 0 if sliding_window is None else max(0, query_start - sliding_window + 1)
 
 
-def rounds_query_to_fp8(dtype: torch.dtype, cache_dtype: torch.dtype, head_dim: int) -> bool:
-    """Whether attention rounds the query to fp8 (see the launch configs): a 16-bit query over an fp8 cache, at a
-    head size the Triton kernels run. The references do the same, so the CPU runs the GPU's numerics (and the head
-    sizes that run the references on the GPU too, Phi-3's 96, keep their query)."""
+def prefill_rounds_query_to_fp8(dtype: torch.dtype, cache_dtype: torch.dtype, head_dim: int) -> bool:
+    """Whether prefill attention rounds the query to fp8 (see `prefill_launch_config`): a 16-bit query over an fp8
+    cache, at a head size the Triton kernel runs. The reference does the same, so the CPU runs the GPU's numerics
+    (and the head sizes that run the reference on the GPU too, Phi-3's 96, keep their query)."""
     return (cache_dtype == KV_FP8 and dtype in (torch.float16, torch.bfloat16) and supports_head_dim(head_dim)
             and head_dim <= 128)
 
@@ -75,7 +75,7 @@ def paged_prefill_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache:
                                 v_scale: float = 1.0) -> torch.Tensor:
     """q [T, Hq, D] -> out [T, Hq, D]; varlen causal attention of query chunks to their paged context."""
     out = torch.empty_like(q)
-    if rounds_query_to_fp8(q.dtype, k_cache.dtype, q.shape[2]):
+    if prefill_rounds_query_to_fp8(q.dtype, k_cache.dtype, q.shape[2]):
         q = fp8_query_ref(q).to(q.dtype)
     k_scale, v_scale = kv_scales(k_cache, k_scale, v_scale)
     starts = query_start_loc.tolist()
@@ -110,8 +110,6 @@ def paged_decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: 
                                v_scale: float = 1.0) -> torch.Tensor:
     """q [B, Hq, D], one query token per sequence at position seq_lens[b] - 1 -> out [B, Hq, D]."""
     batch, num_heads, head_dim = q.shape
-    if rounds_query_to_fp8(q.dtype, k_cache.dtype, head_dim):
-        q = fp8_query_ref(q).to(q.dtype)
     k_scale, v_scale = kv_scales(k_cache, k_scale, v_scale)
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     num_blocks = (int(seq_lens.max()) + block_size - 1) // block_size
@@ -161,66 +159,11 @@ def _query_for_cache(q, qk_scale, k_cache_ptr):
 @triton.jit
 def _fp8_query(q, qk_scale):
     """The query tile in fp8 (e4m3) with one scale per row (its largest value to 448), and the softmax scale times
-    each row's scale, one per row, to multiply the scores by. Over an fp8 cache the scores then come from an fp8 x
+    each row's scale, as a column to multiply the scores by. Over an fp8 cache the scores then come from an fp8 x
     fp8 product that reads K tiles as stored: none is widened and written back to shared memory (kernel_sass.py)."""
     q = q.to(tl.float32)
     row_scale = tl.maximum(tl.max(tl.abs(q), 1), 1e-30) / 448.0
-    return round_to_e4m3(q / row_scale[:, None]).to(tl.float8e4nv), qk_scale * row_scale
-
-
-@triton.jit
-def _softmax_step(scores, m_i, l_i, KEYS_AXIS: tl.constexpr):
-    """The online softmax over one tile of scores (in base 2), keys along KEYS_AXIS: the tile's exponentials
-    against the new running max, the factor that moves earlier sums to it, and the new max and sum."""
-    m_new = tl.maximum(m_i, tl.max(scores, KEYS_AXIS))
-    # rows with nothing visible so far keep m = -inf; exp2 of (-inf) - (-inf) would be NaN
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.exp2(m_i - m_safe)
-    p = tl.exp2(scores - tl.expand_dims(m_safe, KEYS_AXIS))
-    return p, alpha, m_new, l_i * alpha + tl.sum(p, KEYS_AXIS)
-
-
-@triton.jit
-def _key_tile_rows(key_start, block_table_row, kv_head, seq_len, stride_kb, stride_ks, stride_kh, stride_vb,
-                   stride_vs, stride_vh, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
-                   WIDE_OFFSETS: tl.constexpr):
-    """Positions of keys [key_start, key_start + BLOCK_N), the offsets of their K and V rows in the caches, and
-    which of them are in the context."""
-    key_pos = key_start + tl.arange(0, BLOCK_N)
-    in_context = key_pos < seq_len
-    if MASKED:
-        block = tl.load(block_table_row + key_pos // PAGE, mask=in_context, other=0)
-    else:
-        block = tl.load(block_table_row + key_pos // PAGE)
-    if WIDE_OFFSETS:
-        block = block.to(tl.int64)
-    slot_in_block = key_pos % PAGE
-    k_rows = block * stride_kb + slot_in_block * stride_ks + kv_head * stride_kh
-    v_rows = block * stride_vb + slot_in_block * stride_vs + kv_head * stride_vh
-    return key_pos, k_rows, v_rows, in_context
-
-
-@triton.jit
-def _load_rows(cache_ptr, rows, dims, in_context, MASKED: tl.constexpr):
-    """[len(rows), len(dims)]: the cache rows (keys or values), zeros past the context."""
-    if MASKED:
-        tile = tl.load(cache_ptr + rows[:, None] + dims[None, :], mask=in_context[:, None], other=0.0)
-    else:
-        tile = tl.load(cache_ptr + rows[:, None] + dims[None, :])
-    return tile
-
-
-@triton.jit
-def _widened_v_tile(v, v_tile_scale, dtype: tl.constexpr):
-    """A V tile in the dtype of the P x V product. An fp8 tile is multiplied by the part of v_scale fp16 holds
-    exactly (the rest scales the output): with a step between the widening and the dot, Triton widens the tile once
-    and feeds the MMA from shared memory; a tile widened in the MMA's own layout took a shared-memory load per byte,
-    or byte permutes (kernel_sass.py)."""
-    if v.dtype == tl.float8e4nv:
-        widened = v.to(dtype) * tl.cast(v_tile_scale, dtype)
-    else:
-        widened = v.to(dtype)
-    return widened
+    return round_to_e4m3(q / row_scale[:, None]).to(tl.float8e4nv), qk_scale * row_scale[:, None]
 
 
 @triton.jit
@@ -231,10 +174,18 @@ def _attend_key_tile(acc, m_i, l_i, q, q_pos, key_start, block_table_row, k_cach
     """One online-softmax step: fold keys [key_start, key_start + BLOCK_N) into (acc, m_i, l_i).
     MASKED tiles apply the causal rule key_pos <= q_pos, the window key_pos > q_pos - window and the end of the
     context; the others need none of them. A row that sees no key of a masked tile leaves its state as it was."""
-    key_pos, k_rows, v_rows, in_context = _key_tile_rows(key_start, block_table_row, kv_head, seq_len, stride_kb,
-                                                         stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, PAGE,
-                                                         BLOCK_N, MASKED, WIDE_OFFSETS)
+    key_pos = key_start + tl.arange(0, BLOCK_N)
     dims = tl.arange(0, HEAD_DIM)
+    in_context = key_pos < seq_len
+    if MASKED:
+        block = tl.load(block_table_row + key_pos // PAGE, mask=in_context, other=0)
+    else:
+        block = tl.load(block_table_row + key_pos // PAGE)
+    if WIDE_OFFSETS:
+        block = block.to(tl.int64)
+    slot_in_block = key_pos % PAGE
+    k_rows = block * stride_kb + slot_in_block * stride_ks + kv_head * stride_kh
+    v_rows = block * stride_vb + slot_in_block * stride_vs + kv_head * stride_vh
     if MASKED:
         k_t = tl.load(k_cache_ptr + k_rows[None, :] + dims[:, None], mask=in_context[None, :], other=0.0)
     else:
@@ -250,33 +201,24 @@ def _attend_key_tile(acc, m_i, l_i, q, q_pos, key_start, block_table_row, k_cach
         visible = ((key_pos[None, :] <= q_pos[:, None]) & (key_pos[None, :] > q_pos[:, None] - window)
                    & in_context[None, :])
         qk = tl.where(visible, qk, float("-inf"))
-    p, alpha, m_i, l_i = _softmax_step(qk, m_i, l_i, 1)
-    v = _widened_v_tile(_load_rows(v_cache_ptr, v_rows, dims, in_context, MASKED), v_tile_scale, pv_dtype)
-    acc = acc * alpha[:, None] + tl.dot(p.to(pv_dtype), v, input_precision=DOT_PRECISION)
-    return acc, m_i, l_i
-
-
-@triton.jit
-def _attend_key_rows(acc_t, m_i, l_i, q_t, column_scale, key_start, block_table_row, k_cache_ptr, v_cache_ptr,
-                     kv_head, seq_len, v_tile_scale, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs,
-                     stride_vh, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-                     MASKED: tl.constexpr, WIDE_OFFSETS: tl.constexpr):
-    """`_attend_key_tile` for a decode query in fp8 (q_t: [HEAD_DIM, heads], scaled per head by column_scale) over
-    an fp8 cache, transposed: the keys are the rows of the products, so the scores are one fp8 x fp8 warpgroup
-    MMA (Hopper's wgmma: 64 rows a warpgroup, fp8 operands read from shared memory as stored) of the K tile and the
-    query, and the output accumulates as acc_t [HEAD_DIM, heads] += V^T P^T. The keys of a decode split are all
-    visible: MASKED tiles only stop at the end of the context."""
-    key_pos, k_rows, v_rows, in_context = _key_tile_rows(key_start, block_table_row, kv_head, seq_len, stride_kb,
-                                                         stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, PAGE,
-                                                         BLOCK_N, MASKED, WIDE_OFFSETS)
-    dims = tl.arange(0, HEAD_DIM)
-    scores_t = tl.dot(_load_rows(k_cache_ptr, k_rows, dims, in_context, MASKED), q_t) * column_scale[None, :]
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    # rows with nothing visible so far keep m = -inf; exp2 of (-inf) - (-inf) would be NaN
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(qk - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
     if MASKED:
-        scores_t = tl.where(in_context[:, None], scores_t, float("-inf"))
-    p_t, alpha, m_i, l_i = _softmax_step(scores_t, m_i, l_i, 0)
-    v = _widened_v_tile(_load_rows(v_cache_ptr, v_rows, dims, in_context, MASKED), v_tile_scale, tl.float16)
-    acc_t = acc_t * alpha[None, :] + tl.dot(tl.trans(v), p_t.to(tl.float16))
-    return acc_t, m_i, l_i
+        v = tl.load(v_cache_ptr + v_rows[:, None] + dims[None, :], mask=in_context[:, None], other=0.0)
+    else:
+        v = tl.load(v_cache_ptr + v_rows[:, None] + dims[None, :])
+    v = v.to(pv_dtype)
+    if v_cache_ptr.dtype.element_ty == tl.float8e4nv:
+        # the fp8 tile's dequantization, by the part of v_scale fp16 holds exactly (the rest scales the output).
+        # With a step between the widening and the dot, Triton widens the tile once and feeds the MMA through
+        # ldmatrix; a tile widened in the MMA's own layout took a shared-memory load per byte (kernel_sass.py)
+        v = v * tl.cast(v_tile_scale, pv_dtype)
+    acc = acc * alpha[:, None] + tl.dot(p.to(pv_dtype), v, input_precision=DOT_PRECISION)
+    return acc, m_new, l_i
 
 
 @triton.jit
@@ -298,8 +240,7 @@ def _prefill_tile(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, block_table_row, q_s
     q_offsets = (q_start + row_token)[:, None] * stride_qt + row_head[:, None] * stride_qh + dims[None, :]
     q = tl.load(q_ptr + q_offsets, mask=row_valid[:, None], other=0.0)
     if FP8_QUERY:
-        q, row_scale = _fp8_query(q, qk_scale)
-        qk_scale = row_scale[:, None]
+        q, qk_scale = _fp8_query(q, qk_scale)
     else:
         q, qk_scale = _query_for_cache(q, qk_scale, k_cache_ptr)
 
@@ -332,26 +273,6 @@ def _prefill_tile(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, block_table_row, q_s
     out = acc * (v_scale / l_i)[:, None]
     out_offsets = (q_start + row_token)[:, None] * stride_ot + row_head[:, None] * stride_oh + dims[None, :]
     tl.store(out_ptr + out_offsets, out.to(out_ptr.dtype.element_ty), mask=row_valid[:, None])
-
-
-@triton.jit
-def _attend_decode_tile(acc, m_i, l_i, q, q_pos, key_start, block_table_row, k_cache_ptr, v_cache_ptr, kv_head,
-                        seq_len, window, qk_scale, v_tile_scale, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs,
-                        stride_vh, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-                        MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr, WIDE_OFFSETS: tl.constexpr,
-                        FP8_QUERY: tl.constexpr):
-    """One key tile of a decode split: transposed (`_attend_key_rows`) under an fp8 query, else `_attend_key_tile`."""
-    if FP8_QUERY:
-        acc, m_i, l_i = _attend_key_rows(acc, m_i, l_i, q, qk_scale, key_start, block_table_row, k_cache_ptr,
-                                         v_cache_ptr, kv_head, seq_len, v_tile_scale, stride_kb, stride_ks, stride_kh,
-                                         stride_vb, stride_vs, stride_vh, PAGE, BLOCK_N, HEAD_DIM, MASKED,
-                                         WIDE_OFFSETS)
-    else:
-        acc, m_i, l_i = _attend_key_tile(acc, m_i, l_i, q, q_pos, key_start, block_table_row, k_cache_ptr,
-                                         v_cache_ptr, kv_head, seq_len, window, qk_scale, v_tile_scale, stride_kb,
-                                         stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, PAGE, BLOCK_N,
-                                         HEAD_DIM, MASKED, DOT_PRECISION, WIDE_OFFSETS)
-    return acc, m_i, l_i
 
 
 # Arguments that change from step to step are not specialized on (Triton would compile a variant for each
@@ -407,7 +328,7 @@ def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, partial_out_p
                          stride_vb, stride_vs, stride_vh, stride_bt,
                          GROUP: tl.constexpr, GROUP_ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
                          BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                         WIDE_OFFSETS: tl.constexpr, FP8_QUERY: tl.constexpr):
+                         WIDE_OFFSETS: tl.constexpr):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -426,32 +347,26 @@ def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, partial_out_p
     dims = tl.arange(0, HEAD_DIM)
     q = tl.load(q_ptr + seq * stride_qb + head[:, None] * stride_qh + dims[None, :], mask=row_valid[:, None],
                 other=0.0)
-    if FP8_QUERY:   # the transposed tiles of _attend_key_rows: q^T, acc^T
-        q, qk_scale = _fp8_query(q, qk_scale)
-        q = tl.trans(q)
-        acc = tl.zeros([HEAD_DIM, GROUP_ROWS], tl.float32)
-    else:
-        q, qk_scale = _query_for_cache(q, qk_scale, k_cache_ptr)
-        acc = tl.zeros([GROUP_ROWS, HEAD_DIM], tl.float32)
+    q, qk_scale = _query_for_cache(q, qk_scale, k_cache_ptr)
     q_pos = tl.zeros([GROUP_ROWS], tl.int32) + seq_len - 1
+
     m_i = tl.full([GROUP_ROWS], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_ROWS], tl.float32)
+    acc = tl.zeros([GROUP_ROWS, HEAD_DIM], tl.float32)
     block_table_row = block_tables_ptr + seq * stride_bt
     # the query sees every key of the split (it starts at or past the window's first key and ends at or before
     # the query's own), and keys_per_split is a multiple of BLOCK_N: only a last, partial tile needs the mask
     full_end = split_start + (split_end - split_start) // BLOCK_N * BLOCK_N
     for key_start in range(split_start, full_end, BLOCK_N):
-        acc, m_i, l_i = _attend_decode_tile(acc, m_i, l_i, q, q_pos, key_start, block_table_row, k_cache_ptr,
-                                            v_cache_ptr, kv_head, seq_len, window, qk_scale, v_tile_scale,
-                                            stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, PAGE,
-                                            BLOCK_N, HEAD_DIM, False, DOT_PRECISION, WIDE_OFFSETS, FP8_QUERY)
+        acc, m_i, l_i = _attend_key_tile(acc, m_i, l_i, q, q_pos, key_start, block_table_row, k_cache_ptr,
+                                         v_cache_ptr, kv_head, seq_len, window, qk_scale, v_tile_scale,
+                                         stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, PAGE,
+                                         BLOCK_N, HEAD_DIM, False, DOT_PRECISION, WIDE_OFFSETS)
     if full_end < split_end:
-        acc, m_i, l_i = _attend_decode_tile(acc, m_i, l_i, q, q_pos, full_end, block_table_row, k_cache_ptr,
-                                            v_cache_ptr, kv_head, seq_len, window, qk_scale, v_tile_scale,
-                                            stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, PAGE,
-                                            BLOCK_N, HEAD_DIM, True, DOT_PRECISION, WIDE_OFFSETS, FP8_QUERY)
-    if FP8_QUERY:
-        acc = tl.trans(acc)
+        acc, m_i, l_i = _attend_key_tile(acc, m_i, l_i, q, q_pos, full_end, block_table_row, k_cache_ptr,
+                                         v_cache_ptr, kv_head, seq_len, window, qk_scale, v_tile_scale,
+                                         stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, PAGE,
+                                         BLOCK_N, HEAD_DIM, True, DOT_PRECISION, WIDE_OFFSETS)
     if not SPLIT:
         # an empty context (padding rows of a graph batch) yields zeros, not NaN
         out = acc * (v_scale / tl.maximum(l_i, 1e-30))[:, None]
@@ -539,7 +454,7 @@ def prefill_launch_config(head_dim: int, group: int, max_query_len: int, dtype: 
     are, fp8 x fp8) in tiles of up to 128 rows: swept on an H200 (docs/benchmarks.md, thirteenth session) 1.10-1.29x
     the fp16 query in 64-row tiles, at 0.022-0.026 relative L2 from the unrounded query (the fp8 K/V cost 0.03)."""
     wide = head_dim > 128 or dtype == torch.float32
-    fp8_query = rounds_query_to_fp8(dtype, cache_dtype, head_dim)
+    fp8_query = prefill_rounds_query_to_fp8(dtype, cache_dtype, head_dim)
     block_m = max(_short_rows(group), min(128 if fp8_query else 64, triton.next_power_of_2(max_query_len * group)))
     return dict(BLOCK_M=block_m, BLOCK_N=32 if wide else 64, num_warps=4, num_stages=2 if wide else 3,
                 FP8_QUERY=fp8_query)
@@ -603,9 +518,8 @@ def decode_launch_config(batch: int, num_kv_heads: int, head_dim: int, max_keys:
     issue-bound; small programs let more of them overlap their loads on each SM. Their splits, swept on the H200:
     8 rows of 8k keys 0.072 ms at 5 splits, 0.059 at 10, 0.071 at 20; 64 rows of 4k keys best unsplit (0.178 ms,
     0.199 at 2); one row of 32k keys best at 64."""
-    fp8_query = rounds_query_to_fp8(dtype, cache_dtype, head_dim)
-    if fp8_query:
-        block_n, num_warps, num_stages = 128, 4, 3
+    if cache_dtype == KV_FP8 and dtype != torch.float32 and head_dim <= 128:
+        block_n, num_warps, num_stages = 32, 1, 5
     else:
         block_n = 32 if dtype == torch.float32 else 128 if head_dim <= 128 else 64
         num_warps, num_stages = 4, 2 if dtype == torch.float32 else 3
@@ -616,7 +530,7 @@ def decode_launch_config(batch: int, num_kv_heads: int, head_dim: int, max_keys:
     num_splits = max(1, min(num_splits, triton.cdiv(max_keys, block_n), _DECODE_MAX_SPLITS))
     keys_per_split = triton.cdiv(triton.cdiv(max_keys, num_splits), block_n) * block_n
     return dict(num_splits=triton.cdiv(max_keys, keys_per_split), keys_per_split=keys_per_split, BLOCK_N=block_n,
-                num_warps=num_warps, num_stages=num_stages, FP8_QUERY=fp8_query)
+                num_warps=num_warps, num_stages=num_stages)
 
 
 def _paged_decode(q, k_cache, v_cache, seq_lens, block_tables, scale, out, config: dict,
@@ -645,7 +559,7 @@ def _paged_decode(q, k_cache, v_cache, seq_lens, block_tables, scale, out, confi
         *k_cache.stride()[:3], *v_cache.stride()[:3], block_tables.stride(0),
         GROUP=group, GROUP_ROWS=_short_rows(group), HEAD_DIM=head_dim, PAGE=k_cache.shape[1],
         BLOCK_N=config["BLOCK_N"], SPLIT=num_splits > 1, DOT_PRECISION=_dot_precision(q.dtype),
-        WIDE_OFFSETS=_wide_offsets(k_cache, v_cache), FP8_QUERY=config.get("FP8_QUERY", False),
+        WIDE_OFFSETS=_wide_offsets(k_cache, v_cache),
         num_warps=config["num_warps"], num_stages=config["num_stages"])
     if num_splits > 1:
         _decode_reduce_kernel[(batch, num_heads)](

@@ -178,13 +178,13 @@ def test_launch_configs_fit_the_h100_hot_shapes():
     many_short = pa.decode_launch_config(256, 8, 128, 16 * 128, torch.device("cpu"), torch.bfloat16)
     assert many_short["num_splits"] == 1
     fp8_cache = pa.decode_launch_config(856, 8, 128, 16 * 128, torch.device("cpu"), torch.bfloat16, None, KV_FP8)
-    assert (fp8_cache["BLOCK_N"], fp8_cache["num_warps"], fp8_cache["FP8_QUERY"]) == (128, 4, True)
+    assert (fp8_cache["BLOCK_N"], fp8_cache["num_warps"], fp8_cache["num_stages"]) == (32, 1, 5)
     # over an fp8 cache a long chunk takes 128-row tiles with the query in fp8; an fp32 model never rounds its query
     fp8_prefill = pa.prefill_launch_config(128, 4, 2048, torch.bfloat16, KV_FP8)
     assert (fp8_prefill["BLOCK_M"], fp8_prefill["BLOCK_N"], fp8_prefill["FP8_QUERY"]) == (128, 64, True)
     assert not pa.prefill_launch_config(128, 4, 2048, torch.float32, KV_FP8)["FP8_QUERY"]
     # head sizes the Triton kernels don't run (the reference does, on the GPU too) keep their query
-    assert not pa.rounds_query_to_fp8(torch.bfloat16, KV_FP8, 96)
+    assert not pa.prefill_rounds_query_to_fp8(torch.bfloat16, KV_FP8, 96)
     assert not long_chunk["FP8_QUERY"]
 
 
@@ -326,46 +326,33 @@ def test_fp8_cache_prefill_matches_reference(mix, window, dtype, fp8_query):
         assert relative_l2(public, ref) < TOLERANCE[dtype]
 
 
-def test_fp8_cache_references_round_the_query_as_the_kernels_do():
-    """The CPU engine runs the references: a 16-bit query over an fp8 cache must get the kernels' fp8 rounding there
+def test_fp8_cache_prefill_reference_rounds_the_query_as_the_kernel_does():
+    """The CPU engine runs the references: a 16-bit query over an fp8 cache must get the kernel's fp8 rounding there
     too (without it the two differ by ~0.02)."""
-    batch = random_paged_batch([(0, 24), (17, 9), (143, 1)], num_heads=6, num_kv_heads=2, head_dim=32,
-                               block_size=16, dtype=torch.float16, seed=5, device=DEVICE)
+    batch = random_paged_batch([(0, 24), (17, 9)], num_heads=6, num_kv_heads=2, head_dim=32, block_size=16,
+                               dtype=torch.float16, seed=5, device=DEVICE)
     (k_cache, v_cache), (clean_k, clean_v) = _fp8_caches(batch)
     args = (batch.query_start_loc, batch.seq_lens, batch.block_tables, batch.scale, batch.max_query_len, None,
             *FP8_SCALES)
     kernel = pa.paged_prefill_attention(batch.q, k_cache, v_cache, *args)
     reference = pa.paged_prefill_attention_ref(batch.q, clean_k, clean_v, *args)
     assert relative_l2(kernel, reference) < TOLERANCE[torch.float16]
-    # the decode step of the last sequence
-    args = (batch.seq_lens[2:], batch.block_tables[2:], batch.scale, None, *FP8_SCALES)
-    kernel = pa.paged_decode_attention(batch.q[-1:], k_cache, v_cache, *args)
-    reference = pa.paged_decode_attention_ref(batch.q[-1:], clean_k, clean_v, *args)
-    assert relative_l2(kernel, reference) < TOLERANCE[torch.float16]
-
-
-# decode lengths for the fp8 cache's 128-key tiles (a 16-bit query): whole tiles, a last partial one, one key
-FP8_DECODE_LENGTHS = {"short": DECODE_LENGTHS, "long": [300, 1, 129, 256]}
 
 
 @pytest.mark.parametrize("dtype", FP8_QUERY_DTYPES, ids=str)
 @pytest.mark.parametrize("window", [None, 40])
 @pytest.mark.parametrize("num_splits", [1, 3])
-@pytest.mark.parametrize("lengths", FP8_DECODE_LENGTHS)
-def test_fp8_cache_decode_matches_reference(lengths, num_splits, window, dtype):
-    lengths = FP8_DECODE_LENGTHS[lengths]
-    batch = random_paged_batch([(n - 1, 1) for n in lengths], num_heads=8, num_kv_heads=2, head_dim=32,
+def test_fp8_cache_decode_matches_reference(num_splits, window, dtype):
+    batch = random_paged_batch([(n - 1, 1) for n in DECODE_LENGTHS], num_heads=8, num_kv_heads=2, head_dim=32,
                                block_size=16, dtype=dtype, device=DEVICE, seed=num_splits + (window or 0))
     (k_cache, v_cache), (clean_k, clean_v) = _fp8_caches(batch)
     max_keys = min(batch.block_tables.shape[1] * 16, window or 1 << 30)
-    config = pa.decode_launch_config(len(lengths), 2, 32, max_keys, batch.q.device, dtype, num_splits, KV_FP8)
-    assert config["FP8_QUERY"] == (dtype != torch.float32)
+    config = pa.decode_launch_config(len(DECODE_LENGTHS), 2, 32, max_keys, batch.q.device, dtype, num_splits,
+                                     KV_FP8)
     out = pa._paged_decode(batch.q, k_cache, v_cache, batch.seq_lens, batch.block_tables, batch.scale,
                            torch.empty_like(batch.q), config, window, *FP8_SCALES)
-    # a 16-bit query is rounded to e4m3 head by head first (keys as the MMA's rows): the reference takes the same
-    query = pa.fp8_query_ref(batch.q) if config["FP8_QUERY"] else batch.q.float()
-    ref = pa.paged_decode_attention_ref(query, clean_k, clean_v, batch.seq_lens, batch.block_tables, batch.scale,
-                                        window, *FP8_SCALES)
+    ref = pa.paged_decode_attention_ref(batch.q.float(), clean_k, clean_v, batch.seq_lens, batch.block_tables,
+                                        batch.scale, window, *FP8_SCALES)
     assert relative_l2(out, ref) < TOLERANCE[dtype]
     public = pa.paged_decode_attention(batch.q, k_cache, v_cache, batch.seq_lens, batch.block_tables, batch.scale,
                                        window, *FP8_SCALES)
