@@ -87,6 +87,9 @@ def main() -> int:
                         help="kernel time of decode steps at ROWS sequences of CONTEXT tokens")
     parser.add_argument("--profile-prefill", nargs=2, type=int, metavar=("PROMPTS", "CONTEXT"),
                         help="kernel time of the full-budget steps that prefill PROMPTS prompts of CONTEXT tokens")
+    parser.add_argument("--profile-output-len", type=int, default=1,
+                        help="with --profile-prefill: tokens each prompt generates; above 1 the full-budget steps are "
+                             "mixed (the earlier prompts decode beside the later ones' prefill, as in W1's first steps)")
     parser.add_argument("--hf-sample", type=int, default=64,
                         help="HF static generate on this many of the prompts, one batch (0: no HF run)")
     args = parser.parse_args()
@@ -216,12 +219,12 @@ def profile_steps(args, model_dir: Path, engine_args: dict) -> int:
 
     prefill = args.profile_prefill is not None
     rows, context = args.profile_prefill or args.profile_decode
-    window = 8 if args.smoke else 16 if prefill else 48   # steps profiled
+    window = 8 if args.smoke else 32 if prefill else 48   # steps profiled
     budget = EngineConfig(model=str(model_dir), **engine_args).resolved_max_num_batched_tokens(
         torch.device(engine_args["device"]))
     # decode: each prompt's first token comes with its last prefill chunk, so the first rows generate while later
     # ones fill; outputs outlast the prefill of the last prompt by the window
-    output_len = 1 if prefill else -(-rows * context // budget) + window + 2
+    output_len = args.profile_output_len if prefill else -(-rows * context // budget) + window + 2
     engine_args = engine_args | dict(max_model_len=context + output_len, max_num_seqs=max(rows, 8))
     llm = LLM(str(model_dir), load_format="dummy", seed=0, generation_config="none", **engine_args)
     engine = llm.engine
