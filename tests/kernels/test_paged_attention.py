@@ -74,6 +74,8 @@ def test_prefill_head_dim_64_long_chunk():
 
 # length 1, exact multiples of the block size, and ragged lengths
 DECODE_LENGTHS = [1, 16, 17, 32, 45, 100]
+# the decode kernel's two tile orientations: the query heads as the rows, or the keys (KEYS_AS_ROWS)
+ORIENTATIONS = {"heads_as_rows": dict(KEYS_AS_ROWS=False), "keys_as_rows": dict(KEYS_AS_ROWS=True)}
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -85,30 +87,39 @@ def test_decode_matches_reference(block_size, group, dtype):
     out = pa.paged_decode_attention(batch.q, batch.k_cache, batch.v_cache, batch.seq_lens, batch.block_tables,
                                     batch.scale)
     assert relative_l2(out, _decode_ref(batch)) < TOLERANCE[dtype]
+    # the transposed tiles, on a group that pads their 8 columns (1, 3) or not
+    config = pa.decode_launch_config(len(DECODE_LENGTHS), 2, 32, batch.block_tables.shape[1] * block_size,
+                                     batch.q.device, dtype) | ORIENTATIONS["keys_as_rows"]
+    out = pa._paged_decode(batch.q, batch.k_cache, batch.v_cache, batch.seq_lens, batch.block_tables, batch.scale,
+                           torch.empty_like(batch.q), config)
+    assert relative_l2(out, _decode_ref(batch)) < TOLERANCE[dtype]
 
 
+@pytest.mark.parametrize("orientation", ORIENTATIONS)
 @pytest.mark.parametrize("num_splits", [1, 2, 4])
-def test_decode_splits_reduce_to_reference(num_splits):
+def test_decode_splits_reduce_to_reference(num_splits, orientation):
     # splits past a short sequence's length exit without writing; the reduction must skip them
     batch = random_paged_batch([(n - 1, 1) for n in DECODE_LENGTHS], num_heads=8, num_kv_heads=2, head_dim=32,
                                block_size=16, dtype=torch.float32, seed=num_splits, device=DEVICE)
     max_keys = batch.block_tables.shape[1] * 16
     config = pa.decode_launch_config(len(DECODE_LENGTHS), 2, 32, max_keys, batch.q.device, torch.float32, num_splits)
+    config |= ORIENTATIONS[orientation]
     assert config["num_splits"] == num_splits
     out = pa._paged_decode(batch.q, batch.k_cache, batch.v_cache, batch.seq_lens, batch.block_tables, batch.scale,
                            torch.empty_like(batch.q), config)
     assert relative_l2(out, _decode_ref(batch)) < TOLERANCE[torch.float32]
 
 
+@pytest.mark.parametrize("orientation", ORIENTATIONS)
 @pytest.mark.parametrize("num_splits", [1, 3])
-def test_decode_empty_sequence_gives_zeros(num_splits):
+def test_decode_empty_sequence_gives_zeros(num_splits, orientation):
     # CUDA-graph batches are padded with sequences of length 0
     batch = random_paged_batch([(n - 1, 1) for n in (50, 20, 33)], num_heads=4, num_kv_heads=2, head_dim=32,
                                block_size=16, dtype=torch.float32, seed=3, device=DEVICE)
     seq_lens = batch.seq_lens.clone()
     seq_lens[1] = 0
     config = pa.decode_launch_config(3, 2, 32, batch.block_tables.shape[1] * 16, batch.q.device, torch.float32,
-                                     num_splits)
+                                     num_splits) | ORIENTATIONS[orientation]
     out = pa._paged_decode(batch.q, batch.k_cache, batch.v_cache, seq_lens, batch.block_tables, batch.scale,
                            torch.empty_like(batch.q), config)
     ref = _decode_ref(batch)
@@ -153,11 +164,12 @@ def test_peaked_scores_rescale_the_running_sums(dtype, factor, num_splits):
     batch = random_paged_batch([(n - 1, 1) for n in (100, 77, 128)], num_heads=8, num_kv_heads=2, head_dim=32,
                                block_size=16, dtype=dtype, seed=5, device=DEVICE)
     batch.q.mul_(factor)
-    config = pa.decode_launch_config(3, 2, 32, batch.block_tables.shape[1] * 16, batch.q.device, dtype,
-                                     num_splits) | dict(BLOCK_N=16)
-    out = pa._paged_decode(batch.q, batch.k_cache, batch.v_cache, batch.seq_lens, batch.block_tables, batch.scale,
-                           torch.empty_like(batch.q), config)
-    assert relative_l2(out, _decode_ref(batch)) < TOLERANCE[dtype]
+    for orientation in ORIENTATIONS.values():
+        config = pa.decode_launch_config(3, 2, 32, batch.block_tables.shape[1] * 16, batch.q.device, dtype,
+                                         num_splits) | dict(BLOCK_N=16) | orientation
+        out = pa._paged_decode(batch.q, batch.k_cache, batch.v_cache, batch.seq_lens, batch.block_tables,
+                               batch.scale, torch.empty_like(batch.q), config)
+        assert relative_l2(out, _decode_ref(batch)) < TOLERANCE[dtype]
     batch = random_paged_batch([(70, 45), (0, 60)], num_heads=8, num_kv_heads=2, head_dim=32, block_size=16,
                                dtype=dtype, seed=6, device=DEVICE)
     batch.q.mul_(factor)
@@ -339,16 +351,17 @@ def test_fp8_cache_prefill_reference_rounds_the_query_as_the_kernel_does():
     assert relative_l2(kernel, reference) < TOLERANCE[torch.float16]
 
 
+@pytest.mark.parametrize("orientation", ORIENTATIONS)
 @pytest.mark.parametrize("dtype", FP8_QUERY_DTYPES, ids=str)
 @pytest.mark.parametrize("window", [None, 40])
 @pytest.mark.parametrize("num_splits", [1, 3])
-def test_fp8_cache_decode_matches_reference(num_splits, window, dtype):
+def test_fp8_cache_decode_matches_reference(num_splits, window, dtype, orientation):
     batch = random_paged_batch([(n - 1, 1) for n in DECODE_LENGTHS], num_heads=8, num_kv_heads=2, head_dim=32,
                                block_size=16, dtype=dtype, device=DEVICE, seed=num_splits + (window or 0))
     (k_cache, v_cache), (clean_k, clean_v) = _fp8_caches(batch)
     max_keys = min(batch.block_tables.shape[1] * 16, window or 1 << 30)
     config = pa.decode_launch_config(len(DECODE_LENGTHS), 2, 32, max_keys, batch.q.device, dtype, num_splits,
-                                     KV_FP8)
+                                     KV_FP8) | ORIENTATIONS[orientation]
     out = pa._paged_decode(batch.q, k_cache, v_cache, batch.seq_lens, batch.block_tables, batch.scale,
                            torch.empty_like(batch.q), config, window, *FP8_SCALES)
     ref = pa.paged_decode_attention_ref(batch.q.float(), clean_k, clean_v, batch.seq_lens, batch.block_tables,
