@@ -92,7 +92,12 @@ def main() -> int:
                              "mixed (the earlier prompts decode beside the later ones' prefill, as in W1's first steps)")
     parser.add_argument("--hf-sample", type=int, default=64,
                         help="HF static generate on this many of the prompts, one batch (0: no HF run)")
+    parser.add_argument("--decode-keys-as-rows", action="store_true",
+                        help="decode attention with the keys as its tiles' rows (KEYS_AS_ROWS), to time the candidate "
+                             "launch config in the engine before it becomes the default")
     args = parser.parse_args()
+    if args.decode_keys_as_rows:
+        decode_keys_as_rows()
     if args.smoke:
         model_dir = Path(tempfile.mkdtemp()) / "tiny"
         model_dir.mkdir()
@@ -195,7 +200,8 @@ def throughput(args, model_dir: Path, engine_args: dict) -> int:
         if workload is None:
             workload = make_workload(args.shape, num_requests, input_len, output_len, engine.model_config.vocab_size)
         figures, _ = run_batchgen(llm, workload)
-        emit("throughput", model=model_dir.name, weights=weights, kv_admission=kv_admission, **figures,
+        emit("throughput", model=model_dir.name, weights=weights, kv_admission=kv_admission,
+             decode_keys_as_rows=args.decode_keys_as_rows, **figures,
              **against_cost_model(figures, engine.model_config, weights, engine.runner.kv_cache_dtype.itemsize,
                                   input_len, output_len))
         model_path, model_config, dtype, device = engine.model_path, engine.model_config, engine.dtype, engine.device
@@ -210,6 +216,14 @@ def throughput(args, model_dir: Path, engine_args: dict) -> int:
         emit("throughput", model=model_dir.name, weights="bf16", **figures,
              **against_cost_model(figures, model_config, "bf16", dtype.itemsize, input_len, output_len))
     return 0
+
+
+def decode_keys_as_rows() -> None:
+    """Every decode launch config from here on takes KEYS_AS_ROWS (kernels/paged_attention.py)."""
+    from batchgen.kernels import paged_attention
+
+    default = paged_attention.decode_launch_config
+    paged_attention.decode_launch_config = lambda *args, **kwargs: default(*args, **kwargs) | dict(KEYS_AS_ROWS=True)
 
 
 def profile_steps(args, model_dir: Path, engine_args: dict) -> int:
