@@ -27,7 +27,8 @@ Where a step's time goes (`--profile-decode ROWS CONTEXT`, `--profile-prefill PR
 with CONTEXT-token prompts generate long enough that all of them are still running once the last prompt has run,
 and torch.profiler records the decode steps of all ROWS sequences together (until the first one ends); or PROMPTS
 prompts of CONTEXT tokens are prefilled (one output token each) and it records the steps that fill the token
-budget. The GPU kernels' time per step is printed by kernel (one JSON line, top kernels first) beside the step's
+budget (with `--profile-output-len N` > 1 the earlier prompts decode meanwhile: mixed steps, as in W1's first
+steps). The GPU kernels' time per step is printed by kernel (one JSON line, top kernels first) beside the step's
 wall time. ROWS 856 / CONTEXT 1500 is the 1000/1000 fp8 + fp8 KV run's mean decode step; 2048-token prompts are
 TensorRT-LLM's 2048/128 shape, whose time is nearly all prefill:
 
@@ -35,6 +36,10 @@ TensorRT-LLM's 2048/128 shape, whose time is nearly all prefill:
     python benchmarks/engine_gpu.py --profile-prefill 96 2048 --quantization fp8 --kv-cache-dtype fp8
     python benchmarks/engine_gpu.py --config llama-3.1-70b --profile-decode 152 1500 --quantization fp8 \
         --kv-cache-dtype fp8 --gpu-memory-utilization 0.97     # the 70B 1000/1000 run's mean decode step
+    python benchmarks/engine_gpu.py --profile-prefill 1000 512 --profile-output-len 256   # W1's mixed steps
+
+`--decode-keys-as-rows` runs decode attention in the candidate orientation (`KEYS_AS_ROWS` in
+kernels/paged_attention.py) to time it in the engine before it becomes the default.
 """
 import argparse
 import itertools
@@ -88,8 +93,9 @@ def main() -> int:
     parser.add_argument("--profile-prefill", nargs=2, type=int, metavar=("PROMPTS", "CONTEXT"),
                         help="kernel time of the full-budget steps that prefill PROMPTS prompts of CONTEXT tokens")
     parser.add_argument("--profile-output-len", type=int, default=1,
-                        help="with --profile-prefill: tokens each prompt generates; above 1 the full-budget steps are "
-                             "mixed (the earlier prompts decode beside the later ones' prefill, as in W1's first steps)")
+                        help="with --profile-prefill: tokens each prompt generates; above 1 the full-budget steps "
+                             "are mixed (the earlier prompts decode beside the later ones' prefill, as in W1's first "
+                             "steps)")
     parser.add_argument("--hf-sample", type=int, default=64,
                         help="HF static generate on this many of the prompts, one batch (0: no HF run)")
     parser.add_argument("--decode-keys-as-rows", action="store_true",
