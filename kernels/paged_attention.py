@@ -131,7 +131,8 @@ def paged_decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Triton kernels. Both attention kernels run one program per (query tile or split, KV head) and pack the query
-# heads that share that KV head into the rows of one tile, so each K/V tile is loaded once per group.
+# heads that share that KV head into the rows of one tile (decode can take them as columns: KEYS_AS_ROWS), so each
+# K/V tile is loaded once per group.
 # Softmax runs in base 2 with the scale folded into qk_scale = scale * k_scale * log2(e); accumulation is fp32, and
 # v_scale multiplies the normalised output (over an fp8 cache, its fp16-exact part multiplies the V tiles instead).
 # ---------------------------------------------------------------------------------------------------------------
@@ -606,7 +607,7 @@ def decode_launch_config(batch: int, num_kv_heads: int, head_dim: int, max_keys:
     8 rows of 8k keys 0.072 ms at 5 splits, 0.059 at 10, 0.071 at 20; 64 rows of 4k keys best unsplit (0.178 ms,
     0.199 at 2); one row of 32k keys best at 64.
     KEYS_AS_ROWS (`_attend_key_rows`) stays off until an H200 has timed it: compiled offline, its one-warp fp8 loop
-    is 626 instructions a 32-key tile against 794 (docs/benchmarks.md, fourteenth session; `kernels_gpu.py --sweep`
+    is 630 instructions a 32-key tile against 794 (docs/benchmarks.md, fourteenth session; `kernels_gpu.py --sweep`
     times both)."""
     if cache_dtype == KV_FP8 and dtype != torch.float32 and head_dim <= 128:
         block_n, num_warps, num_stages = 32, 1, 5
