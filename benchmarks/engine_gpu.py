@@ -37,9 +37,6 @@ TensorRT-LLM's 2048/128 shape, whose time is nearly all prefill:
     python benchmarks/engine_gpu.py --config llama-3.1-70b --profile-decode 152 1500 --quantization fp8 \
         --kv-cache-dtype fp8 --gpu-memory-utilization 0.97     # the 70B 1000/1000 run's mean decode step
     python benchmarks/engine_gpu.py --profile-prefill 1000 512 --profile-output-len 256   # W1's mixed steps
-
-`--decode-keys-as-rows` runs decode attention in the candidate orientation (`KEYS_AS_ROWS` in
-kernels/paged_attention.py) to time it in the engine before it becomes the default.
 """
 import argparse
 import itertools
@@ -98,12 +95,7 @@ def main() -> int:
                              "steps)")
     parser.add_argument("--hf-sample", type=int, default=64,
                         help="HF static generate on this many of the prompts, one batch (0: no HF run)")
-    parser.add_argument("--decode-keys-as-rows", action="store_true",
-                        help="decode attention with the keys as its tiles' rows (KEYS_AS_ROWS), to time the candidate "
-                             "launch config in the engine before it becomes the default")
     args = parser.parse_args()
-    if args.decode_keys_as_rows:
-        decode_keys_as_rows()
     if args.smoke:
         model_dir = Path(tempfile.mkdtemp()) / "tiny"
         model_dir.mkdir()
@@ -206,8 +198,7 @@ def throughput(args, model_dir: Path, engine_args: dict) -> int:
         if workload is None:
             workload = make_workload(args.shape, num_requests, input_len, output_len, engine.model_config.vocab_size)
         figures, _ = run_batchgen(llm, workload)
-        emit("throughput", model=model_dir.name, weights=weights, kv_admission=kv_admission,
-             decode_keys_as_rows=args.decode_keys_as_rows, **figures,
+        emit("throughput", model=model_dir.name, weights=weights, kv_admission=kv_admission, **figures,
              **against_cost_model(figures, engine.model_config, weights, engine.runner.kv_cache_dtype.itemsize,
                                   input_len, output_len))
         model_path, model_config, dtype, device = engine.model_path, engine.model_config, engine.dtype, engine.device
@@ -222,14 +213,6 @@ def throughput(args, model_dir: Path, engine_args: dict) -> int:
         emit("throughput", model=model_dir.name, weights="bf16", **figures,
              **against_cost_model(figures, model_config, "bf16", dtype.itemsize, input_len, output_len))
     return 0
-
-
-def decode_keys_as_rows() -> None:
-    """Every decode launch config from here on takes KEYS_AS_ROWS (kernels/paged_attention.py)."""
-    from batchgen.kernels import paged_attention
-
-    default = paged_attention.decode_launch_config
-    paged_attention.decode_launch_config = lambda *args, **kwargs: default(*args, **kwargs) | dict(KEYS_AS_ROWS=True)
 
 
 def profile_steps(args, model_dir: Path, engine_args: dict) -> int:

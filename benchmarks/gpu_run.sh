@@ -20,8 +20,6 @@
 #   fp8-3000    x1  8B fp8 + fp8 KV 1000/1000 x 3,000 (TensorRT-LLM's count), then 500/2000 x 800          (~7 min)
 #   fp8-70b     x1  70B shape, fp8 weights + fp8 KV on one card, 1000/1000 x 1,000 requests              (~9 min)
 #   kernel-tests x1 pytest -n 8 tests/kernels on the card (pytest-xdist carried in .whl)                  (~3 min)
-#   decode-rows x1  decode attention with the keys as its tiles' rows (KEYS_AS_ROWS) against the default: the
-#                   decode sweep (both orientations), then 8B fp8 + fp8 KV 1000/1000 x 1,000 with each          (~8 min)
 #   kernels-ab  x1  attention (or AB_ONLY's kernels) as installed against the kernel files in .ab/          (~2 min)
 #   shapes      x2  8B fp8 + fp8 KV on TensorRT-LLM's shapes: 128/2048, 500/2000 x 1,000, 2048/2048 x 750,
 #                   2048/128 x 3,000 (its count)                                                          (~9 min)
@@ -108,13 +106,6 @@ call_kernels-ab() {   # kernels_gpu.py as installed (A) and with .ab/'s kernel f
   part kernels_b 200 python3 benchmarks/kernels_gpu.py --only "${AB_ONLY:-decode,prefill}" --dtypes bfloat16 \
     --kernels-from .ab
   python3 benchmarks/kernels_gpu.py --compare "$OUT/kernels_a.txt" "$OUT/kernels_b.txt"
-}
-call_decode-rows() {   # the candidate decode orientation timed beside the default on one machine
-  part decode_sweep 190 python3 benchmarks/kernels_gpu.py --only decode --sweep --dtypes bfloat16
-  for rows in "" --decode-keys-as-rows; do
-    part "fp8_1000${rows:+_keys_as_rows}" 160 python3 benchmarks/engine_gpu.py --shape 1000/1000 --quantization fp8 \
-      --kv-cache-dtype fp8 --num-requests 1000 --hf-sample 0 $rows
-  done
 }
 call_kernel-tests() {
   part kernel_tests 300 "${KERNEL_TESTS[@]}"

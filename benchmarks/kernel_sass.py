@@ -21,7 +21,6 @@ before any stall; `F2F` (fp16 -> bf16) is a quarter-rate instruction. One JSON l
     PYTHONPATH=/tmp/t36/site python benchmarks/kernel_sass.py
 """
 import collections
-import itertools
 import json
 import re
 import subprocess
@@ -50,9 +49,9 @@ def compile_for_hopper(fn, constants: dict, types: dict, unaligned: set[str], nu
                           options=dict(num_warps=num_warps, num_stages=num_stages))
 
 
-def decode_attention(cache_dtype: str, block_n: int, num_warps: int, num_stages: int, keys_as_rows: bool = False):
-    constants = dict(GROUP=4, GROUP_ROWS=pa._decode_group_rows(4, keys_as_rows), HEAD_DIM=128, PAGE=16,
-                     BLOCK_N=block_n, SPLIT=False, DOT_PRECISION="tf32", WIDE_OFFSETS=False, KEYS_AS_ROWS=keys_as_rows)
+def decode_attention(cache_dtype: str, block_n: int, num_warps: int, num_stages: int):
+    constants = dict(GROUP=4, GROUP_ROWS=16, HEAD_DIM=128, PAGE=16, BLOCK_N=block_n, SPLIT=False,
+                     DOT_PRECISION="tf32", WIDE_OFFSETS=False)
     types = {"q_ptr": "*bf16", "out_ptr": "*bf16", "partial_out_ptr": "*fp32", "partial_lse_ptr": "*fp32",
              "seq_lens_ptr": "*i32", "block_tables_ptr": "*i32", "k_cache_ptr": f"*{cache_dtype}",
              "v_cache_ptr": f"*{cache_dtype}", "qk_scale": "fp32", "v_tile_scale": "fp32", "v_scale": "fp32"}
@@ -138,13 +137,12 @@ def loop_figures(kernel, pick=longest_loop) -> dict:
 
 
 def main() -> int:
-    # the query heads as the tile's rows, and transposed (KEYS_AS_ROWS: the keys as the rows of both products)
-    for cache_dtype, keys_as_rows in itertools.product(("fp8e4nv", "bf16"), (False, True)):
-        for block_n, num_warps, num_stages in ((32, 1, 5), (64, 1, 5), (128, 4, 3), (64, 4, 3), (128, 8, 3)):
-            figures = loop_figures(decode_attention(cache_dtype, block_n, num_warps, num_stages, keys_as_rows))
+    for cache_dtype in ("fp8e4nv", "bf16"):
+        for block_n, num_warps, num_stages in ((32, 1, 5), (128, 4, 3), (64, 4, 3), (128, 8, 3)):
+            figures = loop_figures(decode_attention(cache_dtype, block_n, num_warps, num_stages))
             print(json.dumps(dict(
-                kernel="decode attention", triton=triton.__version__, kv_cache=cache_dtype,
-                keys_as_rows=keys_as_rows, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages,
+                kernel="decode attention", triton=triton.__version__, kv_cache=cache_dtype, BLOCK_N=block_n,
+                num_warps=num_warps, num_stages=num_stages,
                 # issue slots of one 128-key tile per SM: the loop once per warp, 4 schedulers
                 issue_cycles_per_128_keys=round(figures["loop_instructions"] * num_warps / 4 * 128 / block_n),
                 **figures)))

@@ -262,10 +262,8 @@ def decode_cases():
             "856x1500-1700": [int(n) for n in torch.randint(1500, 1701, (856,), generator=g)]}
 
 
-# BLOCK_N, num_warps, num_stages, KEYS_AS_ROWS
-DECODE_SWEEP = [(32, 1, 3, False), (32, 1, 5, False), (64, 2, 4, False), (64, 4, 3, False), (128, 4, 2, False),
-                (128, 4, 3, False), (128, 8, 3, False), (256, 4, 3, False),
-                (32, 1, 3, True), (32, 1, 5, True), (64, 1, 4, True), (64, 2, 4, True), (128, 4, 3, True)]
+# BLOCK_N, num_warps, num_stages
+DECODE_SWEEP = [(32, 1, 3), (32, 1, 5), (64, 2, 4), (64, 4, 3), (128, 4, 2), (128, 4, 3), (128, 8, 3), (256, 4, 3)]
 
 
 def bench_decode(dtype: torch.dtype, shape=LLAMA_8B, first_case_only: bool = False, fp8_kv: bool = False) -> None:
@@ -307,15 +305,13 @@ def bench_decode(dtype: torch.dtype, shape=LLAMA_8B, first_case_only: bool = Fal
             out = torch.empty_like(batch.q)
             for splits in sorted({1, config["num_splits"] // 2, config["num_splits"], config["num_splits"] * 2,
                                   config["num_splits"] * 4} - {0}):
-                for block_n, warps, stages, keys_as_rows in DECODE_SWEEP:
+                for block_n, warps, stages in DECODE_SWEEP:
                     sweep = pa.decode_launch_config(len(lengths), kv_heads, head_dim, max_keys, DEVICE, dtype, splits,
                                                     cache_dtype)
-                    sweep.update(BLOCK_N=block_n, num_warps=warps, num_stages=stages, KEYS_AS_ROWS=keys_as_rows)
+                    sweep.update(BLOCK_N=block_n, num_warps=warps, num_stages=stages)
                     sweep["keys_per_split"] = triton.cdiv(sweep["keys_per_split"], block_n) * block_n
                     sweep["num_splits"] = triton.cdiv(max_keys, sweep["keys_per_split"])
-                    name = (f"{case}/s{sweep['num_splits']}n{block_n}w{warps}s{stages}"
-                            + ("/keys_as_rows" if keys_as_rows else ""))
-                    check("decode_sweep", name, dtype,
+                    check("decode_sweep", f"{case}/s{sweep['num_splits']}n{block_n}w{warps}s{stages}", dtype,
                           pa._paged_decode(*args, out.fill_(float("nan")), sweep, None, *scales), ref)
                     time_triton("decode", case, dtype, lambda: pa._paged_decode(*args, out, sweep, None, *scales),
                                 "triton_sweep", nbytes=nbytes, **sweep)

@@ -131,8 +131,7 @@ def paged_decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Triton kernels. Both attention kernels run one program per (query tile or split, KV head) and pack the query
-# heads that share that KV head into the rows of one tile (decode can take them as columns: KEYS_AS_ROWS), so each
-# K/V tile is loaded once per group.
+# heads that share that KV head into the rows of one tile, so each K/V tile is loaded once per group.
 # Softmax runs in base 2 with the scale folded into qk_scale = scale * k_scale * log2(e); accumulation is fp32, and
 # v_scale multiplies the normalised output (over an fp8 cache, its fp16-exact part multiplies the V tiles instead).
 # ---------------------------------------------------------------------------------------------------------------
@@ -168,12 +167,15 @@ def _fp8_query(q, qk_scale):
 
 
 @triton.jit
-def _key_tile_rows(key_start, block_table_row, kv_head, seq_len, stride_kb, stride_ks, stride_kh, stride_vb,
-                   stride_vs, stride_vh, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
-                   WIDE_OFFSETS: tl.constexpr):
-    """Positions of keys [key_start, key_start + BLOCK_N), the offsets of their K and V rows in the caches, and
-    which of them are in the context."""
+def _attend_key_tile(acc, m_i, l_i, q, q_pos, key_start, block_table_row, k_cache_ptr, v_cache_ptr, kv_head,
+                     seq_len, window, qk_scale, v_tile_scale, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs,
+                     stride_vh, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+                     MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr, WIDE_OFFSETS: tl.constexpr):
+    """One online-softmax step: fold keys [key_start, key_start + BLOCK_N) into (acc, m_i, l_i).
+    MASKED tiles apply the causal rule key_pos <= q_pos, the window key_pos > q_pos - window and the end of the
+    context; the others need none of them. A row that sees no key of a masked tile leaves its state as it was."""
     key_pos = key_start + tl.arange(0, BLOCK_N)
+    dims = tl.arange(0, HEAD_DIM)
     in_context = key_pos < seq_len
     if MASKED:
         block = tl.load(block_table_row + key_pos // PAGE, mask=in_context, other=0)
@@ -184,56 +186,6 @@ def _key_tile_rows(key_start, block_table_row, kv_head, seq_len, stride_kb, stri
     slot_in_block = key_pos % PAGE
     k_rows = block * stride_kb + slot_in_block * stride_ks + kv_head * stride_kh
     v_rows = block * stride_vb + slot_in_block * stride_vs + kv_head * stride_vh
-    return key_pos, k_rows, v_rows, in_context
-
-
-@triton.jit
-def _load_rows(cache_ptr, rows, dims, in_context, MASKED: tl.constexpr):
-    """[len(rows), len(dims)]: the cache rows (keys or values), zeros past the context."""
-    if MASKED:
-        tile = tl.load(cache_ptr + rows[:, None] + dims[None, :], mask=in_context[:, None], other=0.0)
-    else:
-        tile = tl.load(cache_ptr + rows[:, None] + dims[None, :])
-    return tile
-
-
-@triton.jit
-def _widened_v_tile(v, v_tile_scale, dtype: tl.constexpr):
-    """A V tile in the dtype of the P x V product. An fp8 tile is multiplied by the part of v_scale fp16 holds
-    exactly (the rest scales the output): with a step between the widening and the dot, Triton widens the tile once
-    and feeds the MMA through ldmatrix; a tile widened in the MMA's own layout took a shared-memory load per byte,
-    or byte permutes (kernel_sass.py)."""
-    if v.dtype == tl.float8e4nv:
-        widened = v.to(dtype) * tl.cast(v_tile_scale, dtype)
-    else:
-        widened = v.to(dtype)
-    return widened
-
-
-@triton.jit
-def _softmax_step(scores, m_i, l_i, KEYS_AXIS: tl.constexpr):
-    """The online softmax over one tile of scores (base 2), keys along KEYS_AXIS: the tile's exponentials against
-    the new running max, the factor that moves the earlier sums to it, and the new max and sum."""
-    m_new = tl.maximum(m_i, tl.max(scores, KEYS_AXIS))
-    # rows with nothing visible so far keep m = -inf; exp2 of (-inf) - (-inf) would be NaN
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.exp2(m_i - m_safe)
-    p = tl.exp2(scores - tl.expand_dims(m_safe, KEYS_AXIS))
-    return p, alpha, m_new, l_i * alpha + tl.sum(p, KEYS_AXIS)
-
-
-@triton.jit
-def _attend_key_tile(acc, m_i, l_i, q, q_pos, key_start, block_table_row, k_cache_ptr, v_cache_ptr, kv_head,
-                     seq_len, window, qk_scale, v_tile_scale, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs,
-                     stride_vh, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-                     MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr, WIDE_OFFSETS: tl.constexpr):
-    """One online-softmax step: fold keys [key_start, key_start + BLOCK_N) into (acc, m_i, l_i).
-    MASKED tiles apply the causal rule key_pos <= q_pos, the window key_pos > q_pos - window and the end of the
-    context; the others need none of them. A row that sees no key of a masked tile leaves its state as it was."""
-    key_pos, k_rows, v_rows, in_context = _key_tile_rows(key_start, block_table_row, kv_head, seq_len, stride_kb,
-                                                         stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, PAGE,
-                                                         BLOCK_N, MASKED, WIDE_OFFSETS)
-    dims = tl.arange(0, HEAD_DIM)
     if MASKED:
         k_t = tl.load(k_cache_ptr + k_rows[None, :] + dims[:, None], mask=in_context[None, :], other=0.0)
     else:
@@ -249,53 +201,24 @@ def _attend_key_tile(acc, m_i, l_i, q, q_pos, key_start, block_table_row, k_cach
         visible = ((key_pos[None, :] <= q_pos[:, None]) & (key_pos[None, :] > q_pos[:, None] - window)
                    & in_context[None, :])
         qk = tl.where(visible, qk, float("-inf"))
-    p, alpha, m_i, l_i = _softmax_step(qk, m_i, l_i, 1)
-    v = _widened_v_tile(_load_rows(v_cache_ptr, v_rows, dims, in_context, MASKED), v_tile_scale, pv_dtype)
-    acc = acc * alpha[:, None] + tl.dot(p.to(pv_dtype), v, input_precision=DOT_PRECISION)
-    return acc, m_i, l_i
-
-
-@triton.jit
-def _attend_key_rows(acc_t, m_i, l_i, q_t, key_start, block_table_row, k_cache_ptr, v_cache_ptr, kv_head, seq_len,
-                     qk_scale, v_tile_scale, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-                     PAGE: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr,
-                     DOT_PRECISION: tl.constexpr, WIDE_OFFSETS: tl.constexpr):
-    """`_attend_key_tile` transposed, for a decode query q_t [HEAD_DIM, heads]: the keys are the rows of both
-    products (scores^T = K q^T, acc^T [HEAD_DIM, heads] += V^T P^T), so the group's heads are columns, which an
-    MMA pads to 8 where query rows pad to 16: half the MMAs, accumulator and softmax work of a 4-head group
-    (kernel_sass.py). The keys of a decode split are all visible: MASKED tiles only stop at the context's end."""
-    key_pos, k_rows, v_rows, in_context = _key_tile_rows(key_start, block_table_row, kv_head, seq_len, stride_kb,
-                                                         stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, PAGE,
-                                                         BLOCK_N, MASKED, WIDE_OFFSETS)
-    dims = tl.arange(0, HEAD_DIM)
-    k = _load_rows(k_cache_ptr, k_rows, dims, in_context, MASKED)
-    scores_t = tl.dot(k.to(q_t.dtype), q_t, input_precision=DOT_PRECISION) * qk_scale
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    # rows with nothing visible so far keep m = -inf; exp2 of (-inf) - (-inf) would be NaN
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(qk - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
     if MASKED:
-        scores_t = tl.where(in_context[:, None], scores_t, float("-inf"))
-    p_t, alpha, m_i, l_i = _softmax_step(scores_t, m_i, l_i, 0)
-    v = _widened_v_tile(_load_rows(v_cache_ptr, v_rows, dims, in_context, MASKED), v_tile_scale, q_t.dtype)
-    acc_t = acc_t * alpha[None, :] + tl.dot(tl.trans(v), p_t.to(q_t.dtype), input_precision=DOT_PRECISION)
-    return acc_t, m_i, l_i
-
-
-@triton.jit
-def _attend_decode_tile(acc, m_i, l_i, q, q_pos, key_start, block_table_row, k_cache_ptr, v_cache_ptr, kv_head,
-                        seq_len, window, qk_scale, v_tile_scale, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs,
-                        stride_vh, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-                        MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr, WIDE_OFFSETS: tl.constexpr,
-                        KEYS_AS_ROWS: tl.constexpr):
-    """One key tile of a decode split, in the orientation KEYS_AS_ROWS picks."""
-    if KEYS_AS_ROWS:
-        acc, m_i, l_i = _attend_key_rows(acc, m_i, l_i, q, key_start, block_table_row, k_cache_ptr, v_cache_ptr,
-                                         kv_head, seq_len, qk_scale, v_tile_scale, stride_kb, stride_ks, stride_kh,
-                                         stride_vb, stride_vs, stride_vh, PAGE, BLOCK_N, HEAD_DIM, MASKED,
-                                         DOT_PRECISION, WIDE_OFFSETS)
+        v = tl.load(v_cache_ptr + v_rows[:, None] + dims[None, :], mask=in_context[:, None], other=0.0)
     else:
-        acc, m_i, l_i = _attend_key_tile(acc, m_i, l_i, q, q_pos, key_start, block_table_row, k_cache_ptr,
-                                         v_cache_ptr, kv_head, seq_len, window, qk_scale, v_tile_scale, stride_kb,
-                                         stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, PAGE, BLOCK_N,
-                                         HEAD_DIM, MASKED, DOT_PRECISION, WIDE_OFFSETS)
-    return acc, m_i, l_i
+        v = tl.load(v_cache_ptr + v_rows[:, None] + dims[None, :])
+    v = v.to(pv_dtype)
+    if v_cache_ptr.dtype.element_ty == tl.float8e4nv:
+        # the fp8 tile's dequantization, by the part of v_scale fp16 holds exactly (the rest scales the output).
+        # With a step between the widening and the dot, Triton widens the tile once and feeds the MMA through
+        # ldmatrix; a tile widened in the MMA's own layout took a shared-memory load per byte (kernel_sass.py)
+        v = v * tl.cast(v_tile_scale, pv_dtype)
+    acc = acc * alpha[:, None] + tl.dot(p.to(pv_dtype), v, input_precision=DOT_PRECISION)
+    return acc, m_new, l_i
 
 
 @triton.jit
@@ -405,7 +328,7 @@ def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, partial_out_p
                          stride_vb, stride_vs, stride_vh, stride_bt,
                          GROUP: tl.constexpr, GROUP_ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
                          BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                         WIDE_OFFSETS: tl.constexpr, KEYS_AS_ROWS: tl.constexpr):
+                         WIDE_OFFSETS: tl.constexpr):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -417,7 +340,7 @@ def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, partial_out_p
             return  # the reduction reads only splits that hold keys
     split_end = tl.minimum(split_start + keys_per_split, seq_len)
 
-    # rows past GROUP pad the tile to the MMA's (`_decode_group_rows`); they read zeros and are never stored
+    # rows past GROUP pad the tile up to the 16 rows tl.dot needs; they read zeros and are never stored
     rows = tl.arange(0, GROUP_ROWS)
     head = kv_head * GROUP + rows
     row_valid = rows < GROUP
@@ -426,29 +349,24 @@ def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, partial_out_p
                 other=0.0)
     q, qk_scale = _query_for_cache(q, qk_scale, k_cache_ptr)
     q_pos = tl.zeros([GROUP_ROWS], tl.int32) + seq_len - 1
-    if KEYS_AS_ROWS:   # the transposed tiles of _attend_key_rows: q^T, acc^T
-        q = tl.trans(q)
-        acc = tl.zeros([HEAD_DIM, GROUP_ROWS], tl.float32)
-    else:
-        acc = tl.zeros([GROUP_ROWS, HEAD_DIM], tl.float32)
+
     m_i = tl.full([GROUP_ROWS], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_ROWS], tl.float32)
+    acc = tl.zeros([GROUP_ROWS, HEAD_DIM], tl.float32)
     block_table_row = block_tables_ptr + seq * stride_bt
     # the query sees every key of the split (it starts at or past the window's first key and ends at or before
     # the query's own), and keys_per_split is a multiple of BLOCK_N: only a last, partial tile needs the mask
     full_end = split_start + (split_end - split_start) // BLOCK_N * BLOCK_N
     for key_start in range(split_start, full_end, BLOCK_N):
-        acc, m_i, l_i = _attend_decode_tile(acc, m_i, l_i, q, q_pos, key_start, block_table_row, k_cache_ptr,
-                                            v_cache_ptr, kv_head, seq_len, window, qk_scale, v_tile_scale,
-                                            stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, PAGE,
-                                            BLOCK_N, HEAD_DIM, False, DOT_PRECISION, WIDE_OFFSETS, KEYS_AS_ROWS)
+        acc, m_i, l_i = _attend_key_tile(acc, m_i, l_i, q, q_pos, key_start, block_table_row, k_cache_ptr,
+                                         v_cache_ptr, kv_head, seq_len, window, qk_scale, v_tile_scale,
+                                         stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, PAGE,
+                                         BLOCK_N, HEAD_DIM, False, DOT_PRECISION, WIDE_OFFSETS)
     if full_end < split_end:
-        acc, m_i, l_i = _attend_decode_tile(acc, m_i, l_i, q, q_pos, full_end, block_table_row, k_cache_ptr,
-                                            v_cache_ptr, kv_head, seq_len, window, qk_scale, v_tile_scale,
-                                            stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, PAGE,
-                                            BLOCK_N, HEAD_DIM, True, DOT_PRECISION, WIDE_OFFSETS, KEYS_AS_ROWS)
-    if KEYS_AS_ROWS:
-        acc = tl.trans(acc)
+        acc, m_i, l_i = _attend_key_tile(acc, m_i, l_i, q, q_pos, full_end, block_table_row, k_cache_ptr,
+                                         v_cache_ptr, kv_head, seq_len, window, qk_scale, v_tile_scale,
+                                         stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, PAGE,
+                                         BLOCK_N, HEAD_DIM, True, DOT_PRECISION, WIDE_OFFSETS)
     if not SPLIT:
         # an empty context (padding rows of a graph batch) yields zeros, not NaN
         out = acc * (v_scale / tl.maximum(l_i, 1e-30))[:, None]
@@ -528,12 +446,6 @@ def _short_rows(group: int) -> int:
     return max(16, triton.next_power_of_2(group))
 
 
-def _decode_group_rows(group: int, keys_as_rows: bool) -> int:
-    """The decode query tile's head count: the MMA's 16 rows, or with the keys as rows its 8 columns (Triton pads
-    narrower tiles itself; 4 and 8 compiled to the same loop, give or take 4 instructions)."""
-    return max(8, triton.next_power_of_2(group)) if keys_as_rows else _short_rows(group)
-
-
 def prefill_launch_config(head_dim: int, group: int, max_query_len: int, dtype: torch.dtype,
                           cache_dtype: torch.dtype | None = None) -> dict:
     """BLOCK_M (query rows = tokens x group heads), BLOCK_N (keys per step), warps and pipeline stages, as swept
@@ -601,15 +513,13 @@ def decode_launch_config(batch: int, num_kv_heads: int, head_dim: int, max_keys:
     """Split the context so that batch x kv heads x splits is about 2 programs of 4 warps per SM (3 of one warp),
     but no split holds fewer than 256 keys (swept on an H100: more splits only add partials to write and reduce).
     Only shapes go in (max_keys = block_tables.shape[1] * block_size), so the launch can be captured in a CUDA graph.
-    An fp8 cache (head_dim <= 128) takes one warp per program over 32-key tiles, 5 stages deep: swept on an H200
-    (docs/benchmarks.md, 2026-12-01) 1.04-1.28x the 4-warp 128-key tiles on batches of 32-856 rows. Its loop was
-    issue-bound; small programs let more of them overlap their loads on each SM. Their splits, swept on the H200:
+    16-bit models (head_dim <= 128) take one warp per program over 32-key tiles, 5 stages deep, swept on an H200
+    (docs/benchmarks.md, 2026-12-01): over an fp8 cache 1.04-1.28x the 4-warp 128-key tiles on batches of 32-856
+    rows (its loop was issue-bound; small programs let more of them overlap their loads on each SM); over a 16-bit
+    cache as fast on 256-856 rows and 1.02-1.16x on 1-64 rows of 4k-32k keys. Their splits, swept on the H200:
     8 rows of 8k keys 0.072 ms at 5 splits, 0.059 at 10, 0.071 at 20; 64 rows of 4k keys best unsplit (0.178 ms,
-    0.199 at 2); one row of 32k keys best at 64.
-    KEYS_AS_ROWS (`_attend_key_rows`) stays off until an H200 has timed it: compiled offline, its one-warp fp8 loop
-    is 630 instructions a 32-key tile against 794 (docs/benchmarks.md, fourteenth session; `kernels_gpu.py --sweep`
-    times both)."""
-    if cache_dtype == KV_FP8 and dtype != torch.float32 and head_dim <= 128:
+    0.199 at 2); one row of 32k keys best at 64."""
+    if dtype != torch.float32 and head_dim <= 128:
         block_n, num_warps, num_stages = 32, 1, 5
     else:
         block_n = 32 if dtype == torch.float32 else 128 if head_dim <= 128 else 64
@@ -621,7 +531,7 @@ def decode_launch_config(batch: int, num_kv_heads: int, head_dim: int, max_keys:
     num_splits = max(1, min(num_splits, triton.cdiv(max_keys, block_n), _DECODE_MAX_SPLITS))
     keys_per_split = triton.cdiv(triton.cdiv(max_keys, num_splits), block_n) * block_n
     return dict(num_splits=triton.cdiv(max_keys, keys_per_split), keys_per_split=keys_per_split, BLOCK_N=block_n,
-                num_warps=num_warps, num_stages=num_stages, KEYS_AS_ROWS=False)
+                num_warps=num_warps, num_stages=num_stages)
 
 
 def _paged_decode(q, k_cache, v_cache, seq_lens, block_tables, scale, out, config: dict,
@@ -648,8 +558,7 @@ def _paged_decode(q, k_cache, v_cache, seq_lens, block_tables, scale, out, confi
         q.stride(1),
         out.stride(0), out.stride(1),
         *k_cache.stride()[:3], *v_cache.stride()[:3], block_tables.stride(0),
-        GROUP=group, GROUP_ROWS=_decode_group_rows(group, config["KEYS_AS_ROWS"]), HEAD_DIM=head_dim,
-        PAGE=k_cache.shape[1], KEYS_AS_ROWS=config["KEYS_AS_ROWS"],
+        GROUP=group, GROUP_ROWS=_short_rows(group), HEAD_DIM=head_dim, PAGE=k_cache.shape[1],
         BLOCK_N=config["BLOCK_N"], SPLIT=num_splits > 1, DOT_PRECISION=_dot_precision(q.dtype),
         WIDE_OFFSETS=_wide_offsets(k_cache, v_cache),
         num_warps=config["num_warps"], num_stages=config["num_stages"])

@@ -74,8 +74,6 @@ def test_prefill_head_dim_64_long_chunk():
 
 # length 1, exact multiples of the block size, and ragged lengths
 DECODE_LENGTHS = [1, 16, 17, 32, 45, 100]
-# the decode kernel's two tile orientations: the query heads as the rows, or the keys (KEYS_AS_ROWS)
-ORIENTATIONS = {"heads_as_rows": dict(KEYS_AS_ROWS=False), "keys_as_rows": dict(KEYS_AS_ROWS=True)}
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -87,39 +85,30 @@ def test_decode_matches_reference(block_size, group, dtype):
     out = pa.paged_decode_attention(batch.q, batch.k_cache, batch.v_cache, batch.seq_lens, batch.block_tables,
                                     batch.scale)
     assert relative_l2(out, _decode_ref(batch)) < TOLERANCE[dtype]
-    # the transposed tiles, on a group that pads their 8 columns (1, 3) or not
-    config = pa.decode_launch_config(len(DECODE_LENGTHS), 2, 32, batch.block_tables.shape[1] * block_size,
-                                     batch.q.device, dtype) | ORIENTATIONS["keys_as_rows"]
-    out = pa._paged_decode(batch.q, batch.k_cache, batch.v_cache, batch.seq_lens, batch.block_tables, batch.scale,
-                           torch.empty_like(batch.q), config)
-    assert relative_l2(out, _decode_ref(batch)) < TOLERANCE[dtype]
 
 
-@pytest.mark.parametrize("orientation", ORIENTATIONS)
 @pytest.mark.parametrize("num_splits", [1, 2, 4])
-def test_decode_splits_reduce_to_reference(num_splits, orientation):
+def test_decode_splits_reduce_to_reference(num_splits):
     # splits past a short sequence's length exit without writing; the reduction must skip them
     batch = random_paged_batch([(n - 1, 1) for n in DECODE_LENGTHS], num_heads=8, num_kv_heads=2, head_dim=32,
                                block_size=16, dtype=torch.float32, seed=num_splits, device=DEVICE)
     max_keys = batch.block_tables.shape[1] * 16
     config = pa.decode_launch_config(len(DECODE_LENGTHS), 2, 32, max_keys, batch.q.device, torch.float32, num_splits)
-    config |= ORIENTATIONS[orientation]
     assert config["num_splits"] == num_splits
     out = pa._paged_decode(batch.q, batch.k_cache, batch.v_cache, batch.seq_lens, batch.block_tables, batch.scale,
                            torch.empty_like(batch.q), config)
     assert relative_l2(out, _decode_ref(batch)) < TOLERANCE[torch.float32]
 
 
-@pytest.mark.parametrize("orientation", ORIENTATIONS)
 @pytest.mark.parametrize("num_splits", [1, 3])
-def test_decode_empty_sequence_gives_zeros(num_splits, orientation):
+def test_decode_empty_sequence_gives_zeros(num_splits):
     # CUDA-graph batches are padded with sequences of length 0
     batch = random_paged_batch([(n - 1, 1) for n in (50, 20, 33)], num_heads=4, num_kv_heads=2, head_dim=32,
                                block_size=16, dtype=torch.float32, seed=3, device=DEVICE)
     seq_lens = batch.seq_lens.clone()
     seq_lens[1] = 0
     config = pa.decode_launch_config(3, 2, 32, batch.block_tables.shape[1] * 16, batch.q.device, torch.float32,
-                                     num_splits) | ORIENTATIONS[orientation]
+                                     num_splits)
     out = pa._paged_decode(batch.q, batch.k_cache, batch.v_cache, seq_lens, batch.block_tables, batch.scale,
                            torch.empty_like(batch.q), config)
     ref = _decode_ref(batch)
@@ -164,12 +153,11 @@ def test_peaked_scores_rescale_the_running_sums(dtype, factor, num_splits):
     batch = random_paged_batch([(n - 1, 1) for n in (100, 77, 128)], num_heads=8, num_kv_heads=2, head_dim=32,
                                block_size=16, dtype=dtype, seed=5, device=DEVICE)
     batch.q.mul_(factor)
-    for orientation in ORIENTATIONS.values():
-        config = pa.decode_launch_config(3, 2, 32, batch.block_tables.shape[1] * 16, batch.q.device, dtype,
-                                         num_splits) | dict(BLOCK_N=16) | orientation
-        out = pa._paged_decode(batch.q, batch.k_cache, batch.v_cache, batch.seq_lens, batch.block_tables,
-                               batch.scale, torch.empty_like(batch.q), config)
-        assert relative_l2(out, _decode_ref(batch)) < TOLERANCE[dtype]
+    config = pa.decode_launch_config(3, 2, 32, batch.block_tables.shape[1] * 16, batch.q.device, dtype,
+                                     num_splits) | dict(BLOCK_N=16)
+    out = pa._paged_decode(batch.q, batch.k_cache, batch.v_cache, batch.seq_lens, batch.block_tables, batch.scale,
+                           torch.empty_like(batch.q), config)
+    assert relative_l2(out, _decode_ref(batch)) < TOLERANCE[dtype]
     batch = random_paged_batch([(70, 45), (0, 60)], num_heads=8, num_kv_heads=2, head_dim=32, block_size=16,
                                dtype=dtype, seed=6, device=DEVICE)
     batch.q.mul_(factor)
@@ -189,8 +177,11 @@ def test_launch_configs_fit_the_h100_hot_shapes():
     assert few_long["num_splits"] * 2 * 8 >= 132 and few_long["keys_per_split"] % few_long["BLOCK_N"] == 0
     many_short = pa.decode_launch_config(256, 8, 128, 16 * 128, torch.device("cpu"), torch.bfloat16)
     assert many_short["num_splits"] == 1
-    fp8_cache = pa.decode_launch_config(856, 8, 128, 16 * 128, torch.device("cpu"), torch.bfloat16, None, KV_FP8)
-    assert (fp8_cache["BLOCK_N"], fp8_cache["num_warps"], fp8_cache["num_stages"]) == (32, 1, 5)
+    for cache_dtype in (torch.bfloat16, KV_FP8):   # 16-bit models decode in one-warp programs over either cache
+        one_warp = pa.decode_launch_config(856, 8, 128, 16 * 128, torch.device("cpu"), torch.bfloat16, None,
+                                           cache_dtype)
+        assert (one_warp["BLOCK_N"], one_warp["num_warps"], one_warp["num_stages"]) == (32, 1, 5)
+    assert pa.decode_launch_config(856, 8, 256, 16 * 128, torch.device("cpu"), torch.bfloat16)["num_warps"] == 4
     # over an fp8 cache a long chunk takes 128-row tiles with the query in fp8; an fp32 model never rounds its query
     fp8_prefill = pa.prefill_launch_config(128, 4, 2048, torch.bfloat16, KV_FP8)
     assert (fp8_prefill["BLOCK_M"], fp8_prefill["BLOCK_N"], fp8_prefill["FP8_QUERY"]) == (128, 64, True)
@@ -351,17 +342,16 @@ def test_fp8_cache_prefill_reference_rounds_the_query_as_the_kernel_does():
     assert relative_l2(kernel, reference) < TOLERANCE[torch.float16]
 
 
-@pytest.mark.parametrize("orientation", ORIENTATIONS)
 @pytest.mark.parametrize("dtype", FP8_QUERY_DTYPES, ids=str)
 @pytest.mark.parametrize("window", [None, 40])
 @pytest.mark.parametrize("num_splits", [1, 3])
-def test_fp8_cache_decode_matches_reference(num_splits, window, dtype, orientation):
+def test_fp8_cache_decode_matches_reference(num_splits, window, dtype):
     batch = random_paged_batch([(n - 1, 1) for n in DECODE_LENGTHS], num_heads=8, num_kv_heads=2, head_dim=32,
                                block_size=16, dtype=dtype, device=DEVICE, seed=num_splits + (window or 0))
     (k_cache, v_cache), (clean_k, clean_v) = _fp8_caches(batch)
     max_keys = min(batch.block_tables.shape[1] * 16, window or 1 << 30)
     config = pa.decode_launch_config(len(DECODE_LENGTHS), 2, 32, max_keys, batch.q.device, dtype, num_splits,
-                                     KV_FP8) | ORIENTATIONS[orientation]
+                                     KV_FP8)
     out = pa._paged_decode(batch.q, k_cache, v_cache, batch.seq_lens, batch.block_tables, batch.scale,
                            torch.empty_like(batch.q), config, window, *FP8_SCALES)
     ref = pa.paged_decode_attention_ref(batch.q.float(), clean_k, clean_v, batch.seq_lens, batch.block_tables,
