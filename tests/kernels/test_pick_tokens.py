@@ -58,9 +58,10 @@ def test_argmax_matches_reference():
 
 
 def test_race_draws_follow_the_probabilities():
-    # one row repeated: the race's picks among 4 tokens against softmax, through the kernel
-    logits = torch.tensor([[0.0, 1.0, 2.0, -1.0]], device=DEVICE).repeat(4000, 1)
+    # one row repeated: the race's picks among 4 tokens against softmax, through the kernel (1,000 draws: the
+    # counts' standard error is below 0.015; argmax instead of the race would miss by 0.35)
+    logits = torch.tensor([[0.0, 1.0, 2.0, -1.0]], device=DEVICE).repeat(1000, 1)
     noise = torch.empty_like(logits).exponential_(generator=torch.Generator(device=DEVICE).manual_seed(0))
     tokens, _ = pick_tokens(logits, logits, noise)
     counts = torch.bincount(tokens, minlength=4).float() / tokens.numel()
-    assert torch.allclose(counts, logits[0].softmax(-1), atol=0.03)
+    assert torch.allclose(counts, logits[0].softmax(-1), atol=0.045)
