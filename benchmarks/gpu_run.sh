@@ -20,8 +20,8 @@
 #   fp8-3000    x1  8B fp8 + fp8 KV 1000/1000 x 3,000 (TensorRT-LLM's count), then 500/2000 x 800          (~7 min)
 #   fp8-70b     x1  70B shape, fp8 weights + fp8 KV on one card, 1000/1000 x 1,000 requests              (~9 min)
 #   kernel-tests x1 pytest -n 8 tests/kernels on the card (pytest-xdist carried in .whl)                  (~3 min)
-#   decode-ncu  x1  Nsight Compute on one decode-attention launch over the fp8 and the bf16 cache (856 rows):
-#                   throughput, occupancy, warp stall reasons (benchmarks/ncu_decode.py)                (~3 min)
+#   decode-latency x1  the decode sweep (16-key tiles and 7 stages included), then Nsight Compute on one
+#                   decode-attention launch over each cache (856 rows): occupancy, warp stall reasons     (~6 min)
 #   kernels-ab  x1  attention (or AB_ONLY's kernels) as installed against the kernel files in .ab/          (~2 min)
 #   shapes      x2  8B fp8 + fp8 KV on TensorRT-LLM's shapes: 128/2048, 500/2000 x 1,000, 2048/2048 x 750,
 #                   2048/128 x 3,000 (its count)                                                          (~9 min)
@@ -109,8 +109,9 @@ call_kernels-ab() {   # kernels_gpu.py as installed (A) and with .ab/'s kernel f
     --kernels-from .ab
   python3 benchmarks/kernels_gpu.py --compare "$OUT/kernels_a.txt" "$OUT/kernels_b.txt"
 }
-call_decode-ncu() {   # not yet run on a card: written when the fifteenth session's machine was withdrawn
+call_decode-latency() {   # not yet run on a card: written when the fifteenth session's machine was withdrawn
   local ncu
+  part decode_sweep 200 python3 benchmarks/kernels_gpu.py --only decode --sweep --dtypes bfloat16
   ncu=$(command -v ncu || ls /usr/local/cuda*/bin/ncu 2>/dev/null | head -n 1)
   for cache in fp8 bf16; do
     part "ncu_$cache" 200 "$ncu" --clock-control none -k regex:_decode_split_kernel --launch-skip 1 --launch-count 1 \

@@ -262,8 +262,11 @@ def decode_cases():
             "856x1500-1700": [int(n) for n in torch.randint(1500, 1701, (856,), generator=g)]}
 
 
-# BLOCK_N, num_warps, num_stages
-DECODE_SWEEP = [(32, 1, 3), (32, 1, 5), (64, 2, 4), (64, 4, 3), (128, 4, 2), (128, 4, 3), (128, 8, 3), (256, 4, 3)]
+# BLOCK_N, num_warps, num_stages. One-warp programs are latency-bound (docs/benchmarks.md, fifteenth session): 16-key
+# tiles fit 10 of them an SM (fp8 cache, compiled offline) where 32-key tiles at 5 stages fit 7, and 7 stages
+# prefetch deeper at 6
+DECODE_SWEEP = [(16, 1, 4), (16, 1, 8), (32, 1, 3), (32, 1, 5), (32, 1, 7), (64, 2, 4), (64, 4, 3), (128, 4, 2),
+                (128, 4, 3), (128, 8, 3), (256, 4, 3)]
 
 
 def bench_decode(dtype: torch.dtype, shape=LLAMA_8B, first_case_only: bool = False, fp8_kv: bool = False) -> None:

@@ -1,8 +1,8 @@
 """Launch decode attention at the 1000/1000 fp8 run's mean decode step (856 rows of 1,500-1,700 keys, Llama-8B's
 heads) over each cache named on the command line (fp8, bf16), twice each, for Nsight Compute to profile the second
 launch: why the fp8-cache kernel moves ~3.7 TB/s of K/V where the bf16-cache one moves ~4.4 (docs/benchmarks.md,
-fifteenth session) is a question for its warp stall reasons and occupancy. `gpu_run.sh decode-ncu` runs it under
-ncu; alone it only launches the kernels."""
+fifteenth session) is a question for its warp stall reasons and occupancy. `gpu_run.sh decode-latency` runs it
+under ncu; alone it only launches the kernels."""
 import sys
 
 import torch
