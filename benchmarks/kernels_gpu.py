@@ -291,8 +291,7 @@ def bench_decode(dtype: torch.dtype, shape=LLAMA_8B, first_case_only: bool = Fal
         check("decode", case, dtype, out, ref)
         nbytes = 2.0 * sum(lengths) * kv_heads * head_dim * cache_dtype.itemsize + 2 * batch.q.numel() * dtype.itemsize
         max_keys = batch.block_tables.shape[1] * block
-        config = pa.decode_launch_config(len(lengths), kv_heads, head_dim, max_keys, DEVICE, dtype,
-                                         cache_dtype=cache_dtype)
+        config = pa.decode_launch_config(len(lengths), kv_heads, head_dim, max_keys, DEVICE, dtype)
         if not DRY:  # the runner replays decode in CUDA graphs: capture must work (no host sync), replay be right
             graph, graph_out = captured(lambda: pa.paged_decode_attention(*args, None, *scales))
             graph_out.fill_(float("nan"))
@@ -309,8 +308,7 @@ def bench_decode(dtype: torch.dtype, shape=LLAMA_8B, first_case_only: bool = Fal
             for splits in sorted({1, config["num_splits"] // 2, config["num_splits"], config["num_splits"] * 2,
                                   config["num_splits"] * 4} - {0}):
                 for block_n, warps, stages in DECODE_SWEEP:
-                    sweep = pa.decode_launch_config(len(lengths), kv_heads, head_dim, max_keys, DEVICE, dtype, splits,
-                                                    cache_dtype)
+                    sweep = pa.decode_launch_config(len(lengths), kv_heads, head_dim, max_keys, DEVICE, dtype, splits)
                     sweep.update(BLOCK_N=block_n, num_warps=warps, num_stages=stages)
                     sweep["keys_per_split"] = triton.cdiv(sweep["keys_per_split"], block_n) * block_n
                     sweep["num_splits"] = triton.cdiv(max_keys, sweep["keys_per_split"])

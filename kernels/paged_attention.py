@@ -349,7 +349,6 @@ def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, partial_out_p
                 other=0.0)
     q, qk_scale = _query_for_cache(q, qk_scale, k_cache_ptr)
     q_pos = tl.zeros([GROUP_ROWS], tl.int32) + seq_len - 1
-
     m_i = tl.full([GROUP_ROWS], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_ROWS], tl.float32)
     acc = tl.zeros([GROUP_ROWS, HEAD_DIM], tl.float32)
@@ -508,15 +507,14 @@ _DECODE_MIN_KEYS_PER_SPLIT = 256
 
 
 def decode_launch_config(batch: int, num_kv_heads: int, head_dim: int, max_keys: int, device: torch.device,
-                         dtype: torch.dtype, num_splits: int | None = None,
-                         cache_dtype: torch.dtype | None = None) -> dict:
+                         dtype: torch.dtype, num_splits: int | None = None) -> dict:
     """Split the context so that batch x kv heads x splits is about 2 programs of 4 warps per SM (3 of one warp),
     but no split holds fewer than 256 keys (swept on an H100: more splits only add partials to write and reduce).
     Only shapes go in (max_keys = block_tables.shape[1] * block_size), so the launch can be captured in a CUDA graph.
-    16-bit models (head_dim <= 128) take one warp per program over 32-key tiles, 5 stages deep, swept on an H200
-    (docs/benchmarks.md, 2026-12-01): over an fp8 cache 1.04-1.28x the 4-warp 128-key tiles on batches of 32-856
-    rows (its loop was issue-bound; small programs let more of them overlap their loads on each SM); over a 16-bit
-    cache as fast on 256-856 rows and 1.02-1.16x on 1-64 rows of 4k-32k keys. Their splits, swept on the H200:
+    16-bit models (head_dim <= 128) take one warp per program over 32-key tiles, 5 stages deep, over either cache,
+    swept on an H200 (docs/benchmarks.md, 2026-12-01): over an fp8 cache 1.04-1.28x the 4-warp 128-key tiles on
+    batches of 32-856 rows (small programs let more of them overlap their loads on each SM), over a 16-bit cache as
+    fast on 256-856 rows and 1.02-1.16x on 1-64 rows of 4k-32k keys. Their splits, swept on the H200:
     8 rows of 8k keys 0.072 ms at 5 splits, 0.059 at 10, 0.071 at 20; 64 rows of 4k keys best unsplit (0.178 ms,
     0.199 at 2); one row of 32k keys best at 64."""
     if dtype != torch.float32 and head_dim <= 128:
@@ -578,7 +576,6 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     (graph padding) get zeros. A sliding-window layer splits only the window's keys."""
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     max_keys = min(block_tables.shape[1] * k_cache.shape[1], _window(sliding_window))
-    config = decode_launch_config(q.shape[0], k_cache.shape[2], q.shape[2], max_keys, q.device, q.dtype,
-                                  cache_dtype=k_cache.dtype)
+    config = decode_launch_config(q.shape[0], k_cache.shape[2], q.shape[2], max_keys, q.device, q.dtype)
     return _paged_decode(q, k_cache, v_cache, seq_lens, block_tables, scale, out, config, sliding_window, k_scale,
                          v_scale)

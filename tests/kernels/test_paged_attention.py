@@ -177,10 +177,9 @@ def test_launch_configs_fit_the_h100_hot_shapes():
     assert few_long["num_splits"] * 2 * 8 >= 132 and few_long["keys_per_split"] % few_long["BLOCK_N"] == 0
     many_short = pa.decode_launch_config(256, 8, 128, 16 * 128, torch.device("cpu"), torch.bfloat16)
     assert many_short["num_splits"] == 1
-    for cache_dtype in (torch.bfloat16, KV_FP8):   # 16-bit models decode in one-warp programs over either cache
-        one_warp = pa.decode_launch_config(856, 8, 128, 16 * 128, torch.device("cpu"), torch.bfloat16, None,
-                                           cache_dtype)
-        assert (one_warp["BLOCK_N"], one_warp["num_warps"], one_warp["num_stages"]) == (32, 1, 5)
+    # 16-bit models decode in one-warp programs (over either cache); head_dim 256 in 4-warp ones
+    one_warp = pa.decode_launch_config(856, 8, 128, 16 * 128, torch.device("cpu"), torch.bfloat16)
+    assert (one_warp["BLOCK_N"], one_warp["num_warps"], one_warp["num_stages"]) == (32, 1, 5)
     assert pa.decode_launch_config(856, 8, 256, 16 * 128, torch.device("cpu"), torch.bfloat16)["num_warps"] == 4
     # over an fp8 cache a long chunk takes 128-row tiles with the query in fp8; an fp32 model never rounds its query
     fp8_prefill = pa.prefill_launch_config(128, 4, 2048, torch.bfloat16, KV_FP8)
@@ -350,8 +349,7 @@ def test_fp8_cache_decode_matches_reference(num_splits, window, dtype):
                                block_size=16, dtype=dtype, device=DEVICE, seed=num_splits + (window or 0))
     (k_cache, v_cache), (clean_k, clean_v) = _fp8_caches(batch)
     max_keys = min(batch.block_tables.shape[1] * 16, window or 1 << 30)
-    config = pa.decode_launch_config(len(DECODE_LENGTHS), 2, 32, max_keys, batch.q.device, dtype, num_splits,
-                                     KV_FP8)
+    config = pa.decode_launch_config(len(DECODE_LENGTHS), 2, 32, max_keys, batch.q.device, dtype, num_splits)
     out = pa._paged_decode(batch.q, k_cache, v_cache, batch.seq_lens, batch.block_tables, batch.scale,
                            torch.empty_like(batch.q), config, window, *FP8_SCALES)
     ref = pa.paged_decode_attention_ref(batch.q.float(), clean_k, clean_v, batch.seq_lens, batch.block_tables,
