@@ -2,7 +2,7 @@
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 DType = Literal["auto", "float32", "float16", "bfloat16"]
 
@@ -26,7 +26,9 @@ class EngineConfig(BaseModel):
     # SamplingParams' own neutral defaults
     generation_config: Literal["model", "none"] = "model"
 
-    block_size: int = Field(16, ge=1)
+    # tokens a KV cache page holds; default 32 over an fp8 cache (its keys-contiguous V pages are read 32 bytes a
+    # head dimension: 1.2x on the decode kernel against pages of 16, docs/benchmarks.md), else 16
+    block_size: int | None = Field(None, ge=1)
     num_kv_blocks: int | None = Field(None, ge=1)           # overrides the sizing below
     # the cache's size (per GPU under tensor parallelism) instead of sizing it: on a GPU in place of
     # gpu_memory_utilization's share (engines sharing a card); on the CPU default <= 2 GiB, a quarter of free RAM
@@ -45,6 +47,12 @@ class EngineConfig(BaseModel):
     enforce_eager: bool = False            # no CUDA graphs
     # ranks the model is split over (tensor parallelism): one process per rank, rank r on cuda:r (gloo on CPU)
     tensor_parallel_size: int = Field(1, ge=1)
+
+    @model_validator(mode="after")
+    def _default_block_size(self) -> "EngineConfig":
+        if self.block_size is None:
+            self.block_size = 32 if self.kv_cache_dtype == "fp8" else 16
+        return self
 
     @field_validator("device")
     @classmethod

@@ -2,8 +2,8 @@
 for sm_90 with the installed Triton (its bundled ptxas and nvdisasm) as the runtime would build it at a decode shape,
 and the SASS of its longest loop is counted by opcode:
 
-- decode attention (Llama-3.1-8B: GQA group 4, head_dim 128, pages of 16) over a bf16 and an fp8 KV cache, one
-  tile of BLOCK_N keys per iteration. A tile of 128 keys x 128 dims of K and V is 32 KiB in fp8: to stream 4.8 TB/s
+- decode attention (Llama-3.1-8B: GQA group 4, head_dim 128) over a bf16 and an fp8 KV cache laid out as the
+  engine has them (`cache_layout`), one tile of BLOCK_N keys per iteration. A tile of 128 keys x 128 dims of K and V is 32 KiB in fp8: to stream 4.8 TB/s
   over 132 SMs at ~1.75 GHz, each SM must finish one every ~1,580 cycles.
 - the fused MoE grouped GEMM at decode rows (16 rows of one expert, 128 output columns, 64-deep K steps) with bf16
   and fp8 expert weights and bf16 activations: an fp8 64 x 128 weight tile (8 KiB) every ~400 cycles.
@@ -49,12 +49,18 @@ def compile_for_hopper(fn, constants: dict, types: dict, unaligned: set[str], nu
                           options=dict(num_warps=num_warps, num_stages=num_stages))
 
 
+def cache_layout(cache_dtype: str) -> dict:
+    """The page size and the V stride of 1 the launch specializes, as the engine lays the cache out: pages of 32
+    with V keys-contiguous over an fp8 cache (store_kv.cache_views), pages of 16 with head_dim contiguous else."""
+    return dict(PAGE=32, stride_vs=1) if cache_dtype == "fp8e4nv" else dict(PAGE=16, stride_vd=1)
+
+
 def decode_attention(cache_dtype: str, block_n: int, num_warps: int, num_stages: int):
-    constants = dict(GROUP=4, GROUP_ROWS=16, HEAD_DIM=128, PAGE=16, BLOCK_N=block_n, SPLIT=False,
-                     DOT_PRECISION="tf32", WIDE_OFFSETS=False)
+    constants = dict(GROUP=4, GROUP_ROWS=16, HEAD_DIM=128, BLOCK_N=block_n, SPLIT=False, DOT_PRECISION="tf32",
+                     WIDE_OFFSETS=False, **cache_layout(cache_dtype))
     types = {"q_ptr": "*bf16", "out_ptr": "*bf16", "partial_out_ptr": "*fp32", "partial_lse_ptr": "*fp32",
              "seq_lens_ptr": "*i32", "block_tables_ptr": "*i32", "k_cache_ptr": f"*{cache_dtype}",
-             "v_cache_ptr": f"*{cache_dtype}", "qk_scale": "fp32", "v_tile_scale": "fp32", "v_scale": "fp32"}
+             "v_cache_ptr": f"*{cache_dtype}", "qk_scale": "fp32", "v_scale": "fp32"}
     # arguments the launch does not specialize, or that are not multiples of 16 at this shape
     unaligned = {"keys_per_split", "num_splits", "stride_bt", "window", "num_heads"}
     return compile_for_hopper(pa._decode_split_kernel, constants, types, unaligned, num_warps, num_stages)
@@ -62,11 +68,11 @@ def decode_attention(cache_dtype: str, block_n: int, num_warps: int, num_stages:
 
 def prefill_attention(cache_dtype: str, block_m: int, block_n: int, num_warps: int, num_stages: int,
                       fp8_query: bool = False):
-    constants = dict(GROUP=4, HEAD_DIM=128, PAGE=16, BLOCK_M=block_m, SHORT_ROWS=16, BLOCK_N=block_n,
-                     DOT_PRECISION="tf32", WIDE_OFFSETS=False, FP8_QUERY=fp8_query)
+    constants = dict(GROUP=4, HEAD_DIM=128, BLOCK_M=block_m, SHORT_ROWS=16, BLOCK_N=block_n, DOT_PRECISION="tf32",
+                     WIDE_OFFSETS=False, FP8_QUERY=fp8_query, **cache_layout(cache_dtype))
     types = {"q_ptr": "*bf16", "out_ptr": "*bf16", "query_start_loc_ptr": "*i32", "seq_lens_ptr": "*i32",
              "block_tables_ptr": "*i32", "k_cache_ptr": f"*{cache_dtype}", "v_cache_ptr": f"*{cache_dtype}",
-             "qk_scale": "fp32", "v_tile_scale": "fp32", "v_scale": "fp32"}
+             "qk_scale": "fp32", "v_scale": "fp32"}
     return compile_for_hopper(pa._prefill_kernel, constants, types, {"num_seqs", "stride_bt", "window"}, num_warps,
                               num_stages)
 

@@ -80,7 +80,7 @@ if OPTS.kernels_from:
 from batchgen.kernels import activation, fp8, paged_attention as pa, rms_norm, rotary, store_kv  # noqa: E402
 from batchgen.kernels import top_p_threshold as top_p_kernel  # noqa: E402
 from batchgen.kernels.pick_tokens import pick_tokens, pick_tokens_ref  # noqa: E402
-from batchgen.kernels.testing import TOLERANCE, bench_ms, random_paged_batch, relative_l2  # noqa: E402
+from batchgen.kernels.testing import TOLERANCE, bench_ms, fp8_caches, random_paged_batch, relative_l2  # noqa: E402
 
 DRY = OPTS.dry_run
 DEVICE = torch.device("cpu" if DRY else "cuda")
@@ -174,10 +174,12 @@ def _attention_flops(chunks, heads: int, head_dim: int) -> float:
     return 4.0 * head_dim * heads * pairs
 
 
+# an fp8 cache's pages hold 32 tokens in the engine (batchgen/config.py), its V pages keys-contiguous
+FP8_KV_BLOCK = 32
+
+
 def _fp8_caches(k_cache, v_cache):
-    """Caches as an fp8 store holds them (the values x 1 / scale), NaN poison kept."""
-    return (store_kv.quantize_kv_ref(cache, scale, store_kv.KV_FP8)
-            for cache, scale in ((k_cache, FP8_KV_SCALES[0]), (v_cache, FP8_KV_SCALES[1])))
+    return fp8_caches(k_cache, v_cache, *FP8_KV_SCALES)
 
 
 def prefill_cases():
@@ -199,6 +201,7 @@ PREFILL_SWEEP = [(64, 64, 4, 3), (64, 64, 4, 4), (64, 32, 4, 4), (64, 64, 8, 3),
 def bench_prefill(dtype: torch.dtype, shape=LLAMA_8B, first_case_only: bool = False, fp8_kv: bool = False) -> None:
     """Prefill attention over a cache of the model's dtype, or (fp8_kv) over an fp8 cache with K/V scales."""
     heads, kv_heads, head_dim, block = shape
+    block = FP8_KV_BLOCK if fp8_kv else block
     suffix = ("" if shape == LLAMA_8B else f"/d{head_dim}b{block}") + ("/fp8kv" if fp8_kv else "")
     scales = FP8_KV_SCALES if fp8_kv else (1.0, 1.0)
     for case, chunks in list(prefill_cases().items())[:1 if first_case_only else None]:
@@ -272,6 +275,7 @@ DECODE_SWEEP = [(16, 1, 4), (16, 1, 8), (32, 1, 3), (32, 1, 5), (32, 1, 7), (64,
 def bench_decode(dtype: torch.dtype, shape=LLAMA_8B, first_case_only: bool = False, fp8_kv: bool = False) -> None:
     """Decode attention over a cache of the model's dtype, or (fp8_kv) over an fp8 cache with K/V scales."""
     heads, kv_heads, head_dim, block = shape
+    block = FP8_KV_BLOCK if fp8_kv else block
     suffix = ("" if shape == LLAMA_8B else f"/d{head_dim}b{block}") + ("/fp8kv" if fp8_kv else "")
     scales = FP8_KV_SCALES if fp8_kv else (1.0, 1.0)
     cache_dtype = store_kv.KV_FP8 if fp8_kv else dtype
@@ -320,28 +324,33 @@ def bench_decode(dtype: torch.dtype, shape=LLAMA_8B, first_case_only: bool = Fal
 
 
 # --------------------------------------------------------------------------------------------- small ops
-def bench_store_kv(dtype: torch.dtype) -> None:
+def bench_store_kv(dtype: torch.dtype, fp8_kv: bool = False) -> None:
+    """New K/V into scattered slots of a cache of the model's dtype, or (fp8_kv) of an fp8 cache as the engine lays
+    it out (V keys-contiguous: each value a byte on its own)."""
+    block = FP8_KV_BLOCK if fp8_kv else BLOCK
     num_slots = 2 * TOKENS  # a cache twice the batch: scattered slots
     qkv = torch.randn(TOKENS, (HEADS + 2 * KV_HEADS) * HEAD_DIM, device=DEVICE, dtype=dtype)
     key = qkv[:, HEADS * HEAD_DIM:(HEADS + KV_HEADS) * HEAD_DIM].view(TOKENS, KV_HEADS, HEAD_DIM)
     value = qkv[:, (HEADS + KV_HEADS) * HEAD_DIM:].view(TOKENS, KV_HEADS, HEAD_DIM)
     slot_mapping = torch.randperm(num_slots, device=DEVICE)[:TOKENS]
     slot_mapping[-TOKENS // 64:] = -1  # padding tail
-    k_cache = torch.randn(num_slots // BLOCK, BLOCK, KV_HEADS, HEAD_DIM, device=DEVICE, dtype=dtype)
-    v_cache = torch.randn_like(k_cache)
-    k_ref, v_ref = k_cache.clone(), v_cache.clone()
-    store_kv.store_kv_ref(key, value, k_ref, v_ref, slot_mapping)
-    store_kv.store_kv(key, value, k_cache, v_cache, slot_mapping)
-    ok = torch.equal(k_cache, k_ref) and torch.equal(v_cache, v_ref)
+    buffer = torch.randn(2, -(-num_slots // block), block, KV_HEADS, HEAD_DIM, device=DEVICE, dtype=dtype)
+    buffer = buffer.to(store_kv.KV_FP8) if fp8_kv else buffer
+    ref_buffer = buffer.clone()
+    (k_cache, v_cache), (k_ref, v_ref) = store_kv.cache_views(buffer), store_kv.cache_views(ref_buffer)
+    scales = FP8_KV_SCALES if fp8_kv else (1.0, 1.0)
+    store_kv.store_kv_ref(key, value, k_ref, v_ref, slot_mapping, *scales)
+    store_kv.store_kv(key, value, k_cache, v_cache, slot_mapping, *scales)
+    ok = torch.equal(buffer.view(torch.uint8), ref_buffer.view(torch.uint8))
+    case = f"{TOKENS}tok" + ("/fp8kv" if fp8_kv else "")
     if not ok:
-        FAILED.append(f"store_kv/{dtype}")
-    emit(dict(type="check", kernel="store_kv", case=f"{TOKENS}tok", dtype=str(dtype).removeprefix("torch."),
-              exact=ok, ok=ok))
-    nbytes = 2 * 2 * key.numel() * dtype.itemsize
-    time_triton("store_kv", f"{TOKENS}tok", dtype,
-                lambda: store_kv.store_kv(key, value, k_cache, v_cache, slot_mapping), nbytes=nbytes)
-    timing("store_kv", f"{TOKENS}tok", dtype, "torch_ref",
-           lambda: store_kv.store_kv_ref(key, value, k_cache, v_cache, slot_mapping), nbytes=nbytes)
+        FAILED.append(f"store_kv/{case}/{dtype}")
+    emit(dict(type="check", kernel="store_kv", case=case, dtype=str(dtype).removeprefix("torch."), exact=ok, ok=ok))
+    nbytes = 2 * key.numel() * (dtype.itemsize + buffer.dtype.itemsize)
+    time_triton("store_kv", case, dtype,
+                lambda: store_kv.store_kv(key, value, k_cache, v_cache, slot_mapping, *scales), nbytes=nbytes)
+    timing("store_kv", case, dtype, "torch_ref",
+           lambda: store_kv.store_kv_ref(key, value, k_cache, v_cache, slot_mapping, *scales), nbytes=nbytes)
 
 
 def bench_rms_norm(dtype: torch.dtype) -> None:
@@ -486,7 +495,8 @@ def main() -> int:
     for dtype in dtypes:
         for bench in (bench_store_kv, bench_rms_norm, bench_rotary, bench_silu_and_mul, bench_decode, bench_prefill):
             run(bench, dtype)
-    run(bench_decode, dtypes[0], fp8_kv=True)   # over an fp8 cache (the fp8 KV runs), the model's first dtype
+    run(bench_store_kv, dtypes[0], fp8_kv=True)   # into an fp8 cache (the fp8 KV runs), the model's first dtype
+    run(bench_decode, dtypes[0], fp8_kv=True)
     run(bench_prefill, dtypes[0], fp8_kv=True)
     run(bench_top_p)
     run(bench_pick_tokens)

@@ -16,8 +16,8 @@ import json
 import torch
 import triton
 
-from batchgen.kernels import ops, store_kv
-from batchgen.kernels.testing import random_paged_batch
+from batchgen.kernels import ops
+from batchgen.kernels.testing import fp8_caches, random_paged_batch
 
 ARGS = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 ARGS.add_argument("--rows", type=int, default=856, help="decode rows of the whole step (two halves)")
@@ -37,7 +37,7 @@ def attention_half(rows: int, seed: int):
     batch = random_paged_batch([(n - 1, 1) for n in lengths], HEADS, KV_HEADS, HEAD_DIM, BLOCK, DTYPE, DEVICE, seed)
     k_cache, v_cache = batch.k_cache.nan_to_num(0.0), batch.v_cache.nan_to_num(0.0)
     if not OPTS.bf16:
-        k_cache, v_cache = (store_kv.quantize_kv_ref(c, 0.05, store_kv.KV_FP8) for c in (k_cache, v_cache))
+        k_cache, v_cache = fp8_caches(k_cache, v_cache, 0.05, 0.05)
     nbytes = 2.0 * sum(lengths) * KV_HEADS * HEAD_DIM * k_cache.dtype.itemsize
     return (lambda: ops.paged_decode_attention(batch.q, k_cache, v_cache, batch.seq_lens, batch.block_tables,
                                                batch.scale, None, 0.05, 0.05)), nbytes

@@ -11,15 +11,14 @@ Hugging Face's sliding-window mask does for every family (`kv_idx > q_idx - slid
 key tiles wholly outside the window. None means global attention.
 
 An fp8 cache (see kernels/store_kv.py) is read as K * k_scale and V * v_scale: the kernels load fp8 tiles, widen
-them to the query's dtype (fp16 for a bf16 query: `_query_for_cache`), fold k_scale into the softmax scale, and
-multiply V tiles by the part of v_scale fp16 holds exactly and the output by the rest (`_split_v_scale`). Prefill
+them to the query's dtype (fp16 for a bf16 query: `_query_for_cache`), fold k_scale into the softmax scale and
+v_scale into the output. Its V pages are keys-contiguous (store_kv.cache_views); the kernels read either layout
+from the caches' strides (Triton compiles a stride of 1 in as a constant: the contiguous axis). Prefill
 rounds a 16-bit query to fp8 as well, one scale per head row (`prefill_rounds_query_to_fp8`), so its scores multiply
 the K tiles as they are (Hopper's fp8 tensor-core product); decode keeps its query (Hopper multiplies fp8 only in
 64-row warpgroup tiles: a one-warp decode tile's fp8 product is widened to fp16 anyway).
 """
 import functools
-import math
-import struct
 
 import torch
 import torch.nn.functional as F
@@ -32,9 +31,7 @@ from batchgen.kernels.store_kv import KV_FP8, dequantize_kv_ref, kv_scales, roun
 def _gather_blocks(cache: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
     """[len(block_ids) * block_size, Hkv, D]: the blocks' keys (or values) in order (index_select on whole
     blocks: several times faster on the CPU than advanced indexing)."""
-    num_kv_heads, head_dim = cache.shape[2:]
-    flat = cache.view(cache.shape[0], -1).index_select(0, block_ids.flatten().long())
-    return flat.view(-1, num_kv_heads, head_dim)
+    return cache.index_select(0, block_ids.flatten().long()).reshape(-1, *cache.shape[2:])
 
 
 def _gather_context(cache: torch.Tensor, block_table: torch.Tensor, start: int, seq_len: int, scale: float,
@@ -133,7 +130,7 @@ def paged_decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: 
 # Triton kernels. Both attention kernels run one program per (query tile or split, KV head) and pack the query
 # heads that share that KV head into the rows of one tile, so each K/V tile is loaded once per group.
 # Softmax runs in base 2 with the scale folded into qk_scale = scale * k_scale * log2(e); accumulation is fp32, and
-# v_scale multiplies the normalised output (over an fp8 cache, its fp16-exact part multiplies the V tiles instead).
+# v_scale multiplies the normalised output.
 # ---------------------------------------------------------------------------------------------------------------
 _LOG2E = 1.4426950408889634
 _NO_WINDOW = 1 << 30   # the window of a global layer: wider than any context
@@ -168,19 +165,25 @@ def _fp8_query(q, qk_scale):
 
 @triton.jit
 def _attend_key_tile(acc, m_i, l_i, q, q_pos, key_start, block_table_row, k_cache_ptr, v_cache_ptr, kv_head,
-                     seq_len, window, qk_scale, v_tile_scale, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs,
-                     stride_vh, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+                     seq_len, window, qk_scale, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+                     stride_vd, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
                      MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr, WIDE_OFFSETS: tl.constexpr):
-    """One online-softmax step: fold keys [key_start, key_start + BLOCK_N) into (acc, m_i, l_i).
-    MASKED tiles apply the causal rule key_pos <= q_pos, the window key_pos > q_pos - window and the end of the
-    context; the others need none of them. A row that sees no key of a masked tile leaves its state as it was."""
+    """One online-softmax step: fold keys [key_start, key_start + BLOCK_N) into (acc, m_i, l_i); key_start is a
+    multiple of BLOCK_N. MASKED tiles apply the causal rule key_pos <= q_pos, the window key_pos > q_pos - window
+    and the end of the context; the others need none of them. A row that sees no key of a masked tile leaves its
+    state as it was."""
     key_pos = key_start + tl.arange(0, BLOCK_N)
     dims = tl.arange(0, HEAD_DIM)
     in_context = key_pos < seq_len
-    if MASKED:
-        block = tl.load(block_table_row + key_pos // PAGE, mask=in_context, other=0)
-    else:
-        block = tl.load(block_table_row + key_pos // PAGE)
+    # a masked tile's keys past the context read the last page's block (their scores and values are masked), so
+    # that with pages of a power of two each run of min(PAGE, BLOCK_N) keys shares one block, as the hints below
+    # tell Triton: a keys-contiguous V cache's loads then become 16-byte vectors along the keys
+    page = (tl.minimum(key_pos, tl.maximum(seq_len - 1, 0)) if MASKED else key_pos) // PAGE
+    block = tl.load(block_table_row + page)
+    if (PAGE & (PAGE - 1)) == 0:
+        RUN: tl.constexpr = PAGE if PAGE < BLOCK_N else BLOCK_N
+        key_pos = tl.multiple_of(key_pos, BLOCK_N)
+        block = tl.max_constancy(block, RUN)
     if WIDE_OFFSETS:
         block = block.to(tl.int64)
     slot_in_block = key_pos % PAGE
@@ -207,26 +210,23 @@ def _attend_key_tile(acc, m_i, l_i, q, q_pos, key_start, block_table_row, k_cach
     alpha = tl.exp2(m_i - m_safe)
     p = tl.exp2(qk - m_safe[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
+    # stride_vs == 1 (an fp8 cache: keys-contiguous pages) or stride_vd == 1 arrives as a constant: the contiguous axis
+    v_offsets = v_rows[:, None] + dims[None, :] * stride_vd
+    v = tl.load(v_cache_ptr + v_offsets)
     if MASKED:
-        v = tl.load(v_cache_ptr + v_rows[:, None] + dims[None, :], mask=in_context[:, None], other=0.0)
-    else:
-        v = tl.load(v_cache_ptr + v_rows[:, None] + dims[None, :])
-    v = v.to(pv_dtype)
-    if v_cache_ptr.dtype.element_ty == tl.float8e4nv:
-        # the fp8 tile's dequantization, by the part of v_scale fp16 holds exactly (the rest scales the output).
-        # With a step between the widening and the dot, Triton widens the tile once and feeds the MMA through
-        # ldmatrix; a tile widened in the MMA's own layout took a shared-memory load per byte (kernel_sass.py)
-        v = v * tl.cast(v_tile_scale, pv_dtype)
-    acc = acc * alpha[:, None] + tl.dot(p.to(pv_dtype), v, input_precision=DOT_PRECISION)
+        # zeros past the context (its slots may hold anything, NaN too); a load masked along the keys would split
+        # a keys-contiguous V tile's 16-byte loads into bytes
+        v = tl.where(in_context[:, None], v, 0.0)
+    acc = acc * alpha[:, None] + tl.dot(p.to(pv_dtype), v.to(pv_dtype), input_precision=DOT_PRECISION)
     return acc, m_new, l_i
 
 
 @triton.jit
 def _prefill_tile(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, block_table_row, q_start, q_len, seq_len, first_token,
-                  kv_head, window, qk_scale, v_tile_scale, v_scale, stride_qt, stride_qh, stride_ot, stride_oh,
-                  stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, GROUP: tl.constexpr,
-                  HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
-                  DOT_PRECISION: tl.constexpr, WIDE_OFFSETS: tl.constexpr, FP8_QUERY: tl.constexpr):
+                  kv_head, window, qk_scale, v_scale, stride_qt, stride_qh, stride_ot, stride_oh,
+                  stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_vd,
+                  GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, ROWS: tl.constexpr,
+                  BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, WIDE_OFFSETS: tl.constexpr, FP8_QUERY: tl.constexpr):
     """Attention of ROWS // GROUP query tokens from first_token on, x the GROUP heads of kv_head (row r: token
     r // GROUP, head r % GROUP of the group), over their causal context (within the window)."""
     TOKENS: tl.constexpr = ROWS // GROUP
@@ -257,19 +257,19 @@ def _prefill_tile(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, block_table_row, q_s
     unmasked_start = tl.minimum(tl.cdiv(tl.maximum(last_pos - window + 1, 0), BLOCK_N) * BLOCK_N, unmasked_end)
     for key_start in range(window_start, unmasked_start, BLOCK_N):
         acc, m_i, l_i = _attend_key_tile(acc, m_i, l_i, q, q_pos, key_start, block_table_row, k_cache_ptr,
-                                         v_cache_ptr, kv_head, seq_len, window, qk_scale, v_tile_scale,
-                                         stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, PAGE,
-                                         BLOCK_N, HEAD_DIM, True, DOT_PRECISION, WIDE_OFFSETS)
+                                         v_cache_ptr, kv_head, seq_len, window, qk_scale, stride_kb, stride_ks,
+                                         stride_kh, stride_vb, stride_vs, stride_vh, stride_vd, PAGE, BLOCK_N,
+                                         HEAD_DIM, True, DOT_PRECISION, WIDE_OFFSETS)
     for key_start in range(unmasked_start, unmasked_end, BLOCK_N):
         acc, m_i, l_i = _attend_key_tile(acc, m_i, l_i, q, q_pos, key_start, block_table_row, k_cache_ptr,
-                                         v_cache_ptr, kv_head, seq_len, window, qk_scale, v_tile_scale,
-                                         stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, PAGE,
-                                         BLOCK_N, HEAD_DIM, False, DOT_PRECISION, WIDE_OFFSETS)
+                                         v_cache_ptr, kv_head, seq_len, window, qk_scale, stride_kb, stride_ks,
+                                         stride_kh, stride_vb, stride_vs, stride_vh, stride_vd, PAGE, BLOCK_N,
+                                         HEAD_DIM, False, DOT_PRECISION, WIDE_OFFSETS)
     for key_start in range(unmasked_end, last_pos + 1, BLOCK_N):
         acc, m_i, l_i = _attend_key_tile(acc, m_i, l_i, q, q_pos, key_start, block_table_row, k_cache_ptr,
-                                         v_cache_ptr, kv_head, seq_len, window, qk_scale, v_tile_scale,
-                                         stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, PAGE,
-                                         BLOCK_N, HEAD_DIM, True, DOT_PRECISION, WIDE_OFFSETS)
+                                         v_cache_ptr, kv_head, seq_len, window, qk_scale, stride_kb, stride_ks,
+                                         stride_kh, stride_vb, stride_vs, stride_vh, stride_vd, PAGE, BLOCK_N,
+                                         HEAD_DIM, True, DOT_PRECISION, WIDE_OFFSETS)
     out = acc * (v_scale / l_i)[:, None]
     out_offsets = (q_start + row_token)[:, None] * stride_ot + row_head[:, None] * stride_oh + dims[None, :]
     tl.store(out_ptr + out_offsets, out.to(out_ptr.dtype.element_ty), mask=row_valid[:, None])
@@ -279,9 +279,9 @@ def _prefill_tile(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, block_table_row, q_s
 # value that is 1 or a multiple of 16): a compile in the middle of a job costs seconds.
 @triton.jit(do_not_specialize=["num_seqs", "stride_bt"])
 def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, query_start_loc_ptr, seq_lens_ptr,
-                    block_tables_ptr, window, qk_scale, v_tile_scale, v_scale, num_seqs,
+                    block_tables_ptr, window, qk_scale, v_scale, num_seqs,
                     stride_qt, stride_qh, stride_ot, stride_oh, stride_kb, stride_ks, stride_kh,
-                    stride_vb, stride_vs, stride_vh, stride_bt,
+                    stride_vb, stride_vs, stride_vh, stride_vd, stride_bt,
                     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, BLOCK_M: tl.constexpr,
                     SHORT_ROWS: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
                     WIDE_OFFSETS: tl.constexpr, FP8_QUERY: tl.constexpr):
@@ -310,22 +310,22 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, query_start_loc_pt
     if q_len * GROUP <= SHORT_ROWS:
         # decode rows (and other tiny chunks) of a mixed batch: a 16-row tile instead of BLOCK_M mostly-empty rows
         _prefill_tile(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, block_table_row, q_start, q_len, seq_len,
-                      first_token, kv_head, window, qk_scale, v_tile_scale, v_scale, stride_qt, stride_qh, stride_ot,
-                      stride_oh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, GROUP, HEAD_DIM,
-                      PAGE, SHORT_ROWS, BLOCK_N, DOT_PRECISION, WIDE_OFFSETS, FP8_QUERY)
+                      first_token, kv_head, window, qk_scale, v_scale, stride_qt, stride_qh, stride_ot,
+                      stride_oh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_vd, GROUP,
+                      HEAD_DIM, PAGE, SHORT_ROWS, BLOCK_N, DOT_PRECISION, WIDE_OFFSETS, FP8_QUERY)
     else:
         _prefill_tile(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, block_table_row, q_start, q_len, seq_len,
-                      first_token, kv_head, window, qk_scale, v_tile_scale, v_scale, stride_qt, stride_qh, stride_ot,
-                      stride_oh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, GROUP, HEAD_DIM,
-                      PAGE, BLOCK_M, BLOCK_N, DOT_PRECISION, WIDE_OFFSETS, FP8_QUERY)
+                      first_token, kv_head, window, qk_scale, v_scale, stride_qt, stride_qh, stride_ot,
+                      stride_oh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_vd, GROUP,
+                      HEAD_DIM, PAGE, BLOCK_M, BLOCK_N, DOT_PRECISION, WIDE_OFFSETS, FP8_QUERY)
 
 
 @triton.jit(do_not_specialize=["keys_per_split", "num_splits", "stride_bt"])
 def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, partial_out_ptr, partial_lse_ptr, seq_lens_ptr,
-                         block_tables_ptr, window, qk_scale, v_tile_scale, v_scale, keys_per_split, num_splits,
+                         block_tables_ptr, window, qk_scale, v_scale, keys_per_split, num_splits,
                          num_heads,
                          stride_qb, stride_qh, stride_ob, stride_oh, stride_kb, stride_ks, stride_kh,
-                         stride_vb, stride_vs, stride_vh, stride_bt,
+                         stride_vb, stride_vs, stride_vh, stride_vd, stride_bt,
                          GROUP: tl.constexpr, GROUP_ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
                          BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
                          WIDE_OFFSETS: tl.constexpr):
@@ -333,8 +333,10 @@ def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, partial_out_p
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + seq)
-    # splits cover the keys the query sees: [seq_len - window, seq_len) for a sliding-window layer
-    split_start = tl.maximum(seq_len - window, 0) + split * keys_per_split
+    # the query sees keys [window_start, seq_len) (window_start > 0 on a sliding-window layer); the splits, and
+    # the key tiles in them, start at multiples of BLOCK_N from the tile that holds window_start
+    window_start = tl.maximum(seq_len - window, 0)
+    split_start = window_start // BLOCK_N * BLOCK_N + split * keys_per_split
     if SPLIT:
         if split_start >= seq_len:
             return  # the reduction reads only splits that hold keys
@@ -353,19 +355,27 @@ def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, partial_out_p
     l_i = tl.zeros([GROUP_ROWS], tl.float32)
     acc = tl.zeros([GROUP_ROWS, HEAD_DIM], tl.float32)
     block_table_row = block_tables_ptr + seq * stride_bt
-    # the query sees every key of the split (it starts at or past the window's first key and ends at or before
-    # the query's own), and keys_per_split is a multiple of BLOCK_N: only a last, partial tile needs the mask
-    full_end = split_start + (split_end - split_start) // BLOCK_N * BLOCK_N
-    for key_start in range(split_start, full_end, BLOCK_N):
+    tiles_start = split_start
+    if tiles_start < window_start:
+        # the window's first tile starts before it: masked (only split 0 of a sliding-window layer)
+        acc, m_i, l_i = _attend_key_tile(acc, m_i, l_i, q, q_pos, tiles_start, block_table_row, k_cache_ptr,
+                                         v_cache_ptr, kv_head, seq_len, window, qk_scale, stride_kb, stride_ks,
+                                         stride_kh, stride_vb, stride_vs, stride_vh, stride_vd, PAGE, BLOCK_N,
+                                         HEAD_DIM, True, DOT_PRECISION, WIDE_OFFSETS)
+        tiles_start += BLOCK_N
+    # the query sees every key of the tiles from there to the split's end (it ends at or before the query's own),
+    # and keys_per_split is a multiple of BLOCK_N: only a last, partial tile needs the mask
+    full_end = tiles_start + tl.maximum(split_end - tiles_start, 0) // BLOCK_N * BLOCK_N
+    for key_start in range(tiles_start, full_end, BLOCK_N):
         acc, m_i, l_i = _attend_key_tile(acc, m_i, l_i, q, q_pos, key_start, block_table_row, k_cache_ptr,
-                                         v_cache_ptr, kv_head, seq_len, window, qk_scale, v_tile_scale,
-                                         stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, PAGE,
-                                         BLOCK_N, HEAD_DIM, False, DOT_PRECISION, WIDE_OFFSETS)
+                                         v_cache_ptr, kv_head, seq_len, window, qk_scale, stride_kb, stride_ks,
+                                         stride_kh, stride_vb, stride_vs, stride_vh, stride_vd, PAGE, BLOCK_N,
+                                         HEAD_DIM, False, DOT_PRECISION, WIDE_OFFSETS)
     if full_end < split_end:
         acc, m_i, l_i = _attend_key_tile(acc, m_i, l_i, q, q_pos, full_end, block_table_row, k_cache_ptr,
-                                         v_cache_ptr, kv_head, seq_len, window, qk_scale, v_tile_scale,
-                                         stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, PAGE,
-                                         BLOCK_N, HEAD_DIM, True, DOT_PRECISION, WIDE_OFFSETS)
+                                         v_cache_ptr, kv_head, seq_len, window, qk_scale, stride_kb, stride_ks,
+                                         stride_kh, stride_vb, stride_vs, stride_vh, stride_vd, PAGE, BLOCK_N,
+                                         HEAD_DIM, True, DOT_PRECISION, WIDE_OFFSETS)
     if not SPLIT:
         # an empty context (padding rows of a graph batch) yields zeros, not NaN
         out = acc * (v_scale / tl.maximum(l_i, 1e-30))[:, None]
@@ -381,11 +391,13 @@ def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, partial_out_p
 @triton.jit(do_not_specialize=["keys_per_split", "num_splits"])
 def _decode_reduce_kernel(partial_out_ptr, partial_lse_ptr, out_ptr, seq_lens_ptr, window, keys_per_split,
                           num_splits, num_heads, stride_ob, stride_oh, HEAD_DIM: tl.constexpr,
-                          MAX_SPLITS: tl.constexpr):
+                          MAX_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr):
     seq = tl.program_id(0)
     head = tl.program_id(1)
     seq_len = tl.load(seq_lens_ptr + seq)
-    num_used = tl.minimum(tl.cdiv(tl.minimum(seq_len, window), keys_per_split), num_splits)
+    # the split kernel's splits start at the tile that holds the window's first key
+    tiles_start = tl.maximum(seq_len - window, 0) // BLOCK_N * BLOCK_N
+    num_used = tl.minimum(tl.cdiv(seq_len - tiles_start, keys_per_split), num_splits)
     splits = tl.arange(0, MAX_SPLITS)
     used = splits < num_used
     partial_row = (seq * num_heads + head) * num_splits + splits
@@ -459,20 +471,11 @@ def prefill_launch_config(head_dim: int, group: int, max_query_len: int, dtype: 
                 FP8_QUERY=fp8_query)
 
 
-def _split_v_scale(v_scale: float) -> tuple[float, float]:
-    """v_scale as (a factor in [1, 2) that fp16 holds exactly, the rest): the kernels multiply an fp8 V tile by the
-    first and the output by the second, so the tile's factor never leaves fp16's normal range."""
-    mantissa, _ = math.frexp(v_scale)   # v_scale = mantissa * 2^exponent, mantissa in [0.5, 1)
-    tile_scale = struct.unpack("e", struct.pack("e", 2.0 * mantissa))[0]   # rounded to fp16
-    return tile_scale, v_scale / tile_scale
-
-
 def _paged_prefill(q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale, max_query_len, out,
                    config: dict, sliding_window: int | None = None, k_scale: float = 1.0,
                    v_scale: float = 1.0) -> torch.Tensor:
     group = _check_attention_shapes(q, k_cache)
     k_scale, v_scale = kv_scales(k_cache, k_scale, v_scale)
-    v_tile_scale, v_scale = _split_v_scale(v_scale)
     num_tokens, num_seqs = q.shape[0], seq_lens.shape[0]
     if num_tokens == 0:
         return out
@@ -482,8 +485,8 @@ def _paged_prefill(q, k_cache, v_cache, query_start_loc, seq_lens, block_tables,
     config = dict(FP8_QUERY=False) | config
     _prefill_kernel[grid](
         q, k_cache, v_cache, out, query_start_loc, seq_lens, block_tables, _window(sliding_window),
-        scale * k_scale * _LOG2E, v_tile_scale, v_scale, num_seqs,
-        q.stride(0), q.stride(1), out.stride(0), out.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3],
+        scale * k_scale * _LOG2E, v_scale, num_seqs,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1), *k_cache.stride()[:3], *v_cache.stride(),
         block_tables.stride(0), GROUP=group, HEAD_DIM=q.shape[2], PAGE=k_cache.shape[1],
         SHORT_ROWS=min(config["BLOCK_M"], _short_rows(group)), DOT_PRECISION=_dot_precision(q.dtype),
         WIDE_OFFSETS=_wide_offsets(k_cache, v_cache), **config)
@@ -503,14 +506,21 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
 
 
 _DECODE_MAX_SPLITS = 64
+_DECODE_MAX_BLOCK_N = 128
 _DECODE_MIN_KEYS_PER_SPLIT = 256
+
+
+def decode_max_keys(table_keys: int, sliding_window: int | None) -> int:
+    """The most keys a decode split kernel's splits must cover for block tables of table_keys keys: a sliding
+    window's, counted from the start of the key tile that holds its first (tiles are at most 128 keys)."""
+    return table_keys if sliding_window is None else min(table_keys, sliding_window + _DECODE_MAX_BLOCK_N - 1)
 
 
 def decode_launch_config(batch: int, num_kv_heads: int, head_dim: int, max_keys: int, device: torch.device,
                          dtype: torch.dtype, num_splits: int | None = None) -> dict:
     """Split the context so that batch x kv heads x splits is about 2 programs of 4 warps per SM (3 of one warp),
     but no split holds fewer than 256 keys (swept on an H100: more splits only add partials to write and reduce).
-    Only shapes go in (max_keys = block_tables.shape[1] * block_size), so the launch can be captured in a CUDA graph.
+    Only shapes go in (max_keys from `decode_max_keys`), so the launch can be captured in a CUDA graph.
     16-bit models (head_dim <= 128) take one warp per program over 32-key tiles, 5 stages deep, over either cache,
     swept on an H200 (docs/benchmarks.md, 2026-12-01): over an fp8 cache 1.04-1.28x the 4-warp 128-key tiles on
     batches of 32-856 rows (small programs let more of them overlap their loads on each SM), over a 16-bit cache as
@@ -536,7 +546,6 @@ def _paged_decode(q, k_cache, v_cache, seq_lens, block_tables, scale, out, confi
                   sliding_window: int | None = None, k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
     group = _check_attention_shapes(q, k_cache)
     k_scale, v_scale = kv_scales(k_cache, k_scale, v_scale)
-    v_tile_scale, v_scale = _split_v_scale(v_scale)
     batch, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
     num_splits, keys_per_split = config["num_splits"], config["keys_per_split"]
@@ -552,10 +561,10 @@ def _paged_decode(q, k_cache, v_cache, seq_lens, block_tables, scale, out, confi
         partial_out = partial_lse = out  # unused: the split kernel writes `out` directly
     _decode_split_kernel[(batch, num_kv_heads, num_splits)](
         q, k_cache, v_cache, out, partial_out, partial_lse, seq_lens, block_tables, _window(sliding_window),
-        scale * k_scale * _LOG2E, v_tile_scale, v_scale, keys_per_split, num_splits, num_heads, q.stride(0),
+        scale * k_scale * _LOG2E, v_scale, keys_per_split, num_splits, num_heads, q.stride(0),
         q.stride(1),
         out.stride(0), out.stride(1),
-        *k_cache.stride()[:3], *v_cache.stride()[:3], block_tables.stride(0),
+        *k_cache.stride()[:3], *v_cache.stride(), block_tables.stride(0),
         GROUP=group, GROUP_ROWS=_short_rows(group), HEAD_DIM=head_dim, PAGE=k_cache.shape[1],
         BLOCK_N=config["BLOCK_N"], SPLIT=num_splits > 1, DOT_PRECISION=_dot_precision(q.dtype),
         WIDE_OFFSETS=_wide_offsets(k_cache, v_cache),
@@ -564,7 +573,7 @@ def _paged_decode(q, k_cache, v_cache, seq_lens, block_tables, scale, out, confi
         _decode_reduce_kernel[(batch, num_heads)](
             partial_out, partial_lse, out, seq_lens, _window(sliding_window), keys_per_split, num_splits, num_heads,
             out.stride(0),
-            out.stride(1), HEAD_DIM=head_dim, MAX_SPLITS=_DECODE_MAX_SPLITS, num_warps=4)
+            out.stride(1), HEAD_DIM=head_dim, MAX_SPLITS=_DECODE_MAX_SPLITS, BLOCK_N=config["BLOCK_N"], num_warps=4)
     return out
 
 
@@ -575,7 +584,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     it can be captured in a CUDA graph (the scales are host floats, fixed per layer). Sequences of length 0
     (graph padding) get zeros. A sliding-window layer splits only the window's keys."""
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    max_keys = min(block_tables.shape[1] * k_cache.shape[1], _window(sliding_window))
+    max_keys = decode_max_keys(block_tables.shape[1] * k_cache.shape[1], sliding_window)
     config = decode_launch_config(q.shape[0], k_cache.shape[2], q.shape[2], max_keys, q.device, q.dtype)
     return _paged_decode(q, k_cache, v_cache, seq_lens, block_tables, scale, out, config, sliding_window, k_scale,
                          v_scale)

@@ -1,4 +1,10 @@
-"""Write new keys/values into the paged KV cache at their slots (block * block_size + offset).
+"""The paged KV cache's layout, and writing new keys/values into it at their slots (block * block_size + offset).
+
+Every cache is indexed [block, slot, head, dim]. K pages are stored so (each key's head_dim contiguous); an fp8
+cache stores its V pages keys-contiguous, each head's page as [head_dim, block_size] (`cache_views`), so decode
+attention reads them as the P x V product's operand wants them, keys along the reduction: widened to fp16 in
+registers and fed to the MMA without a round trip through shared memory (docs/benchmarks.md, sixteenth session:
+1.2x on the fp8 decode kernel with pages of 32). The kernels take any layout from the strides.
 
 An fp8 (float8_e4m3fn) cache holds K / k_scale and V / v_scale, saturated to e4m3's range (+-448): one scale per
 layer for K and one for V (from the checkpoint's KV-cache calibration, else 1.0). A cache in the compute dtype
@@ -11,6 +17,20 @@ import triton.language as tl
 
 KV_FP8 = torch.float8_e4m3fn
 _FP8_MAX = tl.constexpr(torch.finfo(KV_FP8).max)   # 448
+
+
+def keys_contiguous_view(buffer: torch.Tensor) -> torch.Tensor:
+    """A contiguous [num_blocks, block_size, heads, dim] buffer's memory read as pages of [heads, dim, block_size]:
+    the view is indexed [block, slot, head, dim] like any cache, with each page's keys contiguous."""
+    num_blocks, block_size, num_heads, head_dim = buffer.shape
+    return buffer.view(num_blocks, num_heads, head_dim, block_size).permute(0, 3, 1, 2)
+
+
+def cache_views(layer_buffer: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One layer's (K, V) caches from its contiguous [2, num_blocks, block_size, heads, dim] buffer: K as stored,
+    V keys-contiguous in an fp8 cache (see the module docstring)."""
+    k_cache, v_cache = layer_buffer
+    return k_cache, keys_contiguous_view(v_cache) if v_cache.dtype == KV_FP8 else v_cache
 
 
 def kv_scales(cache: torch.Tensor, k_scale: float, v_scale: float) -> tuple[float, float]:
@@ -34,16 +54,19 @@ def dequantize_kv_ref(cached: torch.Tensor, scale: float, dtype: torch.dtype) ->
 
 def store_kv_ref(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                  slot_mapping: torch.Tensor, k_scale: float = 1.0, v_scale: float = 1.0) -> None:
-    """key/value [T, Hkv, D]; caches [num_blocks, block_size, Hkv, D]; slot_mapping [T] int64, -1 = skip."""
+    """key/value [T, Hkv, D]; caches [num_blocks, block_size, Hkv, D] (any strides); slot_mapping [T] int64,
+    -1 = skip."""
     keep = slot_mapping >= 0
     if not bool(keep.all()):
         key, value, slot_mapping = key[keep], value[keep], slot_mapping[keep]
     k_scale, v_scale = kv_scales(k_cache, k_scale, v_scale)
+    block_size = k_cache.shape[1]
+    blocks, offsets = slot_mapping // block_size, slot_mapping % block_size
     for cache, new, scale in ((k_cache, key, k_scale), (v_cache, value, v_scale)):
         new = quantize_kv_ref(new, scale, cache.dtype)
-        if cache.dtype == KV_FP8:   # torch has no fp8 index_copy_: copy the bytes
+        if cache.dtype == KV_FP8:   # torch has no fp8 index_put_: copy the bytes
             cache, new = cache.view(torch.uint8), new.view(torch.uint8)
-        cache.view(-1, *cache.shape[-2:]).index_copy_(0, slot_mapping, new)
+        cache[blocks, offsets] = new
 
 
 @triton.jit
@@ -77,7 +100,7 @@ def _to_cache(x, inverse_scale, cache_ptr, QUANTIZE: tl.constexpr):
 def _store_kv_kernel(key_ptr, value_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_ptr, k_inverse_scale,
                      v_inverse_scale, num_kv_heads,
                      head_dim, stride_kt, stride_kh, stride_vt, stride_vh, stride_kcb, stride_kcs, stride_kch,
-                     stride_vcb, stride_vcs, stride_vch, PAGE: tl.constexpr, HEADS_POW2: tl.constexpr,
+                     stride_vcb, stride_vcs, stride_vch, stride_vcd, PAGE: tl.constexpr, HEADS_POW2: tl.constexpr,
                      DIM_POW2: tl.constexpr, QUANTIZE: tl.constexpr):
     token = tl.program_id(0)
     slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
@@ -91,21 +114,22 @@ def _store_kv_kernel(key_ptr, value_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_
     value = tl.load(value_ptr + token * stride_vt + heads * stride_vh + dims, mask=mask)
     tl.store(k_cache_ptr + block * stride_kcb + offset * stride_kcs + heads * stride_kch + dims,
              _to_cache(key, k_inverse_scale, k_cache_ptr, QUANTIZE), mask=mask)
-    tl.store(v_cache_ptr + block * stride_vcb + offset * stride_vcs + heads * stride_vch + dims,
+    tl.store(v_cache_ptr + block * stride_vcb + offset * stride_vcs + heads * stride_vch + dims * stride_vcd,
              _to_cache(value, v_inverse_scale, v_cache_ptr, QUANTIZE), mask=mask)
 
 
 def store_kv(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
              slot_mapping: torch.Tensor, k_scale: float = 1.0, v_scale: float = 1.0) -> None:
-    """Triton twin of `store_kv_ref`: one program per token; key/value may be strided views (last dim dense)."""
+    """Triton twin of `store_kv_ref`: one program per token; key/value may be strided views (last dim dense), the
+    V cache keys-contiguous (its head_dim strided)."""
     num_tokens, num_kv_heads, head_dim = key.shape
     if num_tokens == 0:
         return
-    assert key.stride(2) == value.stride(2) == k_cache.stride(3) == v_cache.stride(3) == 1
+    assert key.stride(2) == value.stride(2) == k_cache.stride(3) == 1
     k_scale, v_scale = kv_scales(k_cache, k_scale, v_scale)
     _store_kv_kernel[(num_tokens,)](
         key, value, k_cache, v_cache, slot_mapping, 1.0 / k_scale, 1.0 / v_scale, num_kv_heads, head_dim, key.stride(0),
-        key.stride(1), value.stride(0), value.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3],
+        key.stride(1), value.stride(0), value.stride(1), *k_cache.stride()[:3], *v_cache.stride(),
         PAGE=k_cache.shape[1], HEADS_POW2=triton.next_power_of_2(num_kv_heads),
         DIM_POW2=triton.next_power_of_2(head_dim), QUANTIZE=k_cache.dtype == KV_FP8,
         num_warps=4 if num_kv_heads * head_dim >= 1024 else 1)

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 import torch
 
+from batchgen.kernels.store_kv import KV_FP8, keys_contiguous_view, quantize_kv_ref
+
 # relative L2 error allowed against an fp32 reference computation on the same inputs
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 # Where kernel tests run the Triton launchers: on the GPU when there is one (they take CUDA tensors only), else
@@ -77,6 +79,14 @@ def random_paged_batch(chunks: list[tuple[int, int]], num_heads: int, num_kv_hea
         query_start_loc=query_start_loc.to(device), seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
         block_tables=block_tables.to(device), slot_mapping=slot_mapping, max_query_len=int(query_lens.max()),
         scale=head_dim ** -0.5)
+
+
+def fp8_caches(k_cache: torch.Tensor, v_cache: torch.Tensor, k_scale: float,
+               v_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Contiguous 16/32-bit caches as an fp8 cache stores them: values x 1 / scale in e4m3 (NaN poison kept), V
+    keys-contiguous as the engine lays it out (store_kv.cache_views)."""
+    k_fp8, v_fp8 = quantize_kv_ref(k_cache, k_scale, KV_FP8), quantize_kv_ref(v_cache, v_scale, KV_FP8)
+    return k_fp8, keys_contiguous_view(torch.empty_like(v_fp8)).copy_(v_fp8)
 
 
 def relative_l2(out: torch.Tensor, ref: torch.Tensor) -> float:

@@ -2,7 +2,7 @@
 
 The KV cache is one tensor [num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim] allocated once, in
 the compute dtype or fp8 (one byte an element: twice the tokens in the same memory); each attention layer gets
-its two views. On CUDA, decode-only steps replay CUDA graphs captured for
+its two views (`store_kv.cache_views`: an fp8 cache's V pages are keys-contiguous). On CUDA, decode-only steps replay CUDA graphs captured for
 padded batch sizes, which removes the per-kernel launch cost that dominates small models and small batches.
 
 KV sizing. On CUDA the cache gets what the rest of a step does not need, measured rather than estimated:
@@ -26,6 +26,7 @@ from batchgen.engine.prompt_logprobs import PromptPositions
 from batchgen.engine.request import Request
 from batchgen.engine.scheduler import ScheduledBatch
 from batchgen.engine.transfer import to_device
+from batchgen.kernels.store_kv import cache_views
 from batchgen.models.attention import AttentionMetadata
 from batchgen.models.config import ModelConfig
 
@@ -148,7 +149,7 @@ class ModelRunner:
         self.kv_cache = torch.zeros(c.num_hidden_layers, 2, num_blocks, self.block_size, self.num_kv_heads,
                                     c.head_dim, dtype=self.kv_cache_dtype, device=self.device)
         for layer, layer_cache in zip(self.model.attention_layers, self.kv_cache):
-            layer.k_cache, layer.v_cache = layer_cache[0], layer_cache[1]
+            layer.k_cache, layer.v_cache = cache_views(layer_cache)
 
     def release_kv_cache(self) -> None:
         """Drop the cache (the profiling placeholder) and hand its memory back to the device."""

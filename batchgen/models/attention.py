@@ -51,7 +51,7 @@ class Attention(nn.Module):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim, self.scale = num_heads, num_kv_heads, head_dim, scale
         self.sliding_window = sliding_window
-        # [num_blocks, block_size, num_kv_heads, head_dim] each; views into the runner's cache tensor
+        # [num_blocks, block_size, num_kv_heads, head_dim] each (any strides); views into the runner's cache tensor
         self.k_cache = torch.empty(0)
         self.v_cache = torch.empty(0)
         # host floats, not tensors: fixed once loaded, so CUDA graphs capture them and no step reads the device

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from batchgen.kernels import paged_attention as pa
-from batchgen.kernels.store_kv import KV_FP8, quantize_kv_ref, store_kv
-from batchgen.kernels.testing import (TEST_DEVICE as DEVICE, TEST_DTYPES as DTYPES, TOLERANCE, random_paged_batch,
-                                      relative_l2)
+from batchgen.kernels.store_kv import KV_FP8, store_kv
+from batchgen.kernels.testing import (TEST_DEVICE as DEVICE, TEST_DTYPES as DTYPES, TOLERANCE, fp8_caches,
+                                      random_paged_batch, relative_l2)
 
 # (cached_len, query_len) per sequence, block size
 PREFILL_MIXES = {
@@ -273,7 +273,7 @@ def test_sliding_window_prefill_matches_reference(mix, window, dtype):
 def test_sliding_window_decode_matches_reference(num_splits, window):
     batch = random_paged_batch([(n - 1, 1) for n in DECODE_LENGTHS], num_heads=8, num_kv_heads=2, head_dim=32,
                                block_size=16, dtype=torch.float32, device=DEVICE, seed=window)
-    max_keys = min(batch.block_tables.shape[1] * 16, window)
+    max_keys = pa.decode_max_keys(batch.block_tables.shape[1] * 16, window)
     config = pa.decode_launch_config(len(DECODE_LENGTHS), 2, 32, max_keys, batch.q.device, torch.float32, num_splits)
     out = pa._paged_decode(batch.q, batch.k_cache, batch.v_cache, batch.seq_lens, batch.block_tables, batch.scale,
                            torch.empty_like(batch.q), config, window)
@@ -295,11 +295,9 @@ FP8_QUERY_DTYPES = list(dict.fromkeys(DTYPES + [torch.bfloat16]))
 
 
 def _fp8_caches(batch) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
-    """(the batch's caches in fp8, NaN poison kept; the same without the poison, for the references)."""
-    k_scale, v_scale = FP8_SCALES
-    clean_k, clean_v = batch.clean_caches()
-    return ((quantize_kv_ref(batch.k_cache, k_scale, KV_FP8), quantize_kv_ref(batch.v_cache, v_scale, KV_FP8)),
-            (quantize_kv_ref(clean_k, k_scale, KV_FP8), quantize_kv_ref(clean_v, v_scale, KV_FP8)))
+    """(the batch's caches in fp8 as the engine lays them out, NaN poison kept; the same without the poison, for the
+    references)."""
+    return fp8_caches(batch.k_cache, batch.v_cache, *FP8_SCALES), fp8_caches(*batch.clean_caches(), *FP8_SCALES)
 
 
 # (dtype, fp8_query): the query in fp8 too is for 16-bit models (its P x V runs in fp16)
@@ -348,7 +346,7 @@ def test_fp8_cache_decode_matches_reference(num_splits, window, dtype):
     batch = random_paged_batch([(n - 1, 1) for n in DECODE_LENGTHS], num_heads=8, num_kv_heads=2, head_dim=32,
                                block_size=16, dtype=dtype, device=DEVICE, seed=num_splits + (window or 0))
     (k_cache, v_cache), (clean_k, clean_v) = _fp8_caches(batch)
-    max_keys = min(batch.block_tables.shape[1] * 16, window or 1 << 30)
+    max_keys = pa.decode_max_keys(batch.block_tables.shape[1] * 16, window)
     config = pa.decode_launch_config(len(DECODE_LENGTHS), 2, 32, max_keys, batch.q.device, dtype, num_splits)
     out = pa._paged_decode(batch.q, k_cache, v_cache, batch.seq_lens, batch.block_tables, batch.scale,
                            torch.empty_like(batch.q), config, window, *FP8_SCALES)
@@ -371,8 +369,9 @@ def _fp8_store_then_attend(chunks, seed):
     batch = random_paged_batch(chunks, num_heads=4, num_kv_heads=2, head_dim=32, block_size=16, dtype=torch.float32,
                                seed=seed, device=DEVICE)
     (k_cache, v_cache), _ = _fp8_caches(batch)
+    assert v_cache.stride(1) == 1   # keys-contiguous
     for cache in (k_cache, v_cache):
-        cache.view(-1, 2, 32)[batch.slot_mapping] = float("nan")
+        cache[batch.slot_mapping // 16, batch.slot_mapping % 16] = float("nan")
     store_kv(batch.key, batch.value, k_cache, v_cache, batch.slot_mapping, *FP8_SCALES)
     return batch, k_cache, v_cache
 

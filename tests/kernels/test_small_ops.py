@@ -5,7 +5,7 @@ import torch
 from batchgen.kernels.activation import gelu_tanh_and_mul, gelu_tanh_and_mul_ref, silu_and_mul, silu_and_mul_ref
 from batchgen.kernels.rms_norm import rms_norm, rms_norm_ref
 from batchgen.kernels.rotary import rotary_embedding, rotary_embedding_ref
-from batchgen.kernels.store_kv import KV_FP8, store_kv, store_kv_ref
+from batchgen.kernels.store_kv import KV_FP8, cache_views, store_kv, store_kv_ref
 from batchgen.kernels.testing import TEST_DEVICE as DEVICE, TEST_DTYPES as DTYPES, TOLERANCE, relative_l2
 
 
@@ -47,16 +47,18 @@ def test_store_kv_quantizes_to_fp8_like_the_reference(dtype):
     slot_mapping = torch.randperm(3 * block_size)[:num_tokens].to(DEVICE)
     slot_mapping[[4, 8]] = -1
     key[[4, 8]] = float("nan")
-    k_cache = torch.zeros(3, block_size, num_kv_heads, head_dim, dtype=KV_FP8, device=DEVICE)
-    v_cache = torch.zeros_like(k_cache)
-    k_ref, v_ref = k_cache.clone(), v_cache.clone()
+    # one layer's caches as the engine lays them out: V keys-contiguous, each page's head [head_dim, block_size]
+    buffer, ref_buffer = (torch.zeros(2, 3, block_size, num_kv_heads, head_dim, dtype=KV_FP8, device=DEVICE)
+                          for _ in range(2))
+    (k_cache, v_cache), (k_ref, v_ref) = cache_views(buffer), cache_views(ref_buffer)
     store_kv_ref(key, value, k_ref, v_ref, slot_mapping, k_scale, v_scale)
     store_kv(key, value, k_cache, v_cache, slot_mapping, k_scale, v_scale)
-    assert torch.equal(k_cache.view(torch.uint8), k_ref.view(torch.uint8))
-    assert torch.equal(v_cache.view(torch.uint8), v_ref.view(torch.uint8))
-    stored_k = k_ref.float().view(-1, num_kv_heads, head_dim)[slot_mapping[0]]
+    assert torch.equal(buffer.view(torch.uint8), ref_buffer.view(torch.uint8))
+    block, slot = slot_mapping // block_size, slot_mapping % block_size
+    stored_k = k_ref.float()[block[0], slot[0]]
     assert stored_k[0, :8].tolist() == [32.0, 16.0, 8.0, 2.0, 2 ** -8, -32.0, 448.0, -448.0]
-    assert v_ref.view(torch.uint8).view(-1, num_kv_heads, head_dim)[slot_mapping[1], 1, 4] == 0x80
+    v_pages = ref_buffer[1].view(torch.uint8).view(3, num_kv_heads, head_dim, block_size)
+    assert v_pages[block[1], 1, 4, slot[1]] == 0x80
     assert torch.isfinite(k_ref.float()).all() and torch.isfinite(v_ref.float()).all()
 
 
