@@ -109,7 +109,7 @@ call_kernels-ab() {   # kernels_gpu.py as installed (A) and with .ab/'s kernel f
     --kernels-from .ab
   python3 benchmarks/kernels_gpu.py --compare "$OUT/kernels_a.txt" "$OUT/kernels_b.txt"
 }
-call_decode-latency() {   # not yet run on a card: written when the fifteenth session's machine was withdrawn
+call_decode-latency() {   # ncu on the launch the engine runs (docs/benchmarks.md, sixteenth session: what limits it)
   local ncu
   part decode_sweep 200 python3 benchmarks/kernels_gpu.py --only decode --sweep --dtypes bfloat16
   ncu=$(command -v ncu || ls /usr/local/cuda*/bin/ncu 2>/dev/null | head -n 1)

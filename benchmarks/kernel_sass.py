@@ -2,9 +2,9 @@
 for sm_90 with the installed Triton (its bundled ptxas and nvdisasm) as the runtime would build it at a decode shape,
 and the SASS of its longest loop is counted by opcode:
 
-- decode attention (Llama-3.1-8B: GQA group 4, head_dim 128) over a bf16 and an fp8 KV cache laid out as the
-  engine has them (`cache_layout`), one tile of BLOCK_N keys per iteration. A tile of 128 keys x 128 dims of K and V is 32 KiB in fp8: to stream 4.8 TB/s
-  over 132 SMs at ~1.75 GHz, each SM must finish one every ~1,580 cycles.
+- decode attention (Llama-3.1-8B: GQA group 4, head_dim 128) over a bf16 and an fp8 KV cache laid out as the engine
+  has them (`cache_layout`), one tile of BLOCK_N keys per iteration. A tile of 128 keys x 128 dims of K and V is 32
+  KiB in fp8: to stream 4.8 TB/s over 132 SMs at ~1.75 GHz, each SM must finish one every ~1,580 cycles.
 - the fused MoE grouped GEMM at decode rows (16 rows of one expert, 128 output columns, 64-deep K steps) with bf16
   and fp8 expert weights and bf16 activations: an fp8 64 x 128 weight tile (8 KiB) every ~400 cycles.
 - the sampler's token pick (`kernels/pick_tokens.py`), with and without the race's noise.

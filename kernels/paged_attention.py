@@ -226,7 +226,8 @@ def _prefill_tile(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, block_table_row, q_s
                   kv_head, window, qk_scale, v_scale, stride_qt, stride_qh, stride_ot, stride_oh,
                   stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_vd,
                   GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, ROWS: tl.constexpr,
-                  BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, WIDE_OFFSETS: tl.constexpr, FP8_QUERY: tl.constexpr):
+                  BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, WIDE_OFFSETS: tl.constexpr,
+                  FP8_QUERY: tl.constexpr):
     """Attention of ROWS // GROUP query tokens from first_token on, x the GROUP heads of kv_head (row r: token
     r // GROUP, head r % GROUP of the group), over their causal context (within the window)."""
     TOKENS: tl.constexpr = ROWS // GROUP
@@ -526,7 +527,8 @@ def decode_launch_config(batch: int, num_kv_heads: int, head_dim: int, max_keys:
     batches of 32-856 rows (small programs let more of them overlap their loads on each SM), over a 16-bit cache as
     fast on 256-856 rows and 1.02-1.16x on 1-64 rows of 4k-32k keys. Their splits, swept on the H200:
     8 rows of 8k keys 0.072 ms at 5 splits, 0.059 at 10, 0.071 at 20; 64 rows of 4k keys best unsplit (0.178 ms,
-    0.199 at 2); one row of 32k keys best at 64."""
+    0.199 at 2); one row of 32k keys best at 64. 16-key tiles (10 programs an SM) and 7 stages lost or tied
+    (sixteenth session), as did every launch over the old fp8 V pages, which the keys-contiguous ones beat 1.2-1.3x."""
     if dtype != torch.float32 and head_dim <= 128:
         block_n, num_warps, num_stages = 32, 1, 5
     else:

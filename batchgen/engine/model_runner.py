@@ -1,9 +1,10 @@
 """Turns a scheduled batch into one flat forward pass and returns the logits of the positions that sample.
 
-The KV cache is one tensor [num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim] allocated once, in
-the compute dtype or fp8 (one byte an element: twice the tokens in the same memory); each attention layer gets
-its two views (`store_kv.cache_views`: an fp8 cache's V pages are keys-contiguous). On CUDA, decode-only steps replay CUDA graphs captured for
-padded batch sizes, which removes the per-kernel launch cost that dominates small models and small batches.
+The KV cache is one tensor [num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim] allocated once, in the
+compute dtype or fp8 (one byte an element: twice the tokens in the same memory); each attention layer gets its two
+views (`store_kv.cache_views`: an fp8 cache's V pages are keys-contiguous). On CUDA, decode-only steps replay CUDA
+graphs captured for padded batch sizes, which removes the per-kernel launch cost that dominates small models and
+small batches.
 
 KV sizing. On CUDA the cache gets what the rest of a step does not need, measured rather than estimated:
 the engine runs its own step on a full batch (the token budget through the model, the sampler on

@@ -46,6 +46,9 @@ def test_fp8_kv_cache_logits_and_greedy_tokens_stay_near_the_fp32_cache(tiny_mod
         exact_tokens, exact_logits = greedy_with_logits(llm, prompts)
     with caplog.at_level(logging.WARNING), LLM(model_dir, device="cpu", kv_cache_dtype="fp8") as llm:
         assert llm.engine.runner.kv_cache.dtype == torch.float8_e4m3fn
+        # pages of 32 tokens, V keys-contiguous (kernels/store_kv.py): the references read it through its strides
+        v_cache = llm.engine.runner.model.attention_layers[0].v_cache
+        assert llm.engine.config.block_size == 32 and v_cache.shape[1] == 32 and v_cache.stride(1) == 1
         fp8_tokens, fp8_logits = greedy_with_logits(llm, prompts)
     assert "no K/V scales" in caplog.text   # the tiny checkpoint has none: scale 1.0, said once
     errors, same_argmax, first_difference = [], 0, []
