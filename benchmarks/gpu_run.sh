@@ -20,7 +20,7 @@
 #   fp8-3000    x1  8B fp8 + fp8 KV 1000/1000 x 3,000 (TensorRT-LLM's count), then 500/2000 x 800          (~7 min)
 #   fp8-70b     x1  70B shape, fp8 weights + fp8 KV on one card, 1000/1000 x 1,000 requests              (~9 min)
 #   kernel-tests x1 pytest -n 8 tests/kernels on the card (pytest-xdist carried in .whl)                  (~3 min)
-#   decode-latency x1  the decode sweep (16-key tiles and 7 stages included), then Nsight Compute on one
+#   decode-latency x1  the decode sweep (launch configs at several split counts), then Nsight Compute on one  
 #                   decode-attention launch over each cache (856 rows): occupancy, warp stall reasons     (~6 min)
 #   kernels-ab  x1  attention (or AB_ONLY's kernels) as installed against the kernel files in .ab/          (~2 min)
 #   shapes      x2  8B fp8 + fp8 KV on TensorRT-LLM's shapes: 128/2048, 500/2000 x 1,000, 2048/2048 x 750,
