@@ -176,14 +176,22 @@ def _attend_key_tile(acc, m_i, l_i, q, q_pos, key_start, block_table_row, k_cach
     dims = tl.arange(0, HEAD_DIM)
     in_context = key_pos < seq_len
     # a masked tile's keys past the context read the last page's block (their scores and values are masked), so
-    # that with pages of a power of two each run of min(PAGE, BLOCK_N) keys shares one block, as the hints below
-    # tell Triton: a keys-contiguous V cache's loads then become 16-byte vectors along the keys
-    page = (tl.minimum(key_pos, tl.maximum(seq_len - 1, 0)) if MASKED else key_pos) // PAGE
-    block = tl.load(block_table_row + page)
+    # that with pages of a power of two each run of min(PAGE, BLOCK_N) keys shares one block: a keys-contiguous V
+    # cache's loads then become 16-byte vectors along the keys. There the tile's block numbers are read one per
+    # page, as scalars, not one per key: a vector of them is read twice, in the K and the V tile's layouts, and
+    # the V one's 4-byte copies cost the fp8 prefill loop ~190 of its 969 instructions (kernel_sass.py).
     if (PAGE & (PAGE - 1)) == 0:
-        RUN: tl.constexpr = PAGE if PAGE < BLOCK_N else BLOCK_N
+        PAGES: tl.constexpr = BLOCK_N // PAGE if PAGE < BLOCK_N else 1
+        first_page = key_start // PAGE
+        last_page = tl.maximum(seq_len - 1, 0) // PAGE
+        block = tl.load(block_table_row + (tl.minimum(first_page, last_page) if MASKED else first_page))
+        for i in tl.static_range(1, PAGES):
+            page = tl.minimum(first_page + i, last_page) if MASKED else first_page + i
+            block = tl.where(tl.arange(0, BLOCK_N) // PAGE == i, tl.load(block_table_row + page), block)
         key_pos = tl.multiple_of(key_pos, BLOCK_N)
-        block = tl.max_constancy(block, RUN)
+    else:
+        page = (tl.minimum(key_pos, tl.maximum(seq_len - 1, 0)) if MASKED else key_pos) // PAGE
+        block = tl.load(block_table_row + page)
     if WIDE_OFFSETS:
         block = block.to(tl.int64)
     slot_in_block = key_pos % PAGE
