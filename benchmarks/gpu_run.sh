@@ -27,6 +27,7 @@
 #                   2048/128 x 3,000 (its count)                                                          (~9 min)
 #   shapes-decode x2  the one run per shape, fp8 (+ fp8 KV) and bf16 then HF: 128/2048 x 1,000 and
 #                   500/2000 x 800 (request counts that fit a call)                                      (~9 min)
+#   shape-128-2048, shape-500-2000  x1  shapes-decode's two parts, one a call, for a one-card machine   (~9 min)
 #   shapes-long x2  the same for 2048/2048 x 400 and 2048/128 x 2,000                                    (~9 min)
 #   shape-2048  x1  2048/2048 x 400 alone (shapes-long's card-0 part, for a one-card machine)             (~8 min)
 #   moe         x2  Qwen3-30B-A3B (card 0) and Mixtral-8x7B (card 1): W1 x 1,000, 1000/1000 x 1,000 (Mixtral
@@ -155,9 +156,15 @@ call_shapes() {   # fp8 weights + fp8 KV, TensorRT-LLM's four other shapes
 }
 # the "one run per shape": fp8 (+ fp8 KV) and bf16 (+ bf16 KV) on the same prompts, then HF on a sample
 SHAPE_RUN=(python3 benchmarks/engine_gpu.py --quantization fp8 none --kv-cache-dtype fp8 auto --paired)
+call_shape-128-2048() {
+  part both_128_2048 560 "${SHAPE_RUN[@]}" --shape 128/2048 --num-requests 1000 --hf-sample 8
+}
+call_shape-500-2000() {
+  part both_500_2000 560 "${SHAPE_RUN[@]}" --shape 500/2000 --num-requests 800 --hf-sample 8
+}
 call_shapes-decode() {
-  on_gpu 0 part both_128_2048 560 "${SHAPE_RUN[@]}" --shape 128/2048 --num-requests 1000 --hf-sample 8 &
-  on_gpu 1 part both_500_2000 560 "${SHAPE_RUN[@]}" --shape 500/2000 --num-requests 800 --hf-sample 8 &
+  on_gpu 0 call_shape-128-2048 &
+  on_gpu 1 call_shape-500-2000 &
   wait
 }
 call_shape-2048() {
