@@ -22,6 +22,8 @@
 #   kernel-tests x1 pytest -n 8 tests/kernels on the card (pytest-xdist carried in .whl)                  (~3 min)
 #   decode-latency x1  the decode sweep (launch configs at several split counts), then Nsight Compute on one  
 #                   decode-attention launch over each cache (856 rows): occupancy, warp stall reasons     (~6 min)
+#   overlap     x1  overlap_gpu.py: half a decode batch's attention beside the other half's GEMMs, the GEMMs
+#                   held off 16-66 SMs (cuBLASLt's SM count target), at 2048/2048's, 1000/1000's, W1's rows (~8 min)
 #   kernels-ab  x1  attention (or AB_ONLY's kernels) as installed against the kernel files in .ab/          (~2 min)
 #   shapes      x2  8B fp8 + fp8 KV on TensorRT-LLM's shapes: 128/2048, 500/2000 x 1,000, 2048/2048 x 750,
 #                   2048/128 x 3,000 (its count)                                                          (~9 min)
@@ -102,6 +104,11 @@ call_fp8-one() {   # one card: the kernels' tests, the kernels in bf16 (no sweep
   part kernel_tests 170 "${KERNEL_TESTS[@]}"
   part kernels 90 python3 benchmarks/kernels_gpu.py --dtypes bfloat16
   fp8_kv_1000
+}
+call_overlap() {   # one half batch's decode attention beside the other's GEMMs held off N SMs (overlap_gpu.py)
+  part overlap_2048 200 python3 benchmarks/overlap_gpu.py --rows 400 --keys 2500 3500 --carveout 16 32 48 66
+  part overlap_1000 150 python3 benchmarks/overlap_gpu.py --rows 856 --keys 1500 1700 --carveout 32 66
+  part overlap_w1 150 python3 benchmarks/overlap_gpu.py --bf16 --rows 480 --keys 512 768 --carveout 32 66
 }
 call_kernels-ab() {   # kernels_gpu.py as installed (A) and with .ab/'s kernel files (B), on one machine; AB_ONLY
   # picks the kernels (default decode,prefill); prepare .ab/ here: git show COMMIT:kernels/X.py > .ab/X.py; carry .ab

@@ -5,10 +5,18 @@ model). Splitting a step's rows in two halves and running one half's attention b
 second stream could hide part of the GEMMs, if the two kernels share the SMs well. This times, for the Llama-3.1-8B
 shape on one GPU, per layer: half A's decode attention alone, half B's layer GEMMs (with their fp8 activation
 quantization) alone, the two one after another, and the two on two streams, joined after every pair as a two-half
-pipeline must (A's GEMMs need A's attention), and unjoined (the bound). All in CUDA graphs of 32 layers.
+pipeline must (A's GEMMs need A's attention), and unjoined (the bound); and the step as the engine runs it, the whole
+batch one kernel after another. GEMMs run at the rows their decode graph pads to. All in CUDA graphs of 32 layers.
+
+Side by side, the attention programs took every SM and the GEMMs waited for them (docs/benchmarks.md, 2026-12-01).
+`--carveout N ...` also runs the pipeline with the GEMMs held to all SMs but N (cuBLASLt's SM count target, which
+torch sets from `torch._C._set_sm_carveout_experimental` when the GEMM is captured) on a high-priority stream: a
+memory-bound kernel can draw the card's bandwidth from part of its SMs, so attention on N SMs beside GEMMs on the
+rest could run the two at once.
 
     python benchmarks/overlap_gpu.py                  # fp8 weights + fp8 KV, 856 rows at 1,500-1,700 keys
     python benchmarks/overlap_gpu.py --bf16 --rows 480 --keys 512 768
+    python benchmarks/overlap_gpu.py --rows 400 --keys 2500 3500 --carveout 32 48 66   # 2048/2048's decode steps
 """
 import argparse
 import json
@@ -16,6 +24,7 @@ import json
 import torch
 import triton
 
+from batchgen.engine.model_runner import decode_graph_batch_sizes
 from batchgen.kernels import ops
 from batchgen.kernels.testing import fp8_caches, random_paged_batch
 
@@ -24,9 +33,13 @@ ARGS.add_argument("--rows", type=int, default=856, help="decode rows of the whol
 ARGS.add_argument("--keys", type=int, nargs=2, default=(1500, 1700), help="context lengths drawn in [lo, hi]")
 ARGS.add_argument("--bf16", action="store_true", help="bf16 weights and a bf16 cache instead of fp8")
 ARGS.add_argument("--layers", type=int, default=32)
+ARGS.add_argument("--carveout", type=int, nargs="*", default=[],
+                  help="also pipeline with the GEMMs kept off this many SMs (each value a run)")
 OPTS = ARGS.parse_args()
 
-HEADS, KV_HEADS, HEAD_DIM, HIDDEN, INTERMEDIATE, BLOCK = 32, 8, 128, 4096, 14336, 16
+HEADS, KV_HEADS, HEAD_DIM, HIDDEN, INTERMEDIATE = 32, 8, 128, 4096, 14336
+BLOCK = 16 if OPTS.bf16 else 32   # the engine's page size over each cache (EngineConfig.block_size)
+MAX_NUM_SEQS = 1024   # the engine's default on a GPU (EngineConfig.resolved_max_num_seqs)
 DTYPE = torch.bfloat16
 DEVICE = torch.device("cuda")
 
@@ -85,12 +98,19 @@ def graph_ms(body) -> float:
     return triton.testing.do_bench(graph.replay, warmup=5, rep=200, return_mode="median")
 
 
+def padded(rows: int) -> int:
+    """The rows the decode graph for `rows` sequences runs its GEMMs at, under the GPU's default max_num_seqs."""
+    return min(size for size in decode_graph_batch_sizes(MAX_NUM_SEQS) if size >= rows)
+
+
 def main() -> None:
     half = OPTS.rows // 2
     attend_a, kv_bytes = attention_half(half, 1)
     attend_b, _ = attention_half(OPTS.rows - half, 2)
-    gemm_a, flops = gemms_half(half)
-    gemm_b, _ = gemms_half(OPTS.rows - half)
+    attend_whole, _ = attention_half(OPTS.rows, 3)
+    gemm_a, flops = gemms_half(padded(half))
+    gemm_b, _ = gemms_half(padded(OPTS.rows - half))
+    gemm_whole, _ = gemms_half(padded(OPTS.rows))
     layers = OPTS.layers
     results = {}
 
@@ -108,10 +128,10 @@ def main() -> None:
                 s.wait_stream(main_stream)
             for _ in range(layers):
                 for attend, gemm in ((attend_a, gemm_b), (attend_b, gemm_a)):
-                    with torch.cuda.stream(first):
-                        attend()
                     with torch.cuda.stream(second):
                         gemm()
+                    with torch.cuda.stream(first):
+                        attend()
                     if joined:
                         first.wait_stream(second)
                         second.wait_stream(first)
@@ -119,6 +139,8 @@ def main() -> None:
                 main_stream.wait_stream(s)
         return body
 
+    # the step as the engine runs it: the whole batch, GEMMs at its graph's padded rows, one kernel after another
+    results["whole_batch_serial"] = graph_ms(lambda: [(attend_whole(), gemm_whole()) for _ in range(layers)])
     results["attention_only"] = graph_ms(lambda: [(attend_a(), attend_b()) for _ in range(layers)])
     results["gemms_only"] = graph_ms(lambda: [(gemm_a(), gemm_b()) for _ in range(layers)])
     results["serial"] = graph_ms(serial)
@@ -126,14 +148,22 @@ def main() -> None:
         first, second = streams(priority)
         results[f"overlap_joined_{name}"] = graph_ms(pipelined(first, second, True))
         results[f"overlap_free_{name}"] = graph_ms(pipelined(first, second, False))
+    for carveout in OPTS.carveout:
+        torch._C._set_sm_carveout_experimental(carveout)   # read by cuBLASLt calls as they are captured
+        results[f"gemms_only_carveout_{carveout}"] = graph_ms(lambda: [(gemm_a(), gemm_b()) for _ in range(layers)])
+        first, second = streams(-1)
+        results[f"overlap_joined_carveout_{carveout}"] = graph_ms(pipelined(first, second, True))
+        torch._C._set_sm_carveout_experimental(None)
     card = torch.cuda.get_device_name()
     attention, gemm = results["attention_only"], results["gemms_only"]
+    best = min(v for k, v in results.items() if k.startswith("overlap_joined"))
     record = dict(card=card, rows=OPTS.rows, keys=OPTS.keys, weights="bf16" if OPTS.bf16 else "fp8",
-                  layers=layers, kv_tb_s=round(2 * kv_bytes * layers / attention / 1e9, 2),
+                  layers=layers, gemm_rows=[padded(half), padded(OPTS.rows - half), padded(OPTS.rows)],
+                  kv_tb_s=round(2 * kv_bytes * layers / attention / 1e9, 2),
                   gemm_tflops=round(2 * flops * layers / gemm / 1e9, 1),
                   **{k: round(v, 3) for k, v in results.items()},
-                  best_overlap_vs_serial=round(results["serial"] / min(v for k, v in results.items()
-                                                                         if k.startswith("overlap_joined")), 3))
+                  best_overlap_vs_serial=round(results["serial"] / best, 3),
+                  best_overlap_vs_whole_batch=round(results["whole_batch_serial"] / best, 3))
     print(json.dumps(record), flush=True)
     print(f"\n{card}, {OPTS.rows} rows, {'bf16' if OPTS.bf16 else 'fp8'}, {layers} layers (ms per step)")
     for name, ms in results.items():
