@@ -31,7 +31,7 @@
 #                   500/2000 x 800 (request counts that fit a call)                                      (~9 min)
 #   shape-128-2048, shape-500-2000  x1  shapes-decode's two parts, one a call, for a one-card machine   (~9 min)
 #   shapes-long x2  the same for 2048/2048 x 400 and 2048/128 x 2,000                                    (~9 min)
-#   shape-2048  x1  2048/2048 x 400 alone (shapes-long's card-0 part, for a one-card machine)             (~8 min)
+#   shape-2048, shape-2048-128  x1  shapes-long's two parts, one a call, for a one-card machine   (~8, ~9 min)
 #   moe         x2  Qwen3-30B-A3B (card 0) and Mixtral-8x7B (card 1): W1 x 1,000, 1000/1000 x 1,000 (Mixtral
 #                   x 300), each beside HF static generate on its first prompts (W1: 16 / 8, 1000/1000: 8 / 4) (~10 min)
 #   moe-one     x1  Qwen3-30B-A3B W1 and Mixtral-8x7B W1 (with HF), the fused MoE kernel, the MoE logits   (~7 min)
@@ -177,9 +177,12 @@ call_shapes-decode() {
 call_shape-2048() {
   part both_2048_2048 520 "${SHAPE_RUN[@]}" --shape 2048/2048 --num-requests 400 --hf-sample 4
 }
+call_shape-2048-128() {
+  part both_2048_128 560 "${SHAPE_RUN[@]}" --shape 2048/128 --num-requests 2000 --hf-sample 8
+}
 call_shapes-long() {
   on_gpu 0 call_shape-2048 &
-  on_gpu 1 part both_2048_128 560 "${SHAPE_RUN[@]}" --shape 2048/128 --num-requests 2000 --hf-sample 8 &
+  on_gpu 1 call_shape-2048-128 &
   wait
 }
 # each MoE throughput run takes HF's static generate on a sample of the same prompts in the same run (HF's MoE
