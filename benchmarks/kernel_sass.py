@@ -138,8 +138,10 @@ def unmasked_tile_loop(sass: str) -> list[str]:
 def loop_figures(kernel, pick=longest_loop) -> dict:
     loop = pick(_tool("nvdisasm", kernel.asm["cubin"], "-c"))
     registers = re.search(r"REG:(\d+)", _tool("cuobjdump", kernel.asm["cubin"], "-res-usage")).group(1)
+    opcodes = collections.Counter(loop)
+    # local-memory loads and stores in the loop: registers spilled (the 128-row fp8 prefill tile's, at 255)
     return dict(loop_instructions=len(loop), registers=int(registers), shared_bytes=kernel.metadata.shared,
-                top_opcodes=dict(collections.Counter(loop).most_common(8)))
+                spill_ops=opcodes["LDL"] + opcodes["STL"], top_opcodes=dict(opcodes.most_common(8)))
 
 
 def main() -> int:
