@@ -177,9 +177,10 @@ def _attend_key_tile(acc, m_i, l_i, q, q_pos, key_start, block_table_row, k_cach
     in_context = key_pos < seq_len
     # a masked tile's keys past the context read the last page's block (their scores and values are masked), so
     # that with pages of a power of two each run of min(PAGE, BLOCK_N) keys shares one block: a keys-contiguous V
-    # cache's loads then become 16-byte vectors along the keys. There the tile's block numbers are read one per
-    # page, as scalars, not one per key: a vector of them is read twice, in the K and the V tile's layouts, and
-    # the V one's 4-byte copies cost the fp8 prefill loop ~190 of its 969 instructions (kernel_sass.py).
+    # cache's loads then become 16-byte vectors along the keys. With such pages the tile's block numbers are read
+    # once a page, as scalars (prefetched like the tiles): read once a key, as a vector, they were loaded twice, in
+    # the K and in the V tile's layout, and the V one's 4-byte copies took ~190 of the fp8 prefill loop's 969
+    # instructions (kernel_sass.py; prefill 1.12-1.20x faster without them, docs/benchmarks.md).
     if (PAGE & (PAGE - 1)) == 0:
         PAGES: tl.constexpr = BLOCK_N // PAGE if PAGE < BLOCK_N else 1
         first_page = key_start // PAGE
