@@ -258,7 +258,10 @@ def decode_cases():
     return {"256x512-2048": [int(n) for n in torch.randint(512, 2049, (256,), generator=g)],
             "64x4096": [4096] * 64, "8x8192": [8192] * 8, "1x32768": [32768],
             # the 8B 1000/1000 run's mean decode step (docs/benchmarks.md: fp8 KV, 856 rows)
-            "856x1500-1700": [int(n) for n in torch.randint(1500, 1701, (856,), generator=g)]}
+            "856x1500-1700": [int(n) for n in torch.randint(1500, 1701, (856,), generator=g)],
+            # 2048/2048's middle decode step: every context as long, so the programs run in whole waves (3,200 of
+            # them: 3.03 waves at 8 one-warp programs an SM, 2.69 at 9)
+            "400x3072": [3072] * 400}
 
 
 # BLOCK_N, num_warps, num_stages. 16-key tiles (more one-warp programs an SM) lost by 3-80% and 7 stages tied
