@@ -555,6 +555,8 @@ def decode_launch_config(batch: int, num_kv_heads: int, head_dim: int, max_keys:
 
 def _paged_decode(q, k_cache, v_cache, seq_lens, block_tables, scale, out, config: dict,
                   sliding_window: int | None = None, k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
+    """The decode launch under `config` (`decode_launch_config`'s, or a sweep's; its optional "maxnreg" caps the
+    split kernel's registers a thread)."""
     group = _check_attention_shapes(q, k_cache)
     k_scale, v_scale = kv_scales(k_cache, k_scale, v_scale)
     batch, num_heads, head_dim = q.shape
@@ -579,7 +581,7 @@ def _paged_decode(q, k_cache, v_cache, seq_lens, block_tables, scale, out, confi
         GROUP=group, GROUP_ROWS=_short_rows(group), HEAD_DIM=head_dim, PAGE=k_cache.shape[1],
         BLOCK_N=config["BLOCK_N"], SPLIT=num_splits > 1, DOT_PRECISION=_dot_precision(q.dtype),
         WIDE_OFFSETS=_wide_offsets(k_cache, v_cache),
-        num_warps=config["num_warps"], num_stages=config["num_stages"])
+        num_warps=config["num_warps"], num_stages=config["num_stages"], maxnreg=config.get("maxnreg"))
     if num_splits > 1:
         _decode_reduce_kernel[(batch, num_heads)](
             partial_out, partial_lse, out, seq_lens, _window(sliding_window), keys_per_split, num_splits, num_heads,
