@@ -472,11 +472,12 @@ def prefill_launch_config(head_dim: int, group: int, max_query_len: int, dtype: 
     """BLOCK_M (query rows = tokens x group heads), BLOCK_N (keys per step), warps and pipeline stages, as swept
     on an H100 with benchmarks/kernels_gpu.py. Short chunks get a short tile so few rows are wasted.
     Over an fp8 cache a 16-bit query is rounded to fp8 too (FP8_QUERY: the scores' product reads K tiles as they
-    are, fp8 x fp8) in tiles of up to 128 rows: swept on an H200 (docs/benchmarks.md, thirteenth session) 1.10-1.29x
-    the fp16 query in 64-row tiles, at 0.022-0.026 relative L2 from the unrounded query (the fp8 K/V cost 0.03)."""
+    are, fp8 x fp8): swept on an H200 (docs/benchmarks.md, thirteenth session) 1.10-1.29x the fp16 query, at
+    0.022-0.026 relative L2 from the unrounded query (the fp8 K/V cost 0.03). Its tiles hold 64 rows as well: 128-row
+    ones spill registers (kernel_sass.py) and ran 1.6-3.7% slower (H200, eighteenth session)."""
     wide = head_dim > 128 or dtype == torch.float32
     fp8_query = prefill_rounds_query_to_fp8(dtype, cache_dtype, head_dim)
-    block_m = max(_short_rows(group), min(128 if fp8_query else 64, triton.next_power_of_2(max_query_len * group)))
+    block_m = max(_short_rows(group), min(64, triton.next_power_of_2(max_query_len * group)))
     return dict(BLOCK_M=block_m, BLOCK_N=32 if wide else 64, num_warps=4, num_stages=2 if wide else 3,
                 FP8_QUERY=fp8_query)
 
@@ -555,8 +556,6 @@ def decode_launch_config(batch: int, num_kv_heads: int, head_dim: int, max_keys:
 
 def _paged_decode(q, k_cache, v_cache, seq_lens, block_tables, scale, out, config: dict,
                   sliding_window: int | None = None, k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
-    """The decode launch under `config` (`decode_launch_config`'s, or a sweep's; its optional "maxnreg" caps the
-    split kernel's registers a thread)."""
     group = _check_attention_shapes(q, k_cache)
     k_scale, v_scale = kv_scales(k_cache, k_scale, v_scale)
     batch, num_heads, head_dim = q.shape
@@ -581,7 +580,7 @@ def _paged_decode(q, k_cache, v_cache, seq_lens, block_tables, scale, out, confi
         GROUP=group, GROUP_ROWS=_short_rows(group), HEAD_DIM=head_dim, PAGE=k_cache.shape[1],
         BLOCK_N=config["BLOCK_N"], SPLIT=num_splits > 1, DOT_PRECISION=_dot_precision(q.dtype),
         WIDE_OFFSETS=_wide_offsets(k_cache, v_cache),
-        num_warps=config["num_warps"], num_stages=config["num_stages"], maxnreg=config.get("maxnreg"))
+        num_warps=config["num_warps"], num_stages=config["num_stages"])
     if num_splits > 1:
         _decode_reduce_kernel[(batch, num_heads)](
             partial_out, partial_lse, out, seq_lens, _window(sliding_window), keys_per_split, num_splits, num_heads,

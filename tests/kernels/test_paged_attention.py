@@ -181,9 +181,9 @@ def test_launch_configs_fit_the_h100_hot_shapes():
     one_warp = pa.decode_launch_config(856, 8, 128, 16 * 128, torch.device("cpu"), torch.bfloat16)
     assert (one_warp["BLOCK_N"], one_warp["num_warps"], one_warp["num_stages"]) == (32, 1, 5)
     assert pa.decode_launch_config(856, 8, 256, 16 * 128, torch.device("cpu"), torch.bfloat16)["num_warps"] == 4
-    # over an fp8 cache a long chunk takes 128-row tiles with the query in fp8; an fp32 model never rounds its query
+    # over an fp8 cache a long chunk takes 64-row tiles with the query in fp8; an fp32 model never rounds its query
     fp8_prefill = pa.prefill_launch_config(128, 4, 2048, torch.bfloat16, KV_FP8)
-    assert (fp8_prefill["BLOCK_M"], fp8_prefill["BLOCK_N"], fp8_prefill["FP8_QUERY"]) == (128, 64, True)
+    assert (fp8_prefill["BLOCK_M"], fp8_prefill["BLOCK_N"], fp8_prefill["FP8_QUERY"]) == (64, 64, True)
     assert not pa.prefill_launch_config(128, 4, 2048, torch.float32, KV_FP8)["FP8_QUERY"]
     # head sizes the Triton kernels don't run (the reference does, on the GPU too) keep their query
     assert not pa.prefill_rounds_query_to_fp8(torch.bfloat16, KV_FP8, 96)
