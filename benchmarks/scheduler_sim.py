@@ -10,9 +10,12 @@ overlap is left out).
 
     python benchmarks/scheduler_sim.py --preset 70b-fp8-tp2
     python benchmarks/scheduler_sim.py --num-blocks 58252 --input-len 1000 --output-len 1000 --num-requests 1000
+    python benchmarks/scheduler_sim.py --num-blocks 12500 --input-len 100 --input-len-max 1024 --output-len 100 \
+        --output-len-max 1024 --num-requests 3000        # lengths drawn as in W2
 """
 import argparse
 import json
+import random
 import time
 
 from batchgen.engine.kv_cache import KVCacheManager
@@ -37,12 +40,18 @@ PRESETS = {
 
 
 def simulate(admission: str, num_blocks: int, num_requests: int, input_len: int, output_len: int,
-             block_size: int, max_num_seqs: int, budget: int) -> dict:
+             block_size: int, max_num_seqs: int, budget: int, input_len_max: int | None = None,
+             output_len_max: int | None = None) -> dict:
+    """Lengths drawn uniformly from [input_len, input_len_max] and [output_len, output_len_max] (seeded), as
+    `batchgen bench` draws them; fixed without the maxima."""
+    input_len_max, output_len_max = input_len_max or input_len, output_len_max or output_len
     kv = KVCacheManager(num_blocks, block_size, enable_prefix_caching=False)
-    scheduler = Scheduler(kv, max_num_seqs, budget, max_model_len=input_len + output_len, admission=admission,
-                          decode_step_tokens=DECODE_STEP_TOKENS["cuda"])
-    params = SamplingParams(max_tokens=output_len, ignore_eos=True)
-    requests = [Request(str(i), [i % 50_000] * input_len, params) for i in range(num_requests)]
+    scheduler = Scheduler(kv, max_num_seqs, budget, max_model_len=input_len_max + output_len_max,
+                          admission=admission, decode_step_tokens=DECODE_STEP_TOKENS["cuda"])
+    rng = random.Random(0)
+    requests = [Request(str(i), [i % 50_000] * rng.randint(input_len, input_len_max),
+                        SamplingParams(max_tokens=rng.randint(output_len, output_len_max), ignore_eos=True))
+                for i in range(num_requests)]
     for request in requests:
         scheduler.add(request)
     steps = {"decode": 0, "mixed": 0}
@@ -56,11 +65,11 @@ def simulate(admission: str, num_blocks: int, num_requests: int, input_len: int,
             request.num_computed_tokens += num_new
             if request.num_computed_tokens == request.num_tokens:
                 request.output_token_ids.append(1)
-                if len(request.output_token_ids) >= output_len:
+                if len(request.output_token_ids) >= request.params.max_tokens:
                     request.finish("length")
                     scheduler.finish(request)
     # each request computes its prompt and every output token but the last once; the rest is recomputation
-    once = num_requests * (input_len + output_len - 1)
+    once = sum(r.num_prompt_tokens + r.params.max_tokens - 1 for r in requests)
     return dict(admission=admission, mixed_tokens=tokens["mixed"], mixed_steps=steps["mixed"],
                 decode_steps=steps["decode"], mean_decode_rows=round(tokens["decode"] / max(1, steps["decode"]), 1),
                 recomputed_tokens=tokens["mixed"] + tokens["decode"] - once,
@@ -74,12 +83,15 @@ def main() -> None:
     parser.add_argument("--num-requests", type=int, default=1000)
     parser.add_argument("--input-len", type=int, default=1000)
     parser.add_argument("--output-len", type=int, default=1000)
+    parser.add_argument("--input-len-max", type=int, help="draw prompt lengths from --input-len to this")
+    parser.add_argument("--output-len-max", type=int, help="draw output lengths from --output-len to this")
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--max-num-seqs", type=int, default=1024)
     parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
     args = parser.parse_args()
     shapes = {"custom": dict(num_blocks=args.num_blocks, num_requests=args.num_requests, input_len=args.input_len,
-                             output_len=args.output_len)} if args.num_blocks else \
+                             output_len=args.output_len, input_len_max=args.input_len_max,
+                             output_len_max=args.output_len_max)} if args.num_blocks else \
         {name: PRESETS[name] for name in args.preset or PRESETS}
     for name, shape in shapes.items():
         run_shape = {key: value for key, value in shape.items() if key != "measured"}

@@ -6,11 +6,14 @@ blocks allow. When blocks run out, the most recently admitted running request is
 freed and it goes back to the head of the queue to be recomputed later (its generated tokens are kept, so
 its output doesn't change). The scheduler speaks only in tokens per request; blocks are the KV manager's.
 
-Admission ("reserve", the default) keeps preemption rare: a request is admitted only while the free blocks
-also cover the growth the running requests are expected to need, each the share of its remaining max_tokens
-that recently finished requests have used (about the last max_num_seqs of them, so a worker's next job
-is not judged by its last one; all of it until one finishes, as when outputs run to full length). A
-preempted request's K/V is computed twice: admitting requests the cache cannot finish cost the 1000-in /
+Admission ("reserve", the default) keeps preemption rare: a request is admitted only while the cache can hold
+every running request as it grows, each by its expected growth: the share of its remaining max_tokens that
+recently finished requests have used (about the last max_num_seqs of them, so a worker's next job is not
+judged by its last one; all of it until one finishes, as when outputs run to full length). Requests end at
+different steps and give their blocks back, so what must fit is the most they hold at once (`_peak_blocks`),
+not all of them at full length side by side: with lengths drawn from 100-1,024 tokens in and out, 1.3x as many
+ran at once (docs/benchmarks.md; requests of equal lengths admitted together end together, and gain nothing).
+A preempted request's K/V is computed twice: admitting requests the cache cannot finish cost the 1000-in /
 1000-out runs up to 60% of their prompt tokens again (docs/benchmarks.md). Except for a tail that is cheaper to
 recompute than to run as a wave of its own: when equal lengths finish together, what waits runs as a last wave,
 a whole output length at few rows a step, each step still reading every weight. When recomputing everything
@@ -22,6 +25,8 @@ import math
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+
+import numpy as np
 
 from batchgen.engine.kv_cache import KVCacheManager
 from batchgen.engine.request import Request, RequestStatus
@@ -96,6 +101,19 @@ class Scheduler:
         """Blocks the request is expected to hold when it finishes."""
         length = request.num_tokens + request.num_pending_tokens
         return self.kv_cache.blocks_needed(length + self._expected_growth(request))
+
+    def _peak_blocks(self, requests: list[Request]) -> int:
+        """At most how many blocks `requests` will hold at once, each growing a token a step for its expected
+        growth and then freeing its blocks: the most over the steps at which one of them ends, when those
+        growing at least as long are alive, each at its length then (a block shared by a prefix counted for
+        each of its holders). At step t a request of length L holds ceil((L + t) / B) <= (L + t + B - 1) / B."""
+        lengths = np.array([r.num_tokens + r.num_pending_tokens for r in requests], dtype=np.int64)
+        growth = np.array([self._expected_growth(r) for r in requests], dtype=np.int64)
+        order = np.argsort(-growth, kind="stable")
+        lengths, growth = lengths[order], growth[order]
+        alive = np.arange(1, len(requests) + 1)
+        size = self.kv_cache.block_size
+        return int(((np.cumsum(lengths) + alive * (growth + size - 1)) // size).max())
 
     def _waiting_is_cheaper_to_recompute(self) -> bool:
         """Recomputing everything waiting at its expected length costs fewer tokens than the steps of a wave of
@@ -172,7 +190,9 @@ class Scheduler:
                     break
                 num_new = budget
             expected = self._expected_blocks(request) if reserve else 0
-            if reserve and self.running and expected - len(cached_prefix) > self.kv_cache.num_free_blocks - reserved:
+            # everyone's growth fits the free blocks side by side (cheap to check), or else at its peak
+            if (reserve and self.running and expected - len(cached_prefix) > self.kv_cache.num_free_blocks - reserved
+                    and self._peak_blocks([*self.running, request]) > self.kv_cache.num_blocks):
                 break
             if not self.kv_cache.allocate(request, num_new, cached_prefix):
                 break

@@ -30,10 +30,10 @@ def check_block_accounting(kv: KVCacheManager, requests: list[Request]) -> None:
 
 
 def simulate(scheduler: Scheduler, requests: list[Request], max_steps: int = 10_000,
-             stops_at: dict[str, int] | None = None, running_counts: list[int] | None = None) -> int:
+             stops_at: dict[str, int] | None = None, running: list[list[Request]] | None = None) -> int:
     """Run scheduler steps as the engine would, appending a made-up token when a request reaches its end; a
-    request in `stops_at` ends ("stop", as at an EOS) once it has that many output tokens; `running_counts`
-    gets the number of running requests after each schedule. Returns the tokens computed in all (a preempted
+    request in `stops_at` ends ("stop", as at an EOS) once it has that many output tokens; `running` gets the
+    running requests after each schedule. Returns the tokens computed in all (a preempted
     request's are computed again)."""
     stops_at = stops_at or {}
     for request in requests:
@@ -45,8 +45,8 @@ def simulate(scheduler: Scheduler, requests: list[Request], max_steps: int = 10_
         batch = scheduler.schedule()
         assert batch.num_tokens <= scheduler.max_num_batched_tokens
         assert len(scheduler.running) <= scheduler.max_num_seqs
-        if running_counts is not None:
-            running_counts.append(len(scheduler.running))
+        if running is not None:
+            running.append(list(scheduler.running))
         computed += batch.num_tokens
         for request, num_new in zip(batch.requests, batch.num_new_tokens):
             assert len(request.block_ids) * scheduler.kv_cache.block_size >= request.num_computed_tokens + num_new
@@ -153,14 +153,56 @@ def test_reserve_admission_runs_only_what_the_cache_can_finish_and_never_preempt
     assert [r.output_token_ids for r in greedy_requests] == [r.output_token_ids for r in requests]
 
 
+def staggered_workload(num_requests: int = 40) -> list[Request]:
+    """Prompts of 4-12 tokens, 1-30 output tokens each: requests that end at different steps."""
+    rng = random.Random(5)
+    return [make_request(i, [rng.randrange(50) for _ in range(rng.randrange(4, 13))], max_tokens=rng.randrange(1, 31))
+            for i in range(num_requests)]
+
+
+def test_reserve_admission_counts_on_the_blocks_of_requests_that_end_first():
+    # a request's blocks come back when it ends: of requests ending at different steps, more can run at once
+    # than their full lengths fit side by side, and none is preempted (decode_step_tokens=0: no tail merged)
+    kv = KVCacheManager(num_blocks=40, block_size=4, enable_prefix_caching=False)
+    scheduler = Scheduler(kv, max_num_seqs=32, max_num_batched_tokens=64, decode_step_tokens=0)
+    requests = staggered_workload()
+    running = []
+    computed = simulate(scheduler, requests, running=running)
+    assert sum(r.num_preemptions for r in requests) == 0
+    assert computed == sum(r.num_prompt_tokens + r.params.max_tokens - 1 for r in requests)
+    full_lengths = max(sum(kv.blocks_needed(r.num_prompt_tokens + r.params.max_tokens) for r in step)
+                       for step in running)
+    assert full_lengths > kv.num_blocks   # side by side at full length they would not have fit
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 10_000), block_size=st.sampled_from([1, 4, 16]), share=st.floats(0.1, 1.0))
+def test_peak_blocks_bounds_the_most_blocks_held_at_once(seed, block_size, share):
+    rng = random.Random(seed)
+    scheduler = Scheduler(KVCacheManager(1, block_size), max_num_seqs=64, max_num_batched_tokens=64,
+                          max_model_len=rng.randrange(20, 80))
+    scheduler.finished_output_tokens, scheduler.finished_max_tokens = share, 1.0
+    requests = [make_request(i, [1] * rng.randrange(1, 20), max_tokens=rng.randrange(1, 60))
+                for i in range(rng.randrange(1, 30))]
+    for request in requests:
+        request.output_token_ids.extend([7] * rng.randrange(0, 5))
+    # step by step: each request grows a token a step for its expected growth, then lets its blocks go
+    lengths = [r.num_tokens + r.num_pending_tokens for r in requests]
+    growth = [scheduler._expected_growth(r) for r in requests]
+    exact = max(sum(-(-(n + t) // block_size) for n, g in zip(lengths, growth) if g >= t)
+                for t in range(max(growth) + 1))
+    assert exact <= scheduler._peak_blocks(requests) <= exact + len(requests)
+
+
 def test_reserve_admission_learns_how_much_of_max_tokens_requests_use():
     # outputs end (as at an EOS) after 3 of their 12 allowed tokens: once a few have finished, the growth
     # reserved for each running request shrinks to a quarter and more of them run at once
     kv = KVCacheManager(num_blocks=40, block_size=4, enable_prefix_caching=False)
     scheduler = Scheduler(kv, max_num_seqs=16, max_num_batched_tokens=64)
     requests = full_length_workload(48)
-    running_at_once = []
-    simulate(scheduler, requests, stops_at={r.request_id: 3 for r in requests}, running_counts=running_at_once)
+    running = []
+    simulate(scheduler, requests, stops_at={r.request_id: 3 for r in requests}, running=running)
+    running_at_once = [len(step) for step in running]
     assert scheduler.output_share == pytest.approx(3 / 12)
     assert all(r.finish_reason == "stop" and len(r.output_token_ids) == 3 for r in requests)
     assert max(running_at_once[:2]) <= 6 < max(running_at_once)   # full length assumed until one finishes
@@ -197,10 +239,10 @@ def test_reserve_admission_merges_a_tail_cheaper_to_recompute_than_its_own_wave(
         scheduler = Scheduler(KVCacheManager(num_blocks=80, block_size=4, enable_prefix_caching=False),
                               max_num_seqs=16, max_num_batched_tokens=256, decode_step_tokens=decode_step_tokens)
         requests = full_length_workload(13)
-        counts = []
-        simulate(scheduler, requests, running_counts=counts)
+        running = []
+        simulate(scheduler, requests, running=running)
         assert all(len(r.output_token_ids) == 12 for r in requests)
-        return max(counts), sum(r.num_preemptions for r in requests)
+        return max(len(step) for step in running), sum(r.num_preemptions for r in requests)
 
     recompute = full_length_workload(13)[12].num_prompt_tokens + 12
     # its wave's 12 steps are worth more than recomputing it: it runs beside the others
