@@ -33,8 +33,8 @@ def simulate(scheduler: Scheduler, requests: list[Request], max_steps: int = 10_
              stops_at: dict[str, int] | None = None, running: list[list[Request]] | None = None) -> int:
     """Run scheduler steps as the engine would, appending a made-up token when a request reaches its end; a
     request in `stops_at` ends ("stop", as at an EOS) once it has that many output tokens; `running` gets the
-    running requests after each schedule. Returns the tokens computed in all (a preempted
-    request's are computed again)."""
+    running requests after each schedule. Returns the tokens computed in all (a preempted request's are
+    computed again)."""
     stops_at = stops_at or {}
     for request in requests:
         scheduler.add(request)
