@@ -145,7 +145,7 @@ call_fp8-gemm() {   # the fp8 GEMMs (per-channel, block-scaled: Triton and cuBLA
   part decode_gemms 120 python3 benchmarks/fp8_gpu.py --decode-gemms
   part correctness 150 python3 benchmarks/gpu_correctness.py
 }
-call_fp8-1500() {   # 8B fp8 + fp8 KV at TensorRT-LLM's request count for 2048/2048 (1,500): ~3 waves of ~455
+call_fp8-1500() {   # 8B fp8 + fp8 KV at TensorRT-LLM's request count for 2048/2048 (1,500): waves of ~458
   part fp8_2048_1500 560 python3 benchmarks/engine_gpu.py --shape 2048/2048 --quantization fp8 --kv-cache-dtype fp8 \
     --num-requests 1500 --hf-sample 0
 }
