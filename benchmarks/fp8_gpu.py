@@ -4,6 +4,7 @@ fp8 vs bf16 GEMM timings at Llama-8B shapes. One JSON line per figure; exits 1 i
     python benchmarks/fp8_gpu.py            # H200, bf16 (a few minutes)
     python benchmarks/fp8_gpu.py --smoke    # CPU, tiny shapes, Triton interpreter: proves the script runs
     python benchmarks/fp8_gpu.py --decode-gemms  # only the projections at decode row counts (~1 min)
+    python benchmarks/fp8_gpu.py --prefill-gemms  # only a layer's projections at token budgets (~1 min)
 """
 import argparse
 import gc
@@ -20,6 +21,9 @@ ARGS = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 ARGS.add_argument("--smoke", action="store_true", help="CPU, tiny shapes, Triton interpreter")
 ARGS.add_argument("--decode-gemms", action="store_true",
                   help="only the projections at decode row counts, Llama-8B and -70B shapes, fp8 two ways and bf16")
+ARGS.add_argument("--prefill-gemms", action="store_true",
+                  help="only a Llama-8B layer's projections at token budgets near 8,192 and 16,384: bf16 through "
+                       "cuBLAS and through cuBLASLt, fp8; microseconds a token")
 OPTS = ARGS.parse_args()
 if OPTS.smoke:
     os.environ["TRITON_INTERPRET"] = "1"  # must be set before triton is imported
@@ -41,6 +45,9 @@ GEMMS_70B = [("qkv_proj", 10240, 8192), ("o_proj", 8192, 8192), ("gate_up_proj",
              ("down_proj", 8192, 28672)]
 # row counts of decode steps: multiples of 128 and the sizes between them that decode graphs had before
 DECODE_GEMM_ROWS = [16, 64, 128, 160, 192, 224, 256, 320, 384, 416, 448, 512, 576, 640, 704, 768, 832, 896, 960, 1024]
+# prefill token budgets: with 128 x 256 output tiles on 132 SMs, 8,448 rows (66 row tiles) fill whole waves of every
+# 8B projection (N / 256 x 66 is a multiple of 132); 8,192 leaves the last wave of o_proj and down_proj 76% full
+PREFILL_GEMM_ROWS = [7936, 8064, 8192, 8320, 8448, 8576, 8704, 8960, 12672, 16384, 16896]
 FAILED = []
 
 
@@ -217,9 +224,41 @@ def time_decode_gemms(device: torch.device) -> None:
         print(f"{model} {name}: " + " ".join(cells))
 
 
+def time_prefill_gemms(device: torch.device) -> None:
+    """One Llama-8B layer's four projections at prefill token budgets, microseconds a token: bf16 `F.linear`
+    through cuBLAS (torch's default) and through cuBLASLt, and the row-wise fp8 GEMM. Per-token cost that falls
+    between neighbouring budgets is the tiles' wave quantization."""
+    weights = [torch.randn(n, k, device=device, dtype=torch.bfloat16) * k ** -0.5 for _, n, k in GEMMS]
+    fp8_weights = [(w_q, w_scale.view(-1)) for w_q, w_scale in map(fp8.quantize_fp8, weights)]
+    table = []
+    for num_rows in PREFILL_GEMM_ROWS:
+        xs = [torch.randn(num_rows, k, device=device, dtype=torch.bfloat16) for _, _, k in GEMMS]
+        xs_q = [fp8.quantize_fp8(x) for x in xs]
+
+        def bf16_layer():
+            for x, w in zip(xs, weights):
+                F.linear(x, w)
+
+        def fp8_layer():
+            for (x_q, x_scale), (w_q, w_scale) in zip(xs_q, fp8_weights):
+                fp8.fp8_gemm(x_q, x_scale, w_q, w_scale, torch.bfloat16)
+        us = {}
+        for library in ("cublas", "cublaslt"):
+            torch.backends.cuda.preferred_blas_library(library)
+            us[f"bf16_{library}"] = time_ms(bf16_layer, device) * 1e3 / num_rows
+        torch.backends.cuda.preferred_blas_library("cublas")
+        us["fp8"] = time_ms(fp8_layer, device) * 1e3 / num_rows
+        emit({"timing": "prefill_gemms", "model": "llama-3.1-8b", "M": num_rows,
+              **{f"us_per_token_{impl}": round(v, 4) for impl, v in us.items()}})
+        table.append((num_rows, *us.values()))
+    print(f"\n{torch.cuda.get_device_name()}: one 8B layer's projections, us a token (bf16 cuBLAS / cuBLASLt / fp8)")
+    for num_rows, *cells in table:
+        print(f"{num_rows:>6}: " + " / ".join(f"{c:.4f}" for c in cells))
+
+
 def main() -> int:
-    if OPTS.decode_gemms:
-        time_decode_gemms(torch.device("cuda"))
+    if OPTS.decode_gemms or OPTS.prefill_gemms:
+        (time_decode_gemms if OPTS.decode_gemms else time_prefill_gemms)(torch.device("cuda"))
         return 1 if FAILED else 0
     if OPTS.smoke:
         device, dtype, rows, scale = torch.device("cpu"), torch.float32, [16], 32
