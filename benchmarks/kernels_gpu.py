@@ -187,7 +187,9 @@ def prefill_cases():
            (0, 256), (256, 256), (3000, 256), (7000, 256), (8000, 512)]
     assert sum(new for _, new in mix) == TOKENS
     decodes = [(int(n), 1) for n in torch.randint(511, 2048, (256,), generator=g)]
-    return {"mix8192_cached": mix, "pure_4x2048": [(0, 2048)] * 4, "256dec+2048chunk": decodes + [(1024, 2048)]}
+    # W1's mixed steps: 16 whole prompts of 512 (their decode rows run the decode kernel)
+    return {"mix8192_cached": mix, "pure_4x2048": [(0, 2048)] * 4, "pure_16x512": [(0, 512)] * 16,
+            "256dec+2048chunk": decodes + [(1024, 2048)]}
 
 
 PREFILL_SWEEP = [(64, 64, 4, 3), (64, 64, 4, 4), (64, 32, 4, 4), (64, 64, 8, 3), (128, 64, 4, 3), (128, 32, 4, 4),
