@@ -20,6 +20,7 @@
 #   fp8-3000    x1  8B fp8 + fp8 KV 1000/1000 x 3,000 (TensorRT-LLM's count), then 500/2000 x 800          (~7 min)
 #   fp8-1500    x1  8B fp8 + fp8 KV 2048/2048 x 1,500 (TensorRT-LLM's count), fp8 alone                    (~7 min)
 #   fp8-2048-128 x1 8B fp8 + fp8 KV 2048/128 x 3,000 (TensorRT-LLM's count), fp8 alone                   (~4 min)
+#   fp8-128-2048, fp8-500-2000  x1  the same for 128/2048 and 500/2000 x 3,000                     (~5, ~7 min)
 #   fp8-70b     x1  70B shape, fp8 weights + fp8 KV on one card, 1000/1000 x 1,000 requests              (~9 min)
 #   kernel-tests x1 pytest -n 8 tests/kernels on the card (pytest-xdist carried in .whl)                  (~3 min)
 #   decode-latency x1  the decode sweep (launch configs at several split counts), then Nsight Compute on one  
@@ -152,6 +153,14 @@ call_fp8-1500() {   # 8B fp8 + fp8 KV at TensorRT-LLM's request count for 2048/2
 call_fp8-2048-128() {   # 8B fp8 + fp8 KV at TensorRT-LLM's request count for 2048/128 (3,000)
   part fp8_2048_128 400 python3 benchmarks/engine_gpu.py --shape 2048/128 --quantization fp8 --kv-cache-dtype fp8 \
     --num-requests 3000 --hf-sample 0
+}
+call_fp8-128-2048() {   # 8B fp8 + fp8 KV at TensorRT-LLM's request count for 128/2048 (3,000)
+  part fp8_128_2048 560 python3 benchmarks/engine_gpu.py --shape 128/2048 --quantization fp8 --kv-cache-dtype fp8 \
+    --num-requests 3000 --hf-sample 0
+}
+call_fp8-500-2000() {   # 8B fp8 + fp8 KV at TensorRT-LLM's request count for 500/2000 (3,000)
+  part fp8_500_2000_3000 580 python3 benchmarks/engine_gpu.py --shape 500/2000 --quantization fp8 \
+    --kv-cache-dtype fp8 --num-requests 3000 --hf-sample 0
 }
 call_fp8-3000() {   # 8B fp8 + fp8 KV at TensorRT-LLM's request count for 1000/1000 (3,000), and 500/2000 x 800
   part fp8_1000_3000 330 python3 benchmarks/engine_gpu.py --shape 1000/1000 --quantization fp8 --kv-cache-dtype fp8 \
