@@ -45,8 +45,8 @@ GEMMS_70B = [("qkv_proj", 10240, 8192), ("o_proj", 8192, 8192), ("gate_up_proj",
              ("down_proj", 8192, 28672)]
 # row counts of decode steps: multiples of 128 and the sizes between them that decode graphs had before
 DECODE_GEMM_ROWS = [16, 64, 128, 160, 192, 224, 256, 320, 384, 416, 448, 512, 576, 640, 704, 768, 832, 896, 960, 1024]
-# prefill token budgets: with 128 x 256 output tiles on 132 SMs, 8,448 rows (66 row tiles) fill whole waves of every
-# 8B projection (N / 256 x 66 is a multiple of 132); 8,192 leaves the last wave of o_proj and down_proj 76% full
+# prefill token budgets around 8,192 and 16,384: at 8,448 rows, 128 x 256 output tiles would fill whole waves of every
+# 8B projection on 132 SMs; it ran no faster a token than 8,192 (docs/benchmarks.md, nineteenth session)
 PREFILL_GEMM_ROWS = [7936, 8064, 8192, 8320, 8448, 8576, 8704, 8960, 12672, 16384, 16896]
 FAILED = []
 
