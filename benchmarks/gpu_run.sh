@@ -40,6 +40,7 @@
 #   moe-one     x1  Qwen3-30B-A3B W1 and Mixtral-8x7B W1 (with HF), the fused MoE kernel, the MoE logits   (~7 min)
 #   moe-qwen3-1000, moe-mixtral-1000  x1  the moe call's 1000/1000 runs, one a call                  (~5, ~6 min)
 #   engine      x1  8B W1 / W3 and Qwen3-0.6B W2 with HF peers, structured output, scoring, families       (~9 min)
+#   w1-blas     x1  8B bf16 W1 four times, torch's default bf16 GEMMs and cuBLASLt's by turns               (~6 min)
 #
 # Every part has its own time limit (`timeout -s INT`: a run cut short still prints its progress lines); each
 # part's output goes to $OUT/NAME.txt, the part list with exit codes and seconds to $OUT/parts.txt, and the
@@ -235,6 +236,16 @@ call_engine() {
   part w1_score 60 "${BENCH_8B[@]}" --name W1-score --num-requests 1000 --input-len 512 --max-model-len 1024 --score \
     --hf-static-batch 16 --hf-sample 256
   part families 100 python3 benchmarks/families_gpu.py
+}
+call_w1-blas() {   # cuBLASLt ran W1 1.4% faster than the default in one run (nineteenth session): A, B, A, B
+  local lt="import sys, torch; torch.backends.cuda.preferred_blas_library('cublaslt'); from batchgen.cli import main
+sys.argv[0] = 'batchgen'; main()"
+  local w1=(bench --model benchmarks/configs/llama-3.1-8b --load-format dummy --name W1 --num-requests 1000
+            --input-len 512 --output-len 256 --max-model-len 1024)
+  for run in 1 2; do
+    part "w1_default_$run" 120 batchgen "${w1[@]}"
+    part "w1_cublaslt_$run" 120 python3 -P -c "$lt" "${w1[@]}"
+  done
 }
 
 for call in "$@"; do
