@@ -226,8 +226,8 @@ def time_decode_gemms(device: torch.device) -> None:
 
 def time_prefill_gemms(device: torch.device) -> None:
     """One Llama-8B layer's four projections at prefill token budgets, microseconds a token: bf16 `F.linear`
-    through cuBLAS (torch's default) and through cuBLASLt, and the row-wise fp8 GEMM. Per-token cost that falls
-    between neighbouring budgets is the tiles' wave quantization."""
+    through cuBLAS (torch's default) and through cuBLASLt, and the row-wise fp8 GEMM: a budget cheaper a token
+    than its neighbours would fill the output tiles' waves better."""
     weights = [torch.randn(n, k, device=device, dtype=torch.bfloat16) * k ** -0.5 for _, n, k in GEMMS]
     fp8_weights = [(w_q, w_scale.view(-1)) for w_q, w_scale in map(fp8.quantize_fp8, weights)]
     table = []
