@@ -12,8 +12,10 @@ overlap is left out).
     python benchmarks/scheduler_sim.py --num-blocks 58252 --input-len 1000 --output-len 1000 --num-requests 1000
     python benchmarks/scheduler_sim.py --num-blocks 12500 --input-len 100 --input-len-max 1024 --output-len 100 \
         --output-len-max 1024 --num-requests 3000        # lengths drawn as in W2
+    python benchmarks/scheduler_sim.py --num-blocks 13300 --block-size 32 --arrive-every 4   # 70B one card, staggered
 """
 import argparse
+import itertools
 import json
 import random
 import time
@@ -41,9 +43,10 @@ PRESETS = {
 
 def simulate(admission: str, num_blocks: int, num_requests: int, input_len: int, output_len: int,
              block_size: int, max_num_seqs: int, budget: int, input_len_max: int | None = None,
-             output_len_max: int | None = None) -> dict:
+             output_len_max: int | None = None, arrive_every: float = 0) -> dict:
     """Lengths drawn uniformly from [input_len, input_len_max] and [output_len, output_len_max] (seeded), as
-    `batchgen bench` draws them; fixed without the maxima."""
+    `batchgen bench` draws them; fixed without the maxima. All requests wait from the start, or (arrive_every)
+    request i arrives at step i * arrive_every: staggered starts, so that equal lengths do not end in lockstep."""
     input_len_max, output_len_max = input_len_max or input_len, output_len_max or output_len
     kv = KVCacheManager(num_blocks, block_size, enable_prefix_caching=False)
     scheduler = Scheduler(kv, max_num_seqs, budget, max_model_len=input_len_max + output_len_max,
@@ -52,12 +55,18 @@ def simulate(admission: str, num_blocks: int, num_requests: int, input_len: int,
     requests = [Request(str(i), [i % 50_000] * rng.randint(input_len, input_len_max),
                         SamplingParams(max_tokens=rng.randint(output_len, output_len_max), ignore_eos=True))
                 for i in range(num_requests)]
-    for request in requests:
-        scheduler.add(request)
     steps = {"decode": 0, "mixed": 0}
     tokens = {"decode": 0, "mixed": 0}
-    while scheduler.has_unfinished():
+    arrived = 0
+    for step in itertools.count():
+        while arrived < num_requests and arrived * arrive_every <= step:
+            scheduler.add(requests[arrived])
+            arrived += 1
+        if arrived == num_requests and not scheduler.has_unfinished():
+            break
         batch = scheduler.schedule()
+        if not batch:
+            continue
         kind = "decode" if batch.num_tokens == len(batch) else "mixed"
         steps[kind] += 1
         tokens[kind] += batch.num_tokens
@@ -88,6 +97,8 @@ def main() -> None:
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--max-num-seqs", type=int, default=1024)
     parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    parser.add_argument("--arrive-every", type=float, default=0,
+                        help="request i arrives at step i x this (default: all at the start)")
     args = parser.parse_args()
     shapes = {"custom": dict(num_blocks=args.num_blocks, num_requests=args.num_requests, input_len=args.input_len,
                              output_len=args.output_len, input_len_max=args.input_len_max,
@@ -98,7 +109,7 @@ def main() -> None:
         for admission in ("greedy", "reserve"):
             start = time.perf_counter()
             figures = simulate(admission, **run_shape, block_size=args.block_size, max_num_seqs=args.max_num_seqs,
-                               budget=args.max_num_batched_tokens)
+                               budget=args.max_num_batched_tokens, arrive_every=args.arrive_every)
             print(json.dumps({"shape": name, **run_shape, **figures, "measured_greedy_run": shape.get("measured"),
                               "sim_s": round(time.perf_counter() - start, 1)}), flush=True)
 
