@@ -237,7 +237,7 @@ class ModelRunner:
             offset += num_new
             query_start_loc[i + 1] = offset
             seq_lens[i] = end
-            if end == request.num_tokens + request.num_pending_tokens and request.params.max_tokens > 0:
+            if end == request.length and request.params.max_tokens > 0:
                 logits_indices.append(offset - 1)
                 sampling_requests.append(request)
         max_blocks = -(-int(seq_lens.max()) // size)

@@ -66,6 +66,12 @@ class Request:
     def num_tokens(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
 
+    @property
+    def length(self) -> int:
+        """Tokens the sequence has once the token still on the device (if any) is appended: what the next step
+        computes up to."""
+        return self.num_tokens + self.num_pending_tokens
+
     def pending_token_is_last(self, max_model_len: int) -> bool:
         """The token still on the device surely ends the request (a length limit), so no step needs to
         compute it."""

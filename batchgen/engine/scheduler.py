@@ -93,21 +93,19 @@ class Scheduler:
     def _expected_growth(self, request: Request) -> int:
         """Tokens the request is expected to add before it finishes: output_share of those its max_tokens (and
         the context) still allow."""
-        length = request.num_tokens + request.num_pending_tokens
         limit = min(request.num_prompt_tokens + request.params.max_tokens, self.max_model_len)
-        return math.ceil(max(0, limit - length) * self.output_share)
+        return math.ceil(max(0, limit - request.length) * self.output_share)
 
     def _expected_blocks(self, request: Request) -> int:
         """Blocks the request is expected to hold when it finishes."""
-        length = request.num_tokens + request.num_pending_tokens
-        return self.kv_cache.blocks_needed(length + self._expected_growth(request))
+        return self.kv_cache.blocks_needed(request.length + self._expected_growth(request))
 
     def _peak_blocks(self, requests: list[Request]) -> int:
         """At most how many blocks `requests` will hold at once, each growing a token a step for its expected
         growth and then freeing its blocks: the most over the steps at which one of them ends, when those
         growing at least as long are alive, each at its length then (a block shared by a prefix counted for
         each of its holders). At step t a request of length L holds ceil((L + t) / B) <= (L + t + B - 1) / B."""
-        lengths = np.array([r.num_tokens + r.num_pending_tokens for r in requests], dtype=np.int64)
+        lengths = np.array([r.length for r in requests], dtype=np.int64)
         growth = np.array([self._expected_growth(r) for r in requests], dtype=np.int64)
         order = np.argsort(-growth, kind="stable")
         lengths, growth = lengths[order], growth[order]
@@ -148,14 +146,14 @@ class Scheduler:
             if request.pending_token_is_last(self.max_model_len):
                 index += 1
                 continue
-            offset = self.rope_position_offset(request.num_tokens + request.num_pending_tokens)
+            offset = self.rope_position_offset(request.length)
             if offset != request.rope_position_offset:
                 # LongRoPE switches to its long factors once a sequence passes the original context, and every
                 # K/V changes with them: recompute the sequence, as Hugging Face's generate does there
                 self._preempt(self.running.pop(index))
                 self._set_rope_position_offset(request, offset)
                 continue
-            num_new = min(request.num_tokens + request.num_pending_tokens - request.num_computed_tokens, budget)
+            num_new = min(request.length - request.num_computed_tokens, budget)
             while not self.kv_cache.allocate(request, num_new):
                 victim = self.running.pop()
                 self._preempt(victim)
