@@ -69,6 +69,10 @@ part() {   # part NAME SECONDS command...: one run with its own limit
   echo "$name rc=$? $((SECONDS - start))s" >>"$OUT/parts.txt"
 }
 on_gpu() { (export CUDA_VISIBLE_DEVICES=$1; "${@:2}"); }   # on_gpu 1 part ...: the part sees one card
+fp8_run() {   # fp8_run NAME SECONDS SHAPE REQUESTS: 8B fp8 weights + fp8 KV on one shape, no HF sample
+  part "$1" "$2" python3 benchmarks/engine_gpu.py --shape "$3" --quantization fp8 --kv-cache-dtype fp8 \
+    --num-requests "$4" --hf-sample 0
+}
 BENCH_8B=(batchgen bench --model benchmarks/configs/llama-3.1-8b --load-format dummy)
 MOE=(python3 benchmarks/moe_gpu.py)
 # the kernels' tests on the card, bf16 included (the interpreter gets bf16 arithmetic wrong)
@@ -90,8 +94,7 @@ call_tp-check() {
   part tp_data_parallel 300 python3 benchmarks/tp_gpu.py data-parallel --workload W1
 }
 fp8_kv_1000() {   # 8B 1000/1000 with fp8 weights and KV, and where an fp8-KV decode step's time goes
-  part fp8_1000_fp8kv 160 python3 benchmarks/engine_gpu.py --shape 1000/1000 --quantization fp8 \
-    --kv-cache-dtype fp8 --num-requests 1000 --hf-sample 0
+  fp8_run fp8_1000_fp8kv 160 1000/1000 1000
   part decode_profile 150 python3 benchmarks/engine_gpu.py --profile-decode 856 1500 --quantization fp8 \
     --kv-cache-dtype fp8
 }
@@ -147,36 +150,18 @@ call_fp8-gemm() {   # the fp8 GEMMs (per-channel, block-scaled: Triton and cuBLA
   part decode_gemms 120 python3 benchmarks/fp8_gpu.py --decode-gemms
   part correctness 150 python3 benchmarks/gpu_correctness.py
 }
-call_fp8-1500() {   # 8B fp8 + fp8 KV at TensorRT-LLM's request count for 2048/2048 (1,500): waves of ~458
-  part fp8_2048_1500 560 python3 benchmarks/engine_gpu.py --shape 2048/2048 --quantization fp8 --kv-cache-dtype fp8 \
-    --num-requests 1500 --hf-sample 0
-}
-call_fp8-2048-128() {   # 8B fp8 + fp8 KV at TensorRT-LLM's request count for 2048/128 (3,000)
-  part fp8_2048_128 400 python3 benchmarks/engine_gpu.py --shape 2048/128 --quantization fp8 --kv-cache-dtype fp8 \
-    --num-requests 3000 --hf-sample 0
-}
-call_fp8-128-2048() {   # 8B fp8 + fp8 KV at TensorRT-LLM's request count for 128/2048 (3,000)
-  part fp8_128_2048 560 python3 benchmarks/engine_gpu.py --shape 128/2048 --quantization fp8 --kv-cache-dtype fp8 \
-    --num-requests 3000 --hf-sample 0
-}
-call_fp8-500-2000() {   # 8B fp8 + fp8 KV at TensorRT-LLM's request count for 500/2000 (3,000)
-  part fp8_500_2000_3000 580 python3 benchmarks/engine_gpu.py --shape 500/2000 --quantization fp8 \
-    --kv-cache-dtype fp8 --num-requests 3000 --hf-sample 0
-}
-call_fp8-3000() {   # 8B fp8 + fp8 KV at TensorRT-LLM's request count for 1000/1000 (3,000), and 500/2000 x 800
-  part fp8_1000_3000 330 python3 benchmarks/engine_gpu.py --shape 1000/1000 --quantization fp8 --kv-cache-dtype fp8 \
-    --num-requests 3000 --hf-sample 0
-  part fp8_500_2000 150 python3 benchmarks/engine_gpu.py --shape 500/2000 --quantization fp8 --kv-cache-dtype fp8 \
-    --num-requests 800 --hf-sample 0
-}
+# TensorRT-LLM's request counts (3,000; 1,500 for 2048/2048, run in waves of ~458 sequences)
+call_fp8-1500() { fp8_run fp8_2048_1500 560 2048/2048 1500; }
+call_fp8-2048-128() { fp8_run fp8_2048_128 400 2048/128 3000; }
+call_fp8-128-2048() { fp8_run fp8_128_2048 560 128/2048 3000; }
+call_fp8-500-2000() { fp8_run fp8_500_2000_3000 580 500/2000 3000; }
+call_fp8-3000() { fp8_run fp8_1000_3000 330 1000/1000 3000; fp8_run fp8_500_2000 150 500/2000 800; }
 call_shapes() {   # fp8 weights + fp8 KV, TensorRT-LLM's four other shapes
   on_gpu 0 part shape_128_2048 270 python3 benchmarks/engine_gpu.py --shape 128/2048 --quantization fp8 \
     --kv-cache-dtype fp8 --num-requests 1000 --hf-sample 8 &
-  on_gpu 1 part shape_500_2000 270 python3 benchmarks/engine_gpu.py --shape 500/2000 --quantization fp8 \
-    --kv-cache-dtype fp8 --num-requests 1000 --hf-sample 0 &
+  on_gpu 1 fp8_run shape_500_2000 270 500/2000 1000 &
   wait
-  on_gpu 0 part shape_2048_2048 270 python3 benchmarks/engine_gpu.py --shape 2048/2048 --quantization fp8 \
-    --kv-cache-dtype fp8 --num-requests 750 --hf-sample 0 &
+  on_gpu 0 fp8_run shape_2048_2048 270 2048/2048 750 &
   on_gpu 1 part shape_2048_128 200 python3 benchmarks/engine_gpu.py --shape 2048/128 --quantization fp8 \
     --kv-cache-dtype fp8 --num-requests 3000 --hf-sample 8 &
   wait
