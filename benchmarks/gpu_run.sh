@@ -41,6 +41,8 @@
 #   moe-qwen3-1000, moe-mixtral-1000  x1  the moe call's 1000/1000 runs, one a call                  (~5, ~6 min)
 #   engine      x1  8B W1 / W3 and Qwen3-0.6B W2 with HF peers, structured output, scoring, families       (~9 min)
 #   w1-blas     x1  8B bf16 W1 four times, torch's default bf16 GEMMs and cuBLASLt's by turns               (~6 min)
+#   gate-up-epilogue x1  gate_up_epilogue_gpu.py: SiLU-and-mul in the bf16 gate_up GEMM's epilogue (Triton) vs
+#                   F.linear then silu_and_mul, by turns, 1,024-12,288 rows                               (~1 min)
 #
 # Every part has its own time limit (`timeout -s INT`: a run cut short still prints its progress lines); each
 # part's output goes to $OUT/NAME.txt, the part list with exit codes and seconds to $OUT/parts.txt, and the
@@ -231,6 +233,9 @@ sys.argv[0] = 'batchgen'; main()"
     part "w1_default_$run" 120 batchgen "${w1[@]}"
     part "w1_cublaslt_$run" 120 python3 -P -c "$lt" "${w1[@]}"
   done
+}
+call_gate-up-epilogue() {
+  part gate_up_epilogue 240 python3 benchmarks/gate_up_epilogue_gpu.py
 }
 
 for call in "$@"; do

@@ -17,9 +17,11 @@ A preempted request's K/V is computed twice: admitting requests the cache cannot
 1000-out runs up to 60% of their prompt tokens again (docs/benchmarks.md). Except for a tail that is cheaper to
 recompute than to run as a wave of its own: when equal lengths finish together, what waits runs as a last wave,
 a whole output length at few rows a step, each step still reading every weight. When recomputing everything
-still waiting (its expected tokens: the worst case, preempted at its end) costs less than that wave's steps,
-each worth `decode_step_tokens` tokens of prefill, it is admitted while its prompts fit. "greedy" admits while
-the prompt fits.
+still waiting (its expected tokens: the worst case, preempted at its end) costs less than the steps it would run
+alone, each worth `decode_step_tokens` tokens of prefill, it is admitted while its prompts fit. Those steps are
+counted from when the running requests ending first would give it room: requests that arrived one after another
+end one after another, and what waits behind them runs beside the rest, not alone. "greedy" admits while the
+prompt fits.
 """
 import math
 from collections import deque
@@ -114,21 +116,43 @@ class Scheduler:
         return int(((np.cumsum(lengths) + alive * (growth + size - 1)) // size).max())
 
     def _waiting_is_cheaper_to_recompute(self) -> bool:
-        """Recomputing everything waiting at its expected length costs fewer tokens than the steps of a wave of
-        it (its longest expected growth) are worth: see the module docstring. A tail that cannot run beside the
-        running requests (the sequence cap) or would not fit the cache by itself is no last wave; so this reads at
-        most max_num_seqs requests a step."""
+        """Recomputing everything waiting at its expected length costs fewer tokens than the steps it would run
+        alone as a wave of its own are worth: see the module docstring. A tail that cannot run beside the running
+        requests (the sequence cap) or would not fit the cache by itself is no last wave; so this reads at most
+        max_num_seqs requests a step."""
         if len(self.running) + len(self.waiting) > self.max_num_seqs:
             return False
-        tokens = steps = 0
+        tokens = steps = blocks = 0
         most = min(self.decode_step_tokens * self.max_model_len, self.kv_cache.num_blocks * self.kv_cache.block_size)
         for request in self.waiting:
             growth = self._expected_growth(request)
             tokens += request.num_tokens + growth
             steps = max(steps, growth)
+            blocks += self._expected_blocks(request)
             if tokens > most:
                 return False
-        return tokens <= self.decode_step_tokens * steps
+        if tokens > self.decode_step_tokens * steps:   # it runs alone for at most all of its steps: the cheap bound
+            return False
+        return tokens <= self.decode_step_tokens * self._steps_alone(steps, blocks)
+
+    def _steps_alone(self, steps: int, blocks: int) -> int:
+        """Of a tail's `steps` (holding `blocks` at the end), how many it would run after every running request
+        has ended, were it admitted once those ending first give it room. Requests that end in lockstep leave it
+        all of its steps; requests that arrived one after another end one after another, and a tail admitted as
+        the first of them end runs beside the rest (counted as a wave, such tails were merged at every step and
+        preempted hundreds of times: docs/benchmarks.md)."""
+        if not self.running:
+            return steps
+        remaining = np.array([self._expected_growth(r) for r in self.running], dtype=np.int64)
+        held = np.array([self.kv_cache.blocks_needed(r.length + growth) for r, growth in zip(self.running, remaining)],
+                        dtype=np.int64)
+        order = np.argsort(remaining, kind="stable")
+        freed = np.cumsum(held[order])
+        # free blocks the running requests will not take as they grow (a prefill in progress takes its prompt's)
+        growing_into = int(np.maximum(held - np.array([len(r.block_ids) for r in self.running]), 0).sum())
+        room = blocks - (self.kv_cache.num_free_blocks - growing_into)
+        admitted_at = 0 if room <= 0 else int(remaining[order][min(np.searchsorted(freed, room), len(order) - 1)])
+        return max(0, admitted_at + steps - int(remaining.max()))
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)

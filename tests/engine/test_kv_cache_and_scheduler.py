@@ -249,3 +249,23 @@ def test_reserve_admission_merges_a_tail_cheaper_to_recompute_than_its_own_wave(
     assert running_at_once(decode_step_tokens=-(-recompute // 12)) == (13, 0)
     # worth less: it waits for a place, and nothing is preempted
     assert running_at_once(decode_step_tokens=recompute // 12 - 1) == (12, 0)
+
+
+@pytest.mark.parametrize("outputs_so_far,merged", [([10] * 10, True), ([10 + 9 * i for i in range(10)], False)],
+                         ids=["lockstep", "one_after_another"])
+def test_a_tail_is_merged_only_when_it_would_otherwise_run_alone(outputs_so_far, merged):
+    # ten running requests of 8 + up to 100 tokens (27 blocks of 4 at the end) fill 270 of 280 blocks; one waits.
+    # Ending together (90 steps left each), they leave it all of its 100 steps alone: worth more than recomputing
+    # its 108 tokens, it is merged. Ending one after another (90, 81, ..., 9 steps left), the first to end
+    # (step 9) makes room and it runs beside the rest, alone for 19 steps: not worth 108 tokens, it waits.
+    kv = KVCacheManager(num_blocks=280, block_size=4, enable_prefix_caching=False)
+    scheduler = Scheduler(kv, max_num_seqs=16, max_num_batched_tokens=64, decode_step_tokens=2)
+    for index, num_outputs in enumerate(outputs_so_far):
+        request = make_request(index, [1] * 8, max_tokens=100)
+        request.output_token_ids.extend([7] * num_outputs)
+        assert kv.allocate(request, request.num_tokens)
+        request.num_computed_tokens = request.num_tokens - 1
+        request.status = RequestStatus.RUNNING
+        scheduler.running.append(request)
+    scheduler.add(make_request(10, [1] * 8, max_tokens=100))
+    assert scheduler._waiting_is_cheaper_to_recompute() is merged
