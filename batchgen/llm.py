@@ -4,7 +4,9 @@ All prompts are known up front, so they are handed to the engine sorted by token
 together and hit the prefix cache); results come back in input order. A prompt that can't run (empty, too
 long, bad chat messages) gets an output with `error` set; it never fails the others.
 """
-from collections.abc import Callable, Sequence
+import gc
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
 from batchgen.config import EngineConfig
 from batchgen.engine.beam_search import BeamGroup, beam_search
@@ -15,6 +17,19 @@ from batchgen.preflight import check_triton_can_build
 from batchgen.sampling_params import SamplingParams
 
 Prompt = str | Sequence[int]
+
+
+@contextmanager
+def _heap_frozen() -> Iterator[None]:
+    """Python's full garbage collections skip the objects alive when this starts (an engine's model, kernels and
+    graphs: about a million) until it ends, so one during a run walks only what the run made: on the H200 a full
+    collection in W1's last step took 0.27-0.36 s, 1.2-1.5% of the run (docs/benchmarks.md, twentieth session).
+    Unfrozen after, so what became garbage meanwhile is collected again."""
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 class LLM:
@@ -84,42 +99,43 @@ class LLM:
                      run: Callable[[list[Request]], None], cache_salt: str | None = None) -> list[RequestOutput]:
         """Turn prompts into engine requests (under `cache_salt`), have `run` take them to completion (the
         engine's own loop, or an EngineLoop shared by threads), and assemble the outputs in input order."""
-        params = self._with_defaults(_per_prompt(sampling_params, len(prompts)))
-        outputs: list[RequestOutput | None] = [None] * len(prompts)
-        sampled: list[Request] = []
-        beams: list[BeamGroup] = []
-        for index, (prompt, p) in enumerate(zip(prompts, params)):
-            error = f"{type(prompt).__name__}: {prompt}" if isinstance(prompt, Exception) else \
-                self.engine.check_request(prompt, p)
-            if error:
-                outputs[index] = RequestOutput(str(index), [] if isinstance(prompt, Exception) else prompt, [],
-                                               error=error)
-            elif p.beam_width > 1:
-                beams.append(BeamGroup(index, prompt, p, self.engine.eos_token_ids, self.max_model_len, cache_salt))
-            else:
-                sampled += [Request(f"{index}-{j}", prompt, p, group_index=index, sample_index=j,
-                                    cache_salt=cache_salt) for j in range(p.n)]
+        with _heap_frozen():   # the model and everything else alive before the run outlive it
+            params = self._with_defaults(_per_prompt(sampling_params, len(prompts)))
+            outputs: list[RequestOutput | None] = [None] * len(prompts)
+            sampled: list[Request] = []
+            beams: list[BeamGroup] = []
+            for index, (prompt, p) in enumerate(zip(prompts, params)):
+                error = f"{type(prompt).__name__}: {prompt}" if isinstance(prompt, Exception) else \
+                    self.engine.check_request(prompt, p)
+                if error:
+                    outputs[index] = RequestOutput(str(index), [] if isinstance(prompt, Exception) else prompt, [],
+                                                   error=error)
+                elif p.beam_width > 1:
+                    beams.append(BeamGroup(index, prompt, p, self.engine.eos_token_ids, self.max_model_len, cache_salt))
+                else:
+                    sampled += [Request(f"{index}-{j}", prompt, p, group_index=index, sample_index=j,
+                                        cache_salt=cache_salt) for j in range(p.n)]
 
-        sampled.sort(key=lambda r: (r.prompt_token_ids, r.sample_index))
-        run(sampled)
-        by_group: dict[int, list[Request]] = {}
-        for request in sampled:
-            by_group.setdefault(request.group_index, []).append(request)
-        for index, requests in by_group.items():
-            requests.sort(key=lambda r: r.sample_index)
-            outputs[index] = RequestOutput(
-                str(index), requests[0].prompt_token_ids,
-                [self._completion(r) for r in requests],
-                num_cached_tokens=requests[0].num_cached_tokens, prompt_logprobs=requests[0].prompt_logprobs,
-                num_preemptions=sum(r.num_preemptions for r in requests),
-                error=next((r.error for r in requests if r.error), None))
+            sampled.sort(key=lambda r: (r.prompt_token_ids, r.sample_index))
+            run(sampled)
+            by_group: dict[int, list[Request]] = {}
+            for request in sampled:
+                by_group.setdefault(request.group_index, []).append(request)
+            for index, requests in by_group.items():
+                requests.sort(key=lambda r: r.sample_index)
+                outputs[index] = RequestOutput(
+                    str(index), requests[0].prompt_token_ids,
+                    [self._completion(r) for r in requests],
+                    num_cached_tokens=requests[0].num_cached_tokens, prompt_logprobs=requests[0].prompt_logprobs,
+                    num_preemptions=sum(r.num_preemptions for r in requests),
+                    error=next((r.error for r in requests if r.error), None))
 
-        beam_search(beams, run)
-        for group in beams:
-            outputs[group.group_index] = RequestOutput(
-                str(group.group_index), group.prompt_token_ids,
-                [self._beam_completion(i, group, beam) for i, beam in enumerate(group.best())])
-        return outputs
+            beam_search(beams, run)
+            for group in beams:
+                outputs[group.group_index] = RequestOutput(
+                    str(group.group_index), group.prompt_token_ids,
+                    [self._beam_completion(i, group, beam) for i, beam in enumerate(group.best())])
+            return outputs
 
     def _with_defaults(self, params: list[SamplingParams]) -> list[SamplingParams]:
         """The model's sampling defaults filled into each params' unset fields (once per distinct object:

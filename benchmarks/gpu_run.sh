@@ -43,6 +43,7 @@
 #   w1-blas     x1  8B bf16 W1 four times, torch's default bf16 GEMMs and cuBLASLt's by turns               (~6 min)
 #   gate-up-epilogue x1  gate_up_epilogue_gpu.py: SiLU-and-mul in the bf16 gate_up GEMM's epilogue (Triton) vs
 #                   F.linear then silu_and_mul, by turns, 1,024-12,288 rows                               (~1 min)
+#   host-gaps   x1  8B bf16 W1 four times through host_gaps.py: host time outside the steps, full GC passes (~4 min)
 #
 # Every part has its own time limit (`timeout -s INT`: a run cut short still prints its progress lines); each
 # part's output goes to $OUT/NAME.txt, the part list with exit codes and seconds to $OUT/parts.txt, and the
@@ -76,6 +77,7 @@ fp8_run() {   # fp8_run NAME SECONDS SHAPE REQUESTS: 8B fp8 weights + fp8 KV on 
     --num-requests "$4" --hf-sample 0
 }
 BENCH_8B=(batchgen bench --model benchmarks/configs/llama-3.1-8b --load-format dummy)
+W1_ARGS=(--name W1 --num-requests 1000 --input-len 512 --output-len 256 --max-model-len 1024)   # bench's, 8B bf16
 MOE=(python3 benchmarks/moe_gpu.py)
 # the kernels' tests on the card, bf16 included (the interpreter gets bf16 arithmetic wrong)
 KERNEL_TESTS=(env OMP_NUM_THREADS=2 python3 -P -m pytest -q -n 8 tests/kernels)
@@ -210,7 +212,7 @@ call_moe-one() { qwen3_w1; part moe_kernels 80 "${MOE[@]}" --mode kernels; part 
 call_moe-qwen3-1000() { qwen3_1000; }
 call_moe-mixtral-1000() { mixtral_1000; }
 call_engine() {
-  part w1 150 "${BENCH_8B[@]}" --name W1 --num-requests 1000 --input-len 512 --output-len 256 --max-model-len 1024 \
+  part w1 150 "${BENCH_8B[@]}" "${W1_ARGS[@]}" \
     --hf-static-batch 64 --hf-continuous --hf-sample 64
   part w3 80 "${BENCH_8B[@]}" --name W3 --num-requests 1000 --prefix-len 1024 --input-len 256 --output-len 128 \
     --max-model-len 1536 --hf-static-batch 64 --hf-continuous --hf-sample 64
@@ -227,11 +229,14 @@ call_engine() {
 call_w1-blas() {   # cuBLASLt ran W1 1.4% faster than the default in one run (nineteenth session): A, B, A, B
   local lt="import sys, torch; torch.backends.cuda.preferred_blas_library('cublaslt'); from batchgen.cli import main
 sys.argv[0] = 'batchgen'; main()"
-  local w1=(bench --model benchmarks/configs/llama-3.1-8b --load-format dummy --name W1 --num-requests 1000
-            --input-len 512 --output-len 256 --max-model-len 1024)
   for run in 1 2; do
-    part "w1_default_$run" 120 batchgen "${w1[@]}"
-    part "w1_cublaslt_$run" 120 python3 -P -c "$lt" "${w1[@]}"
+    part "w1_default_$run" 120 "${BENCH_8B[@]}" "${W1_ARGS[@]}"
+    part "w1_cublaslt_$run" 120 python3 -P -c "$lt" "${BENCH_8B[@]:1}" "${W1_ARGS[@]}"
+  done
+}
+call_host-gaps() {   # the twentieth session's runs spent 0.27-0.36 s in a full garbage collection after the last step
+  for run in 1 2 3 4; do
+    part "host_gaps_$run" 120 python3 -P benchmarks/host_gaps.py "${BENCH_8B[@]:1}" "${W1_ARGS[@]}"
   done
 }
 call_gate-up-epilogue() {
