@@ -22,9 +22,10 @@ Prompt = str | Sequence[int]
 @contextmanager
 def _heap_frozen() -> Iterator[None]:
     """Python's full garbage collections skip the objects alive when this starts (an engine's model, kernels and
-    graphs: about a million) until it ends, so one during a run walks only what the run made: on the H200 a full
-    collection in W1's last step took 0.27-0.36 s, 1.2-1.5% of the run (docs/benchmarks.md, twentieth session).
-    Unfrozen after, so what became garbage meanwhile is collected again."""
+    graphs: hundreds of thousands) until it ends, so one during a run walks only what the run made: on the H200 a
+    full collection in W1's last step took 0.27-0.36 s, 1.2-1.5% of the run (docs/benchmarks.md, twentieth
+    session). Unfrozen after, so what became garbage meanwhile is collected again (a run of another thread that
+    ends first unfreezes early: slower, never wrong)."""
     gc.freeze()
     try:
         yield
