@@ -336,6 +336,7 @@ class TensorParallelRunner(ModelRunner):
 def release_decode_graphs(runner: ModelRunner) -> None:
     """Free the runner's decode graphs now (a graph's collectives keep its NCCL communicator from being freed)."""
     runner.decode_graphs = None
+    gc.unfreeze()   # a run freezes the heap it found (batchgen.llm), graphs included: the collection must reach them
     gc.collect()
 
 
