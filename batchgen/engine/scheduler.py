@@ -122,35 +122,33 @@ class Scheduler:
         max_num_seqs requests a step."""
         if len(self.running) + len(self.waiting) > self.max_num_seqs:
             return False
-        tokens = steps = blocks = 0
+        tokens = steps = 0
         most = min(self.decode_step_tokens * self.max_model_len, self.kv_cache.num_blocks * self.kv_cache.block_size)
         for request in self.waiting:
             growth = self._expected_growth(request)
             tokens += request.num_tokens + growth
             steps = max(steps, growth)
-            blocks += self._expected_blocks(request)
             if tokens > most:
                 return False
         if tokens > self.decode_step_tokens * steps:   # it runs alone for at most all of its steps: the cheap bound
             return False
-        return tokens <= self.decode_step_tokens * self._steps_alone(steps, blocks)
+        return tokens <= self.decode_step_tokens * self._steps_alone(steps)
 
-    def _steps_alone(self, steps: int, blocks: int) -> int:
-        """Of a tail's `steps` (holding `blocks` at the end), how many it would run after every running request
-        has ended, were it admitted once those ending first give it room. Requests that end in lockstep leave it
-        all of its steps; requests that arrived one after another end one after another, and a tail admitted as
-        the first of them end runs beside the rest (counted as a wave, such tails were merged at every step and
-        preempted hundreds of times: docs/benchmarks.md)."""
+    def _steps_alone(self, steps: int) -> int:
+        """Of the waiting tail's `steps`, how many it would run after every running request has ended, were it
+        admitted once those ending first give it room. Requests that end in lockstep leave it all of its steps;
+        requests that arrived one after another end one after another, and a tail admitted as the first of them
+        end runs beside the rest (counted as a wave, such tails were merged at every step and preempted hundreds
+        of times: docs/benchmarks.md)."""
         if not self.running:
             return steps
         remaining = np.array([self._expected_growth(r) for r in self.running], dtype=np.int64)
-        held = np.array([self.kv_cache.blocks_needed(r.length + growth) for r, growth in zip(self.running, remaining)],
-                        dtype=np.int64)
+        held = np.array([self._expected_blocks(r) for r in self.running], dtype=np.int64)
         order = np.argsort(remaining, kind="stable")
         freed = np.cumsum(held[order])
         # free blocks the running requests will not take as they grow (a prefill in progress takes its prompt's)
         growing_into = int(np.maximum(held - np.array([len(r.block_ids) for r in self.running]), 0).sum())
-        room = blocks - (self.kv_cache.num_free_blocks - growing_into)
+        room = sum(map(self._expected_blocks, self.waiting)) - (self.kv_cache.num_free_blocks - growing_into)
         admitted_at = 0 if room <= 0 else int(remaining[order][min(np.searchsorted(freed, room), len(order) - 1)])
         return max(0, admitted_at + steps - int(remaining.max()))
 
