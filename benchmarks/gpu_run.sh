@@ -44,6 +44,7 @@
 #   gate-up-epilogue x1  gate_up_epilogue_gpu.py: SiLU-and-mul in the bf16 gate_up GEMM's epilogue (Triton) vs
 #                   F.linear then silu_and_mul, by turns, 1,024-12,288 rows                               (~1 min)
 #   host-gaps   x1  8B bf16 W1 four times through host_gaps.py: host time outside the steps, full GC passes (~4 min)
+#   w1-power    x1  8B bf16 W1 twice through card_power.py: power drawn, SM clock, share held by the power cap (~2 min)
 #
 # Every part has its own time limit (`timeout -s INT`: a run cut short still prints its progress lines); each
 # part's output goes to $OUT/NAME.txt, the part list with exit codes and seconds to $OUT/parts.txt, and the
@@ -237,6 +238,11 @@ sys.argv[0] = 'batchgen'; main()"
 call_host-gaps() {   # the twentieth session's runs spent 0.27-0.36 s in a full garbage collection after the last step
   for run in 1 2 3 4; do
     part "host_gaps_$run" 120 python3 -P benchmarks/host_gaps.py "${BENCH_8B[@]:1}" "${W1_ARGS[@]}"
+  done
+}
+call_w1-power() {   # W1 twice while nvidia-smi samples the card: the power drawn, the SM clock, the power cap
+  for run in 1 2; do
+    part "w1_power_$run" 120 python3 benchmarks/card_power.py "${BENCH_8B[@]}" "${W1_ARGS[@]}"
   done
 }
 call_gate-up-epilogue() {
