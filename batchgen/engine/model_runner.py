@@ -262,11 +262,14 @@ class ModelRunner:
                           self._to_device(host.logits_indices), prompt_positions, list(sampling_requests),
                           list(pending_requests))
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        """Hidden states of every token: a captured graph for decode-only steps that fit one, else eager."""
-        if self.decode_graphs and meta.decode_only and input_ids.shape[0] <= self.decode_graphs.max_batch:
-            return self.decode_graphs.run(input_ids, positions, meta)
-        return self.model(input_ids, positions, meta)
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Hidden states of every token, or of `rows` only: a captured graph for decode-only steps that fit one
+        (every row of those samples), else eager."""
+        graphs = self.decode_graphs
+        if rows is None and graphs and meta.decode_only and input_ids.shape[0] <= graphs.max_batch:
+            return graphs.run(input_ids, positions, meta)
+        return self.model(input_ids, positions, meta, rows)
 
     def _to_device(self, array: np.ndarray) -> torch.Tensor:
         return to_device(array, self.device)
@@ -281,12 +284,17 @@ class ModelRunner:
         if inputs.host.pending_positions:
             slots = self._to_device(np.array(inputs.host.pending_positions, dtype=np.int64))
             input_ids[slots] = self._pending_tokens(inputs, pending)
-        hidden = self.forward(input_ids, inputs.positions, inputs.meta)
-        if inputs.prompt_positions:
-            inputs.prompt_positions.score(self.model, hidden, self.logits_chunk_rows)
-        if not len(inputs.host.logits_indices):
-            return hidden.new_empty(0, 0, dtype=torch.float32)
-        return self.model.compute_logits(hidden[inputs.logits_indices])
+        if inputs.prompt_positions or len(inputs.host.logits_indices) == len(inputs.host.input_ids):
+            hidden = self.forward(input_ids, inputs.positions, inputs.meta)   # scoring reads every row
+            if inputs.prompt_positions:
+                inputs.prompt_positions.score(self.model, hidden, self.logits_chunk_rows)
+            hidden = hidden[inputs.logits_indices]
+        elif len(inputs.host.logits_indices):
+            hidden = self.forward(input_ids, inputs.positions, inputs.meta, inputs.logits_indices)
+        else:   # nothing samples: one row, so that no kernel runs over zero rows
+            self.forward(input_ids, inputs.positions, inputs.meta, inputs.logits_indices.new_zeros(1))
+            return input_ids.new_empty(0, 0, dtype=torch.float32)
+        return self.model.compute_logits(hidden)
 
     def _pending_tokens(self, inputs: StepInputs, pending: PendingTokens | None) -> torch.Tensor:
         """The tokens sampled last step for the step's pending slots, on this device. Only rank 0 samples: under

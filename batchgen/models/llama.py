@@ -75,7 +75,9 @@ class LlamaAttention(nn.Module):
         scale = config.attention_scale or self.head_dim ** -0.5
         self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, scale, sliding_window)
 
-    def forward(self, positions: torch.Tensor, hidden: torch.Tensor | tuple, meta: AttentionMetadata) -> torch.Tensor:
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor | tuple, meta: AttentionMetadata,
+                rows: torch.Tensor | None = None) -> torch.Tensor:
+        """rows: project only these rows' attention output (all rows' K/V are stored all the same)."""
         num_tokens = positions.shape[0]
         q, k, v = self.qkv_proj(hidden).split(self.split_sizes, dim=-1)
         q = q.view(num_tokens, self.num_heads, self.head_dim)
@@ -85,7 +87,8 @@ class LlamaAttention(nn.Module):
             q = self.q_norm(q.reshape(-1, self.head_dim)).view(q.shape)
             k = self.k_norm(k.reshape(-1, self.head_dim)).view(k.shape)
         q, k = self.rotary_emb(positions, q, k)
-        return self.o_proj(self.attn(q, k, v, meta))
+        out = self.attn(q, k, v, meta)
+        return self.o_proj(out if rows is None else out[rows])
 
 
 class LlamaMLP(nn.Module):
@@ -140,15 +143,18 @@ class LlamaDecoderLayer(nn.Module):
         self.mlp = mlp
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None,
-                meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+                meta: AttentionMetadata, rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (this layer's MLP output, the residual stream before it); the next norm adds them. Norms
-        feeding fp8 projections hand them their input quantized."""
+        feeding fp8 projections hand them their input quantized. With `rows`, attention runs over every token
+        (storing its K/V) and the rest of the layer over those rows only."""
         fp8_qkv = self.self_attn.qkv_proj.weight_format.fp8_token_input
         if residual is None:
             residual, hidden = hidden, self.input_layernorm(hidden, fp8=fp8_qkv)
         else:
             hidden, residual = self.input_layernorm(hidden, residual, fp8=fp8_qkv)
-        hidden = self.self_attn(positions, hidden, meta)
+        hidden = self.self_attn(positions, hidden, meta, rows)
+        if rows is not None:
+            residual = residual[rows]
         if self.sandwich_norms:
             hidden, residual = self.pre_feedforward_layernorm(self.post_attention_layernorm(hidden), residual,
                                                               fp8=self.mlp.fp8_token_input)
@@ -177,12 +183,14 @@ class LlamaModel(nn.Module):
             return self.sliding_rotary_emb
         return self.rotary_emb
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                rows: torch.Tensor | None = None) -> torch.Tensor:
         hidden, residual = self.embed_tokens(input_ids), None
         if self.embedding_scale is not None:   # as transformers does: the scale rounded to the model dtype
             hidden = hidden * torch.tensor(self.embedding_scale, dtype=hidden.dtype)
-        for layer in self.layers:
-            hidden, residual = layer(positions, hidden, residual, meta)
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
+            hidden, residual = layer(positions, hidden, residual, meta, rows if i == last else None)
         hidden, _ = self.norm(hidden, residual)
         return hidden
 
@@ -204,9 +212,12 @@ class LlamaForCausalLM(nn.Module):
     def attention_layers(self) -> list[Attention]:
         return [layer.self_attn.attn for layer in self.model.layers]
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        """input_ids, positions: [T] -> final-normed hidden states [T, hidden_size]."""
-        return self.model(input_ids, positions, meta)
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                rows: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids, positions: [T] -> final-normed hidden states [T, hidden_size], or [len(rows), hidden_size]
+        for the rows a step reads (those it samples): nothing reads the others' last-layer output, so the last
+        layer projects and runs its MLP over these rows alone (1/num_layers of a prefill step's GEMMs saved)."""
+        return self.model(input_ids, positions, meta, rows)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [S, hidden_size] (only the rows that sample) -> logits [S, vocab_size], the whole vocabulary on

@@ -26,10 +26,10 @@ def crash_on_token(llm: LLM, token_id: int | None):
     runner = llm.engine.runner
     forward = runner.forward
 
-    def failing_forward(input_ids, positions, meta):
+    def failing_forward(input_ids, *args):
         if token_id is None or bool((input_ids == token_id).any()):
             raise RuntimeError("simulated device fault")
-        return forward(input_ids, positions, meta)
+        return forward(input_ids, *args)
 
     runner.forward = failing_forward
     return lambda: setattr(runner, "forward", forward)

@@ -29,8 +29,10 @@ class PagedSequences:
         self.block_tables: dict[int, list[int]] = {}
         self.num_cached: dict[int, int] = {}
 
-    def step(self, chunks: dict[int, list[int]]) -> tuple[dict[int, torch.Tensor], AttentionMetadata]:
-        """chunks: sequence -> its next tokens. Returns each sequence's logits for those tokens, and the metadata."""
+    def step(self, chunks: dict[int, list[int]], last_rows_only: bool = False
+             ) -> tuple[dict[int, torch.Tensor], AttentionMetadata]:
+        """chunks: sequence -> its next tokens. Returns each sequence's logits for those tokens (for the last one
+        alone, asking the model for those rows only, as a step that samples them does), and the metadata."""
         input_ids, positions, slots, query_start_loc, seq_lens = [], [], [], [0], []
         for seq, tokens in chunks.items():
             start = self.num_cached.get(seq, 0)
@@ -54,14 +56,19 @@ class PagedSequences:
             seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device), block_tables=block_tables.to(device),
             slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
             max_query_len=max(len(tokens) for tokens in chunks.values()), max_seq_len=max(seq_lens))
+        rows = torch.tensor(query_start_loc[1:], device=device) - 1 if last_rows_only else None
         with torch.no_grad():
-            hidden = self.model(torch.tensor(input_ids, device=device), torch.tensor(positions, device=device), meta)
+            hidden = self.model(torch.tensor(input_ids, device=device), torch.tensor(positions, device=device), meta,
+                                rows)
             logits = self.model.compute_logits(hidden).float().cpu()
+        if last_rows_only:
+            return {seq: logits[row:row + 1] for row, seq in enumerate(chunks)}, meta
         return {seq: logits[query_start_loc[row]:query_start_loc[row + 1]] for row, seq in enumerate(chunks)}, meta
 
 
-def run_paged(model, config, sequences: list[list[int]]) -> list[torch.Tensor]:
-    """Logits [len, vocab] of every sequence, computed in the steps STEP_LENGTHS describes."""
+def run_paged(model, config, sequences: list[list[int]], last_rows_only: bool = False) -> list[torch.Tensor]:
+    """Logits [len, vocab] of every sequence, computed in the steps STEP_LENGTHS describes; with last_rows_only
+    [steps, vocab], the logits of each step's last token (see PagedSequences.step)."""
     paged = PagedSequences(model, config)
     logits: list[list[torch.Tensor]] = [[] for _ in sequences]
     for step in range(max(len(lengths) for lengths in STEP_LENGTHS)):
@@ -70,7 +77,7 @@ def run_paged(model, config, sequences: list[list[int]]) -> list[torch.Tensor]:
             if step < len(lengths):
                 start = sum(lengths[:step])
                 chunks[seq] = sequences[seq][start:start + lengths[step]]
-        step_logits, meta = paged.step(chunks)
+        step_logits, meta = paged.step(chunks, last_rows_only)
         assert meta.decode_only == (step >= 2)
         for seq, rows in step_logits.items():
             logits[seq].append(rows)
