@@ -45,6 +45,8 @@
 #                   F.linear then silu_and_mul, by turns, 1,024-12,288 rows                               (~1 min)
 #   host-gaps   x1  8B bf16 W1 four times through host_gaps.py: host time outside the steps, full GC passes (~4 min)
 #   w1-power    x1  8B bf16 W1 twice through card_power.py: power drawn, SM clock, share held by the power cap (~2 min)
+#   zero-rows   x1  zero_rows_gpu.py: a decode step's bf16 GEMMs at 1,024 rows, 0 / 64 / 128 of them zero, held at
+#                   the power cap, by turns                                                               (~1 min)
 #
 # Every part has its own time limit (`timeout -s INT`: a run cut short still prints its progress lines); each
 # part's output goes to $OUT/NAME.txt, the part list with exit codes and seconds to $OUT/parts.txt, and the
@@ -244,6 +246,9 @@ call_w1-power() {   # W1 twice while nvidia-smi samples the card: the power draw
   for run in 1 2; do
     part "w1_power_$run" 120 python3 benchmarks/card_power.py "${BENCH_8B[@]}" "${W1_ARGS[@]}"
   done
+}
+call_zero-rows() {
+  part zero_rows 120 python3 benchmarks/zero_rows_gpu.py
 }
 call_gate-up-epilogue() {
   part gate_up_epilogue 240 python3 benchmarks/gate_up_epilogue_gpu.py
