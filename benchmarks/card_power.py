@@ -1,7 +1,8 @@
 """Run a command while nvidia-smi samples the card every 100 ms, then print one line `card_power {...}`: over the
 samples under load (drawing more than half the power limit), the mean power against the limit, the mean and lowest
 SM clock against the card's maximum, and the share of them in which the software power cap held the clock down.
-It tells whether a run is bound by the card's power limit, where no kernel change that keeps the same work helps.
+It tells whether a run is bound by the card's power limit: there less energy a step helps (fewer FLOPs or bytes),
+not a kernel that is faster at the boost clock.
 
     python3 benchmarks/card_power.py batchgen bench --model benchmarks/configs/llama-3.1-8b --load-format dummy ...
 """
